@@ -1,0 +1,69 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from storage_backends import create_store
+
+from . import routes
+from .appkeys import (
+    CONFIG,
+    DIRECTORY,
+    METRICS,
+    PROTECTED_ROUTES,
+    STORAGE_GATE,
+    STORE,
+    VERIFIER,
+)
+from .auth import authenticate
+from .backpressure import StorageGate
+from .config import Config
+from .directory import Directory, load_file_directory
+from .metrics import Metrics
+from .middlewares import deadline, error_envelope, request_context
+from .tokens import TokenVerifier
+
+
+def load_directory(config: Config) -> Directory:
+    return load_file_directory(config.directory.path)
+
+
+def create_app(
+    config: Config,
+    directory: Directory | None = None,
+    verifier: TokenVerifier | None = None,
+) -> web.Application:
+    """Build the app. Loads the directory and keys now, so a broken one fails start-up;
+    the storage client is made in cleanup_ctx and never contacts storage at start-up."""
+    app = web.Application(
+        middlewares=[request_context, error_envelope, deadline, authenticate],
+        handler_args={
+            "max_line_size": config.server.max_line_size,
+            "max_field_size": config.server.max_field_size,
+        },
+    )
+    app[CONFIG] = config
+    app[DIRECTORY] = directory if directory is not None else load_directory(config)
+    app[VERIFIER] = verifier if verifier is not None else TokenVerifier(config.auth)
+    app[METRICS] = Metrics()
+    app[STORAGE_GATE] = StorageGate(
+        config.limits.max_concurrent_storage_operations,
+        config.limits.storage_queue_timeout_seconds,
+    )
+    table = routes.routes(config.server.base_path)
+    if not config.metrics.enabled:
+        table = [r for r in table if r.name != "metrics"]
+    app[PROTECTED_ROUTES] = routes.install(app, table)
+    app.cleanup_ctx.append(_storage)
+    return app
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    store = create_store(app[CONFIG].storage)
+    await store.start()
+    app[STORE] = store
+    yield
+    await store.close()

@@ -1,0 +1,31 @@
+"""One audit line per delete that reached authorization: who, what, decision, outcome."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .appkeys import METRICS, PRINCIPAL, REQUEST_ID, STORE
+from .logs import audit_log
+
+
+def record_delete(
+    request: web.Request, system_id: str, backup_id: str, decision: str, outcome: str
+) -> None:
+    request.app[METRICS].deletes.labels(outcome.replace(" ", "_").replace(",", "")).inc()
+    principal = request[PRINCIPAL]
+    audit_log.info(
+        "backup delete",
+        extra={
+            "fields": {
+                "request_id": request[REQUEST_ID],
+                "user_id": principal.user_id,
+                "organization_id": principal.organization_id,
+                "org_role": principal.org_role,
+                "system_id": system_id,
+                "backup_id": backup_id,
+                "decision": decision,
+                "outcome": outcome,
+                "storage_backend": request.app[STORE].name,
+            }
+        },
+    )

@@ -1,0 +1,47 @@
+"""Authentication middleware: a verified principal with the route's permission, or 401/403."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .appkeys import PRINCIPAL, PROTECTED_ROUTES, VERIFIER
+from .errors import ApiError, invalid_token
+from .tokens import InvalidToken
+
+log = logging.getLogger(__name__)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    values = request.headers.getall("Authorization", [])
+    if len(values) != 1:
+        return None  # none, or ambiguous duplicates
+    scheme, _, token = values[0].partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # Requests that match no route (404/405) never reach auth.
+    if request.match_info.http_exception is not None:
+        return await handler(request)
+    permission = request.app[PROTECTED_ROUTES].get(request.match_info.route.name or "")
+    if permission is None:
+        return await handler(request)
+    token = bearer_token(request)
+    if token is None:
+        raise invalid_token()
+    try:
+        principal = request.app[VERIFIER].verify(token)
+    except InvalidToken as exc:
+        log.debug("token refused: %s", exc)
+        raise invalid_token() from None
+    request[PRINCIPAL] = principal
+    if not principal.can(permission):
+        raise ApiError(403, "insufficient permissions")
+    return await handler(request)

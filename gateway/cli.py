@@ -1,0 +1,102 @@
+"""The `backup-gateway` command: serve, token, check-config, seed-demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, load_config
+from .config_loader import ConfigError
+from .directory import DirectoryError, load_file_directory
+from .tokens import DEFAULT_PERMISSIONS, mint_token
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backup-gateway", description="Delete appliance configuration backups, safely."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--config", type=Path, required=True)
+    serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+
+    check = commands.add_parser("check-config", help="validate a config and its files, then exit")
+    check.add_argument("--config", type=Path, required=True)
+
+    token = commands.add_parser("token", help="print a signed access token (HMAC configs)")
+    token.add_argument("--config", type=Path, required=True)
+    token.add_argument("--org", required=True, help="the caller's organization id")
+    token.add_argument("--role", required=True, help="owner, distributor, reseller or customer")
+    token.add_argument(
+        "--perm",
+        action="append",
+        dest="perms",
+        metavar="PERMISSION",
+        help=f"fills user.org_permissions; repeatable (default: {' '.join(DEFAULT_PERMISSIONS)})",
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until expiry")
+    token.add_argument("--user", default="u_cli", help="user id (sub)")
+
+    demo = commands.add_parser("seed-demo", help="write the demo backups into local storage")
+    demo.add_argument("--config", type=Path, required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.command == "serve":
+            from .serve import run_server
+
+            if args.workers is not None:
+                if args.workers < 1:
+                    raise ConfigError("--workers", "must be at least 1")
+                config = dataclasses.replace(
+                    config, server=dataclasses.replace(config.server, workers=args.workers)
+                )
+            # Fail fast, before any worker starts, on a broken directory or key.
+            _check(config)
+            return run_server(config, args.config)
+        if args.command == "check-config":
+            _check(config)
+            print(f"{args.config}: ok")
+            return 0
+        if args.command == "token":
+            if not config.auth.is_hmac:
+                raise ConfigError("auth.algorithms", "token needs an HMAC algorithm (HS256)")
+            perms = tuple(args.perms) if args.perms else DEFAULT_PERMISSIONS
+            print(mint_token(config.auth, args.org, args.role, perms, args.ttl, args.user))
+            return 0
+        if args.command == "seed-demo":
+            from .demo import seed_demo
+
+            _check(config)
+            for line in seed_demo(config):
+                print(line)
+            return 0
+    except ConfigError as exc:
+        print(f"backup-gateway: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DirectoryError as exc:
+        print(f"backup-gateway: directory error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 1
+
+
+def _check(config: Config) -> None:
+    """Everything start-up would refuse: directory file and signing keys. Never storage."""
+    from .tokens import TokenVerifier
+
+    load_file_directory(config.directory.path)
+    TokenVerifier(config.auth)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

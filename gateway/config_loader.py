@@ -1,0 +1,162 @@
+"""Turn parsed YAML into frozen dataclasses: `${VAR}` interpolation, type conversion, strict keys.
+
+Kept generic so the config schema is just the dataclasses in `gateway.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A config problem, said in one line: `field: what is wrong`."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+        self.problem = problem
+
+
+class _FromEnvironment(str):
+    """A string that went through interpolation: it may be converted to the field's type."""
+
+    __slots__ = ()
+
+
+def interpolate(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
+    """Expand `${VAR}`, `${VAR:-default}` and `$$` in every string, after YAML parsing."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, environ, _join(where, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, environ, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def expand(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(where, f"environment variable {name} is not set and has no default")
+
+    return _FromEnvironment(_REFERENCE.sub(expand, value))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def build(cls: type[T], data: Any, base_dir: Path, where: str = "") -> T:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping, got {_describe(data)}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise ConfigError(_join(where, unknown[0]), "unknown key")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = _join(where, name)
+        if name in data:
+            values[name] = _convert(hints[name], data[name], base_dir, path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(path, "required value is missing")
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, base_dir: Path, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        empty = value is None or (isinstance(value, _FromEnvironment) and value == "")
+        if empty and type(None) in get_args(tp):
+            return None
+        if len(options) == 1:
+            return _convert(options[0], value, base_dir, where)
+        raise ConfigError(where, "unsupported union type in schema")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            choices = " | ".join(map(str, allowed))
+            raise ConfigError(where, f"must be one of {choices}, got {_describe(value)}")
+        return str(value)
+    if origin in (tuple, list):
+        if isinstance(value, _FromEnvironment):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(where, f"expected a list, got {_describe(value)}")
+        (item_type, *_) = get_args(tp)
+        items = [_convert(item_type, v, base_dir, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, base_dir, where)  # type: ignore[arg-type]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, _FromEnvironment) and value.lower() in _BOOLEANS:
+            return _BOOLEANS[value.lower()]
+        raise ConfigError(where, f"expected true or false, got {_describe(value)}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(where, f"expected a number, got {_describe(value)}")
+        if isinstance(value, int | float) and (tp is float or isinstance(value, int)):
+            return tp(value)
+        if isinstance(value, _FromEnvironment):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+        kind = "an integer" if tp is int else "a number"
+        raise ConfigError(where, f"expected {kind}, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        raise ConfigError(where, f"expected a string, got {_describe(value)}")
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(where, f"expected a path, got {_describe(value)}")
+        path = Path(str(value)).expanduser()
+        # Relative paths resolve against the config file's folder, not the working directory.
+        return path if path.is_absolute() else (base_dir / path)
+    raise ConfigError(where, f"unsupported type {tp!r} in schema")
+
+
+_BOOLEANS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {shown!r}"
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+__all__ = ["ConfigError", "build", "interpolate"]

@@ -1,0 +1,217 @@
+"""Where systems and organizations come from: a small interface and the embedded YAML file.
+
+Other directories (the platform's API, a database) implement `Directory`.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("owner", "distributor", "reseller", "customer")
+# Who may have created whom: the platform's tree is owner -> distributors -> resellers -> customers.
+ALLOWED_PARENT_ROLES: dict[str, frozenset[str]] = {
+    "owner": frozenset(),
+    "distributor": frozenset({"owner"}),
+    "reseller": frozenset({"owner", "distributor"}),
+    "customer": frozenset({"owner", "distributor", "reseller"}),
+}
+SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class Organization:
+    id: str
+    role: str
+    parent: str | None = None
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    id: str
+    organization_id: str
+    system_key: str | None = None
+    deleted: bool = False
+
+
+class DirectoryError(Exception):
+    """The directory cannot be loaded; the message names the entry and the problem."""
+
+
+class Directory(abc.ABC):
+    """Read access to organizations and systems."""
+
+    @abc.abstractmethod
+    async def system(self, system_id: str) -> System | None: ...
+
+    @abc.abstractmethod
+    async def organization(self, organization_id: str) -> Organization | None: ...
+
+    async def check_ready(self) -> None:
+        """Raise when the directory cannot answer; the file directory always can."""
+
+
+class InMemoryDirectory(Directory):
+    """A validated, immutable snapshot. The file directory is one of these."""
+
+    def __init__(self, organizations: list[Organization], systems: list[System]) -> None:
+        self._organizations = {o.id: o for o in organizations}
+        self._systems = {s.id: s for s in systems}
+
+    async def system(self, system_id: str) -> System | None:
+        return self._systems.get(system_id)
+
+    async def organization(self, organization_id: str) -> Organization | None:
+        return self._organizations.get(organization_id)
+
+    @property
+    def organizations(self) -> list[Organization]:
+        return list(self._organizations.values())
+
+    @property
+    def systems(self) -> list[System]:
+        return list(self._systems.values())
+
+
+def load_file_directory(path: Path) -> InMemoryDirectory:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DirectoryError(f"cannot read directory file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise DirectoryError(f"directory file {path} is not valid YAML{where}") from None
+    return parse_directory(raw)
+
+
+def parse_directory(raw: Any) -> InMemoryDirectory:
+    if not isinstance(raw, dict):
+        raise DirectoryError("directory: expected a mapping with organizations and systems")
+    unknown = set(raw) - {"organizations", "systems"}
+    if unknown:
+        raise DirectoryError(f"directory: unknown key {sorted(map(str, unknown))[0]!r}")
+    organizations = [
+        _organization(entry, f"organizations[{i}]")
+        for i, entry in enumerate(_list(raw, "organizations"))
+    ]
+    systems = [_system(entry, f"systems[{i}]") for i, entry in enumerate(_list(raw, "systems"))]
+    _check_organizations(organizations)
+    _check_systems(systems, {o.id for o in organizations})
+    return InMemoryDirectory(organizations, systems)
+
+
+def _list(raw: dict[str, Any], key: str) -> list[Any]:
+    value = raw.get(key) or []
+    if not isinstance(value, list):
+        raise DirectoryError(f"directory: {key} must be a list")
+    return value
+
+
+def _fields(entry: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise DirectoryError(f"{where}: expected a mapping")
+    unknown = set(map(str, entry)) - allowed
+    if unknown:
+        raise DirectoryError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    return entry
+
+
+def _component(entry: dict[str, Any], key: str, where: str, required: bool = True) -> str | None:
+    value = entry.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not SAFE_COMPONENT.fullmatch(value):
+        raise DirectoryError(
+            f"{where}: {key} {value!r} is not a safe id "
+            "(1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+        )
+    return value
+
+
+def _flag(entry: dict[str, Any], where: str) -> bool:
+    value = entry.get("deleted", False)
+    if not isinstance(value, bool):
+        raise DirectoryError(f"{where}: deleted must be true or false")
+    return value
+
+
+def _organization(entry: Any, where: str) -> Organization:
+    entry = _fields(entry, where, {"id", "role", "parent", "deleted", "name"})
+    org_id = _component(entry, "id", where)
+    assert org_id is not None
+    where = f"{where} ({org_id})"
+    role = entry.get("role")
+    if not isinstance(role, str) or role.lower() not in ROLES:
+        raise DirectoryError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+    parent = _component(entry, "parent", where, required=False)
+    return Organization(id=org_id, role=role.lower(), parent=parent, deleted=_flag(entry, where))
+
+
+def _system(entry: Any, where: str) -> System:
+    entry = _fields(entry, where, {"id", "system_key", "organization_id", "deleted", "name"})
+    system_id = _component(entry, "id", where)
+    assert system_id is not None
+    where = f"{where} ({system_id})"
+    org_id = _component(entry, "organization_id", where)
+    assert org_id is not None
+    return System(
+        id=system_id,
+        organization_id=org_id,
+        system_key=_component(entry, "system_key", where, required=False),
+        deleted=_flag(entry, where),
+    )
+
+
+def _check_organizations(organizations: list[Organization]) -> None:
+    by_id: dict[str, Organization] = {}
+    for org in organizations:
+        if org.id in by_id:
+            raise DirectoryError(f"organization {org.id}: duplicate id")
+        by_id[org.id] = org
+    for org in organizations:
+        if org.parent is not None and org.parent not in by_id:
+            raise DirectoryError(f"organization {org.id}: parent {org.parent!r} is not defined")
+    for org in organizations:
+        seen = {org.id}
+        current = org
+        while current.parent is not None:
+            if current.parent in seen:
+                raise DirectoryError(f"organization {org.id}: parent chain has a cycle")
+            seen.add(current.parent)
+            current = by_id[current.parent]
+    for org in organizations:
+        allowed = ALLOWED_PARENT_ROLES[org.role]
+        if org.parent is None:
+            if allowed:
+                raise DirectoryError(f"organization {org.id}: a {org.role} needs a parent")
+            continue
+        parent_role = by_id[org.parent].role
+        if parent_role not in allowed:
+            raise DirectoryError(
+                f"organization {org.id}: a {org.role} cannot have a {parent_role} as parent"
+            )
+
+
+def _check_systems(systems: list[System], organization_ids: set[str]) -> None:
+    seen_ids: set[str] = set()
+    seen_keys: dict[str, str] = {}
+    for system in systems:
+        if system.id in seen_ids:
+            raise DirectoryError(f"system {system.id}: duplicate id")
+        seen_ids.add(system.id)
+        if system.organization_id not in organization_ids:
+            raise DirectoryError(
+                f"system {system.id}: organization {system.organization_id!r} is not defined"
+            )
+        if system.system_key is not None:
+            # Two systems on one key would share (and delete) each other's backups.
+            other = seen_keys.setdefault(system.system_key, system.id)
+            if other != system.id:
+                raise DirectoryError(f"system {system.id}: system_key also used by {other}")

@@ -1,0 +1,55 @@
+"""API errors and the one table that maps storage errors to HTTP answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage_backends import BackupNotFound, StorageError, StorageNotConfigured, StorageUnavailable
+
+
+class ApiError(Exception):
+    """An answer other than success, in the envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        data: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.data = data if data is not None else {}
+        self.headers = headers or {}
+
+
+def invalid_token() -> ApiError:
+    # RFC 6750 §3: the challenge names the scheme (and why, when a token was presented).
+    return ApiError(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def validation_failed(key: str, value: str) -> ApiError:
+    return ApiError(
+        400,
+        "validation failed",
+        {
+            "type": "validation_error",
+            "errors": [{"key": key, "message": "invalid_format", "value": value[:256]}],
+        },
+    )
+
+
+def external_api_error(message: str) -> ApiError:
+    return ApiError(502, message, {"type": "external_api_error", "errors": []})
+
+
+def storage_error(exc: StorageError, operation: str) -> ApiError:
+    """Storage error -> HTTP answer. `operation` names what failed in the 502 message."""
+    if isinstance(exc, BackupNotFound):
+        return ApiError(404, "backup not found")
+    if isinstance(exc, StorageNotConfigured):
+        return ApiError(503, "backup storage not configured")
+    if isinstance(exc, StorageUnavailable):
+        return external_api_error(f"failed to {operation}")
+    raise TypeError(f"unmapped storage error {type(exc).__name__}")

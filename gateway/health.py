@@ -1,0 +1,46 @@
+"""Liveness, readiness and the metrics scrape endpoint: outside auth, cheap to poll."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from storage_backends import StorageError
+
+from .appkeys import CONFIG, DIRECTORY, METRICS, STORE
+from .auth import bearer_token
+from .envelope import envelope
+from .errors import ApiError
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return envelope(200, "alive")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = {"directory": "ok", "storage": "ok"}
+    try:
+        await request.app[DIRECTORY].check_ready()
+    except Exception:
+        checks["directory"] = "unavailable"
+    try:
+        await request.app[STORE].check_ready()
+    except StorageError:
+        checks["storage"] = "unavailable"
+    if all(v == "ok" for v in checks.values()):
+        return envelope(200, "ready", {"checks": checks})
+    return envelope(503, "not ready", {"checks": checks})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    expected = request.app[CONFIG].metrics.bearer_token
+    if expected:
+        token = bearer_token(request) or ""
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            raise ApiError(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+    body = request.app[METRICS].render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response

@@ -1,0 +1,105 @@
+"""Cross-cutting request handling: request id, access log and metrics, deadline, error envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .appkeys import CONFIG, METRICS, PRINCIPAL, REQUEST_ID
+from .envelope import envelope
+from .errors import ApiError
+from .logs import access_log
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
+_REASONS = {404: "not found", 405: "method not allowed", 413: "request entity too large"}
+_KEPT_HEADERS = ("Allow", "Retry-After")
+
+
+def route_template(request: web.Request) -> str:
+    """The matched route's template (bounded cardinality), or a fixed word for no match."""
+    info = request.match_info
+    if info.http_exception is not None:
+        return "unmatched"
+    resource = info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: request id in and out, one access-log line and the request metrics."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    app = request.app
+    metrics = app[METRICS]
+    route = route_template(request)
+    started = time.perf_counter()
+    metrics.in_flight.inc()
+    status = 499  # client went away before an answer
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-ID"] = request_id
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.in_flight.dec()
+        metrics.requests.labels(route, request.method, str(status)).inc()
+        metrics.request_latency.labels(route).observe(elapsed)
+        if app[CONFIG].logging.access_log and access_log.isEnabledFor(logging.INFO):
+            principal = request.get(PRINCIPAL)
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "request_id": request_id,
+                        "method": request.method,
+                        "route": route,
+                        "status": status,
+                        "latency_ms": round(elapsed * 1000, 3),
+                        "user_id": principal.user_id if principal else None,
+                        "organization_id": principal.organization_id if principal else None,
+                    }
+                },
+            )
+
+
+@web.middleware
+async def error_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes an envelope; nothing answers a bare 500 page."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return envelope(exc.status, exc.message, exc.data, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {h: exc.headers[h] for h in _KEPT_HEADERS if h in exc.headers}
+        message = _REASONS.get(exc.status, (exc.reason or "error").lower())
+        return envelope(exc.status, message, {}, headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"request_id": request.get(REQUEST_ID)}})
+        return envelope(500, "internal server error")
+
+
+@web.middleware
+async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer 504 when a request outlives `server.request_timeout_seconds`."""
+    timeout = asyncio.timeout(request.app[CONFIG].server.request_timeout_seconds)
+    try:
+        async with timeout:
+            return await handler(request)
+    except TimeoutError:
+        if not timeout.expired():
+            raise
+        raise ApiError(504, "request timed out") from None

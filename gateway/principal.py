@@ -1,0 +1,20 @@
+"""The verified caller, as read from an access token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MANAGE_SYSTEMS = "manage:systems"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    username: str | None
+    organization_id: str
+    org_role: str  # lower-cased
+    permissions: frozenset[str]  # user_permissions and org_permissions together
+    expires_at: float
+
+    def can(self, permission: str) -> bool:
+        return permission in self.permissions

@@ -1,0 +1,90 @@
+"""Running the server: one process, or N processes sharing a port with SO_REUSEPORT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Config, load_config
+from .logs import configure_logging
+
+log = logging.getLogger("gateway")
+
+
+async def serve_async(config: Config, reuse_port: bool = False) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # ours, with route templates and user ids, is in request_context
+        handle_signals=False,
+        shutdown_timeout=config.server.shutdown_grace_seconds,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(
+            runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=1024
+        )
+        await site.start()
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            log.info(
+                "listening on http://%s:%s",
+                host if ":" not in host else f"[{host}]",
+                port,
+                extra={"fields": {"host": host, "port": port}},
+            )
+        await stop.wait()
+        log.info("shutting down: no new connections, finishing requests in flight")
+    finally:
+        # Stops accepting, lets in-flight requests finish (bounded by the grace period),
+        # then runs cleanup_ctx, which closes the storage client.
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def run_server(config: Config, config_path: Path) -> int:
+    configure_logging(config.logging)
+    workers = config.server.workers
+    if workers == 1:
+        asyncio.run(serve_async(config))
+        return 0
+    return _run_workers(config_path, workers)
+
+
+def _worker_main(config_path: str) -> None:
+    config = load_config(config_path)
+    configure_logging(config.logging)
+    asyncio.run(serve_async(config, reuse_port=True))
+
+
+def _run_workers(config_path: Path, workers: int) -> int:
+    """N independent processes on one port; the kernel spreads connections between them."""
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_worker_main, args=(str(config_path),), name=f"worker-{i}")
+        for i in range(workers)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.join()
+    return 0 if all(c.exitcode == 0 for c in children) else 1

@@ -1,0 +1,203 @@
+"""Access-token verification (python-jose) and minting for the `token` command.
+
+Verification is strict by construction: the algorithm must be on the config's
+allow-list (one family), the key is chosen by the gateway, never by the
+token's header (`kid`, `jku`, `x5u`, `jwk` are ignored and never fetched), and
+every claim the gateway reads is type-checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from jose import jws, jwt
+from jose.backends.base import Key
+from jose.exceptions import JOSEError
+
+from .config import AuthConfig
+from .keys import hmac_secret, verification_keys
+from .principal import MANAGE_SYSTEMS, Principal
+
+MAX_TOKEN_BYTES = 8192
+DEFAULT_PERMISSIONS = ("read:systems", MANAGE_SYSTEMS)
+
+
+class InvalidToken(Exception):
+    """Why a token was refused; for logs at debug level, never for the response."""
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidToken(f"duplicate JSON key {key!r}")
+        result[key] = value
+    return result
+
+
+def _json_segment(segment: str) -> Any:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return json.loads(raw, object_pairs_hook=_reject_duplicates)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidToken(f"undecodable segment: {type(exc).__name__}") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidToken(f"{name} must be a list of strings")
+    return value
+
+
+class TokenVerifier:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        keys: dict[str, Key] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keys = keys if keys is not None else verification_keys(auth)
+        self._issuer = auth.issuer
+        self._audience = auth.audience
+        self._leeway = auth.leeway_seconds
+        self._clock = clock
+        self._cache: dict[bytes, Principal] = {}
+        self._cache_size = auth.cache_size
+
+    def verify(self, token: str) -> Principal:
+        """Return the principal of a valid access token, or raise InvalidToken."""
+        if len(token) > MAX_TOKEN_BYTES or not token.isascii():
+            raise InvalidToken("token too long or not ASCII")
+        now = self._clock()
+        digest = hashlib.blake2b(token.encode(), digest_size=20).digest()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if cached.expires_at + self._leeway >= now:
+                return cached
+            del self._cache[digest]
+        principal = self._verify_uncached(token, now)
+        if self._cache_size > 0:
+            if len(self._cache) >= self._cache_size:
+                # Drop the oldest entry; dicts keep insertion order.
+                del self._cache[next(iter(self._cache))]
+            self._cache[digest] = principal
+        return principal
+
+    def _verify_uncached(self, token: str, now: float) -> Principal:
+        segments = token.split(".")
+        if len(segments) != 3:
+            raise InvalidToken("not a compact JWS (JWE and others are refused)")
+        header = _json_segment(segments[0])
+        if not isinstance(header, dict):
+            raise InvalidToken("header is not an object")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._keys:
+            raise InvalidToken(f"algorithm {alg!r} is not allowed")
+        if "crit" in header:
+            raise InvalidToken("critical header extensions are not supported")
+        try:
+            jws.verify(token, self._keys[alg], algorithms=[alg])
+        except JOSEError as exc:
+            raise InvalidToken(f"signature: {exc}") from None
+        claims = _json_segment(segments[1])
+        return self._principal(claims, now)
+
+    def _principal(self, claims: Any, now: float) -> Principal:
+        if not isinstance(claims, dict):
+            raise InvalidToken("claims are not an object")
+        if claims.get("token_type") != "access":
+            raise InvalidToken("token_type is not access")
+        exp = claims.get("exp")
+        if not _is_number(exp):
+            raise InvalidToken("exp missing or not a number")
+        if now > exp + self._leeway:
+            raise InvalidToken("expired")
+        for name in ("nbf", "iat"):
+            if name in claims and not _is_number(claims[name]):
+                raise InvalidToken(f"{name} is not a number")
+        if "nbf" in claims and now + self._leeway < claims["nbf"]:
+            raise InvalidToken("not yet valid")
+        if self._issuer is not None and claims.get("iss") != self._issuer:
+            raise InvalidToken("wrong issuer")
+        if self._audience is not None:
+            aud = claims.get("aud")
+            audiences = [aud] if isinstance(aud, str) else aud
+            if not isinstance(audiences, list) or self._audience not in audiences:
+                raise InvalidToken("wrong audience")
+        user = claims.get("user")
+        if not isinstance(user, dict):
+            raise InvalidToken("user claim missing or not an object")
+        user_id = user.get("id", claims.get("sub"))
+        org_id = user.get("organization_id")
+        role = user.get("org_role")
+        username = user.get("username")
+        if not isinstance(user_id, str) or not user_id:
+            raise InvalidToken("user id missing")
+        if not isinstance(org_id, str) or not org_id:
+            raise InvalidToken("user.organization_id missing")
+        if not isinstance(role, str) or not role:
+            raise InvalidToken("user.org_role missing")
+        if username is not None and not isinstance(username, str):
+            raise InvalidToken("user.username is not a string")
+        permissions = frozenset(
+            _string_list(user.get("user_permissions"), "user.user_permissions")
+            + _string_list(user.get("org_permissions"), "user.org_permissions")
+        )
+        return Principal(
+            user_id=user_id,
+            username=username,
+            organization_id=org_id,
+            org_role=role.lower(),
+            permissions=permissions,
+            expires_at=float(exp),
+        )
+
+
+def mint_token(
+    auth: AuthConfig,
+    organization_id: str,
+    role: str,
+    permissions: tuple[str, ...] = DEFAULT_PERMISSIONS,
+    ttl_seconds: int = 3600,
+    user_id: str = "u_cli",
+    username: str = "cli",
+    now: float | None = None,
+) -> str:
+    """A signed access token in the platform's layout (HMAC configs only)."""
+    if not auth.is_hmac:
+        raise ValueError("minting needs an HMAC config; sign RS/ES tokens with the private key")
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "token_type": "access",
+        "sub": user_id,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + ttl_seconds,
+        "jti": str(uuid.uuid4()),
+        "user": {
+            "id": user_id,
+            "username": username,
+            "organization_id": organization_id,
+            "org_role": role,
+            "user_permissions": [],
+            "org_permissions": list(permissions),
+        },
+    }
+    if auth.issuer is not None:
+        claims["iss"] = auth.issuer
+    if auth.audience is not None:
+        claims["aud"] = auth.audience
+    return str(jwt.encode(claims, hmac_secret(auth), algorithm=auth.algorithms[0]))

@@ -1,0 +1,47 @@
+"""Backup storage: one interface (`BackupStore`), one module per backend, a registry by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .base import BackupLocation, BackupStore
+from .errors import BackupNotFound, StorageError, StorageNotConfigured, StorageUnavailable
+from .local import LocalBackupStore, LocalConfig
+from .none import NoStorage
+from .s3 import S3BackupStore, S3Config
+
+__all__ = [
+    "BACKENDS",
+    "BackupLocation",
+    "BackupNotFound",
+    "BackupStore",
+    "LocalConfig",
+    "S3Config",
+    "StorageConfig",
+    "StorageError",
+    "StorageNotConfigured",
+    "StorageUnavailable",
+    "create_store",
+]
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: Literal["local", "s3", "none"] = "local"
+    # No storage operation (retries included) takes longer than this; past it, a 502.
+    operation_timeout_seconds: float = 10.0
+    local: LocalConfig = field(default_factory=LocalConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {
+    "local": lambda c: LocalBackupStore(c.local, c.operation_timeout_seconds),
+    "s3": lambda c: S3BackupStore(c.s3, c.operation_timeout_seconds),
+    "none": lambda c: NoStorage(),
+}
+
+
+def create_store(config: StorageConfig) -> BackupStore:
+    return BACKENDS[config.backend](config)

@@ -1,0 +1,21 @@
+"""Typed storage errors. The HTTP layer maps each to one status in one place."""
+
+
+class StorageError(Exception):
+    """Base of every error a backend raises on purpose."""
+
+
+class BackupNotFound(StorageError):
+    """The backup object does not exist (or is unreachable by policy, e.g. behind a symlink)."""
+
+
+class StorageUnavailable(StorageError):
+    """The store could not be reached, timed out, or answered an error.
+
+    The message is for logs only; it may name storage internals and must never
+    reach a response body.
+    """
+
+
+class StorageNotConfigured(StorageError):
+    """The gateway runs with the `none` backend."""

@@ -1,0 +1,195 @@
+"""The `s3` backend on aiobotocore: any S3-compatible store (AWS, Spaces, MinIO, Ceph RGW).
+
+One client per process, made in `start` and closed in `close`. Deletes are
+final: on a versioned bucket every version and delete marker of the exact key
+is removed, since a plain DeleteObject there only hides the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .base import BackupLocation, BackupStore
+from .errors import BackupNotFound, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+DELETE_OBJECTS_BATCH = 1000  # the S3 API's limit per DeleteObjects call
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    # Leave both unset to use the standard AWS chain (env, shared files, instance role).
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    addressing_style: Literal["path", "virtual", "auto"] = "auto"
+    prefix: str = ""
+    versioning: Literal["auto", "on", "off"] = "auto"
+    connect_timeout_seconds: float = 3.0
+    read_timeout_seconds: float = 5.0
+    max_attempts: int = 3
+    max_pool_connections: int = 64
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "unknown"))
+
+
+def _http_status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class S3BackupStore(BackupStore):
+    name = "s3"
+
+    def __init__(self, config: S3Config, operation_timeout: float) -> None:
+        self._config = config
+        self._timeout = operation_timeout
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._versioned: bool | None = {"on": True, "off": False}.get(config.versioning)
+
+    async def start(self) -> None:
+        cfg = self._config
+        aio_config = AioConfig(
+            connect_timeout=cfg.connect_timeout_seconds,
+            read_timeout=cfg.read_timeout_seconds,
+            retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
+            max_pool_connections=cfg.max_pool_connections,
+            s3={"addressing_style": cfg.addressing_style},
+        )
+        credentials: dict[str, str] = {}
+        if cfg.access_key_id and cfg.secret_access_key:
+            credentials = {
+                "aws_access_key_id": cfg.access_key_id,
+                "aws_secret_access_key": cfg.secret_access_key,
+            }
+            if cfg.session_token:
+                credentials["aws_session_token"] = cfg.session_token
+        self._stack = AsyncExitStack()
+        self._client = await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                region_name=cfg.region,
+                endpoint_url=cfg.endpoint_url or None,
+                config=aio_config,
+                **credentials,
+            )
+        )
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+            self._client = None
+
+    def key_for(self, location: BackupLocation) -> str:
+        # The prefix is joined exactly as written: "tenant-a/" carries its own slash.
+        return self._config.prefix + location.relative_key
+
+    async def delete(self, location: BackupLocation) -> None:
+        key = self.key_for(location)
+        await self._guarded("delete", self._delete(key))
+
+    async def check_ready(self) -> None:
+        await self._guarded("head_bucket", self._client.head_bucket(Bucket=self._config.bucket))
+
+    async def _guarded(self, operation: str, work: Any) -> Any:
+        """Bound the whole operation in time and turn every failure into a typed error."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await work
+        except BackupNotFound:
+            raise
+        except StorageUnavailable as exc:
+            log.warning("s3 %s failed: %s", operation, exc)
+            raise
+        except TimeoutError:
+            log.warning("s3 %s timed out after %.1fs", operation, self._timeout)
+            raise StorageUnavailable("timeout") from None
+        except ClientError as exc:
+            log.warning(
+                "s3 %s failed: %s (HTTP %s)", operation, _error_code(exc), _http_status(exc)
+            )
+            log.debug("s3 %s error detail: %s", operation, exc)
+            raise StorageUnavailable(_error_code(exc)) from None
+        except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            log.warning("s3 %s failed: %s", operation, type(exc).__name__)
+            log.debug("s3 %s error detail: %s", operation, exc)
+            raise StorageUnavailable(type(exc).__name__) from None
+
+    async def _is_versioned(self) -> bool:
+        if self._versioned is None:
+            answer = await self._client.get_bucket_versioning(Bucket=self._config.bucket)
+            # Suspended still keeps the versions written while it was enabled.
+            self._versioned = answer.get("Status") in ("Enabled", "Suspended")
+        return self._versioned
+
+    async def _delete(self, key: str) -> None:
+        if await self._is_versioned():
+            await self._delete_every_version(key)
+        else:
+            await self._delete_current(key)
+
+    async def _delete_current(self, key: str) -> None:
+        bucket = self._config.bucket
+        try:
+            await self._client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _http_status(exc) != 404:
+                raise
+            # HEAD answers a bodiless 404 for a missing bucket too; tell the two apart.
+            await self._require_bucket()
+            raise BackupNotFound(key) from None
+        await self._client.delete_object(Bucket=bucket, Key=key)
+
+    async def _require_bucket(self) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self._config.bucket)
+        except ClientError as exc:
+            raise StorageUnavailable(f"bucket check failed: {_error_code(exc)}") from None
+
+    async def _delete_every_version(self, key: str) -> None:
+        versions: list[dict[str, str]] = []
+        has_current = False
+        kwargs: dict[str, str] = {"Bucket": self._config.bucket, "Prefix": key}
+        while True:
+            page = await self._client.list_object_versions(**kwargs)
+            for entry in page.get("Versions", []):
+                # Prefix listing also returns "key.meta.json", "key2", ...: keep the exact key only.
+                if entry["Key"] == key:
+                    versions.append({"Key": key, "VersionId": entry["VersionId"]})
+                    has_current = has_current or bool(entry.get("IsLatest"))
+            for entry in page.get("DeleteMarkers", []):
+                if entry["Key"] == key:
+                    versions.append({"Key": key, "VersionId": entry["VersionId"]})
+            if not page.get("IsTruncated"):
+                break
+            kwargs["KeyMarker"] = page["NextKeyMarker"]
+            kwargs["VersionIdMarker"] = page["NextVersionIdMarker"]
+        if not has_current:
+            # Absent, or already hidden behind a delete marker: the backup is not there to delete.
+            raise BackupNotFound(key)
+        for start in range(0, len(versions), DELETE_OBJECTS_BATCH):
+            batch = versions[start : start + DELETE_OBJECTS_BATCH]
+            answer = await self._client.delete_objects(
+                Bucket=self._config.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+            errors = answer.get("Errors", [])
+            if errors:
+                raise StorageUnavailable(
+                    f"{len(errors)} versions not deleted, first: {errors[0].get('Code')}"
+                )
