@@ -74,6 +74,11 @@ def build(cls: type[T], data: Any, base_dir: Path, where: str = "") -> T:
         path = _join(where, name)
         if name in data:
             values[name] = _convert(hints[name], data[name], base_dir, path)
+        elif dataclasses.is_dataclass(hints[name]):
+            # Build nested sections from nothing so their defaults resolve like given values.
+            values[name] = build(hints[name], {}, base_dir, path)
+        elif isinstance(f.default, Path):
+            values[name] = _convert(Path, str(f.default), base_dir, path)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(path, "required value is missing")
     return cls(**values)

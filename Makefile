@@ -1,0 +1,33 @@
+# Two commands for a new user: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= config.yaml
+
+.PHONY: install run test lint bench bench-short clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: set up, write the demo backups, serve the embedded default on 127.0.0.1:8080
+run: install
+	$(BIN)/backup-gateway seed-demo --config $(CONFIG)
+	$(BIN)/backup-gateway serve --config $(CONFIG)
+
+## make test: set up and run the whole suite (a run that collects no test fails)
+test: install
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy gateway storage_backends
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

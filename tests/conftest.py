@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+
+from gateway import create_app
+from gateway.config import Config
+
+from .support import DIRECTORY, LocalHarness, MotoServer, S3Harness, make_config
+
+Harness = LocalHarness | S3Harness
+StartGateway = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def directory_file(tmp_path: Path) -> Path:
+    path = tmp_path / "directory.yaml"
+    path.write_text(yaml.safe_dump(DIRECTORY))
+    return path
+
+
+@pytest.fixture
+def local_harness(tmp_path: Path) -> LocalHarness:
+    return LocalHarness(tmp_path / "backups")
+
+
+@pytest.fixture
+def s3_harness(moto_server: MotoServer) -> S3Harness:
+    return S3Harness(moto_server.endpoint, f"bkt-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["local", "s3"])
+def harness(request: pytest.FixtureRequest) -> Harness:
+    """Every storage behaviour test runs against each real backend."""
+    return request.getfixturevalue(f"{request.param}_harness")
+
+
+@pytest.fixture
+def start_gateway(
+    aiohttp_client: Any, tmp_path: Path, directory_file: Path
+) -> StartGateway:
+    """Start the real app on a loopback port with the given storage and config sections."""
+
+    async def start(storage: dict[str, Any] | None = None, **sections: Any) -> TestClient:
+        config: Config = make_config(tmp_path, storage, **sections)
+        return await aiohttp_client(create_app(config))
+
+    return start
+
+
+@pytest.fixture
+async def local_gateway(start_gateway: StartGateway, local_harness: LocalHarness) -> TestClient:
+    return await start_gateway(local_harness.storage())

@@ -1,0 +1,296 @@
+"""Test helpers: config building, token minting, and storage harnesses that look at real storage."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import botocore.session
+from botocore.config import Config as BotoConfig
+from jose import jwt
+
+from gateway.config import Config, config_from_mapping
+from storage_backends import BackupLocation
+
+SECRET = "test-secret-" + "x" * 40
+ISSUER = "https://platform.example/auth"
+AUDIENCE = "backup-gateway"
+
+# A tree with every role, soft-deleted organizations at each level, and odd parents.
+ORGANIZATIONS: list[dict[str, Any]] = [
+    {"id": "org_owner", "role": "owner"},
+    {"id": "org_d1", "role": "distributor", "parent": "org_owner"},
+    {"id": "org_d2", "role": "distributor", "parent": "org_owner"},
+    {"id": "org_d_gone", "role": "distributor", "parent": "org_owner", "deleted": True},
+    {"id": "org_r1", "role": "reseller", "parent": "org_d1"},
+    {"id": "org_r2", "role": "reseller", "parent": "org_d2"},
+    {"id": "org_r_gone", "role": "reseller", "parent": "org_d1", "deleted": True},
+    {"id": "org_r_owner", "role": "reseller", "parent": "org_owner"},
+    {"id": "org_c1", "role": "customer", "parent": "org_r1"},
+    {"id": "org_c1b", "role": "customer", "parent": "org_r1"},
+    {"id": "org_c_d1", "role": "customer", "parent": "org_d1"},
+    {"id": "org_c2", "role": "customer", "parent": "org_r2"},
+    {"id": "org_c_orphan", "role": "customer", "parent": "org_r_gone"},
+    {"id": "org_c_gone", "role": "customer", "parent": "org_r1", "deleted": True},
+    {"id": "org_c_owner", "role": "customer", "parent": "org_owner"},
+    {"id": "org_c_under_d_gone", "role": "customer", "parent": "org_d_gone"},
+]
+ORG_IDS = [o["id"] for o in ORGANIZATIONS]
+
+
+def system_id_of(org_id: str) -> str:
+    return "sys_" + org_id.removeprefix("org_")
+
+
+def system_key_of(org_id: str) -> str:
+    return "KEY-" + org_id.removeprefix("org_").upper().replace("_", "-")
+
+
+SYSTEMS: list[dict[str, Any]] = [
+    {"id": system_id_of(o), "system_key": system_key_of(o), "organization_id": o} for o in ORG_IDS
+] + [
+    {"id": "sys_deleted", "system_key": "KEY-DELETED", "organization_id": "org_c1",
+     "deleted": True},
+    {"id": "sys_unregistered", "organization_id": "org_c1"},
+]
+DIRECTORY = {"organizations": ORGANIZATIONS, "systems": SYSTEMS}
+ROLE_OF = {o["id"]: o["role"] for o in ORGANIZATIONS}
+
+
+def new_backup_id(suffix: str = ".tar.gz") -> str:
+    """A fresh UUIDv7-shaped id."""
+    ms = int(time.time() * 1000)
+    rand = uuid.uuid4().hex
+    return f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{rand[:3]}-{'89ab'[int(rand[3], 16) % 4]}" \
+           f"{rand[4:7]}-{rand[7:19]}{suffix}"
+
+
+def location_for(org_id: str, backup_id: str) -> BackupLocation:
+    return BackupLocation(org_id, system_key_of(org_id), backup_id)
+
+
+def make_config(tmp_path: Path, storage: dict[str, Any] | None = None, **sections: Any) -> Config:
+    raw: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "auth": {"algorithms": ["HS256"], "secret": SECRET},
+        "directory": {"path": str(tmp_path / "directory.yaml")},
+        "storage": storage or {"backend": "local", "local": {"root": str(tmp_path / "backups")}},
+        "logging": {"level": "INFO"},
+    }
+    for name, value in sections.items():
+        raw[name] = {**raw.get(name, {}), **value}
+    return config_from_mapping(raw, tmp_path, environ={})
+
+
+def claims_for(
+    org_id: str,
+    role: str | None = None,
+    permissions: list[str] | None = None,
+    ttl: int = 600,
+    **overrides: Any,
+) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "token_type": "access",
+        "sub": "u_test",
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+        "jti": uuid.uuid4().hex,
+        "user": {
+            "id": "u_test",
+            "username": "tester",
+            "organization_id": org_id,
+            "org_role": (role or ROLE_OF.get(org_id, "customer")).capitalize(),
+            "user_permissions": ["read:systems"],
+            "org_permissions": ["read:systems", "manage:systems"]
+            if permissions is None
+            else permissions,
+        },
+    }
+    claims.update(overrides)
+    return claims
+
+
+def token_for(org_id: str, role: str | None = None, **kwargs: Any) -> str:
+    return jwt.encode(claims_for(org_id, role, **kwargs), SECRET, algorithm="HS256")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --------------------------------------------------------------------------- storage harnesses
+
+
+class LocalHarness:
+    """Arrange and inspect backups on real disk."""
+
+    name = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def storage(self, **extra: Any) -> dict[str, Any]:
+        return {"backend": "local", "local": {"root": str(self.root), **extra}}
+
+    def put(self, location: BackupLocation, data: bytes = b"backup", sidecar: bool = True) -> None:
+        folder = self.root / location.organization_id / location.system_key
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / location.backup_id).write_bytes(data)
+        if sidecar:
+            (folder / (location.backup_id + ".meta.json")).write_text('{"filename": "x"}')
+
+    def put_key(self, relative_key: str, data: bytes = b"other") -> None:
+        path = self.root / relative_key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def exists(self, location: BackupLocation) -> bool:
+        return os.path.lexists(self.root / location.relative_key)
+
+    def keys(self) -> set[str]:
+        return {
+            str(p.relative_to(self.root))
+            for p in self.root.rglob("*")
+            if p.is_file() or p.is_symlink()
+        }
+
+
+class S3Harness:
+    """Arrange and inspect objects over HTTP with botocore's real signing."""
+
+    name = "s3"
+
+    def __init__(self, endpoint: str, bucket: str, prefix: str = "", versioned: bool = False):
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = s3_client(endpoint)
+        self.client.create_bucket(Bucket=bucket)
+        if versioned:
+            self.client.put_bucket_versioning(
+                Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+            )
+
+    def storage(self, **extra: Any) -> dict[str, Any]:
+        return {"backend": "s3", "s3": s3_settings(self.endpoint, self.bucket, self.prefix, **extra)}
+
+    def put(self, location: BackupLocation, data: bytes = b"backup", sidecar: bool = True) -> None:
+        # On S3 the metadata travels with the object (x-amz-meta-*), not as a sidecar key.
+        metadata = {"filename": location.backup_id, "sha256": "0" * 64} if sidecar else {}
+        self.put_key(location.relative_key, data, metadata)
+
+    def put_key(
+        self, relative_key: str, data: bytes = b"other", metadata: dict[str, str] | None = None
+    ) -> None:
+        self.client.put_object(
+            Bucket=self.bucket, Key=self.prefix + relative_key, Body=data, Metadata=metadata or {}
+        )
+
+    def exists(self, location: BackupLocation) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.prefix + location.relative_key)
+            return True
+        except self.client.exceptions.ClientError:
+            return False
+
+    def keys(self) -> set[str]:
+        """Current keys under the whole bucket (prefix kept, so neighbours show too)."""
+        found: set[str] = set()
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            found.update(o["Key"] for o in page.get("Contents", []))
+        return {k.removeprefix(self.prefix) for k in found}
+
+    def versions(self, key: str) -> list[dict[str, Any]]:
+        answer = self.client.list_object_versions(Bucket=self.bucket, Prefix=key)
+        return [
+            v
+            for v in answer.get("Versions", []) + answer.get("DeleteMarkers", [])
+            if v["Key"] == key
+        ]
+
+
+def s3_client(endpoint: str, access_key: str = "testing", secret_key: str = "testing") -> Any:
+    session = botocore.session.get_session()
+    return session.create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+
+def s3_settings(endpoint: str, bucket: str, prefix: str = "", **extra: Any) -> dict[str, Any]:
+    return {
+        "bucket": bucket,
+        "endpoint_url": endpoint,
+        "region": "us-east-1",
+        "access_key_id": "testing",
+        "secret_access_key": "testing",
+        "addressing_style": "path",
+        "prefix": prefix,
+        "connect_timeout_seconds": 1,
+        "read_timeout_seconds": 1,
+        "max_attempts": 2,
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+class MotoServer:
+    """A standalone S3-protocol server (moto's server mode) in its own process."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+        wait_for_port(self.port, proc=self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def replace_storage(config: Config, **changes: Any) -> Config:
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, **changes))

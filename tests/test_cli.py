@@ -1,0 +1,169 @@
+"""The command line as a user runs it: serve, token, seed-demo; clean stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .support import DIRECTORY, free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parent.parent
+CONSOLE_SCRIPT = Path(sys.executable).parent / "backup-gateway"
+
+
+def write_config(tmp_path: Path, port: int, **extra: Any) -> Path:
+    (tmp_path / "directory.yaml").write_text(yaml.safe_dump(DIRECTORY))
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, **extra.pop("server", {})},
+        "auth": {"secret_file": "data/jwt.secret"},
+        "storage": {"backend": "local", "local": {"root": "data/backups"}},
+        **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def http(method: str, url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+class Server:
+    def __init__(self, config: Path, port: int, *extra: str, program: list[str] | None = None):
+        self.port = port
+        self.proc = subprocess.Popen(
+            [*(program or [sys.executable, "-m", "gateway"]), "serve", "--config", str(config),
+             *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        wait_for_port(port, proc=self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out
+
+
+@pytest.mark.parametrize("program", ["module", "console-script"])
+def test_serve_token_delete_and_clean_stop(tmp_path: Path, program: str) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    # token mints with the secret file it creates, 0600; the server reads the same one
+    token = cli("token", "--config", str(config), "--org", "org_c1", "--role", "customer")
+    assert token.returncode == 0, token.stderr
+    secret = tmp_path / "data" / "jwt.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    seeded = cli("seed-demo", "--config", str(config))
+    assert seeded.returncode == 0, seeded.stderr
+    system_id, backup_id = next(
+        line.split("\t") for line in seeded.stdout.splitlines() if line.startswith("sys_c1\t")
+    )
+    target = next((tmp_path / "data" / "backups").rglob(backup_id))
+
+    cmd = [str(CONSOLE_SCRIPT)] if program == "console-script" else None
+    server = Server(config, port, program=cmd)
+    try:
+        status, body = http(
+            "DELETE", f"http://127.0.0.1:{port}/api/systems/{system_id}/backups/{backup_id}",
+            token.stdout.strip(),
+        )
+    finally:
+        code, out = server.stop()
+    assert status == 200 and body["message"] == "backup deleted"
+    assert not target.exists()
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(r["msg"] == f"listening on http://127.0.0.1:{port}" for r in lines)
+    assert lines[-1]["msg"] == "stopped"
+
+
+def test_sigint_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    server = Server(write_config(tmp_path, port), port)
+    code, _ = server.stop(signal.SIGINT)
+    assert code == 0
+
+
+def test_token_options(tmp_path: Path) -> None:
+    from jose import jwt
+
+    config = write_config(tmp_path, 0, auth={"secret_file": "data/jwt.secret",
+                                             "issuer": "iss-x", "audience": "aud-y"})
+    result = cli("token", "--config", str(config), "--org", "org_r1", "--role", "reseller",
+                 "--perm", "read:systems", "--ttl", "120")
+    assert result.returncode == 0, result.stderr
+    secret = (tmp_path / "data" / "jwt.secret").read_text().strip()
+    claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"], audience="aud-y",
+                        issuer="iss-x")
+    assert claims["token_type"] == "access"
+    assert claims["exp"] - claims["iat"] == 120
+    assert claims["user"]["organization_id"] == "org_r1"
+    assert claims["user"]["org_role"] == "reseller"
+    assert claims["user"]["org_permissions"] == ["read:systems"]
+
+
+def test_token_refuses_asymmetric_configs(tmp_path: Path) -> None:
+    (tmp_path / "k.pem").write_text("unused")
+    config = write_config(tmp_path, 0, auth={"algorithms": ["RS256"], "public_key_file": "k.pem"})
+    result = cli("token", "--config", str(config), "--org", "org_c1", "--role", "customer")
+    assert result.returncode == 2
+    assert "auth" in result.stderr
+
+
+def test_start_up_never_contacts_storage(tmp_path: Path) -> None:
+    port = free_port()
+    dead = free_port()
+    config = write_config(
+        tmp_path, port,
+        storage={"backend": "s3", "s3": {"bucket": "b", "endpoint_url": f"http://127.0.0.1:{dead}",
+                                         "access_key_id": "k", "secret_access_key": "s"}},
+    )
+    server = Server(config, port)
+    try:
+        status, body = http("GET", f"http://127.0.0.1:{port}/readyz")
+        assert status == 503 and body["data"]["checks"]["storage"] == "unavailable"
+        assert http("GET", f"http://127.0.0.1:{port}/healthz")[0] == 200
+    finally:
+        code, _ = server.stop()
+    assert code == 0
+
+
+def test_readme_quick_start_config_runs_from_a_copy(tmp_path: Path) -> None:
+    """The embedded default works from any folder, with no environment variables."""
+    for name in ("config.yaml", "directory.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    port = free_port()
+    env["GATEWAY_PORT"] = str(port)
+    seeded = subprocess.run(
+        [sys.executable, "-m", "gateway", "seed-demo", "--config", str(tmp_path / "config.yaml")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    assert "sys_123456789\t01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz" in seeded.stdout
+    assert (tmp_path / "data/backups/org_c1/NETH-0000-1111/"
+            "01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz.meta.json").exists()

@@ -1,0 +1,159 @@
+"""What only the local backend promises: no symlink followed, durable deletes, root checks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from storage_backends import local as local_backend
+
+from .support import LocalHarness, bearer, location_for, new_backup_id, token_for
+
+
+async def delete(client: TestClient, bid: str, sid: str = "sys_c1", org: str = "org_c1") -> Any:
+    return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory outside the backup root holding a victim file."""
+    victim_dir = tmp_path / "outside"
+    victim_dir.mkdir()
+    return victim_dir
+
+
+async def test_symlinked_backup_file_is_404_and_target_survives(
+    local_gateway: TestClient, local_harness: LocalHarness, outside: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bid = new_backup_id()
+    victim = outside / "victim.tar.gz"
+    victim.write_bytes(b"precious")
+    folder = local_harness.root / "org_c1" / "KEY-C1"
+    folder.mkdir(parents=True)
+    (folder / bid).symlink_to(victim)
+    with caplog.at_level(logging.WARNING):
+        resp = await delete(local_gateway, bid)
+    assert resp.status == 404
+    assert (await resp.json())["message"] == "backup not found"
+    assert victim.read_bytes() == b"precious"
+    assert (folder / bid).is_symlink()
+    assert any("symlink" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("level", ["organization", "system_key"])
+async def test_symlinked_directory_is_404_and_target_survives(
+    local_gateway: TestClient, local_harness: LocalHarness, outside: Path, level: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bid = new_backup_id()
+    # The attacker's tree holds a file at the exact name the gateway would delete.
+    if level == "organization":
+        (outside / "KEY-C1").mkdir()
+        (outside / "KEY-C1" / bid).write_bytes(b"precious")
+        local_harness.root.mkdir(parents=True, exist_ok=True)
+        (local_harness.root / "org_c1").symlink_to(outside)
+        victim = outside / "KEY-C1" / bid
+    else:
+        (outside / bid).write_bytes(b"precious")
+        (local_harness.root / "org_c1").mkdir(parents=True)
+        (local_harness.root / "org_c1" / "KEY-C1").symlink_to(outside)
+        victim = outside / bid
+    with caplog.at_level(logging.WARNING):
+        resp = await delete(local_gateway, bid)
+    assert resp.status == 404
+    assert victim.read_bytes() == b"precious"
+    assert any("symlink" in r.getMessage() for r in caplog.records)
+
+
+async def test_sidecar_symlink_is_unlinked_not_followed(
+    local_gateway: TestClient, local_harness: LocalHarness, outside: Path
+) -> None:
+    bid = new_backup_id()
+    loc = location_for("org_c1", bid)
+    local_harness.put(loc, sidecar=False)
+    victim = outside / "victim.json"
+    victim.write_text("{}")
+    (local_harness.root / (loc.relative_key + ".meta.json")).symlink_to(victim)
+    resp = await delete(local_gateway, bid)
+    assert resp.status == 200
+    assert victim.read_text() == "{}"
+    assert local_harness.keys() == set()
+
+
+async def test_directory_named_like_a_backup_is_404(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    bid = new_backup_id()
+    (local_harness.root / "org_c1" / "KEY-C1" / bid).mkdir(parents=True)
+    resp = await delete(local_gateway, bid)
+    assert resp.status == 404
+    assert (local_harness.root / "org_c1" / "KEY-C1" / bid).is_dir()
+
+
+async def test_delete_fsyncs_the_parent_directory_before_answering(
+    local_gateway: TestClient, local_harness: LocalHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A spy around the real os.fsync: it records which directory was synced, and still syncs.
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(local_backend.os, "fsync", spy)
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    resp = await delete(local_gateway, bid)
+    assert resp.status == 200
+    assert str(local_harness.root / "org_c1" / "KEY-C1") in synced
+    assert not local_harness.exists(location_for("org_c1", bid))
+
+
+async def test_file_where_a_folder_belongs_is_404_and_stays(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    (local_harness.root / "org_c1").mkdir(parents=True)
+    (local_harness.root / "org_c1" / "KEY-C1").write_bytes(b"not a folder")
+    resp = await delete(local_gateway, new_backup_id())
+    assert resp.status == 404
+    assert (local_harness.root / "org_c1" / "KEY-C1").read_bytes() == b"not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+async def test_unwritable_folder_is_502_and_backup_stays(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    folder = local_harness.root / "org_c1" / "KEY-C1"
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    folder.chmod(0o500)
+    try:
+        resp = await delete(local_gateway, bid)
+    finally:
+        folder.chmod(0o700)
+    assert resp.status == 502
+    assert local_harness.exists(location_for("org_c1", bid))
+
+
+async def test_readiness_follows_the_root(start_gateway: Any, tmp_path: Path) -> None:
+    root = tmp_path / "late-root"
+    client = await start_gateway({"backend": "local", "local": {"root": str(root)}})
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["code"] == 503
+    assert body["data"]["checks"]["storage"] == "unavailable"
+    bid = new_backup_id()
+    assert (await delete(client, bid)).status == 502
+    # the storage comes back: no restart needed
+    LocalHarness(root).put(location_for("org_c1", bid))
+    assert (await client.get("/readyz")).status == 200
+    assert (await delete(client, bid)).status == 200
+    assert not LocalHarness(root).exists(location_for("org_c1", bid))
