@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from jose import jws, jwt
 from jose.backends.base import Key
@@ -50,7 +50,7 @@ def _json_segment(segment: str) -> Any:
         raise InvalidToken(f"undecodable segment: {type(exc).__name__}") from None
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -120,9 +120,10 @@ class TokenVerifier:
             raise InvalidToken("claims are not an object")
         if claims.get("token_type") != "access":
             raise InvalidToken("token_type is not access")
-        exp = claims.get("exp")
-        if not _is_number(exp):
+        raw_exp = claims.get("exp")
+        if not _is_number(raw_exp):
             raise InvalidToken("exp missing or not a number")
+        exp = float(raw_exp)
         if now > exp + self._leeway:
             raise InvalidToken("expired")
         for name in ("nbf", "iat"):
@@ -162,7 +163,7 @@ class TokenVerifier:
             organization_id=org_id,
             org_role=role.lower(),
             permissions=permissions,
-            expires_at=float(exp),
+            expires_at=exp,
         )
 
 

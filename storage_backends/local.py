@@ -13,14 +13,17 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .base import BackupLocation, BackupStore
 from .errors import BackupNotFound, StorageUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SIDECAR_SUFFIX = ".meta.json"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -137,7 +140,7 @@ class LocalBackupStore(BackupStore):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def _run(self, func, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, func: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, func, *args)
         try:

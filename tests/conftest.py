@@ -49,9 +49,7 @@ def harness(request: pytest.FixtureRequest) -> Harness:
 
 
 @pytest.fixture
-def start_gateway(
-    aiohttp_client: Any, tmp_path: Path, directory_file: Path
-) -> StartGateway:
+def start_gateway(aiohttp_client: Any, tmp_path: Path, directory_file: Path) -> StartGateway:
     """Start the real app on a loopback port with the given storage and config sections."""
 
     async def start(storage: dict[str, Any] | None = None, **sections: Any) -> TestClient:

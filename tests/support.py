@@ -56,8 +56,12 @@ def system_key_of(org_id: str) -> str:
 SYSTEMS: list[dict[str, Any]] = [
     {"id": system_id_of(o), "system_key": system_key_of(o), "organization_id": o} for o in ORG_IDS
 ] + [
-    {"id": "sys_deleted", "system_key": "KEY-DELETED", "organization_id": "org_c1",
-     "deleted": True},
+    {
+        "id": "sys_deleted",
+        "system_key": "KEY-DELETED",
+        "organization_id": "org_c1",
+        "deleted": True,
+    },
     {"id": "sys_unregistered", "organization_id": "org_c1"},
 ]
 DIRECTORY = {"organizations": ORGANIZATIONS, "systems": SYSTEMS}
@@ -68,8 +72,10 @@ def new_backup_id(suffix: str = ".tar.gz") -> str:
     """A fresh UUIDv7-shaped id."""
     ms = int(time.time() * 1000)
     rand = uuid.uuid4().hex
-    return f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{rand[:3]}-{'89ab'[int(rand[3], 16) % 4]}" \
-           f"{rand[4:7]}-{rand[7:19]}{suffix}"
+    return (
+        f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{rand[:3]}-{'89ab'[int(rand[3], 16) % 4]}"
+        f"{rand[4:7]}-{rand[7:19]}{suffix}"
+    )
 
 
 def location_for(org_id: str, backup_id: str) -> BackupLocation:
@@ -182,7 +188,8 @@ class S3Harness:
             )
 
     def storage(self, **extra: Any) -> dict[str, Any]:
-        return {"backend": "s3", "s3": s3_settings(self.endpoint, self.bucket, self.prefix, **extra)}
+        settings = s3_settings(self.endpoint, self.bucket, self.prefix, **extra)
+        return {"backend": "s3", "s3": settings}
 
     def put(self, location: BackupLocation, data: bytes = b"backup", sidecar: bool = True) -> None:
         # On S3 the metadata travels with the object (x-amz-meta-*), not as a sidecar key.

@@ -56,9 +56,16 @@ class Server:
     def __init__(self, config: Path, port: int, *extra: str, program: list[str] | None = None):
         self.port = port
         self.proc = subprocess.Popen(
-            [*(program or [sys.executable, "-m", "gateway"]), "serve", "--config", str(config),
-             *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                *(program or [sys.executable, "-m", "gateway"]),
+                "serve",
+                "--config",
+                str(config),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         wait_for_port(port, proc=self.proc)
 
@@ -88,7 +95,8 @@ def test_serve_token_delete_and_clean_stop(tmp_path: Path, program: str) -> None
     server = Server(config, port, program=cmd)
     try:
         status, body = http(
-            "DELETE", f"http://127.0.0.1:{port}/api/systems/{system_id}/backups/{backup_id}",
+            "DELETE",
+            f"http://127.0.0.1:{port}/api/systems/{system_id}/backups/{backup_id}",
             token.stdout.strip(),
         )
     finally:
@@ -111,14 +119,27 @@ def test_sigint_stops_cleanly(tmp_path: Path) -> None:
 def test_token_options(tmp_path: Path) -> None:
     from jose import jwt
 
-    config = write_config(tmp_path, 0, auth={"secret_file": "data/jwt.secret",
-                                             "issuer": "iss-x", "audience": "aud-y"})
-    result = cli("token", "--config", str(config), "--org", "org_r1", "--role", "reseller",
-                 "--perm", "read:systems", "--ttl", "120")
+    config = write_config(
+        tmp_path, 0, auth={"secret_file": "data/jwt.secret", "issuer": "iss-x", "audience": "aud-y"}
+    )
+    result = cli(
+        "token",
+        "--config",
+        str(config),
+        "--org",
+        "org_r1",
+        "--role",
+        "reseller",
+        "--perm",
+        "read:systems",
+        "--ttl",
+        "120",
+    )
     assert result.returncode == 0, result.stderr
     secret = (tmp_path / "data" / "jwt.secret").read_text().strip()
-    claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"], audience="aud-y",
-                        issuer="iss-x")
+    claims = jwt.decode(
+        result.stdout.strip(), secret, algorithms=["HS256"], audience="aud-y", issuer="iss-x"
+    )
     assert claims["token_type"] == "access"
     assert claims["exp"] - claims["iat"] == 120
     assert claims["user"]["organization_id"] == "org_r1"
@@ -138,9 +159,17 @@ def test_start_up_never_contacts_storage(tmp_path: Path) -> None:
     port = free_port()
     dead = free_port()
     config = write_config(
-        tmp_path, port,
-        storage={"backend": "s3", "s3": {"bucket": "b", "endpoint_url": f"http://127.0.0.1:{dead}",
-                                         "access_key_id": "k", "secret_access_key": "s"}},
+        tmp_path,
+        port,
+        storage={
+            "backend": "s3",
+            "s3": {
+                "bucket": "b",
+                "endpoint_url": f"http://127.0.0.1:{dead}",
+                "access_key_id": "k",
+                "secret_access_key": "s",
+            },
+        },
     )
     server = Server(config, port)
     try:
@@ -161,9 +190,14 @@ def test_readme_quick_start_config_runs_from_a_copy(tmp_path: Path) -> None:
     env["GATEWAY_PORT"] = str(port)
     seeded = subprocess.run(
         [sys.executable, "-m", "gateway", "seed-demo", "--config", str(tmp_path / "config.yaml")],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert seeded.returncode == 0, seeded.stderr
     assert "sys_123456789\t01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz" in seeded.stdout
-    assert (tmp_path / "data/backups/org_c1/NETH-0000-1111/"
-            "01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz.meta.json").exists()
+    assert (
+        tmp_path / "data/backups/org_c1/NETH-0000-1111/"
+        "01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz.meta.json"
+    ).exists()

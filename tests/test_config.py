@@ -23,9 +23,11 @@ def load(raw: dict[str, Any], env: dict[str, str] | None = None, base: Path = Pa
 
 def test_interpolation_converts_to_the_field_type() -> None:
     config = load(
-        {"server": {"port": "${PORT:-8080}", "host": "${HOST}"},
-         "storage": {"operation_timeout_seconds": "${T}"},
-         "metrics": {"enabled": "${M:-false}"}},
+        {
+            "server": {"port": "${PORT:-8080}", "host": "${HOST}"},
+            "storage": {"operation_timeout_seconds": "${T}"},
+            "metrics": {"enabled": "${M:-false}"},
+        },
         env={"HOST": "0.0.0.0", "T": "2.5"},
     )
     assert config.server.port == 8080
@@ -92,8 +94,12 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
 
 
 def test_secrets_stay_out_of_repr() -> None:
-    config = load({"storage": {"s3": {"access_key_id": "AKIA1", "secret_access_key": "SSSS"}},
-                   "metrics": {"bearer_token": "scrape-secret"}})
+    config = load(
+        {
+            "storage": {"s3": {"access_key_id": "AKIA1", "secret_access_key": "SSSS"}},
+            "metrics": {"bearer_token": "scrape-secret"},
+        }
+    )
     text = repr(config)
     assert SECRET not in text and "SSSS" not in text and "AKIA1" not in text
     assert "scrape-secret" not in text
@@ -101,7 +107,10 @@ def test_secrets_stay_out_of_repr() -> None:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env=env,
     )
 

@@ -271,9 +271,7 @@ async def test_unexpected_error_is_logged_500_envelope(
 
     from .support import make_config
 
-    client = await aiohttp_client(
-        create_app(make_config(tmp_path), directory=ExplodingDirectory())
-    )
+    client = await aiohttp_client(create_app(make_config(tmp_path), directory=ExplodingDirectory()))
     with caplog.at_level(logging.ERROR):
         resp = await client.delete(
             f"/api/systems/sys_c1/backups/{new_backup_id()}", headers=bearer(token_for("org_c1"))
@@ -289,8 +287,7 @@ async def test_unexpected_error_is_logged_500_envelope(
 
 @pytest.mark.parametrize(
     ("incoming", "echoed"),
-    [("abc-123_X.y", True), ("a" * 128, True), ("a" * 129, False), ("bad id!", False),
-     ("", False)],
+    [("abc-123_X.y", True), ("a" * 128, True), ("a" * 129, False), ("bad id!", False), ("", False)],
 )
 async def test_request_id_is_echoed_when_well_formed(
     local_gateway: TestClient, incoming: str, echoed: bool

@@ -23,65 +23,113 @@ def broken(mutate: Any) -> dict[str, Any]:
 
 
 CASES = [
-    ("duplicate organization id",
-     lambda d: d["organizations"].append({"id": "org_c1", "role": "customer", "parent": "org_r1"}),
-     "organization org_c1: duplicate id"),
-    ("duplicate system id",
-     lambda d: d["systems"].append({"id": "sys_c1", "organization_id": "org_c1"}),
-     "system sys_c1: duplicate id"),
-    ("shared system key",
-     lambda d: d["systems"].append({"id": "sys_x", "system_key": "KEY-C1",
-                                    "organization_id": "org_c2"}),
-     "system sys_x: system_key also used by sys_c1"),
-    ("unknown parent",
-     lambda d: d["organizations"].append({"id": "org_x", "role": "customer", "parent": "org_no"}),
-     "organization org_x: parent 'org_no' is not defined"),
-    ("cycle",
-     lambda d: d["organizations"].extend([
-         {"id": "org_a", "role": "reseller", "parent": "org_b"},
-         {"id": "org_b", "role": "reseller", "parent": "org_a"}]),
-     "parent chain has a cycle"),
-    ("self parent",
-     lambda d: d["organizations"].append({"id": "org_s", "role": "reseller", "parent": "org_s"}),
-     "organization org_s: parent chain has a cycle"),
-    ("customer parent of reseller",
-     lambda d: d["organizations"].append({"id": "org_x", "role": "reseller", "parent": "org_c1"}),
-     "organization org_x: a reseller cannot have a customer as parent"),
-    ("distributor under reseller",
-     lambda d: d["organizations"].append(
-         {"id": "org_x", "role": "distributor", "parent": "org_r1"}),
-     "a distributor cannot have a reseller as parent"),
-    ("owner with parent",
-     lambda d: d["organizations"].append({"id": "org_x", "role": "owner", "parent": "org_owner"}),
-     "an? owner cannot have"),
-    ("customer without parent",
-     lambda d: d["organizations"].append({"id": "org_x", "role": "customer"}),
-     "organization org_x: a customer needs a parent"),
-    ("unknown role",
-     lambda d: d["organizations"].append({"id": "org_x", "role": "admin", "parent": "org_owner"}),
-     r"organizations\[\d+\] \(org_x\): role 'admin' is not one of"),
-    ("traversal in org id",
-     lambda d: d["organizations"].append({"id": "..", "role": "customer", "parent": "org_r1"}),
-     r"id '\.\.' is not a safe id"),
-    ("slash in system key",
-     lambda d: d["systems"].append({"id": "sys_x", "system_key": "../etc",
-                                    "organization_id": "org_c1"}),
-     r"system_key '\.\./etc' is not a safe id"),
-    ("NUL in system id",
-     lambda d: d["systems"].append({"id": "sys\x00x", "organization_id": "org_c1"}),
-     "is not a safe id"),
-    ("too long id",
-     lambda d: d["systems"].append({"id": "s" * 129, "organization_id": "org_c1"}),
-     "is not a safe id"),
-    ("system of unknown organization",
-     lambda d: d["systems"].append({"id": "sys_x", "organization_id": "org_nowhere"}),
-     "system sys_x: organization 'org_nowhere' is not defined"),
-    ("deleted as string",
-     lambda d: d["organizations"][0].update(deleted="yes"),
-     "deleted must be true or false"),
-    ("unknown key",
-     lambda d: d["systems"][0].update(sytem_key="typo"),
-     "unknown key 'sytem_key'"),
+    (
+        "duplicate organization id",
+        lambda d: d["organizations"].append(
+            {"id": "org_c1", "role": "customer", "parent": "org_r1"}
+        ),
+        "organization org_c1: duplicate id",
+    ),
+    (
+        "duplicate system id",
+        lambda d: d["systems"].append({"id": "sys_c1", "organization_id": "org_c1"}),
+        "system sys_c1: duplicate id",
+    ),
+    (
+        "shared system key",
+        lambda d: d["systems"].append(
+            {"id": "sys_x", "system_key": "KEY-C1", "organization_id": "org_c2"}
+        ),
+        "system sys_x: system_key also used by sys_c1",
+    ),
+    (
+        "unknown parent",
+        lambda d: d["organizations"].append(
+            {"id": "org_x", "role": "customer", "parent": "org_no"}
+        ),
+        "organization org_x: parent 'org_no' is not defined",
+    ),
+    (
+        "cycle",
+        lambda d: d["organizations"].extend(
+            [
+                {"id": "org_a", "role": "reseller", "parent": "org_b"},
+                {"id": "org_b", "role": "reseller", "parent": "org_a"},
+            ]
+        ),
+        "parent chain has a cycle",
+    ),
+    (
+        "self parent",
+        lambda d: d["organizations"].append({"id": "org_s", "role": "reseller", "parent": "org_s"}),
+        "organization org_s: parent chain has a cycle",
+    ),
+    (
+        "customer parent of reseller",
+        lambda d: d["organizations"].append(
+            {"id": "org_x", "role": "reseller", "parent": "org_c1"}
+        ),
+        "organization org_x: a reseller cannot have a customer as parent",
+    ),
+    (
+        "distributor under reseller",
+        lambda d: d["organizations"].append(
+            {"id": "org_x", "role": "distributor", "parent": "org_r1"}
+        ),
+        "a distributor cannot have a reseller as parent",
+    ),
+    (
+        "owner with parent",
+        lambda d: d["organizations"].append(
+            {"id": "org_x", "role": "owner", "parent": "org_owner"}
+        ),
+        "an? owner cannot have",
+    ),
+    (
+        "customer without parent",
+        lambda d: d["organizations"].append({"id": "org_x", "role": "customer"}),
+        "organization org_x: a customer needs a parent",
+    ),
+    (
+        "unknown role",
+        lambda d: d["organizations"].append(
+            {"id": "org_x", "role": "admin", "parent": "org_owner"}
+        ),
+        r"organizations\[\d+\] \(org_x\): role 'admin' is not one of",
+    ),
+    (
+        "traversal in org id",
+        lambda d: d["organizations"].append({"id": "..", "role": "customer", "parent": "org_r1"}),
+        r"id '\.\.' is not a safe id",
+    ),
+    (
+        "slash in system key",
+        lambda d: d["systems"].append(
+            {"id": "sys_x", "system_key": "../etc", "organization_id": "org_c1"}
+        ),
+        r"system_key '\.\./etc' is not a safe id",
+    ),
+    (
+        "NUL in system id",
+        lambda d: d["systems"].append({"id": "sys\x00x", "organization_id": "org_c1"}),
+        "is not a safe id",
+    ),
+    (
+        "too long id",
+        lambda d: d["systems"].append({"id": "s" * 129, "organization_id": "org_c1"}),
+        "is not a safe id",
+    ),
+    (
+        "system of unknown organization",
+        lambda d: d["systems"].append({"id": "sys_x", "organization_id": "org_nowhere"}),
+        "system sys_x: organization 'org_nowhere' is not defined",
+    ),
+    (
+        "deleted as string",
+        lambda d: d["organizations"][0].update(deleted="yes"),
+        "deleted must be true or false",
+    ),
+    ("unknown key", lambda d: d["systems"][0].update(sytem_key="typo"), "unknown key 'sytem_key'"),
 ]
 
 
@@ -113,7 +161,9 @@ def test_serve_refuses_to_start_on_a_broken_directory(tmp_path: Path) -> None:
     )
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "config.yaml")],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

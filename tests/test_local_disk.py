@@ -28,7 +28,9 @@ def outside(tmp_path: Path) -> Path:
 
 
 async def test_symlinked_backup_file_is_404_and_target_survives(
-    local_gateway: TestClient, local_harness: LocalHarness, outside: Path,
+    local_gateway: TestClient,
+    local_harness: LocalHarness,
+    outside: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     bid = new_backup_id()
@@ -48,7 +50,10 @@ async def test_symlinked_backup_file_is_404_and_target_survives(
 
 @pytest.mark.parametrize("level", ["organization", "system_key"])
 async def test_symlinked_directory_is_404_and_target_survives(
-    local_gateway: TestClient, local_harness: LocalHarness, outside: Path, level: str,
+    local_gateway: TestClient,
+    local_harness: LocalHarness,
+    outside: Path,
+    level: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     bid = new_backup_id()

@@ -97,9 +97,7 @@ async def test_suspended_versioning_still_deletes_old_versions(
     bid = new_backup_id()
     target = location_for("org_c1", bid)
     h.put(target, b"old")
-    h.client.put_bucket_versioning(
-        Bucket=h.bucket, VersioningConfiguration={"Status": "Suspended"}
-    )
+    h.client.put_bucket_versioning(Bucket=h.bucket, VersioningConfiguration={"Status": "Suspended"})
     h.put(target, b"new")
     client = await start_gateway(h.storage())
     assert (await delete(client, bid)).status == 200
@@ -135,9 +133,7 @@ async def test_prefix_is_joined_exactly_as_written(
     assert raw == {"x" + loc.relative_key}
 
 
-async def test_one_client_per_process(
-    start_gateway: StartGateway, s3_harness: S3Harness
-) -> None:
+async def test_one_client_per_process(start_gateway: StartGateway, s3_harness: S3Harness) -> None:
     client = await start_gateway(s3_harness.storage())
     store = client.app[STORE]
     first = store._client
@@ -179,9 +175,15 @@ async def test_wrong_credentials_are_502(start_gateway: StartGateway) -> None:
     server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         client = await start_gateway(
-            {"backend": "s3", "s3": s3_settings(server.endpoint, "bucket",
-                                                 access_key_id="AKIAWRONG",
-                                                 secret_access_key="wrong-secret")}
+            {
+                "backend": "s3",
+                "s3": s3_settings(
+                    server.endpoint,
+                    "bucket",
+                    access_key_id="AKIAWRONG",
+                    secret_access_key="wrong-secret",
+                ),
+            }
         )
         await assert_bad_gateway(await delete(client, new_backup_id()), "AKIAWRONG", "wrong-secret")
     finally:
@@ -226,13 +228,20 @@ async def misbehaving_s3(aiohttp_server: Any) -> Any:
     ],
 )
 async def test_error_answers_are_502_after_bounded_retries(
-    start_gateway: StartGateway, misbehaving_s3: dict[str, Any], status: int, code: str,
+    start_gateway: StartGateway,
+    misbehaving_s3: dict[str, Any],
+    status: int,
+    code: str,
     attempts: int,
 ) -> None:
     misbehaving_s3.update(status=status, code=code)
     client = await start_gateway(
-        {"backend": "s3", "s3": s3_settings(misbehaving_s3["endpoint"], "bucket-secret-name",
-                                             versioning="off", max_attempts=2)}
+        {
+            "backend": "s3",
+            "s3": s3_settings(
+                misbehaving_s3["endpoint"], "bucket-secret-name", versioning="off", max_attempts=2
+            ),
+        }
     )
     await assert_bad_gateway(await delete(client, new_backup_id()), "bucket-secret-name", code)
     assert misbehaving_s3["requests"] == attempts
@@ -245,8 +254,11 @@ async def test_frozen_server_is_bounded_502_then_recovers(
     try:
         h = S3Harness(server.endpoint, "frozen")
         client = await start_gateway(
-            {"backend": "s3", "operation_timeout_seconds": 3,
-             "s3": s3_settings(server.endpoint, "frozen", versioning="off")}
+            {
+                "backend": "s3",
+                "operation_timeout_seconds": 3,
+                "s3": s3_settings(server.endpoint, "frozen", versioning="off"),
+            }
         )
         bid = new_backup_id()
         h.put(location_for("org_c1", bid))

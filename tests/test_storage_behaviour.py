@@ -98,8 +98,9 @@ async def test_concurrent_deletes_of_one_backup(
     client = await gateway_for(start_gateway, harness)
     bid = new_backup_id()
     harness.put(location_for("org_c1", bid))
-    statuses = [r.status for r in await asyncio.gather(*(delete(client, "sys_c1", bid)
-                                                          for _ in range(16)))]
+    statuses = [
+        r.status for r in await asyncio.gather(*(delete(client, "sys_c1", bid) for _ in range(16)))
+    ]
     assert set(statuses) <= {200, 404}
     if harness.name == "local":
         # DESIGN.md §4: on local disk exactly one wins.
@@ -119,8 +120,7 @@ async def test_many_distinct_deletes_in_parallel(
     harness.put(keep)
     for bid in ids:
         harness.put(location_for("org_c1", bid))
-    statuses = [r.status for r in await asyncio.gather(*(delete(client, "sys_c1", b)
-                                                          for b in ids))]
+    statuses = [r.status for r in await asyncio.gather(*(delete(client, "sys_c1", b) for b in ids))]
     assert statuses == [200] * len(ids)
     assert harness.keys() - {keep.relative_key + ".meta.json"} == {keep.relative_key}
 

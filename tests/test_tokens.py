@@ -78,8 +78,10 @@ def hostile_tokens() -> list[tuple[str, str]]:
         ("alg missing", raw_token({"typ": "JWT"}, good, b"sig")),
         ("HS512 not allowed", jwt.encode(good, SECRET, algorithm="HS512")),
         ("wrong secret", hs256(good, "another-secret-" + "y" * 40)),
-        ("tampered claims", hs256(good).rsplit(".", 2)[0] + "." + b64(b"{}") + "."
-         + hs256(good).rsplit(".", 1)[1]),
+        (
+            "tampered claims",
+            hs256(good).rsplit(".", 2)[0] + "." + b64(b"{}") + "." + hs256(good).rsplit(".", 1)[1],
+        ),
         ("bad signature", hs256(good)[:-4] + "AAAA"),
         ("expired", hs256(claims_for("org_c1", exp=now - 3600))),
         ("expired beyond leeway", hs256(claims_for("org_c1", exp=now - 31))),
@@ -101,8 +103,10 @@ def hostile_tokens() -> list[tuple[str, str]]:
         ("org_role missing", hs256(user_claims(org_role=None))),
         ("claims as list", signed_raw('{"alg":"HS256","typ":"JWT"}', "[1,2]")),
         ("claims not json", signed_raw('{"alg":"HS256","typ":"JWT"}', "not json")),
-        ("duplicate claim keys",
-         signed_raw('{"alg":"HS256"}', good_json[:-1] + ',"token_type":"access"}')),
+        (
+            "duplicate claim keys",
+            signed_raw('{"alg":"HS256"}', good_json[:-1] + ',"token_type":"access"}'),
+        ),
         ("duplicate header alg", signed_raw('{"alg":"none","alg":"HS256"}', good_json)),
         ("crit header", hs256(good, headers={"crit": ["exp"]})),
         ("JWE compact", "eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIn0..aXY.Y2lwaGVy.dGFn"),
@@ -120,9 +124,7 @@ async def test_hostile_token_is_401_and_deletes_nothing(
     bid = new_backup_id()
     loc = location_for("org_c1", bid)
     local_harness.put(loc)
-    resp = await local_gateway.delete(
-        f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token)
-    )
+    resp = await local_gateway.delete(f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token))
     assert resp.status == 401, name
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert await resp.json() == {"code": 401, "message": "invalid token", "data": {}}
@@ -131,8 +133,15 @@ async def test_hostile_token_is_401_and_deletes_nothing(
 
 @pytest.mark.parametrize(
     "authorization",
-    ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "Token abc", "bearer", "Bearer\tx.y.z",
-     "Bearer ÿÿÿ"],
+    [
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "Bearer ",
+        "Token abc",
+        "bearer",
+        "Bearer\tx.y.z",
+        "Bearer ÿÿÿ",
+    ],
 )
 async def test_malformed_authorization_header_is_401(
     local_gateway: TestClient, local_harness: LocalHarness, authorization: str
@@ -150,8 +159,12 @@ async def test_kid_jku_x5u_jwk_headers_are_ignored_never_fetched(
     local_gateway: TestClient, local_harness: LocalHarness
 ) -> None:
     # A valid token whose header points elsewhere: verified with the configured key only.
-    headers = {"kid": "../../etc/passwd", "jku": "http://127.0.0.1:1/jwks",
-               "x5u": "http://127.0.0.1:1/cert", "jwk": {"kty": "oct", "k": b64(b"attacker")}}
+    headers = {
+        "kid": "../../etc/passwd",
+        "jku": "http://127.0.0.1:1/jwks",
+        "x5u": "http://127.0.0.1:1/cert",
+        "jwk": {"kty": "oct", "k": b64(b"attacker")},
+    }
     bid = new_backup_id()
     local_harness.put(location_for("org_c1", bid))
     resp = await local_gateway.delete(
@@ -163,9 +176,7 @@ async def test_kid_jku_x5u_jwk_headers_are_ignored_never_fetched(
     bid2 = new_backup_id()
     local_harness.put(location_for("org_c1", bid2))
     forged = jwt.encode(claims_for("org_c1"), "attacker", algorithm="HS256", headers=headers)
-    resp = await local_gateway.delete(
-        f"/api/systems/sys_c1/backups/{bid2}", headers=bearer(forged)
-    )
+    resp = await local_gateway.delete(f"/api/systems/sys_c1/backups/{bid2}", headers=bearer(forged))
     assert resp.status == 401
     assert local_harness.exists(location_for("org_c1", bid2))
 

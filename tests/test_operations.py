@@ -1,0 +1,389 @@
+"""Running it like a production service: metrics, logs, readiness, limits, shutdown, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+
+from .conftest import StartGateway
+from .faultproxy import FaultProxy
+from .support import (
+    DIRECTORY,
+    SECRET,
+    LocalHarness,
+    MotoServer,
+    S3Harness,
+    bearer,
+    free_port,
+    location_for,
+    new_backup_id,
+    s3_settings,
+    token_for,
+    wait_for_port,
+)
+
+
+@pytest.fixture
+async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy("127.0.0.1", int(moto_server.port))
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+def proxied_harness(moto_server: MotoServer, s3_harness: S3Harness, proxy: FaultProxy) -> Any:
+    """Arrange through the real server; point the gateway at the proxy."""
+    return s3_harness, {
+        "backend": "s3",
+        "s3": s3_settings(proxy.endpoint, s3_harness.bucket, versioning="off"),
+    }
+
+
+async def delete(client: TestClient, bid: str, sid: str = "sys_c1", org: str = "org_c1") -> Any:
+    return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        named = line.startswith((name + "{", name + " "))
+        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# ---- metrics
+
+
+async def test_metrics_after_a_known_sequence(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    await delete(local_gateway, bid)  # 200
+    await delete(local_gateway, bid)  # 404
+    await delete(local_gateway, new_backup_id(), sid="sys_c2")  # 403
+    await local_gateway.delete(f"/api/systems/sys_c1/backups/{bid}")  # 401
+    await local_gateway.get(f"/api/systems/sys_c1/backups/{bid}/extra/path")  # 404 unmatched
+
+    resp = await local_gateway.get("/metrics")
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    text = await resp.text()
+    route = "/api/systems/{id}/backups/{backup_id}"
+    for status, count in (("200", 1), ("404", 1), ("403", 1), ("401", 1)):
+        assert (
+            metric(text, "gateway_http_requests_total", route=route, method="DELETE", status=status)
+            == count
+        )
+    assert metric(text, "gateway_http_requests_total", route="unmatched", status="404") == 1
+    assert metric(text, "gateway_backup_deletes_total", outcome="backup_deleted") == 1
+    assert metric(text, "gateway_backup_deletes_total", outcome="backup_not_found") == 1
+    assert metric(text, "gateway_backup_deletes_total", outcome="access_denied_to_system") == 1
+    assert (
+        metric(
+            text,
+            "gateway_storage_operations_total",
+            backend="local",
+            operation="delete",
+            outcome="ok",
+        )
+        == 1
+    )
+    assert (
+        metric(
+            text,
+            "gateway_storage_operations_total",
+            backend="local",
+            operation="delete",
+            outcome="BackupNotFound",
+        )
+        == 1
+    )
+    assert metric(text, "gateway_http_request_duration_seconds_count", route=route) == 4
+    assert metric(text, "gateway_storage_operation_duration_seconds_count", backend="local") == 2
+    assert "gateway_http_requests_in_flight" in text
+    # bounded labels: no raw path or id ever becomes a label value
+    assert bid not in text and "extra/path" not in text
+
+
+async def test_metrics_scrape_token_and_switch(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    client = await start_gateway(local_harness.storage(), metrics={"bearer_token": "scrape-me"})
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", headers=bearer("wrong"))).status == 401
+    assert (await client.get("/metrics", headers=bearer("scrape-me"))).status == 200
+    off = await start_gateway(local_harness.storage(), metrics={"enabled": False})
+    resp = await off.get("/metrics")
+    assert resp.status == 404
+    assert (await resp.json())["message"] == "not found"
+
+
+# ---- logs
+
+
+async def test_access_and_audit_lines(
+    local_gateway: TestClient, local_harness: LocalHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    token = token_for("org_c1")
+    with caplog.at_level(logging.INFO):
+        resp = await local_gateway.delete(
+            f"/api/systems/sys_c1/backups/{bid}",
+            headers={**bearer(token), "X-Request-ID": "req-42"},
+        )
+        await delete(local_gateway, new_backup_id(), sid="sys_c2")
+    assert resp.status == 200
+    access = [r.fields for r in caplog.records if r.name == "gateway.access"]
+    audit = [r.fields for r in caplog.records if r.name == "gateway.audit"]
+    assert access[0] == {
+        "request_id": "req-42",
+        "method": "DELETE",
+        "route": "/api/systems/{id}/backups/{backup_id}",
+        "status": 200,
+        "latency_ms": access[0]["latency_ms"],
+        "user_id": "u_test",
+        "organization_id": "org_c1",
+    }
+    assert audit[0] == {
+        "request_id": "req-42",
+        "user_id": "u_test",
+        "organization_id": "org_c1",
+        "org_role": "customer",
+        "system_id": "sys_c1",
+        "backup_id": bid,
+        "decision": "allow",
+        "outcome": "backup deleted",
+        "storage_backend": "local",
+    }
+    assert audit[1]["decision"] == "deny"
+    assert audit[1]["outcome"] == "access denied to system"
+    # never the token, anywhere
+    assert all(
+        token not in r.getMessage() and token not in str(getattr(r, "fields", ""))
+        for r in caplog.records
+    )
+
+
+def test_json_log_lines_on_stdout(tmp_path: Path) -> None:
+    from gateway.config import LoggingConfig
+    from gateway.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "gateway.audit", logging.INFO, __file__, 1, "backup delete", (), None
+    )
+    record.fields = {"system_id": "sys_c1"}
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "backup delete" and line["system_id"] == "sys_c1"
+    assert line["level"] == "info" and "ts" in line and "pid" in line
+    assert LoggingConfig().format == "json"
+
+
+# ---- readiness
+
+
+async def test_readiness_flips_with_s3_and_back(
+    start_gateway: StartGateway, proxied_harness: Any, proxy: FaultProxy
+) -> None:
+    _, storage = proxied_harness
+    client = await start_gateway(storage)
+    assert (await client.get("/readyz")).status == 200
+    proxy.faults.drop = True
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    body = await resp.json()
+    assert body == {
+        "code": 503,
+        "message": "not ready",
+        "data": {"checks": {"directory": "ok", "storage": "unavailable"}},
+    }
+    assert (await client.get("/healthz")).status == 200  # alive all along
+    proxy.reset()
+    assert (await client.get("/readyz")).status == 200
+
+
+# ---- limits
+
+
+async def test_stalled_storage_is_504_at_the_request_deadline(
+    start_gateway: StartGateway, proxied_harness: Any, proxy: FaultProxy
+) -> None:
+    harness, storage = proxied_harness
+    storage["s3"]["read_timeout_seconds"] = 30
+    client = await start_gateway(storage, server={"request_timeout_seconds": 1})
+    bid = new_backup_id()
+    harness.put(location_for("org_c1", bid))
+    proxy.faults.drop = True
+    started = time.monotonic()
+    resp = await delete(client, bid)
+    assert resp.status == 504
+    assert await resp.json() == {"code": 504, "message": "request timed out", "data": {}}
+    assert time.monotonic() - started < 3
+    assert harness.exists(location_for("org_c1", bid))
+
+
+async def test_saturation_is_503_with_retry_after(
+    start_gateway: StartGateway, proxied_harness: Any, proxy: FaultProxy
+) -> None:
+    harness, storage = proxied_harness
+    client = await start_gateway(
+        storage,
+        limits={"max_concurrent_storage_operations": 2, "storage_queue_timeout_seconds": 0.2},
+    )
+    ids = [new_backup_id() for _ in range(6)]
+    for bid in ids:
+        harness.put(location_for("org_c1", bid))
+    proxy.faults.delay = 0.6
+    responses = await asyncio.gather(*(delete(client, bid) for bid in ids))
+    statuses = [r.status for r in responses]
+    assert statuses.count(200) >= 2
+    assert statuses.count(503) >= 1
+    for bid, resp in zip(ids, responses, strict=True):
+        if resp.status == 503:
+            assert resp.headers["Retry-After"] == "1"
+            assert (await resp.json())["message"] == "storage busy, retry later"
+            assert harness.exists(location_for("org_c1", bid))
+        else:
+            assert not harness.exists(location_for("org_c1", bid))
+
+
+# ---- graceful shutdown and workers (real processes)
+
+
+def write_config(tmp_path: Path, port: int, storage: dict[str, Any], **extra: Any) -> Path:
+    (tmp_path / "directory.yaml").write_text(yaml.safe_dump(DIRECTORY))
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port, **extra.get("server", {})},
+                "auth": {"secret": SECRET},
+                "storage": storage,
+            }
+        )
+    )
+    return path
+
+
+async def test_sigterm_lets_an_in_flight_delete_finish(
+    tmp_path: Path, proxied_harness: Any, proxy: FaultProxy
+) -> None:
+    harness, storage = proxied_harness
+    port = free_port()
+    config = write_config(tmp_path, port, storage, server={"shutdown_grace_seconds": 10})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        await asyncio.to_thread(wait_for_port, port, 20.0, proc)
+        bid = new_backup_id()
+        harness.put(location_for("org_c1", bid))
+        proxy.faults.delay = 0.5  # each storage round trip now takes half a second
+        async with aiohttp.ClientSession() as session:
+            pending = asyncio.ensure_future(
+                session.delete(
+                    f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}",
+                    headers=bearer(token_for("org_c1")),
+                )
+            )
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            resp = await pending
+            assert resp.status == 200
+        code = await asyncio.to_thread(proc.wait, 30)
+        assert code == 0
+        assert not harness.exists(location_for("org_c1", bid))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_two_workers_share_one_port(tmp_path: Path) -> None:
+    port = free_port()
+    storage = {"backend": "local", "local": {"root": str(tmp_path / "backups")}}
+    config = write_config(tmp_path, port, storage)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        time.sleep(1)  # let the second worker bind too
+        import urllib.request
+
+        for _ in range(100):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    listening = {r["pid"] for r in records if r["msg"].startswith("listening on")}
+    serving = {r["pid"] for r in records if r.get("route") == "/healthz"}
+    assert len(listening) == 2
+    assert len(serving) == 2, "the kernel spread 100 connections over both workers"
+
+
+def test_gunicorn_app_factory(tmp_path: Path) -> None:
+    """The README's gunicorn command, run as written."""
+    port = free_port()
+    bid = new_backup_id()
+    root = tmp_path / "backups"
+    LocalHarness(root).put(location_for("org_c1", bid))
+    config = write_config(tmp_path, 0, {"backend": "local", "local": {"root": str(root)}})
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    proc = subprocess.Popen(
+        [
+            str(gunicorn),
+            "gateway.gunicorn:app",
+            "--worker-class",
+            "aiohttp.GunicornWebWorker",
+            "--workers",
+            "2",
+            "--bind",
+            f"127.0.0.1:{port}",
+        ],
+        env={**__import__("os").environ, "GATEWAY_CONFIG": str(config)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}",
+            method="DELETE",
+            headers=bearer(token_for("org_c1")),
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+            assert json.loads(resp.read())["message"] == "backup deleted"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert not LocalHarness(root).exists(location_for("org_c1", bid))
