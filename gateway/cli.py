@@ -1,4 +1,4 @@
-"""The `backup-gateway` command: serve, token, check-config, seed-demo."""
+"""The `backup-gateway` command: serve, token, check-config, seed-demo, seed."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("seed-demo", help="write the demo backups into local storage")
     demo.add_argument("--config", type=Path, required=True)
+
+    fill = commands.add_parser(
+        "seed", help="fill storage with backups and write a matching directory file (load tests)"
+    )
+    fill.add_argument("--config", type=Path, required=True)
+    fill.add_argument("--systems", type=int, required=True)
+    fill.add_argument("--backups", type=int, required=True, help="backups per system")
+    fill.add_argument("--size", type=int, default=1024, help="bytes per backup")
+    fill.add_argument("--ids-out", type=Path, help="write 'system_id backup_id' lines here")
     return parser
 
 
@@ -80,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check(config)
             for line in seed_demo(config):
                 print(line)
+            return 0
+        if args.command == "seed":
+            from .seeding import seed
+
+            count, seconds = seed(config, args.systems, args.backups, args.size, args.ids_out)
+            print(f"seeded {count} backups in {seconds:.1f}s into {config.storage.backend}; "
+                  f"directory written to {config.directory.path}")
             return 0
     except ConfigError as exc:
         print(f"backup-gateway: config error: {exc}", file=sys.stderr)

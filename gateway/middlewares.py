@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
+import secrets
 import time
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -19,6 +21,18 @@ from .logs import access_log
 log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
+# Generated ids: a random per-process prefix and a counter. Unique across workers and hosts,
+# and far cheaper than a uuid4 (a getrandom syscall) on every request.
+_ID_PREFIX = secrets.token_hex(6)
+_id_counter = itertools.count(1)
+
+
+def _new_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = secrets.token_hex(6)
+
+
+os.register_at_fork(after_in_child=_new_prefix)
 _REASONS = {404: "not found", 405: "method not allowed", 413: "request entity too large"}
 _KEPT_HEADERS = ("Allow", "Retry-After")
 
@@ -36,7 +50,9 @@ def route_template(request: web.Request) -> str:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: request id in and out, one access-log line and the request metrics."""
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request_id = (
+        incoming if _REQUEST_ID.fullmatch(incoming) else f"{_ID_PREFIX}-{next(_id_counter):x}"
+    )
     request[REQUEST_ID] = request_id
     app = request.app
     metrics = app[METRICS]

@@ -13,14 +13,14 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from .base import BackupLocation, BackupStore
-from .errors import BackupNotFound, StorageUnavailable
+from .errors import BackupNotFound, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +35,11 @@ class LocalConfig:
     root: Path = Path("data/backups")
     # fsync the parent directory before answering; turning it off trades durability for speed
     fsync: bool = True
+    # inline: a delete's few metadata syscalls and the group-commit fsync rounds run on the
+    # event loop: tens of µs a delete on a local disk, no thread hand-off, no GIL ping-pong.
+    # thread: they run in the pool, for network or failing disks, where a hung syscall must
+    # become a bounded 502 instead of a stalled process.
+    io: Literal["inline", "thread"] = "inline"
     threads: int = 8
 
 
@@ -63,50 +68,81 @@ def _is_symlink(dir_fd: int, name: str) -> bool:
         return False
 
 
-def delete_backup_sync(root: Path, location: BackupLocation, fsync: bool) -> None:
-    """Unlink data then sidecar, then fsync the directory. Blocking; run it in a thread."""
+def _unlink_backup(key_fd: int, location: BackupLocation) -> None:
+    """Unlink data, then sidecar, in an open system folder. Raises typed errors."""
+    name = location.backup_id
+    try:
+        mode = os.stat(name, dir_fd=key_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        raise BackupNotFound(location.relative_key) from None
+    if stat.S_ISLNK(mode):
+        raise SymlinkRefused(location.relative_key)
+    if not stat.S_ISREG(mode):
+        raise BackupNotFound(location.relative_key)
+    try:
+        # unlink is the linearization point: of concurrent deletes exactly one gets here.
+        # It never follows a link, so a file swapped for a symlink after the stat only
+        # loses the link itself.
+        os.unlink(name, dir_fd=key_fd)
+    except FileNotFoundError:
+        raise BackupNotFound(location.relative_key) from None
+    try:
+        os.unlink(name + SIDECAR_SUFFIX, dir_fd=key_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        # The data is gone, which is what the caller asked for; an odd sidecar stays an orphan.
+        log.warning("sidecar of %s not removed: %s", location.relative_key, exc.strerror)
+
+
+def unlink_backup(root: Path, location: BackupLocation) -> int:
+    """Unlink a backup (data, then sidecar) and return an open fd of its folder, to fsync.
+
+    Walks root -> organization -> system key with O_NOFOLLOW: a symlink anywhere below the
+    root is refused by the kernel. The caller owns the returned fd.
+    """
     try:
         root_fd = os.open(root, _DIR_FLAGS)
     except OSError as exc:
         raise StorageUnavailable(f"backup root cannot be opened: {exc.strerror}") from None
-    fds = [root_fd]
+    key_fd = -1
     try:
         org_fd = _open_child_dir(root_fd, location.organization_id, location)
-        fds.append(org_fd)
-        key_fd = _open_child_dir(org_fd, location.system_key, location)
-        fds.append(key_fd)
-        name = location.backup_id
         try:
-            mode = os.stat(name, dir_fd=key_fd, follow_symlinks=False).st_mode
-        except FileNotFoundError:
-            raise BackupNotFound(location.relative_key) from None
-        if stat.S_ISLNK(mode):
-            raise SymlinkRefused(location.relative_key)
-        if not stat.S_ISREG(mode):
-            raise BackupNotFound(location.relative_key)
-        try:
-            # unlink is the linearization point: of concurrent deletes exactly one gets here.
-            # It never follows a link, so a file swapped for a symlink after the stat only
-            # loses the link itself.
-            os.unlink(name, dir_fd=key_fd)
-        except FileNotFoundError:
-            raise BackupNotFound(location.relative_key) from None
-        try:
-            os.unlink(name + SIDECAR_SUFFIX, dir_fd=key_fd)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            # The data is gone, which is what the caller asked for; an odd sidecar stays an orphan.
-            log.warning("sidecar of %s not removed: %s", location.relative_key, exc.strerror)
-        if fsync:
-            os.fsync(key_fd)
-    except (BackupNotFound, StorageUnavailable):
+            key_fd = _open_child_dir(org_fd, location.system_key, location)
+        finally:
+            os.close(org_fd)
+        _unlink_backup(key_fd, location)
+        return key_fd
+    except StorageError:
+        if key_fd >= 0:
+            os.close(key_fd)
         raise
     except OSError as exc:
+        if key_fd >= 0:
+            os.close(key_fd)
         raise StorageUnavailable(f"{location.relative_key}: {exc.strerror}") from None
     finally:
-        for fd in reversed(fds):
-            os.close(fd)
+        os.close(root_fd)
+
+
+def fsync_round(folders: list[list[int]]) -> list[OSError | None]:
+    """fsync each folder once (every fd in a group names the same folder), close every fd.
+
+    One thread job for the whole round: a single hand-off to the pool however many
+    folders and deletes it covers.
+    """
+    outcomes: list[OSError | None] = []
+    for fds in folders:
+        try:
+            os.fsync(fds[0])
+            outcomes.append(None)
+        except OSError as exc:
+            outcomes.append(exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return outcomes
 
 
 def check_root_sync(root: Path) -> None:
@@ -120,6 +156,83 @@ def check_root_sync(root: Path) -> None:
         raise StorageUnavailable("backup root is not writable")
 
 
+@dataclass
+class _FolderWaiters:
+    future: asyncio.Future[None]
+    fds: list[int] = field(default_factory=list)
+
+
+class GroupCommit:
+    """Group commit of folder fsyncs, in rounds.
+
+    A delete that unlinked in folder F waits for an fsync of F that started after its
+    unlink — never one already running: deletes that arrive while a round runs join the
+    next round. Under load one round covers many deletes in many folders; alone, a delete
+    costs one fsync, as it would without this. With no executor, rounds run on the event
+    loop right after the callbacks that queued them (so a burst shares one round).
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor | None) -> None:
+        self._executor = executor
+        self._next: dict[tuple[str, str], _FolderWaiters] = {}
+        self._busy = False  # a round is scheduled or running
+
+    def sync(self, folder: tuple[str, str], fd: int) -> asyncio.Future[None]:
+        """Take ownership of `fd` (closed after the fsync); the future resolves when durable."""
+        waiters = self._next.get(folder)
+        if waiters is None:
+            future = asyncio.get_running_loop().create_future()
+            waiters = self._next[folder] = _FolderWaiters(future)
+        waiters.fds.append(fd)
+        if not self._busy:
+            self._launch()
+        # shield: a caller that times out must not cancel the fsync others wait for
+        return asyncio.shield(waiters.future)
+
+    def _launch(self) -> None:
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            loop.call_soon(self._run_inline)
+            return
+        round_, self._next = list(self._next.values()), {}
+        work = loop.run_in_executor(self._executor, fsync_round, [w.fds for w in round_])
+        work.add_done_callback(lambda done: self._finish(round_, done))
+
+    def _run_inline(self) -> None:
+        round_, self._next = list(self._next.values()), {}
+        try:
+            outcomes: list[OSError | None] = fsync_round([w.fds for w in round_])
+        except Exception as exc:  # pragma: no cover - fsync_round catches OSError itself
+            outcomes = [OSError(str(exc))] * len(round_)
+        self._resolve(round_, outcomes)
+
+    def _finish(
+        self, round_: list[_FolderWaiters], done: asyncio.Future[list[OSError | None]]
+    ) -> None:
+        error = done.exception()
+        outcomes: list[OSError | None] = (
+            done.result() if error is None else [OSError(repr(error))] * len(round_)
+        )
+        self._resolve(round_, outcomes)
+
+    def _resolve(self, round_: list[_FolderWaiters], outcomes: list[OSError | None]) -> None:
+        self._busy = False
+        for waiters, outcome in zip(round_, outcomes, strict=True):
+            if outcome is None:
+                waiters.future.set_result(None)
+            else:
+                # Unlinked, but not known to be durable: not a 200.
+                waiters.future.set_exception(StorageUnavailable(f"fsync failed: {outcome!r}"))
+        if self._next:
+            self._launch()
+
+
+def _close_result(job: Future[int]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        os.close(job.result())
+
+
 class LocalBackupStore(BackupStore):
     name = "local"
 
@@ -128,32 +241,54 @@ class LocalBackupStore(BackupStore):
         self._root = config.root
         self._timeout = operation_timeout
         self._executor: ThreadPoolExecutor | None = None
+        self._commits: GroupCommit | None = None
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(
             max_workers=self._config.threads, thread_name_prefix="local-store"
         )
+        inline = self._config.io == "inline"
+        self._commits = GroupCommit(None if inline else self._executor)
 
     async def close(self) -> None:
         if self._executor is not None:
-            # wait=True: a delete already in a thread finishes rather than being cut in half
+            # wait=True: an fsync or unlink already in a thread finishes, never cut in half
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def _run(self, func: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, func, *args)
+    async def _bounded(self, work: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(future, self._timeout)
+            async with asyncio.timeout(self._timeout):
+                return await work
         except TimeoutError:
             raise StorageUnavailable("local storage operation timed out") from None
 
     async def delete(self, location: BackupLocation) -> None:
+        assert self._commits is not None, "store not started"
         try:
-            await self._run(delete_backup_sync, self._root, location, self._config.fsync)
+            if self._config.io == "inline":
+                fd = unlink_backup(self._root, location)
+            else:
+                fd = await self._unlink_in_thread(location)
         except SymlinkRefused:
             log.warning("refused a symlink under the backup root at %s", location.relative_key)
             raise
+        if not self._config.fsync:
+            os.close(fd)
+            return
+        folder = (location.organization_id, location.system_key)
+        await self._bounded(self._commits.sync(folder, fd))
+
+    async def _unlink_in_thread(self, location: BackupLocation) -> int:
+        assert self._executor is not None
+        job = self._executor.submit(unlink_backup, self._root, location)
+        try:
+            return await self._bounded(asyncio.wrap_future(job))
+        except StorageUnavailable:
+            # Timed out: the unlink may still finish in its thread; close the fd it returns.
+            job.add_done_callback(_close_result)
+            raise
 
     async def check_ready(self) -> None:
-        await self._run(check_root_sync, self._root)
+        loop = asyncio.get_running_loop()
+        await self._bounded(loop.run_in_executor(self._executor, check_root_sync, self._root))

@@ -42,9 +42,15 @@ def s3_harness(moto_server: MotoServer) -> S3Harness:
     return S3Harness(moto_server.endpoint, f"bkt-{uuid.uuid4().hex[:12]}")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture
+def local_thread_harness(tmp_path: Path) -> LocalHarness:
+    """Local disk with the unlinks in the thread pool (for slow or network filesystems)."""
+    return LocalHarness(tmp_path / "backups", io="thread")
+
+
+@pytest.fixture(params=["local", "local_thread", "s3"])
 def harness(request: pytest.FixtureRequest) -> Harness:
-    """Every storage behaviour test runs against each real backend."""
+    """Every storage behaviour test runs against each real backend (and local's two modes)."""
     return request.getfixturevalue(f"{request.param}_harness")
 
 

@@ -141,12 +141,14 @@ class LocalHarness:
 
     name = "local"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, io: str = "inline") -> None:
         self.root = root
+        self.io = io
         root.mkdir(parents=True, exist_ok=True)
 
     def storage(self, **extra: Any) -> dict[str, Any]:
-        return {"backend": "local", "local": {"root": str(self.root), **extra}}
+        settings = {"root": str(self.root), "io": self.io, **extra}
+        return {"backend": "local", "local": settings}
 
     def put(self, location: BackupLocation, data: bytes = b"backup", sidecar: bool = True) -> None:
         folder = self.root / location.organization_id / location.system_key

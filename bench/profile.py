@@ -1,0 +1,82 @@
+"""Profile the gateway (local disk) under wrk load with py-spy; print where the time goes.
+
+    .venv/bin/python bench/profile.py [--seconds 8] [--concurrency 64]
+
+Samples every thread (--idle off), then sums samples by function (self time) and by
+top-level phase, so before/after comparisons are one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--no-fsync", action="store_true")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
+    port = bench.free_port()
+    config = bench.gateway_config(work, port, {"backend": "local", "local": {
+        "root": str(work / "backups"), "fsync": not args.no_fsync}})
+    text = config.read_text().replace("level: INFO", f"level: {args.log_level}")
+    config.write_text(text)
+    bench.seed(config, 50, 2000, work / "ids.txt")
+    server = bench.Process([str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)],
+                           work / "gateway.log")
+    bench.wait_port(port, server.proc)
+    raw = work / "profile.txt"
+    spy = subprocess.Popen([str(bench.BIN / "py-spy"), "record", "--pid", str(server.proc.pid),
+                            "--duration", str(args.seconds), "--format", "raw", "--output",
+                            str(raw), "--threads", "--rate", "400"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    result = bench.run_load(port, work / "ids.txt", bench.owner_token(config), args.concurrency,
+                            args.seconds, "wrk")
+    spy.wait()
+    server.stop()
+    print(f"{result['requests'] / result['seconds']:.0f} req/s, p99 {result['p99_ms']:.1f} ms")
+    self_time: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        self_time[frames[-1].split(" (")[0] + " " + frames[-1].split("/")[-1]] += n
+        for name in {f.split(" (")[0] for f in frames}:
+            inclusive[name] += n
+    print(f"{total} samples; top self time:")
+    for name, n in self_time.most_common(25):
+        print(f"{100 * n / total:6.1f}%  {name}")
+    by_file: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        path = leaf.rsplit("(", 1)[-1].split(":")[0]
+        parts = path.split("/")
+        key = "/".join(parts[-2:]) if "site-packages" in path or "python3" in path else path
+        by_file[key] += int(count)
+    print("self time by file:")
+    for name, n in by_file.most_common(20):
+        print(f"{100 * n / total:6.1f}%  {name}")
+    print("inclusive time:")
+    for name, n in inclusive.most_common(40):
+        print(f"{100 * n / total:6.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""`backup-gateway seed`: fill the configured storage with real backups and a matching directory,
+so a load test has real objects to delete."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from storage_backends import BackupLocation
+from storage_backends.local import SIDECAR_SUFFIX
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class SeededSystem:
+    system_id: str
+    organization_id: str
+    system_key: str
+
+
+def seeded_systems(count: int) -> list[SeededSystem]:
+    return [
+        SeededSystem(f"sys_{i:06d}", f"org_cust_{i:06d}", f"SEED-{i:06d}") for i in range(count)
+    ]
+
+
+def seed_directory(systems: list[SeededSystem]) -> dict[str, list[dict[str, object]]]:
+    organizations: list[dict[str, object]] = [
+        {"id": "org_owner", "role": "owner"},
+        {"id": "org_dist", "role": "distributor", "parent": "org_owner"},
+        {"id": "org_res", "role": "reseller", "parent": "org_dist"},
+    ]
+    organizations += [
+        {"id": s.organization_id, "role": "customer", "parent": "org_res"} for s in systems
+    ]
+    return {
+        "organizations": organizations,
+        "systems": [
+            {"id": s.system_id, "system_key": s.system_key, "organization_id": s.organization_id}
+            for s in systems
+        ],
+    }
+
+
+def new_uuid7(counter: int) -> str:
+    """A UUIDv7: 48-bit millisecond time, then random bits (and a counter for uniqueness)."""
+    ms = int(time.time() * 1000)
+    rand = uuid.uuid4().int
+    rand_a = counter & 0xFFF
+    rand_b = rand & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
+    return str(uuid.UUID(int=value))
+
+
+def _sidecar(backup_id: str, data: bytes) -> bytes:
+    return json.dumps({
+        "filename": backup_id,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "mimetype": "application/gzip",
+        "uploaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }).encode()
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _seed_local_system(root: Path, system: SeededSystem, ids: list[str], data: bytes) -> None:
+    folder = os.path.join(root, system.organization_id, system.system_key)
+    os.makedirs(folder, exist_ok=True)
+    sidecar = _sidecar("x", data)
+    for backup_id in ids:
+        path = os.path.join(folder, backup_id)
+        _write(path, data)
+        _write(path + SIDECAR_SUFFIX, sidecar)
+
+
+async def _seed_s3(config: Config, plan: list[tuple[SeededSystem, list[str]]], data: bytes):
+    from storage_backends.s3 import S3BackupStore
+
+    store = S3BackupStore(config.storage.s3, config.storage.operation_timeout_seconds)
+    await store.start()
+    client = store._client  # the seeder shares the backend's configured client
+    digest = hashlib.sha256(data).hexdigest()
+    queue: asyncio.Queue[BackupLocation] = asyncio.Queue()
+    for system, ids in plan:
+        for backup_id in ids:
+            queue.put_nowait(BackupLocation(system.organization_id, system.system_key, backup_id))
+
+    async def worker() -> None:
+        while not queue.empty():
+            location = queue.get_nowait()
+            await client.put_object(
+                Bucket=config.storage.s3.bucket,
+                Key=store.key_for(location),
+                Body=data,
+                Metadata={"filename": location.backup_id, "sha256": digest,
+                          "mimetype": "application/gzip"},
+            )
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(config.storage.s3.max_pool_connections)))
+    finally:
+        await store.close()
+
+
+def seed(
+    config: Config, systems: int, backups: int, size: int = 1024, ids_out: Path | None = None
+) -> tuple[int, float]:
+    """Write the directory file and systems*backups backups. Returns (count, seconds)."""
+    started = time.perf_counter()
+    plan_systems = seeded_systems(systems)
+    counter = 0
+    plan: list[tuple[SeededSystem, list[str]]] = []
+    for system in plan_systems:
+        ids = []
+        for _ in range(backups):
+            ids.append(new_uuid7(counter) + ".tar.gz")
+            counter += 1
+        plan.append((system, ids))
+    data = os.urandom(size)
+
+    config.directory.path.parent.mkdir(parents=True, exist_ok=True)
+    config.directory.path.write_text(yaml.safe_dump(seed_directory(plan_systems), sort_keys=False))
+
+    if config.storage.backend == "local":
+        root = config.storage.local.root
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda p: _seed_local_system(root, p[0], p[1], data), plan))
+    elif config.storage.backend == "s3":
+        asyncio.run(_seed_s3(config, plan, data))
+    else:
+        raise SystemExit("seed needs storage.backend local or s3")
+
+    if ids_out is not None:
+        # Interleaved across systems, so a load test spreads over every folder.
+        with open(ids_out, "w", encoding="ascii") as out:
+            for index in range(backups):
+                for system, ids in plan:
+                    out.write(f"{system.system_id} {ids[index]}\n")
+    return systems * backups, time.perf_counter() - started
