@@ -29,22 +29,42 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
     port = bench.free_port()
-    config = bench.gateway_config(work, port, {"backend": "local", "local": {
-        "root": str(work / "backups"), "fsync": not args.no_fsync}})
+    config = bench.gateway_config(
+        work,
+        port,
+        {"backend": "local", "local": {"root": str(work / "backups"), "fsync": not args.no_fsync}},
+    )
     text = config.read_text().replace("level: INFO", f"level: {args.log_level}")
     config.write_text(text)
     bench.seed(config, 50, 2000, work / "ids.txt")
-    server = bench.Process([str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)],
-                           work / "gateway.log")
+    server = bench.Process(
+        [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
+    )
     bench.wait_port(port, server.proc)
     raw = work / "profile.txt"
-    spy = subprocess.Popen([str(bench.BIN / "py-spy"), "record", "--pid", str(server.proc.pid),
-                            "--duration", str(args.seconds), "--format", "raw", "--output",
-                            str(raw), "--threads", "--rate", "400"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = subprocess.Popen(
+        [
+            str(bench.BIN / "py-spy"),
+            "record",
+            "--pid",
+            str(server.proc.pid),
+            "--duration",
+            str(args.seconds),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--threads",
+            "--rate",
+            "400",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
-    result = bench.run_load(port, work / "ids.txt", bench.owner_token(config), args.concurrency,
-                            args.seconds, "wrk")
+    result = bench.run_load(
+        port, work / "ids.txt", bench.owner_token(config), args.concurrency, args.seconds, "wrk"
+    )
     spy.wait()
     server.stop()
     print(f"{result['requests'] / result['seconds']:.0f} req/s, p99 {result['p99_ms']:.1f} ms")

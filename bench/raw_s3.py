@@ -18,14 +18,21 @@ async def main(endpoint: str, bucket: str, ids_file: str, concurrency: int, seco
             sid, bid = line.split()
             index = int(sid.removeprefix("sys_"))
             keys.append(f"org_cust_{index:06d}/SEED-{index:06d}/{bid}")
-    config = AioConfig(max_pool_connections=concurrency, retries={"mode": "standard"},
-                       s3={"addressing_style": "path"})
+    config = AioConfig(
+        max_pool_connections=concurrency,
+        retries={"mode": "standard"},
+        s3={"addressing_style": "path"},
+    )
     latencies: list[float] = []
     errors = 0
     position = 0
     async with get_session().create_client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-        aws_secret_access_key="bench", config=config,
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+        config=config,
     ) as client:
         deadline = time.perf_counter() + seconds
 
@@ -47,10 +54,19 @@ async def main(endpoint: str, bucket: str, ids_file: str, concurrency: int, seco
         elapsed = time.perf_counter() - started
     latencies.sort()
     pct = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else 0  # noqa: E731
-    print("RAWJSON " + json.dumps({
-        "requests": len(latencies), "duration_s": elapsed, "non2xx": errors,
-        "p50_us": pct(0.5) * 1e6, "p99_us": pct(0.99) * 1e6, "deleted": len(latencies) - errors,
-    }))
+    print(
+        "RAWJSON "
+        + json.dumps(
+            {
+                "requests": len(latencies),
+                "duration_s": elapsed,
+                "non2xx": errors,
+                "p50_us": pct(0.5) * 1e6,
+                "p99_us": pct(0.99) * 1e6,
+                "deleted": len(latencies) - errors,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -81,10 +82,8 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> No
 def peak_rss_mb(pid: int) -> float:
     """Largest VmHWM among the process and its children (workers)."""
     pids = [pid]
-    try:
+    with contextlib.suppress(OSError):
         pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
     peak = 0
     for p in pids:
         try:
@@ -103,15 +102,34 @@ def run_wrk(port: int, ids: Path, token: str, concurrency: int, seconds: float) 
     threads = 1 if concurrency < 2 else 2
     env = {**os.environ, "IDS_FILE": str(ids), "TOKEN": token, "THREADS": str(threads)}
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
-         "-s", str(REPO / "bench" / "delete.lua"), f"http://127.0.0.1:{port}"],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(concurrency),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(REPO / "bench" / "delete.lua"),
+            f"http://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
     data = json.loads(line.removeprefix("WRKJSON "))
-    return {"requests": data["requests"], "seconds": data["duration_us"] / 1e6,
-            "non2xx": data["non2xx"] + data["socket_errors"],
-            "p50_ms": data["p50_us"] / 1000, "p99_ms": data["p99_us"] / 1000}
+    return {
+        "requests": data["requests"],
+        "seconds": data["duration_us"] / 1e6,
+        "non2xx": data["non2xx"] + data["socket_errors"],
+        "p50_ms": data["p50_us"] / 1000,
+        "p99_ms": data["p99_us"] / 1000,
+    }
 
 
 async def _builtin(port: int, ids: Path, token: str, concurrency: int, seconds: float):
@@ -146,8 +164,13 @@ async def _builtin(port: int, ids: Path, token: str, concurrency: int, seconds: 
         elapsed = time.perf_counter() - started
     latencies.sort()
     pct = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000  # noqa: E731
-    return {"requests": len(latencies), "seconds": elapsed, "non2xx": non2xx,
-            "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
+    return {
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "non2xx": non2xx,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+    }
 
 
 def run_load(port: int, ids: Path, token: str, concurrency: int, seconds: float, tool: str):
@@ -164,8 +187,9 @@ class Process:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(log, "ab")  # noqa: SIM115 - kept open for the process's life
-        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            args, stdout=self._out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def stop(self) -> float:
         rss = peak_rss_mb(self.proc.pid)
@@ -181,8 +205,7 @@ class Process:
 
 def moto(work: Path) -> tuple[Process, str]:
     port = free_port()
-    proc = Process([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                   work / "moto.log")
+    proc = Process([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], work / "moto.log")
     wait_port(port, proc.proc)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -190,27 +213,57 @@ def moto(work: Path) -> tuple[Process, str]:
 def gateway_config(work: Path, port: int, storage: dict[str, Any]) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     path = work / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": port},
-        "auth": {"secret": "bench-secret-" + "b" * 40},
-        "directory": {"path": "directory.yaml"},
-        "storage": storage,
-        "logging": {"level": "INFO"},
-        "limits": {"max_concurrent_storage_operations": 1024},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "auth": {"secret": "bench-secret-" + "b" * 40},
+                "directory": {"path": "directory.yaml"},
+                "storage": storage,
+                "logging": {"level": "INFO"},
+                "limits": {"max_concurrent_storage_operations": 1024},
+            }
+        )
+    )
     return path
 
 
 def seed(config: Path, systems: int, backups: int, ids: Path) -> None:
-    subprocess.run([str(BIN / "backup-gateway"), "seed", "--config", str(config), "--systems",
-                    str(systems), "--backups", str(backups), "--ids-out", str(ids)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(BIN / "backup-gateway"),
+            "seed",
+            "--config",
+            str(config),
+            "--systems",
+            str(systems),
+            "--backups",
+            str(backups),
+            "--ids-out",
+            str(ids),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def owner_token(config: Path) -> str:
     return subprocess.run(
-        [str(BIN / "backup-gateway"), "token", "--config", str(config), "--org", "org_owner",
-         "--role", "owner", "--ttl", "7200"], check=True, capture_output=True, text=True,
+        [
+            str(BIN / "backup-gateway"),
+            "token",
+            "--config",
+            str(config),
+            "--org",
+            "org_owner",
+            "--role",
+            "owner",
+            "--ttl",
+            "7200",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
 
 
@@ -222,8 +275,12 @@ def count_s3(endpoint: str, bucket: str) -> int:
     import botocore.session
 
     client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-        aws_secret_access_key="bench")
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
     total = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         total += page.get("KeyCount", 0)
@@ -234,13 +291,20 @@ def make_bucket(endpoint: str, bucket: str) -> None:
     import botocore.session
 
     botocore.session.get_session().create_client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-        aws_secret_access_key="bench").create_bucket(Bucket=bucket)
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    ).create_bucket(Bucket=bucket)
 
 
 def server_200s(log: Path) -> int:
-    return sum(1 for line in log.read_text().splitlines()
-               if '"logger":"gateway.audit"' in line and '"outcome":"backup deleted"' in line)
+    return sum(
+        1
+        for line in log.read_text().splitlines()
+        if '"logger":"gateway.audit"' in line and '"outcome":"backup deleted"' in line
+    )
 
 
 # --------------------------------------------------------------------------- rows
@@ -254,20 +318,38 @@ def row_bare(work: Path, c: int, seconds: float, tool: str, ids: Path) -> Row:
         result = run_load(port, ids, "unused", c, seconds, tool)
     finally:
         rss = server.stop()
-    return Row("a bare aiohttp", 1, c, peak_rss_mb=rss, ok200=result["requests"] -
-               result["non2xx"], **result)
+    return Row(
+        "a bare aiohttp",
+        1,
+        c,
+        peak_rss_mb=rss,
+        ok200=result["requests"] - result["non2xx"],
+        **result,
+    )
 
 
-def row_gateway(name: str, work: Path, storage: dict[str, Any], c: int, seconds: float, tool: str,
-                workers: int, systems: int, backups: int, count: Any) -> Row:
+def row_gateway(
+    name: str,
+    work: Path,
+    storage: dict[str, Any],
+    c: int,
+    seconds: float,
+    tool: str,
+    workers: int,
+    systems: int,
+    backups: int,
+    count: Any,
+) -> Row:
     port = free_port()
     config = gateway_config(work, port, storage)
     ids = work / "ids.txt"
     seed(config, systems, backups, ids)
     before = count()
     log = work / "gateway.log"
-    server = Process([str(BIN / "backup-gateway"), "serve", "--config", str(config),
-                      "--workers", str(workers)], log)
+    server = Process(
+        [str(BIN / "backup-gateway"), "serve", "--config", str(config), "--workers", str(workers)],
+        log,
+    )
     try:
         wait_port(port, server.proc)
         time.sleep(0.5 if workers > 1 else 0)
@@ -275,46 +357,94 @@ def row_gateway(name: str, work: Path, storage: dict[str, Any], c: int, seconds:
     finally:
         rss = server.stop()
     gone = before - count()
-    return Row(name, workers, c, peak_rss_mb=rss, ok200=result["requests"] - result["non2xx"],
-               gone=gone, server_200=server_200s(log), **result)
+    return Row(
+        name,
+        workers,
+        c,
+        peak_rss_mb=rss,
+        ok200=result["requests"] - result["non2xx"],
+        gone=gone,
+        server_200=server_200s(log),
+        **result,
+    )
 
 
-def row_raw_s3(work: Path, endpoint: str, c: int, seconds: float, systems: int,
-               backups: int) -> Row:
+def row_raw_s3(
+    work: Path, endpoint: str, c: int, seconds: float, systems: int, backups: int
+) -> Row:
     bucket = "raw"
     make_bucket(endpoint, bucket)
-    config = gateway_config(work, 0, {"backend": "s3", "s3": {
-        "bucket": bucket, "endpoint_url": endpoint, "access_key_id": "bench",
-        "secret_access_key": "bench", "addressing_style": "path", "versioning": "off"}})
+    config = gateway_config(
+        work,
+        0,
+        {
+            "backend": "s3",
+            "s3": {
+                "bucket": bucket,
+                "endpoint_url": endpoint,
+                "access_key_id": "bench",
+                "secret_access_key": "bench",
+                "addressing_style": "path",
+                "versioning": "off",
+            },
+        },
+    )
     ids = work / "ids.txt"
     seed(config, systems, backups, ids)
     before = count_s3(endpoint, bucket)
-    out = subprocess.run([PY, str(REPO / "bench" / "raw_s3.py"), endpoint, bucket, str(ids),
-                          str(c), str(seconds)], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [PY, str(REPO / "bench" / "raw_s3.py"), endpoint, bucket, str(ids), str(c), str(seconds)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     data = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RAWJSON "))[8:])
     gone = before - count_s3(endpoint, bucket)
-    return Row("c aiobotocore alone", 1, c, data["requests"], data["duration_s"], data["non2xx"],
-               data["p50_us"] / 1000, data["p99_us"] / 1000, 0.0, ok200=data["deleted"],
-               gone=gone, server_200=data["deleted"])
+    return Row(
+        "c aiobotocore alone",
+        1,
+        c,
+        data["requests"],
+        data["duration_s"],
+        data["non2xx"],
+        data["p50_us"] / 1000,
+        data["p99_us"] / 1000,
+        0.0,
+        ok200=data["deleted"],
+        gone=gone,
+        server_200=data["deleted"],
+    )
 
 
 def s3_storage(endpoint: str, bucket: str) -> dict[str, Any]:
-    return {"backend": "s3", "s3": {"bucket": bucket, "endpoint_url": endpoint,
-                                    "access_key_id": "bench", "secret_access_key": "bench",
-                                    "addressing_style": "path", "versioning": "off",
-                                    "max_pool_connections": 256}}
+    return {
+        "backend": "s3",
+        "s3": {
+            "bucket": bucket,
+            "endpoint_url": endpoint,
+            "access_key_id": "bench",
+            "secret_access_key": "bench",
+            "addressing_style": "path",
+            "versioning": "off",
+            "max_pool_connections": 256,
+        },
+    }
 
 
 # --------------------------------------------------------------------------- report
 
 
 def print_table(rows: list[Row]) -> None:
-    print(f"{'row':<24}{'workers':>8}{'conns':>7}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'non-2xx':>9}{'RSS MB':>8}{'200s':>8}{'gone':>8}")
+    print(
+        f"{'row':<24}{'workers':>8}{'conns':>7}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'non-2xx':>9}{'RSS MB':>8}{'200s':>8}{'gone':>8}"
+    )
     for r in rows:
-        print(f"{r.name:<24}{r.workers:>8}{r.concurrency:>7}{r.rps:>10.0f}{r.p50_ms:>9.2f}"
-              f"{r.p99_ms:>9.2f}{r.non2xx:>9}{r.peak_rss_mb:>8.1f}{r.ok200:>8}"
-              f"{(r.gone if r.gone >= 0 else ''):>8}")
+        print(
+            f"{r.name:<24}{r.workers:>8}{r.concurrency:>7}{r.rps:>10.0f}{r.p50_ms:>9.2f}"
+            f"{r.p99_ms:>9.2f}{r.non2xx:>9}{r.peak_rss_mb:>8.1f}{r.ok200:>8}"
+            f"{(r.gone if r.gone >= 0 else ''):>8}"
+        )
 
 
 def check(rows: list[Row]) -> list[str]:
@@ -337,14 +467,15 @@ def main() -> int:
     parser.add_argument("--short", action="store_true", help="CI mode: a few seconds a row")
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--tool", choices=["wrk", "builtin"],
-                        default="wrk" if shutil.which("wrk") else "builtin")
+    parser.add_argument(
+        "--tool", choices=["wrk", "builtin"], default="wrk" if shutil.which("wrk") else "builtin"
+    )
     parser.add_argument("--sweep", action="store_true", help="1/8/64/256 for (b),(d) and a plot")
     parser.add_argument("--memory", action="store_true", help="(b) at 1,000 connections")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.short else 10.0)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     c = args.concurrency
     # enough ids that no row runs out; S3 (moto) is far slower, so it needs fewer
@@ -352,46 +483,104 @@ def main() -> int:
     s3_backups = 40 if args.short else 150
 
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    print(f"# {os.cpu_count()} cores, tool {args.tool}, {c} connections, {seconds:.0f}s a row, "
-          f"work dir {work}")
+    print(
+        f"# {os.cpu_count()} cores, tool {args.tool}, {c} connections, {seconds:.0f}s a row, "
+        f"work dir {work}"
+    )
     rows: list[Row] = []
     moto_proc, endpoint = moto(work)
     try:
         bare_ids = work / "bare-ids.txt"
-        bare_ids.write_text("".join(f"sys_{i % 100:06d} 01934fab-bc33-7890-a1b2-c3d4e5f6a7b8\n"
-                                    for i in range(200000)))
+        bare_ids.write_text(
+            "".join(
+                f"sys_{i % 100:06d} 01934fab-bc33-7890-a1b2-c3d4e5f6a7b8\n" for i in range(200000)
+            )
+        )
         rows.append(row_bare(work / "a", c, seconds, args.tool, bare_ids))
         for workers in (1, 2):
             w = work / f"b{workers}"
-            rows.append(row_gateway("b gateway local", w, {"backend": "local", "local": {
-                "root": str(w / "backups")}}, c, seconds, args.tool, workers, 50, local_backups,
-                lambda w=w: count_local(w / "backups")))
+            rows.append(
+                row_gateway(
+                    "b gateway local",
+                    w,
+                    {"backend": "local", "local": {"root": str(w / "backups")}},
+                    c,
+                    seconds,
+                    args.tool,
+                    workers,
+                    50,
+                    local_backups,
+                    lambda w=w: count_local(w / "backups"),
+                )
+            )
         rows.append(row_raw_s3(work / "c", endpoint, c, seconds, 50, s3_backups))
         for workers in (1, 2):
             bucket = f"gw{workers}"
             make_bucket(endpoint, bucket)
-            rows.append(row_gateway("d gateway s3", work / f"d{workers}",
-                                    s3_storage(endpoint, bucket), c, seconds, args.tool, workers,
-                                    50, s3_backups,
-                                    lambda b=bucket: count_s3(endpoint, b)))
+            rows.append(
+                row_gateway(
+                    "d gateway s3",
+                    work / f"d{workers}",
+                    s3_storage(endpoint, bucket),
+                    c,
+                    seconds,
+                    args.tool,
+                    workers,
+                    50,
+                    s3_backups,
+                    lambda b=bucket: count_s3(endpoint, b),
+                )
+            )
         if args.memory:
             w = work / "mem"
-            rows.append(row_gateway("b local 1000 conns", w, {"backend": "local", "local": {
-                "root": str(w / "backups")}}, 1000, seconds, args.tool, 1, 50, local_backups,
-                lambda w=w: count_local(w / "backups")))
+            rows.append(
+                row_gateway(
+                    "b local 1000 conns",
+                    w,
+                    {"backend": "local", "local": {"root": str(w / "backups")}},
+                    1000,
+                    seconds,
+                    args.tool,
+                    1,
+                    50,
+                    local_backups,
+                    lambda w=w: count_local(w / "backups"),
+                )
+            )
         sweep: list[Row] = []
         if args.sweep:
             for conc in (1, 8, 64, 256):
                 w = work / f"sweep-b-{conc}"
-                sweep.append(row_gateway("b gateway local", w, {"backend": "local", "local": {
-                    "root": str(w / "backups")}}, conc, seconds, args.tool, 1, 50, local_backups,
-                    lambda w=w: count_local(w / "backups")))
+                sweep.append(
+                    row_gateway(
+                        "b gateway local",
+                        w,
+                        {"backend": "local", "local": {"root": str(w / "backups")}},
+                        conc,
+                        seconds,
+                        args.tool,
+                        1,
+                        50,
+                        local_backups,
+                        lambda w=w: count_local(w / "backups"),
+                    )
+                )
                 bucket = f"sweep{conc}"
                 make_bucket(endpoint, bucket)
-                sweep.append(row_gateway("d gateway s3", work / f"sweep-d-{conc}",
-                                         s3_storage(endpoint, bucket), conc, seconds, args.tool,
-                                         1, 50, s3_backups,
-                                         lambda b=bucket: count_s3(endpoint, b)))
+                sweep.append(
+                    row_gateway(
+                        "d gateway s3",
+                        work / f"sweep-d-{conc}",
+                        s3_storage(endpoint, bucket),
+                        conc,
+                        seconds,
+                        args.tool,
+                        1,
+                        50,
+                        s3_backups,
+                        lambda b=bucket: count_s3(endpoint, b),
+                    )
+                )
     finally:
         moto_proc.stop()
 
@@ -399,17 +588,22 @@ def main() -> int:
     by = {(r.name, r.workers): r for r in rows}
     a, b = by[("a bare aiohttp", 1)], by[("b gateway local", 1)]
     cc, d = by[("c aiobotocore alone", 1)], by[("d gateway s3", 1)]
-    print(f"\nb/a = {b.rps / a.rps:.2f}   (target >= 0.33; workers=2: "
-          f"{by[('b gateway local', 2)].rps / a.rps:.2f})")
-    print(f"d/c = {d.rps / cc.rps:.2f}   (target >= 0.80; workers=2: "
-          f"{by[('d gateway s3', 2)].rps / cc.rps:.2f})")
+    print(
+        f"\nb/a = {b.rps / a.rps:.2f}   (target >= 0.33; workers=2: "
+        f"{by[('b gateway local', 2)].rps / a.rps:.2f})"
+    )
+    print(
+        f"d/c = {d.rps / cc.rps:.2f}   (target >= 0.80; workers=2: "
+        f"{by[('d gateway s3', 2)].rps / cc.rps:.2f})"
+    )
     if args.sweep:
         print("\nconcurrency sweep")
         print_table(sweep)
         plot(sweep, REPO / "docs" / "benchmarks.png")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) | {"rps": r.rps} for r in rows + sweep],
-                                        indent=1))
+        args.json.write_text(
+            json.dumps([asdict(r) | {"rps": r.rps} for r in rows + sweep], indent=1)
+        )
     problems = check(rows + sweep)
     for p in problems:
         print("ERROR:", p)

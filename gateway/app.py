@@ -9,6 +9,7 @@ from aiohttp import web
 from storage_backends import create_store
 
 from . import routes
+from .api_document import API_DOCUMENT, render
 from .appkeys import (
     CONFIG,
     DIRECTORY,
@@ -57,6 +58,7 @@ def create_app(
     if not config.metrics.enabled:
         table = [r for r in table if r.name != "metrics"]
     app[PROTECTED_ROUTES] = routes.install(app, table)
+    app[API_DOCUMENT] = render(config.server.base_path)
     app.cleanup_ctx.append(_storage)
     return app
 

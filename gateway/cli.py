@@ -94,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .seeding import seed
 
             count, seconds = seed(config, args.systems, args.backups, args.size, args.ids_out)
-            print(f"seeded {count} backups in {seconds:.1f}s into {config.storage.backend}; "
-                  f"directory written to {config.directory.path}")
+            print(
+                f"seeded {count} backups in {seconds:.1f}s into {config.storage.backend}; "
+                f"directory written to {config.directory.path}"
+            )
             return 0
     except ConfigError as exc:
         print(f"backup-gateway: config error: {exc}", file=sys.stderr)

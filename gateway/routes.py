@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import handlers, health
+from . import api_document, handlers, health
 from .principal import MANAGE_SYSTEMS
 
 
@@ -33,6 +33,7 @@ def routes(base_path: str) -> list[Route]:
             "delete_backup_download",
             MANAGE_SYSTEMS,
         ),
+        Route("GET", base + "/openapi.yaml", api_document.openapi, "openapi"),
         Route("GET", "/healthz", health.healthz, "healthz"),
         Route("GET", "/readyz", health.readyz, "readyz"),
         Route("GET", "/metrics", health.metrics, "metrics"),

@@ -64,12 +64,14 @@ def new_uuid7(counter: int) -> str:
 
 
 def _sidecar(backup_id: str, data: bytes) -> bytes:
-    return json.dumps({
-        "filename": backup_id,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "mimetype": "application/gzip",
-        "uploaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }).encode()
+    return json.dumps(
+        {
+            "filename": backup_id,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "mimetype": "application/gzip",
+            "uploaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    ).encode()
 
 
 def _write(path: str, data: bytes) -> None:
@@ -109,8 +111,11 @@ async def _seed_s3(config: Config, plan: list[tuple[SeededSystem, list[str]]], d
                 Bucket=config.storage.s3.bucket,
                 Key=store.key_for(location),
                 Body=data,
-                Metadata={"filename": location.backup_id, "sha256": digest,
-                          "mimetype": "application/gzip"},
+                Metadata={
+                    "filename": location.backup_id,
+                    "sha256": digest,
+                    "mimetype": "application/gzip",
+                },
             )
 
     try:

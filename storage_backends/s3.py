@@ -44,6 +44,15 @@ class S3Config:
     max_pool_connections: int = 64
 
 
+class _Progress:
+    """The step an operation has reached, so a failure can say what it may have done."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: str = "start") -> None:
+        self.step = step
+
+
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", "unknown"))
 
@@ -102,34 +111,44 @@ class S3BackupStore(BackupStore):
 
     async def delete(self, location: BackupLocation) -> None:
         key = self.key_for(location)
-        await self._guarded("delete", self._delete(key))
+        progress = _Progress()
+        await self._guarded(progress, self._delete(key, progress))
 
     async def check_ready(self) -> None:
-        await self._guarded("head_bucket", self._client.head_bucket(Bucket=self._config.bucket))
+        progress = _Progress("head_bucket")
+        await self._guarded(progress, self._client.head_bucket(Bucket=self._config.bucket))
 
-    async def _guarded(self, operation: str, work: Any) -> Any:
-        """Bound the whole operation in time and turn every failure into a typed error."""
+    async def _guarded(self, progress: _Progress, work: Any) -> Any:
+        """Bound the whole operation in time and turn every failure into a typed error.
+
+        The warning names the step that failed. When that step was a delete call, the
+        store may have applied it before the answer was lost: the log says so, and a retry
+        of the same request settles it (404 once the object is gone).
+        """
         try:
             async with asyncio.timeout(self._timeout):
                 return await work
         except BackupNotFound:
             raise
         except StorageUnavailable as exc:
-            log.warning("s3 %s failed: %s", operation, exc)
-            raise
+            reason: str = str(exc)
         except TimeoutError:
-            log.warning("s3 %s timed out after %.1fs", operation, self._timeout)
-            raise StorageUnavailable("timeout") from None
+            reason = f"timed out after {self._timeout:.1f}s"
         except ClientError as exc:
-            log.warning(
-                "s3 %s failed: %s (HTTP %s)", operation, _error_code(exc), _http_status(exc)
-            )
-            log.debug("s3 %s error detail: %s", operation, exc)
-            raise StorageUnavailable(_error_code(exc)) from None
+            reason = f"{_error_code(exc)} (HTTP {_http_status(exc)})"
+            log.debug("s3 %s error detail: %s", progress.step, exc)
         except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            log.warning("s3 %s failed: %s", operation, type(exc).__name__)
-            log.debug("s3 %s error detail: %s", operation, exc)
-            raise StorageUnavailable(type(exc).__name__) from None
+            reason = type(exc).__name__
+            log.debug("s3 %s error detail: %s", progress.step, exc)
+        if progress.step in ("delete_object", "delete_objects"):
+            log.warning(
+                "s3 %s failed: %s; outcome unknown, the object may already be deleted",
+                progress.step,
+                reason,
+            )
+        else:
+            log.warning("s3 %s failed: %s; nothing was deleted", progress.step, reason)
+        raise StorageUnavailable(reason)
 
     async def _is_versioned(self) -> bool:
         if self._versioned is None:
@@ -138,22 +157,26 @@ class S3BackupStore(BackupStore):
             self._versioned = answer.get("Status") in ("Enabled", "Suspended")
         return self._versioned
 
-    async def _delete(self, key: str) -> None:
+    async def _delete(self, key: str, progress: _Progress) -> None:
+        progress.step = "get_bucket_versioning"
         if await self._is_versioned():
-            await self._delete_every_version(key)
+            await self._delete_every_version(key, progress)
         else:
-            await self._delete_current(key)
+            await self._delete_current(key, progress)
 
-    async def _delete_current(self, key: str) -> None:
+    async def _delete_current(self, key: str, progress: _Progress) -> None:
         bucket = self._config.bucket
         try:
+            progress.step = "head_object"
             await self._client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if _http_status(exc) != 404:
                 raise
             # HEAD answers a bodiless 404 for a missing bucket too; tell the two apart.
+            progress.step = "head_bucket"
             await self._require_bucket()
             raise BackupNotFound(key) from None
+        progress.step = "delete_object"
         await self._client.delete_object(Bucket=bucket, Key=key)
 
     async def _require_bucket(self) -> None:
@@ -162,10 +185,11 @@ class S3BackupStore(BackupStore):
         except ClientError as exc:
             raise StorageUnavailable(f"bucket check failed: {_error_code(exc)}") from None
 
-    async def _delete_every_version(self, key: str) -> None:
+    async def _delete_every_version(self, key: str, progress: _Progress) -> None:
         versions: list[dict[str, str]] = []
         has_current = False
         kwargs: dict[str, str] = {"Bucket": self._config.bucket, "Prefix": key}
+        progress.step = "list_object_versions"
         while True:
             page = await self._client.list_object_versions(**kwargs)
             for entry in page.get("Versions", []):
@@ -183,6 +207,7 @@ class S3BackupStore(BackupStore):
         if not has_current:
             # Absent, or already hidden behind a delete marker: the backup is not there to delete.
             raise BackupNotFound(key)
+        progress.step = "delete_objects"
         for start in range(0, len(versions), DELETE_OBJECTS_BATCH):
             batch = versions[start : start + DELETE_OBJECTS_BATCH]
             answer = await self._client.delete_objects(

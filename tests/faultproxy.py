@@ -6,14 +6,25 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+_METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
+
 
 @dataclass
 class Faults:
-    delay: float = 0.0  # before forwarding each chunk from upstream
+    delay: float = 0.0  # before relaying each chunk of a response
     drop: bool = False  # accept, read, never answer
     reset_after_bytes: int | None = None  # reset the client once this much of a response passed
     trickle: float = 0.0  # seconds between single bytes of the response
+    # let this many requests through untouched, then reset the client instead of relaying
+    # any later response (the upstream has still processed the request)
+    reset_responses_after: int | None = None
+    requests: int = 0
     connections: int = 0
+
+
+@dataclass
+class _Connection:
+    cut: bool = False  # the next response on this connection is replaced by a reset
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -22,6 +33,7 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.faults = Faults()
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     @property
@@ -35,54 +47,72 @@ class FaultProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self.faults.tasks):
+            for task in list(self._tasks):
                 task.cancel()
             await self._server.wait_closed()
 
     def reset(self) -> None:
-        tasks = self.faults.tasks
-        self.faults = Faults(tasks=tasks)
+        self.faults = Faults()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self.faults.tasks.add(task)
+        self._tasks.add(task)
         self.faults.connections += 1
         try:
             if self.faults.drop:
                 await reader.read()  # hold the connection, answer nothing
                 return
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            connection = _Connection()
             try:
                 await asyncio.gather(
-                    self._pipe(reader, up_writer, respond=False),
-                    self._pipe(up_reader, writer, respond=True),
+                    self._requests(reader, up_writer, connection),
+                    self._responses(up_reader, writer, connection),
                 )
             finally:
                 up_writer.close()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self.faults.tasks.discard(task)
+            self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _pipe(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, respond: bool
+    async def _requests(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, connection: _Connection
+    ) -> None:
+        while data := await src.read(65536):
+            faults = self.faults
+            if data.split(b" ", 1)[0] in _METHODS:
+                faults.requests += 1
+                limit = faults.reset_responses_after
+                if limit is not None and faults.requests > limit:
+                    connection.cut = True
+            dst.write(data)
+            await dst.drain()
+        with contextlib.suppress(Exception):
+            dst.write_eof()
+
+    async def _responses(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, connection: _Connection
     ) -> None:
         sent = 0
         while data := await src.read(65536):
             faults = self.faults
-            if respond and faults.delay:
+            if connection.cut:
+                dst.transport.abort()  # the request was processed; its answer never arrives
+                return
+            if faults.delay:
                 await asyncio.sleep(faults.delay)
-            if respond and faults.reset_after_bytes is not None:
+            if faults.reset_after_bytes is not None:
                 room = faults.reset_after_bytes - sent
                 if len(data) > room:
                     dst.write(data[: max(room, 0)])
                     await dst.drain()
                     dst.transport.abort()  # RST mid-response
                     return
-            if respond and faults.trickle:
+            if faults.trickle:
                 for i in range(len(data)):
                     dst.write(data[i : i + 1])
                     await dst.drain()

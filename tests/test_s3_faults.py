@@ -1,0 +1,146 @@
+"""Faults between the gateway and S3 (a TCP fault proxy): each is a 502 or 504 in bounded time,
+never a hang, never a 200 unless the object is gone, and nothing gone after a non-200 unless
+the log says the outcome of a delete call was unknown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from .conftest import StartGateway
+from .faultproxy import FaultProxy
+from .support import (
+    MotoServer,
+    S3Harness,
+    bearer,
+    location_for,
+    new_backup_id,
+    s3_settings,
+    token_for,
+)
+
+OPERATION_TIMEOUT = 3.0
+
+
+@pytest.fixture
+async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy("127.0.0.1", int(moto_server.port))
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def gateway(
+    start_gateway: StartGateway, harness: S3Harness, proxy: FaultProxy, **s3: Any
+) -> TestClient:
+    settings = s3_settings(proxy.endpoint, harness.bucket, versioning="off", **s3)
+    return await start_gateway(
+        {"backend": "s3", "operation_timeout_seconds": OPERATION_TIMEOUT, "s3": settings}
+    )
+
+
+async def timed_delete(client: TestClient, bid: str) -> tuple[Any, float]:
+    started = time.monotonic()
+    resp = await client.delete(
+        f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token_for("org_c1"))
+    )
+    await resp.read()
+    return resp, time.monotonic() - started
+
+
+FAULTS = {
+    "delay beyond read timeout": {"delay": 2.5},
+    "drop": {"drop": True},
+    "reset mid-response": {"reset_after_bytes": 20},
+    "slow trickle": {"trickle": 0.3},
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=list(FAULTS))
+async def test_fault_is_bounded_502_and_deletes_nothing(
+    start_gateway: StartGateway,
+    s3_harness: S3Harness,
+    proxy: FaultProxy,
+    fault: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await gateway(start_gateway, s3_harness, proxy)
+    bid = new_backup_id()
+    s3_harness.put(location_for("org_c1", bid))
+    for name, value in FAULTS[fault].items():
+        setattr(proxy.faults, name, value)
+    with caplog.at_level(logging.WARNING):
+        resp, elapsed = await timed_delete(client, bid)
+    assert resp.status == 502, fault
+    assert (await resp.json())["data"] == {"type": "external_api_error", "errors": []}
+    assert elapsed < OPERATION_TIMEOUT + 1.5, (fault, elapsed)
+    # the HEAD never completed, so nothing was deleted, and the log says so
+    assert s3_harness.exists(location_for("org_c1", bid))
+    assert any(
+        "head_object failed" in r.getMessage() and "nothing was deleted" in r.getMessage()
+        for r in caplog.records
+    )
+    # the fault clears: the same process serves again
+    proxy.reset()
+    resp, _ = await timed_delete(client, bid)
+    assert resp.status == 200
+    assert not s3_harness.exists(location_for("org_c1", bid))
+
+
+async def heal_after(proxy: FaultProxy, requests: int) -> None:
+    """Stop cutting answers once `requests` requests went through the proxy."""
+    while proxy.faults.requests < requests:
+        await asyncio.sleep(0.005)
+    proxy.faults.reset_responses_after = None
+
+
+async def test_lost_delete_answer_is_completed_by_a_retry(
+    start_gateway: StartGateway, s3_harness: S3Harness, proxy: FaultProxy
+) -> None:
+    # HEAD passes; the DELETE is applied upstream but its answer is cut. botocore retries
+    # the (idempotent) DeleteObject, which succeeds: a 200, and the object is really gone.
+    client = await gateway(start_gateway, s3_harness, proxy, max_attempts=3)
+    bid = new_backup_id()
+    s3_harness.put(location_for("org_c1", bid))
+    proxy.faults.reset_responses_after = 1
+    healer = asyncio.ensure_future(heal_after(proxy, requests=2))
+    try:
+        resp, _ = await timed_delete(client, bid)
+    finally:
+        healer.cancel()
+    assert resp.status == 200
+    assert proxy.faults.requests >= 3  # HEAD, the cut DELETE, its retry
+    assert not s3_harness.exists(location_for("org_c1", bid))
+
+
+async def test_lost_delete_answer_without_retries_is_502_and_logged_as_unknown(
+    start_gateway: StartGateway,
+    s3_harness: S3Harness,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # With retries off, the cut DELETE answer is a 502 although the store applied it.
+    # The only non-200 that may leave an object gone, and the log names it.
+    client = await gateway(start_gateway, s3_harness, proxy, max_attempts=1)
+    bid = new_backup_id()
+    s3_harness.put(location_for("org_c1", bid))
+    proxy.faults.reset_responses_after = 1
+    with caplog.at_level(logging.WARNING):
+        resp, elapsed = await timed_delete(client, bid)
+    assert resp.status == 502
+    assert elapsed < OPERATION_TIMEOUT + 1.5
+    assert not s3_harness.exists(location_for("org_c1", bid))
+    assert any(
+        "delete_object failed" in r.getMessage() and "outcome unknown" in r.getMessage()
+        for r in caplog.records
+    )
+    # a retry by the caller settles it: the backup is gone
+    proxy.reset()
+    resp, _ = await timed_delete(client, bid)
+    assert resp.status == 404
