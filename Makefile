@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: install run test lint bench bench-short clean
+.PHONY: install run test lint bench bench-short soak soak-short clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy gateway storage_backends
+
+## make bench: the standing benchmark (rows a-d, ratios, objects-gone check; wrk when present)
+bench: install
+	$(BIN)/python bench/run.py --sweep --memory
+
+## make bench-short: a few seconds a row; fails only on errors, never on speed (CI)
+bench-short: install
+	$(BIN)/python bench/run.py --short
+
+## make soak: 10 minutes of mixed traffic on local and S3; make soak-short: 30 s each (CI)
+soak: install
+	$(BIN)/python bench/soak.py
+
+soak-short: install
+	$(BIN)/python bench/soak.py --short
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

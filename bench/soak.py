@@ -97,7 +97,11 @@ async def traffic(
             token, want = tokens[org], 404
         else:
             org = rng.choice(CUSTOMERS)
-            path = BackupLocation(org, "", rng.choice(["..", "x.zip", "%2e%2e%2fx", "a" * 300]))
+            path = BackupLocation(
+                org,
+                "",
+                rng.choice(["x.zip", "a" * 300, "01934fab-bc33-4890-a1b2-c3d4e5f6a7b8", "..x"]),
+            )
             token, want = tokens[org], 400
         url = f"{base}/api/systems/{system_of(path)}/backups/{path.backup_id}"
         async with session.delete(url, headers={"Authorization": f"Bearer {token}"}) as resp:
