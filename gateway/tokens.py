@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from .keys import hmac_secret, verification_keys
 from .principal import MANAGE_SYSTEMS, Principal
 
 MAX_TOKEN_BYTES = 8192
+# Three base64url segments; anything else (JWE's five, padding, stray bytes) never reaches jose.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*", re.ASCII)
 DEFAULT_PERMISSIONS = ("read:systems", MANAGE_SYSTEMS)
 
 
@@ -97,9 +100,9 @@ class TokenVerifier:
         return principal
 
     def _verify_uncached(self, token: str, now: float) -> Principal:
+        if not _COMPACT_JWS.fullmatch(token):
+            raise InvalidToken("not a compact JWS of base64url segments (JWE is refused too)")
         segments = token.split(".")
-        if len(segments) != 3:
-            raise InvalidToken("not a compact JWS (JWE and others are refused)")
         header = _json_segment(segments[0])
         if not isinstance(header, dict):
             raise InvalidToken("header is not an object")

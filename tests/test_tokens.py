@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -299,3 +300,35 @@ def test_cached_token_still_expires(tmp_path: Path) -> None:
     now[0] += 60 + 31
     with pytest.raises(Exception, match="expired"):
         verifier.verify(token)
+
+
+@pytest.mark.parametrize("bad", ["\x01", "\x7f", "\t", "é", "\u202e", "\x00"])
+def test_control_and_non_ascii_characters_are_refused(tmp_path: Path, bad: str) -> None:
+    from gateway.tokens import InvalidToken
+
+    verifier = TokenVerifier(make_config(tmp_path).auth)
+    good = hs256(claims_for("org_c1"))
+    assert verifier.verify(good).organization_id == "org_c1"
+    for token in (bad + good, good[:10] + bad + good[10:], good + bad):
+        with pytest.raises(InvalidToken):
+            verifier.verify(token)
+
+
+async def test_control_character_in_header_is_401_or_parser_400(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    token = hs256(claims_for("org_c1"))
+    request = (
+        f"DELETE /api/systems/sys_c1/backups/{bid} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token[:20]}\x7f{token[20:]}\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1")
+    host, port = local_gateway.server.host, local_gateway.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] in (b"400", b"401")
+    assert local_harness.exists(location_for("org_c1", bid))
