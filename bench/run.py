@@ -374,21 +374,7 @@ def row_raw_s3(
 ) -> Row:
     bucket = "raw"
     make_bucket(endpoint, bucket)
-    config = gateway_config(
-        work,
-        0,
-        {
-            "backend": "s3",
-            "s3": {
-                "bucket": bucket,
-                "endpoint_url": endpoint,
-                "access_key_id": "bench",
-                "secret_access_key": "bench",
-                "addressing_style": "path",
-                "versioning": "off",
-            },
-        },
-    )
+    config = gateway_config(work, 0, s3_storage(endpoint, bucket))
     ids = work / "ids.txt"
     seed(config, systems, backups, ids)
     before = count_s3(endpoint, bucket)

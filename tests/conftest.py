@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from gateway import create_app
 from gateway.config import Config
 
+from .faultproxy import FaultProxy
 from .support import DIRECTORY, LocalHarness, MotoServer, S3Harness, make_config
 
 Harness = LocalHarness | S3Harness
@@ -23,6 +24,15 @@ def moto_server() -> Iterator[MotoServer]:
     server = MotoServer()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
+    """A TCP fault proxy in front of the shared S3 server."""
+    proxy = FaultProxy("127.0.0.1", int(moto_server.port))
+    await proxy.start()
+    yield proxy
+    await proxy.close()
 
 
 @pytest.fixture

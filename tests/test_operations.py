@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,6 @@ from .support import (
     token_for,
     wait_for_port,
 )
-
-
-@pytest.fixture
-async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy("127.0.0.1", int(moto_server.port))
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,6 @@ from aiohttp.test_utils import TestClient
 from .conftest import StartGateway
 from .faultproxy import FaultProxy
 from .support import (
-    MotoServer,
     S3Harness,
     bearer,
     location_for,
@@ -26,14 +24,6 @@ from .support import (
 )
 
 OPERATION_TIMEOUT = 3.0
-
-
-@pytest.fixture
-async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy("127.0.0.1", int(moto_server.port))
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 async def gateway(
