@@ -13,7 +13,6 @@ class StorageGate:
     def __init__(self, limit: int, queue_timeout: float) -> None:
         self._semaphore = asyncio.Semaphore(limit)
         self._queue_timeout = queue_timeout
-        self.limit = limit
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -31,7 +30,3 @@ class StorageGate:
             yield
         finally:
             self._semaphore.release()
-
-    @property
-    def in_use(self) -> int:
-        return self.limit - self._semaphore._value
