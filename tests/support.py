@@ -133,6 +133,11 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def delete_as(client: Any, bid: str, sid: str = "sys_c1", org: str = "org_c1") -> Any:
+    """DELETE a backup as a caller of `org` with the usual permissions."""
+    return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
+
+
 # --------------------------------------------------------------------------- storage harnesses
 
 

@@ -12,11 +12,8 @@ from aiohttp.test_utils import TestClient
 
 from storage_backends import local as local_backend
 
-from .support import LocalHarness, bearer, location_for, new_backup_id, token_for
-
-
-async def delete(client: TestClient, bid: str, sid: str = "sys_c1", org: str = "org_c1") -> Any:
-    return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
+from .support import LocalHarness, location_for, new_backup_id
+from .support import delete_as as delete
 
 
 @pytest.fixture

@@ -33,6 +33,9 @@ from .support import (
     token_for,
     wait_for_port,
 )
+from .support import (
+    delete_as as delete,
+)
 
 
 @pytest.fixture
@@ -42,10 +45,6 @@ def proxied_harness(moto_server: MotoServer, s3_harness: S3Harness, proxy: Fault
         "backend": "s3",
         "s3": s3_settings(proxy.endpoint, s3_harness.bucket, versioning="off"),
     }
-
-
-async def delete(client: TestClient, bid: str, sid: str = "sys_c1", org: str = "org_c1") -> Any:
-    return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
 
 
 def metric(text: str, name: str, **labels: str) -> float:

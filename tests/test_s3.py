@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from gateway.appkeys import STORE
 
@@ -20,17 +19,14 @@ from .conftest import StartGateway
 from .support import (
     MotoServer,
     S3Harness,
-    bearer,
     free_port,
     location_for,
     new_backup_id,
     s3_settings,
-    token_for,
 )
-
-
-async def delete(client: TestClient, bid: str, sid: str = "sys_c1", org: str = "org_c1") -> Any:
-    return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
+from .support import (
+    delete_as as delete,
+)
 
 
 async def assert_bad_gateway(resp: Any, *secrets: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from .conftest import Harness, StartGateway
-from .support import bearer, location_for, new_backup_id, token_for
+from .support import delete_as, location_for, new_backup_id
 
 
 async def gateway_for(start_gateway: StartGateway, harness: Harness) -> TestClient:
@@ -16,7 +16,7 @@ async def gateway_for(start_gateway: StartGateway, harness: Harness) -> TestClie
 
 
 async def delete(client: TestClient, sid: str, bid: str, org: str = "org_c1") -> Any:
-    return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
+    return await delete_as(client, bid, sid, org)
 
 
 async def test_delete_removes_exactly_the_backup_and_its_sidecar(
