@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -51,6 +52,10 @@ async def delete_backup(request: web.Request) -> web.Response:
     except ApiError as exc:
         outcome = exc.message
         raise
+    except asyncio.CancelledError:
+        # The request deadline (504) or the client going away cut it short.
+        outcome = "cancelled"
+        raise
     finally:
         record_delete(request, system_id, backup_id, decision, outcome)
 
@@ -73,6 +78,9 @@ async def run_storage(
         except StorageError as exc:
             outcome = type(exc).__name__
             raise storage_error(exc, f"{operation} backup") from None
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
             metrics.storage_operations.labels(backend, operation, outcome).inc()
             metrics.storage_latency.labels(backend, operation).observe(

@@ -211,7 +211,10 @@ async def test_readiness_flips_with_s3_and_back(
 
 
 async def test_stalled_storage_is_504_at_the_request_deadline(
-    start_gateway: StartGateway, proxied_harness: Any, proxy: FaultProxy
+    start_gateway: StartGateway,
+    proxied_harness: Any,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     harness, storage = proxied_harness
     storage["s3"]["read_timeout_seconds"] = 30
@@ -220,11 +223,14 @@ async def test_stalled_storage_is_504_at_the_request_deadline(
     harness.put(location_for("org_c1", bid))
     proxy.faults.drop = True
     started = time.monotonic()
-    resp = await delete(client, bid)
+    with caplog.at_level(logging.INFO):
+        resp = await delete(client, bid)
     assert resp.status == 504
     assert await resp.json() == {"code": 504, "message": "request timed out", "data": {}}
     assert time.monotonic() - started < 3
     assert harness.exists(location_for("org_c1", bid))
+    audit = [r.fields for r in caplog.records if r.name == "gateway.audit"]
+    assert audit[-1]["outcome"] == "cancelled" and audit[-1]["decision"] == "allow"
 
 
 async def test_saturation_is_503_with_retry_after(
