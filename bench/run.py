@@ -474,7 +474,41 @@ def main() -> int:
         f"work dir {work}"
     )
     rows: list[Row] = []
+    sweep: list[Row] = []
     moto_proc, endpoint = moto(work)
+
+    def local_row(name: str, label: str, conns: int, workers: int) -> Row:
+        w = work / label
+        storage = {"backend": "local", "local": {"root": str(w / "backups")}}
+        return row_gateway(
+            name,
+            w,
+            storage,
+            conns,
+            seconds,
+            args.tool,
+            workers,
+            50,
+            local_backups,
+            lambda: count_local(w / "backups"),
+        )
+
+    def s3_row(name: str, label: str, conns: int, workers: int) -> Row:
+        bucket = f"gw-{label}"
+        make_bucket(endpoint, bucket)
+        return row_gateway(
+            name,
+            work / label,
+            s3_storage(endpoint, bucket),
+            conns,
+            seconds,
+            args.tool,
+            workers,
+            50,
+            s3_backups,
+            lambda: count_s3(endpoint, bucket),
+        )
+
     try:
         bare_ids = work / "bare-ids.txt"
         bare_ids.write_text(
@@ -483,90 +517,15 @@ def main() -> int:
             )
         )
         rows.append(row_bare(work / "a", c, seconds, args.tool, bare_ids))
-        for workers in (1, 2):
-            w = work / f"b{workers}"
-            rows.append(
-                row_gateway(
-                    "b gateway local",
-                    w,
-                    {"backend": "local", "local": {"root": str(w / "backups")}},
-                    c,
-                    seconds,
-                    args.tool,
-                    workers,
-                    50,
-                    local_backups,
-                    lambda w=w: count_local(w / "backups"),
-                )
-            )
+        rows += [local_row("b gateway local", f"b{n}", c, n) for n in (1, 2)]
         rows.append(row_raw_s3(work / "c", endpoint, c, seconds, 50, s3_backups))
-        for workers in (1, 2):
-            bucket = f"gw{workers}"
-            make_bucket(endpoint, bucket)
-            rows.append(
-                row_gateway(
-                    "d gateway s3",
-                    work / f"d{workers}",
-                    s3_storage(endpoint, bucket),
-                    c,
-                    seconds,
-                    args.tool,
-                    workers,
-                    50,
-                    s3_backups,
-                    lambda b=bucket: count_s3(endpoint, b),
-                )
-            )
+        rows += [s3_row("d gateway s3", f"d{n}", c, n) for n in (1, 2)]
         if args.memory:
-            w = work / "mem"
-            rows.append(
-                row_gateway(
-                    "b local 1000 conns",
-                    w,
-                    {"backend": "local", "local": {"root": str(w / "backups")}},
-                    1000,
-                    seconds,
-                    args.tool,
-                    1,
-                    50,
-                    local_backups,
-                    lambda w=w: count_local(w / "backups"),
-                )
-            )
-        sweep: list[Row] = []
+            rows.append(local_row("b local 1000 conns", "mem", 1000, 1))
         if args.sweep:
             for conc in (1, 8, 64, 256):
-                w = work / f"sweep-b-{conc}"
-                sweep.append(
-                    row_gateway(
-                        "b gateway local",
-                        w,
-                        {"backend": "local", "local": {"root": str(w / "backups")}},
-                        conc,
-                        seconds,
-                        args.tool,
-                        1,
-                        50,
-                        local_backups,
-                        lambda w=w: count_local(w / "backups"),
-                    )
-                )
-                bucket = f"sweep{conc}"
-                make_bucket(endpoint, bucket)
-                sweep.append(
-                    row_gateway(
-                        "d gateway s3",
-                        work / f"sweep-d-{conc}",
-                        s3_storage(endpoint, bucket),
-                        conc,
-                        seconds,
-                        args.tool,
-                        1,
-                        50,
-                        s3_backups,
-                        lambda b=bucket: count_s3(endpoint, b),
-                    )
-                )
+                sweep.append(local_row("b gateway local", f"sweep-b-{conc}", conc, 1))
+                sweep.append(s3_row("d gateway s3", f"sweep-d-{conc}", conc, 1))
     finally:
         moto_proc.stop()
 
