@@ -10,7 +10,7 @@ from .base import BackupLocation, BackupStore
 from .errors import BackupNotFound, StorageError, StorageNotConfigured, StorageUnavailable
 from .local import LocalBackupStore, LocalConfig
 from .none import NoStorage
-from .s3 import S3BackupStore, S3Config
+from .s3_config import S3Config
 
 __all__ = [
     "BACKENDS",
@@ -38,9 +38,15 @@ class StorageConfig:
 
 BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {
     "local": lambda c: LocalBackupStore(c.local, c.operation_timeout_seconds),
-    "s3": lambda c: S3BackupStore(c.s3, c.operation_timeout_seconds),
+    "s3": lambda c: _s3_store(c),
     "none": lambda c: NoStorage(),
 }
+
+
+def _s3_store(config: StorageConfig) -> BackupStore:
+    from .s3 import S3BackupStore  # aiobotocore is imported only by a gateway that uses it
+
+    return S3BackupStore(config.s3, config.operation_timeout_seconds)
 
 
 def create_store(config: StorageConfig) -> BackupStore:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -20,28 +19,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .base import BackupLocation, BackupStore
 from .errors import BackupNotFound, StorageUnavailable
+from .s3_config import S3Config
 
 log = logging.getLogger(__name__)
 
 DELETE_OBJECTS_BATCH = 1000  # the S3 API's limit per DeleteObjects call
-
-
-@dataclass(frozen=True)
-class S3Config:
-    bucket: str = ""
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    # Leave both unset to use the standard AWS chain (env, shared files, instance role).
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    addressing_style: Literal["path", "virtual", "auto"] = "auto"
-    prefix: str = ""
-    versioning: Literal["auto", "on", "off"] = "auto"
-    connect_timeout_seconds: float = 3.0
-    read_timeout_seconds: float = 5.0
-    max_attempts: int = 3
-    max_pool_connections: int = 64
 
 
 class _Progress:
