@@ -1,34 +1,47 @@
 """The `local` backend: `{root}/{organization_id}/{system_key}/{backup_id}` on a POSIX disk.
 
-Paths are walked one component at a time with directory file descriptors and
-O_NOFOLLOW, so a symlink anywhere under the root is refused by the kernel
-rather than by string checks. Deletes are durable: the parent directory is
-fsynced before `delete` returns.
+No symlink under the root is followed (see `local_fs`), and deletes are durable: the
+parent directory is fsynced before `delete` returns, in group commits — concurrent
+deletes in one folder share one fsync that started after all their unlinks.
+
+Where the syscalls run (`io`):
+
+- `process` (default): in the local I/O process (`local_io`), one per gateway process.
+  The event loop never waits on the disk, a hung disk costs bounded 502s and a fresh
+  process instead of a stalled gateway, and the disk work runs on another core.
+- `inline`: the metadata syscalls (open, stat, unlink: tens of µs on a healthy local
+  disk) on the event loop and the fsync rounds in a thread pool. No extra process, at
+  the price of the loop waiting on the disk and of GIL hand-offs with the pool threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import logging
 import os
-import stat
 from collections.abc import Awaitable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from .base import BackupLocation, BackupStore
-from .errors import BackupNotFound, StorageError, StorageUnavailable
+from .errors import BackupNotFound, StorageUnavailable
+from .local_fs import (
+    SIDECAR_SUFFIX,
+    SymlinkRefused,
+    check_root_sync,
+    fsync_folder,
+    open_root,
+    unlink_backup,
+)
+from .local_io_client import LocalIoProcess
+
+__all__ = ["SIDECAR_SUFFIX", "LocalBackupStore", "LocalConfig", "SymlinkRefused"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-SIDECAR_SUFFIX = ".meta.json"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_CHILD_DIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
 
 
 @dataclass(frozen=True)
@@ -36,126 +49,14 @@ class LocalConfig:
     root: Path = Path("data/backups")
     # fsync the parent directory before answering; turning it off trades durability for speed
     fsync: bool = True
-    # inline: a delete's few metadata syscalls (open, stat, unlink) run on the event loop:
-    # tens of µs on a local disk, and no thread hand-off per delete (a pool thread must win
-    # the GIL back from a busy loop after every syscall). thread: they run in the pool, for
-    # network or failing disks, where a hung syscall must become a bounded 502 instead of a
-    # stalled process. The group-commit fsyncs always run in the pool.
-    io: Literal["inline", "thread"] = "inline"
+    io: Literal["process", "inline"] = "process"
+    # how many folders of one group commit are fsynced at once
     threads: int = 8
 
 
-class SymlinkRefused(BackupNotFound):
-    """A path component under the root is a symlink: answered as not found, logged as a warning."""
-
-
-def _open_child_dir(parent_fd: int, name: str, location: BackupLocation) -> int:
-    try:
-        return os.open(name, _CHILD_DIR_FLAGS, dir_fd=parent_fd)
-    except FileNotFoundError:
-        raise BackupNotFound(location.relative_key) from None
-    except OSError as exc:
-        # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ELOOP (or ENOTDIR on some kernels).
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            if _is_symlink(parent_fd, name):
-                raise SymlinkRefused(location.relative_key) from None
-            raise BackupNotFound(location.relative_key) from None
-        raise
-
-
-def _is_symlink(dir_fd: int, name: str) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def _unlink_backup(key_fd: int, location: BackupLocation) -> None:
-    """Unlink data, then sidecar, in an open system folder. Raises typed errors."""
-    name = location.backup_id
-    try:
-        mode = os.stat(name, dir_fd=key_fd, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        raise BackupNotFound(location.relative_key) from None
-    if stat.S_ISLNK(mode):
-        raise SymlinkRefused(location.relative_key)
-    if not stat.S_ISREG(mode):
-        raise BackupNotFound(location.relative_key)
-    try:
-        # unlink is the linearization point: of concurrent deletes exactly one gets here.
-        # It never follows a link, so a file swapped for a symlink after the stat only
-        # loses the link itself.
-        os.unlink(name, dir_fd=key_fd)
-    except FileNotFoundError:
-        raise BackupNotFound(location.relative_key) from None
-    try:
-        os.unlink(name + SIDECAR_SUFFIX, dir_fd=key_fd)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        # The data is gone, which is what the caller asked for; an odd sidecar stays an orphan.
-        log.warning("sidecar of %s not removed: %s", location.relative_key, exc.strerror)
-
-
-def unlink_backup(root: Path, location: BackupLocation) -> int:
-    """Unlink a backup (data, then sidecar) and return an open fd of its folder, to fsync.
-
-    Walks root -> organization -> system key with O_NOFOLLOW: a symlink anywhere below the
-    root is refused by the kernel. The caller owns the returned fd.
-    """
-    try:
-        root_fd = os.open(root, _DIR_FLAGS)
-    except OSError as exc:
-        raise StorageUnavailable(f"backup root cannot be opened: {exc.strerror}") from None
-    key_fd = -1
-    try:
-        org_fd = _open_child_dir(root_fd, location.organization_id, location)
-        try:
-            key_fd = _open_child_dir(org_fd, location.system_key, location)
-        finally:
-            os.close(org_fd)
-        _unlink_backup(key_fd, location)
-        return key_fd
-    except StorageError:
-        if key_fd >= 0:
-            os.close(key_fd)
-        raise
-    except OSError as exc:
-        if key_fd >= 0:
-            os.close(key_fd)
-        raise StorageUnavailable(f"{location.relative_key}: {exc.strerror}") from None
-    finally:
-        os.close(root_fd)
-
-
-def fsync_round(folders: list[list[int]]) -> list[OSError | None]:
-    """fsync each folder once (every fd in a group names the same folder), close every fd.
-
-    One thread job for the whole round: a single hand-off to the pool however many
-    folders and deletes it covers.
-    """
-    outcomes: list[OSError | None] = []
-    for fds in folders:
-        try:
-            os.fsync(fds[0])
-            outcomes.append(None)
-        except OSError as exc:
-            outcomes.append(exc)
-        finally:
-            for fd in fds:
-                os.close(fd)
-    return outcomes
-
-
-def check_root_sync(root: Path) -> None:
-    try:
-        st = os.stat(root)
-    except OSError as exc:
-        raise StorageUnavailable(f"backup root: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise StorageUnavailable("backup root is not a directory")
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise StorageUnavailable("backup root is not writable")
+def fsync_round(folders: list[list[int]]) -> list[str | None]:
+    """fsync each folder once (every fd in a group names the same folder), close every fd."""
+    return [fsync_folder(fds) for fds in folders]
 
 
 @dataclass
@@ -209,29 +110,22 @@ class GroupCommit:
             job.add_done_callback(functools.partial(self._resolve, share))
         asyncio.gather(*jobs, return_exceptions=True).add_done_callback(self._round_done)
 
-    def _resolve(
-        self, share: list[_FolderWaiters], done: asyncio.Future[list[OSError | None]]
-    ) -> None:
+    def _resolve(self, share: list[_FolderWaiters], done: asyncio.Future[list[str | None]]) -> None:
         error = done.exception()
-        outcomes: list[OSError | None] = (
-            done.result() if error is None else [OSError(repr(error))] * len(share)
+        outcomes: list[str | None] = (
+            done.result() if error is None else [f"fsync failed: {error!r}"] * len(share)
         )
         for waiters, outcome in zip(share, outcomes, strict=True):
             if outcome is None:
                 waiters.future.set_result(None)
             else:
                 # Unlinked, but not known to be durable: not a 200.
-                waiters.future.set_exception(StorageUnavailable(f"fsync failed: {outcome!r}"))
+                waiters.future.set_exception(StorageUnavailable(outcome))
 
     def _round_done(self, _: asyncio.Future[Any]) -> None:
         self._busy = False
         if self._next:
             self._launch()
-
-
-def _close_result(job: Future[int]) -> None:
-    if not job.cancelled() and job.exception() is None:
-        os.close(job.result())
 
 
 class LocalBackupStore(BackupStore):
@@ -243,16 +137,31 @@ class LocalBackupStore(BackupStore):
         self._timeout = operation_timeout
         self._executor: ThreadPoolExecutor | None = None
         self._commits: GroupCommit | None = None
+        self._io: LocalIoProcess | None = None
+
+    @property
+    def io_process_pid(self) -> int | None:
+        """The pid of this store's I/O process while one runs (io: process), else None."""
+        return self._io.pid if self._io is not None else None
 
     async def start(self) -> None:
+        if self._config.io == "process":
+            self._io = LocalIoProcess(
+                self._root, self._config.fsync, self._config.threads, self._timeout
+            )
+            self._io.start()
+            return
         self._executor = ThreadPoolExecutor(
             max_workers=self._config.threads, thread_name_prefix="local-store"
         )
         self._commits = GroupCommit(self._executor, self._config.threads)
 
     async def close(self) -> None:
+        if self._io is not None:
+            await self._io.close()
+            self._io = None
         if self._executor is not None:
-            # wait=True: an fsync or unlink already in a thread finishes, never cut in half
+            # wait=True: an fsync already in a thread finishes, never cut in half
             self._executor.shutdown(wait=True)
             self._executor = None
 
@@ -261,34 +170,54 @@ class LocalBackupStore(BackupStore):
             async with asyncio.timeout(self._timeout):
                 return await work
         except TimeoutError:
+            if self._io is not None:
+                self._io.timed_out()
             raise StorageUnavailable("local storage operation timed out") from None
 
     async def delete(self, location: BackupLocation) -> None:
-        assert self._commits is not None, "store not started"
         try:
-            if self._config.io == "inline":
-                fd = unlink_backup(self._root, location)
+            if self._io is not None:
+                await self._delete_in_process(location)
             else:
-                fd = await self._unlink_in_thread(location)
+                await self._delete_inline(location)
         except SymlinkRefused:
             log.warning("refused a symlink under the backup root at %s", location.relative_key)
             raise
+
+    async def _delete_in_process(self, location: BackupLocation) -> None:
+        assert self._io is not None
+        message = b"D %s %s %s" % (
+            location.organization_id.encode(),
+            location.system_key.encode(),
+            location.backup_id.encode(),
+        )
+        code, detail = await self._bounded(self._io.request(message))
+        if code == b"ok":
+            return
+        if code == b"missing":
+            raise BackupNotFound(location.relative_key)
+        if code == b"symlink":
+            raise SymlinkRefused(location.relative_key)
+        raise StorageUnavailable(f"{location.relative_key}: {detail.decode('ascii', 'replace')}")
+
+    async def _delete_inline(self, location: BackupLocation) -> None:
+        assert self._commits is not None, "store not started"
+        root_fd = open_root(self._root)
+        try:
+            fd = unlink_backup(root_fd, location)
+        finally:
+            os.close(root_fd)
         if not self._config.fsync:
             os.close(fd)
             return
         folder = (location.organization_id, location.system_key)
         await self._bounded(self._commits.sync(folder, fd))
 
-    async def _unlink_in_thread(self, location: BackupLocation) -> int:
-        assert self._executor is not None
-        job = self._executor.submit(unlink_backup, self._root, location)
-        try:
-            return await self._bounded(asyncio.wrap_future(job))
-        except StorageUnavailable:
-            # Timed out: the unlink may still finish in its thread; close the fd it returns.
-            job.add_done_callback(_close_result)
-            raise
-
     async def check_ready(self) -> None:
+        if self._io is not None:
+            code, detail = await self._bounded(self._io.request(b"R"))
+            if code != b"ok":
+                raise StorageUnavailable(detail.decode("ascii", "replace"))
+            return
         loop = asyncio.get_running_loop()
         await self._bounded(loop.run_in_executor(self._executor, check_root_sync, self._root))

@@ -53,12 +53,12 @@ def s3_harness(moto_server: MotoServer) -> S3Harness:
 
 
 @pytest.fixture
-def local_thread_harness(tmp_path: Path) -> LocalHarness:
-    """Local disk with the unlinks in the thread pool (for slow or network filesystems)."""
-    return LocalHarness(tmp_path / "backups", io="thread")
+def local_inline_harness(tmp_path: Path) -> LocalHarness:
+    """Local disk with the syscalls on the event loop and fsyncs in a thread pool."""
+    return LocalHarness(tmp_path / "backups", io="inline")
 
 
-@pytest.fixture(params=["local", "local_thread", "s3"])
+@pytest.fixture(params=["local", "local_inline", "s3"])
 def harness(request: pytest.FixtureRequest) -> Harness:
     """Every storage behaviour test runs against each real backend (and local's two modes)."""
     return request.getfixturevalue(f"{request.param}_harness")

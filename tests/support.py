@@ -146,7 +146,7 @@ class LocalHarness:
 
     name = "local"
 
-    def __init__(self, root: Path, io: str = "inline") -> None:
+    def __init__(self, root: Path, io: str = "process") -> None:
         self.root = root
         self.io = io
         root.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from storage_backends import local as local_backend
+from storage_backends import local_fs
 
 from .support import LocalHarness, location_for, new_backup_id
 from .support import delete_as as delete
@@ -98,10 +98,13 @@ async def test_directory_named_like_a_backup_is_404(
     assert (local_harness.root / "org_c1" / "KEY-C1" / bid).is_dir()
 
 
-async def test_delete_fsyncs_the_parent_directory_before_answering(
-    local_gateway: TestClient, local_harness: LocalHarness, monkeypatch: pytest.MonkeyPatch
+async def test_inline_delete_fsyncs_the_parent_directory_before_answering(
+    start_gateway: Any, local_inline_harness: LocalHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A spy around the real os.fsync: it records which directory was synced, and still syncs.
+    # (The I/O process's fsyncs are spied on in test_local_io.py, in the process's own code.)
+    local_gateway = await start_gateway(local_inline_harness.storage())
+    local_harness = local_inline_harness
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -109,7 +112,7 @@ async def test_delete_fsyncs_the_parent_directory_before_answering(
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(local_backend.os, "fsync", spy)
+    monkeypatch.setattr(local_fs.os, "fsync", spy)
     bid = new_backup_id()
     local_harness.put(location_for("org_c1", bid))
     resp = await delete(local_gateway, bid)

@@ -1,0 +1,182 @@
+"""The local backend's I/O process: walks, unlinks and fsyncs on behalf of a gateway process.
+
+Why a process: the event loop must never wait on the disk, and CPython threads cannot
+take that work off it cheaply — every syscall a pool thread makes hands the GIL back
+and forth with the busy loop thread, which under load cost as much CPU as the fsyncs
+themselves. This process has its own interpreter and runs on another core; the gateway
+exchanges one message with it per event-loop iteration, however many deletes that
+covers, and a hung disk stalls this process, never the gateway.
+
+Protocol, over a Unix stream socket, one ASCII line per message:
+
+    request   "<seq> D <organization_id> <system_key> <backup_id>\\n"   delete
+              "<seq> R\\n"                                              readiness probe
+    answer    "<seq> <code> <detail>\\n"   code: ok | missing | symlink | failed
+
+Every component was validated by the gateway (safe path components, backup-id grammar),
+and is checked again here: nothing with a separator or a slash is ever used as a path.
+
+Batches are group commits: the requests that arrived together are unlinked, then every
+folder they touched is fsynced once (several folders at once, from a few threads), then
+all are answered. A request that arrives during a round joins the next one, so its
+fsync always starts after its unlink. Answers that need no fsync (missing, symlink,
+failed) go out before the round's fsyncs.
+
+The process ignores SIGINT and SIGTERM (it starts with them blocked, so there is no
+window): a service manager signals the whole group, and the gateway still needs this
+process to finish its in-flight deletes during its grace period. It exits when the
+gateway closes the socket (end of file), after answering what it has read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .base import BackupLocation
+from .errors import BackupNotFound, StorageUnavailable
+from .local_fs import SymlinkRefused, check_root_sync, fsync_folder, open_root, unlink_backup
+
+_COMPONENT = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_READ_SIZE = 1 << 18
+
+
+def _location(parts: list[bytes]) -> BackupLocation | None:
+    if len(parts) != 3 or not all(_COMPONENT.fullmatch(p) for p in parts):
+        return None
+    org, key, backup = (p.decode("ascii") for p in parts)
+    return BackupLocation(org, key, backup)
+
+
+class Batch:
+    """One round: unlink everything asked, fsync each touched folder once, answer."""
+
+    def __init__(self, root: Path, fsync: bool, pool: ThreadPoolExecutor | None) -> None:
+        self._root = root
+        self._fsync = fsync
+        self._pool = pool
+
+    def run(self, lines: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """Returns (answers that can go at once, answers that waited for the fsyncs)."""
+        early: list[bytes] = []
+        folders: dict[tuple[str, str], list[tuple[bytes, int]]] = {}
+        root_fd = -1
+        try:
+            for line in lines:
+                seq, _, rest = line.partition(b" ")
+                op, _, args = rest.partition(b" ")
+                if op == b"R":
+                    early.append(self._probe(seq))
+                    continue
+                location = _location(args.split(b" ")) if op == b"D" else None
+                if location is None:
+                    early.append(seq + b" failed malformed request\n")
+                    continue
+                try:
+                    if root_fd < 0:
+                        root_fd = open_root(self._root)
+                    fd = unlink_backup(root_fd, location)
+                except SymlinkRefused:
+                    early.append(seq + b" symlink -\n")
+                    continue
+                except BackupNotFound:
+                    early.append(seq + b" missing -\n")
+                    continue
+                except StorageUnavailable as exc:
+                    early.append(seq + b" failed " + _detail(str(exc)) + b"\n")
+                    continue
+                folder = (location.organization_id, location.system_key)
+                folders.setdefault(folder, []).append((seq, fd))
+        finally:
+            if root_fd >= 0:
+                os.close(root_fd)
+        return early, self._commit(list(folders.values()))
+
+    def _probe(self, seq: bytes) -> bytes:
+        try:
+            check_root_sync(self._root)
+        except StorageUnavailable as exc:
+            return seq + b" failed " + _detail(str(exc)) + b"\n"
+        return seq + b" ok -\n"
+
+    def _commit(self, folders: list[list[tuple[bytes, int]]]) -> list[bytes]:
+        if not folders:
+            return []
+        if not self._fsync:
+            outcomes: list[str | None] = [None] * len(folders)
+        elif self._pool is None or len(folders) == 1:
+            outcomes = [fsync_folder(fds(f)) for f in folders]
+        else:
+            # Several folders at once: their flushes reach the disk together instead of
+            # one after another (a round of 36 folders: 12.5 ms in turn, 5.4 ms at once).
+            outcomes = list(self._pool.map(fsync_folder, map(fds, folders)))
+        answers = []
+        for waiters, error in zip(folders, outcomes, strict=True):
+            for seq, fd in waiters:
+                if not self._fsync:
+                    os.close(fd)
+                if error is None:
+                    answers.append(seq + b" ok -\n")
+                else:
+                    answers.append(seq + b" failed " + _detail(error) + b"\n")
+        return answers
+
+
+def fds(waiters: list[tuple[bytes, int]]) -> list[int]:
+    return [fd for _, fd in waiters]
+
+
+def _detail(text: str) -> bytes:
+    return text.encode("ascii", "replace").replace(b"\n", b" ") or b"-"
+
+
+def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fsync") if threads > 1 else None
+    batch = Batch(root, fsync, pool)
+    pending = b""
+    eof = False
+    while not eof:
+        chunk = sock.recv(_READ_SIZE)
+        if not chunk:
+            break
+        data = [pending, chunk]
+        while True:  # everything already queued joins this round
+            try:
+                more = sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not more:
+                eof = True
+                break
+            data.append(more)
+        lines = b"".join(data).split(b"\n")
+        pending = lines.pop()
+        early, late = batch.run(lines)
+        if early:
+            sock.sendall(b"".join(early))
+        if late:
+            sock.sendall(b"".join(late))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    fd, root, fsync, threads = int(args[0]), Path(args[1]), args[2] == "1", int(args[3])
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    # The gateway spawned us with both blocked; one that arrived meanwhile is now dropped.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    # BrokenPipe/ConnectionReset: the gateway went away; nobody is left to answer.
+    gone = (BrokenPipeError, ConnectionResetError)
+    with socket.socket(fileno=fd) as sock, contextlib.suppress(*gone):
+        serve(sock, root, fsync, threads)
+
+
+if __name__ == "__main__":
+    main()
