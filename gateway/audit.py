@@ -11,7 +11,7 @@ from .logs import audit_log
 def record_delete(
     request: web.Request, system_id: str, backup_id: str, decision: str, outcome: str
 ) -> None:
-    request.app[METRICS].deletes.labels(outcome.replace(" ", "_").replace(",", "")).inc()
+    request.app[METRICS].delete_decided(outcome)
     principal = request[PRINCIPAL]
     audit_log.info(
         "backup delete",

@@ -82,7 +82,4 @@ async def run_storage(
             outcome = "cancelled"
             raise
         finally:
-            metrics.storage_operations.labels(backend, operation, outcome).inc()
-            metrics.storage_latency.labels(backend, operation).observe(
-                time.perf_counter() - started
-            )
+            metrics.storage_operation(backend, operation, outcome, time.perf_counter() - started)

@@ -1,53 +1,129 @@
-"""Prometheus metrics. Labels are bounded: route templates and fixed outcomes, never raw paths."""
+"""Prometheus metrics. Labels are bounded: route templates and fixed outcomes, never raw paths.
+
+Counted in plain dicts and ints on the event loop and turned into metric families only
+when scraped (a custom collector, as prometheus_client documents for "metrics from
+elsewhere"). The library's labelled Counter/Histogram children take a lock and validate
+labels on every update: five updates a request cost ~8 % of the gateway's CPU under load.
+Everything here runs on one event loop, so no lock is needed.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterator
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BOUND_LABELS = (*map(floatToGoString, LATENCY_BUCKETS), "+Inf")  # as the library writes them
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1  # bucket bounds are inclusive
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip(_BOUND_LABELS, self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
 
 
 class Metrics:
-    """One registry per application, so several apps in one process never collide."""
+    """One set per application (its own registry), so several apps in one process never mix."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "gateway_http_requests",
-            "HTTP requests answered",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.request_latency = Histogram(
-            "gateway_http_request_duration_seconds",
-            "Time to answer a request",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "gateway_http_requests_in_flight", "Requests being handled", registry=r
-        )
-        self.storage_operations = Counter(
-            "gateway_storage_operations",
-            "Storage operations",
-            ["backend", "operation", "outcome"],
-            registry=r,
-        )
-        self.storage_latency = Histogram(
-            "gateway_storage_operation_duration_seconds",
-            "Storage operation latency",
-            ["backend", "operation"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.deletes = Counter(
-            "gateway_backup_deletes",
-            "Backup delete requests that reached authorization",
-            ["outcome"],
-            registry=r,
-        )
+        self.in_flight = 0
+        self._requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._request_latency: defaultdict[str, _Histogram] = defaultdict(_Histogram)
+        self._storage: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._storage_latency: defaultdict[tuple[str, str], _Histogram] = defaultdict(_Histogram)
+        self._deletes: defaultdict[str, int] = defaultdict(int)
+        self._outcome_labels: dict[str, str] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+
+    def request_answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        self._requests[route, method, str(status)] += 1
+        self._request_latency[route].observe(seconds)
+
+    def storage_operation(self, backend: str, operation: str, outcome: str, seconds: float) -> None:
+        self._storage[backend, operation, outcome] += 1
+        self._storage_latency[backend, operation].observe(seconds)
+
+    def delete_decided(self, outcome: str) -> None:
+        """Count a delete by its outcome message ("backup not found" -> backup_not_found)."""
+        label = self._outcome_labels.get(outcome)
+        if label is None:
+            label = self._outcome_labels[outcome] = outcome.replace(" ", "_").replace(",", "")
+        self._deletes[label] += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "gateway_http_requests", "HTTP requests answered", labels=["route", "method", "status"]
+        )
+        for labels, count in self._requests.items():
+            requests.add_metric(labels, count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "gateway_http_request_duration_seconds", "Time to answer a request", labels=["route"]
+        )
+        for route, hist in self._request_latency.items():
+            latency.add_metric([route], hist.buckets(), hist.sum)
+        yield latency
+        yield GaugeMetricFamily(
+            "gateway_http_requests_in_flight", "Requests being handled", value=self.in_flight
+        )
+        storage = CounterMetricFamily(
+            "gateway_storage_operations",
+            "Storage operations",
+            labels=["backend", "operation", "outcome"],
+        )
+        for labels, count in self._storage.items():
+            storage.add_metric(labels, count)
+        yield storage
+        storage_latency = HistogramMetricFamily(
+            "gateway_storage_operation_duration_seconds",
+            "Storage operation latency",
+            labels=["backend", "operation"],
+        )
+        for pair, hist in self._storage_latency.items():
+            storage_latency.add_metric(list(pair), hist.buckets(), hist.sum)
+        yield storage_latency
+        deletes = CounterMetricFamily(
+            "gateway_backup_deletes",
+            "Backup delete requests that reached authorization",
+            labels=["outcome"],
+        )
+        for outcome, count in self._deletes.items():
+            deletes.add_metric([outcome], count)
+        yield deletes
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.families()

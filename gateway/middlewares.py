@@ -58,7 +58,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     metrics = app[METRICS]
     route = route_template(request)
     started = time.perf_counter()
-    metrics.in_flight.inc()
+    metrics.in_flight += 1
     status = 499  # client went away before an answer
     try:
         response = await handler(request)
@@ -67,9 +67,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         elapsed = time.perf_counter() - started
-        metrics.in_flight.dec()
-        metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.request_latency.labels(route).observe(elapsed)
+        metrics.in_flight -= 1
+        metrics.request_answered(route, request.method, status, elapsed)
         if app[CONFIG].logging.access_log and access_log.isEnabledFor(logging.INFO):
             principal = request.get(PRINCIPAL)
             access_log.info(

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
+from gateway.metrics import Metrics
+
 from .conftest import StartGateway
 from .faultproxy import FaultProxy
 from .support import (
@@ -104,10 +106,32 @@ async def test_metrics_after_a_known_sequence(
         == 1
     )
     assert metric(text, "gateway_http_request_duration_seconds_count", route=route) == 4
+    assert metric(text, "gateway_http_request_duration_seconds_bucket", route=route, le="+Inf") == 4
+    assert metric(text, "gateway_http_request_duration_seconds_sum", route=route) > 0
     assert metric(text, "gateway_storage_operation_duration_seconds_count", backend="local") == 2
     assert "gateway_http_requests_in_flight" in text
     # bounded labels: no raw path or id ever becomes a label value
     assert bid not in text and "extra/path" not in text
+
+
+def test_latency_buckets_are_cumulative_and_bounds_inclusive() -> None:
+    metrics = Metrics()
+    for seconds in (0.001, 0.0011, 0.3, 99.0):
+        metrics.request_answered("/r", "GET", 200, seconds)
+    text = metrics.render().decode()
+
+    def bucket(le: str) -> float:
+        return metric(text, "gateway_http_request_duration_seconds_bucket", route="/r", le=le)
+
+    assert bucket("0.001") == 1  # a value on a bound counts in that bucket
+    assert bucket("0.0025") == 2
+    assert bucket("0.25") == 2
+    assert bucket("0.5") == 3
+    assert bucket("30.0") == 3
+    assert bucket("+Inf") == 4
+    assert metric(text, "gateway_http_request_duration_seconds_sum", route="/r") == pytest.approx(
+        99.3021
+    )
 
 
 async def test_metrics_scrape_token_and_switch(
