@@ -12,6 +12,7 @@ from . import routes
 from .api_document import API_DOCUMENT, render
 from .appkeys import (
     CONFIG,
+    DEADLINES,
     DIRECTORY,
     METRICS,
     PROTECTED_ROUTES,
@@ -22,6 +23,7 @@ from .appkeys import (
 from .auth import authenticate
 from .backpressure import StorageGate
 from .config import Config
+from .deadlines import RequestDeadlines
 from .directory import Directory, load_file_directory
 from .metrics import Metrics
 from .middlewares import deadline, error_envelope, request_context
@@ -50,6 +52,7 @@ def create_app(
     app[DIRECTORY] = directory if directory is not None else load_directory(config)
     app[VERIFIER] = verifier if verifier is not None else TokenVerifier(config.auth)
     app[METRICS] = Metrics()
+    app[DEADLINES] = RequestDeadlines(config.server.request_timeout_seconds)
     app[STORAGE_GATE] = StorageGate(
         config.limits.max_concurrent_storage_operations,
         config.limits.storage_queue_timeout_seconds,

@@ -8,6 +8,7 @@ from storage_backends import BackupStore
 
 from .backpressure import StorageGate
 from .config import Config
+from .deadlines import RequestDeadlines
 from .directory import Directory
 from .metrics import Metrics
 from .principal import Principal
@@ -19,6 +20,7 @@ STORE = web.AppKey("store", BackupStore)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 STORAGE_GATE = web.AppKey("storage_gate", StorageGate)
 METRICS = web.AppKey("metrics", Metrics)
+DEADLINES = web.AppKey("deadlines", RequestDeadlines)
 # route name -> permission the caller needs; routes not listed are public
 PROTECTED_ROUTES = web.AppKey("protected_routes", dict[str, str])
 

@@ -13,7 +13,8 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .appkeys import CONFIG, METRICS, PRINCIPAL, REQUEST_ID
+from .appkeys import CONFIG, DEADLINES, METRICS, PRINCIPAL, REQUEST_ID
+from .deadlines import DeadlineExceeded
 from .envelope import envelope
 from .errors import ApiError
 from .logs import access_log
@@ -110,11 +111,7 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
 @web.middleware
 async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer 504 when a request outlives `server.request_timeout_seconds`."""
-    timeout = asyncio.timeout(request.app[CONFIG].server.request_timeout_seconds)
     try:
-        async with timeout:
-            return await handler(request)
-    except TimeoutError:
-        if not timeout.expired():
-            raise
+        return await request.app[DEADLINES].run(handler(request))
+    except DeadlineExceeded:
         raise ApiError(504, "request timed out") from None
