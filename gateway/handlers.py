@@ -70,16 +70,18 @@ async def run_storage(
     app = request.app
     backend = app[STORE].name
     metrics = app[METRICS]
-    async with app[STORAGE_GATE].slot():
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            return await call(location)
-        except StorageError as exc:
-            outcome = type(exc).__name__
-            raise storage_error(exc, f"{operation} backup") from None
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            metrics.storage_operation(backend, operation, outcome, time.perf_counter() - started)
+    gate = app[STORAGE_GATE]
+    await gate.enter()
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        return await call(location)
+    except StorageError as exc:
+        outcome = type(exc).__name__
+        raise storage_error(exc, f"{operation} backup") from None
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        raise
+    finally:
+        gate.leave()
+        metrics.storage_operation(backend, operation, outcome, time.perf_counter() - started)
