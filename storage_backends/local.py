@@ -170,8 +170,6 @@ class LocalBackupStore(BackupStore):
             async with asyncio.timeout(self._timeout):
                 return await work
         except TimeoutError:
-            if self._io is not None:
-                self._io.timed_out()
             raise StorageUnavailable("local storage operation timed out") from None
 
     async def delete(self, location: BackupLocation) -> None:
@@ -191,7 +189,7 @@ class LocalBackupStore(BackupStore):
             location.system_key.encode(),
             location.backup_id.encode(),
         )
-        code, detail = await self._bounded(self._io.request(message))
+        code, detail = await self._io.request(message)  # it enforces the operation timeout
         if code == b"ok":
             return
         if code == b"missing":
@@ -215,7 +213,7 @@ class LocalBackupStore(BackupStore):
 
     async def check_ready(self) -> None:
         if self._io is not None:
-            code, detail = await self._bounded(self._io.request(b"R"))
+            code, detail = await self._io.request(b"R")
             if code != b"ok":
                 raise StorageUnavailable(detail.decode("ascii", "replace"))
             return

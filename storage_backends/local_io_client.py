@@ -37,7 +37,9 @@ class LocalIoProcess:
         self._timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
-        self._pending: dict[int, asyncio.Future[Answer]] = {}
+        # seq -> (future, deadline); oldest first, since every request has the same budget
+        self._pending: dict[int, tuple[asyncio.Future[Answer], float]] = {}
+        self._expiry: asyncio.TimerHandle | None = None  # armed for the oldest deadline
         self._seq = itertools.count(1)
         self._outbox: list[bytes] = []
         self._unsent = b""
@@ -87,7 +89,8 @@ class LocalIoProcess:
         log.debug("local I/O process %d started", self._proc.pid)
 
     def request(self, message: bytes) -> asyncio.Future[Answer]:
-        """Queue one request ("D org key id" or "R"); the future resolves with its answer."""
+        """Queue one request ("D org key id" or "R"); the future resolves with its answer,
+        or fails with StorageUnavailable when the process dies or the timeout passes."""
         loop = asyncio.get_running_loop()
         if self._sock is None:
             if self._closing or loop.time() - self._spawned_at < _RESPAWN_INTERVAL:
@@ -95,9 +98,12 @@ class LocalIoProcess:
             self._spawn()
         seq = next(self._seq)
         future: asyncio.Future[Answer] = loop.create_future()
+        now = loop.time()
         if not self._pending:
-            self._progress = loop.time()
-        self._pending[seq] = future
+            self._progress = now
+        self._pending[seq] = (future, now + self._timeout)
+        if self._expiry is None:
+            self._expiry = loop.call_at(now + self._timeout, self._expire)
         self._outbox.append(b"%d %s\n" % (seq, message))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -147,9 +153,9 @@ class LocalIoProcess:
         self._progress = asyncio.get_running_loop().time()
         for line in lines:
             seq, code, detail = line.split(b" ", 2)
-            future = self._pending.pop(int(seq), None)
-            if future is not None and not future.done():
-                future.set_result((code, detail))
+            entry = self._pending.pop(int(seq), None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result((code, detail))
 
     def _lost(self, why: str) -> None:
         """The process is gone or unusable: fail what waits on it; the next request respawns."""
@@ -166,18 +172,33 @@ class LocalIoProcess:
             self._proc.kill()  # reaped by subprocess' own bookkeeping once it has exited
         if not self._closing:
             log.warning("local I/O process %s; %d operations failed", why, len(self._pending))
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        for future, _ in pending.values():
             if not future.done():
                 future.set_exception(StorageUnavailable(f"local I/O process {why}"))
 
-    def timed_out(self) -> None:
-        """An operation timed out. If the process has answered nothing for as long, it is hung
-        (a stuck disk): abandon it, so the next request gets a fresh one."""
+    def _expire(self) -> None:
+        """Fail the requests whose time is up (one timer for all, not one per request).
+
+        If the process has answered nothing for as long, it is hung (a stuck disk):
+        abandon it, so the next request gets a fresh one."""
+        self._expiry = None
         loop = asyncio.get_running_loop()
-        silent_for = loop.time() - self._progress
-        if self._sock is not None and self._pending and silent_for >= self._timeout:
-            self._lost(f"answered nothing for {self._timeout:g}s")
+        now = loop.time()
+        while self._pending:
+            seq, (future, deadline) = next(iter(self._pending.items()))
+            if deadline > now:
+                self._expiry = loop.call_at(deadline, self._expire)
+                return
+            if now - self._progress >= self._timeout and self._sock is not None:
+                self._lost(f"answered nothing for {self._timeout:g}s")
+                return
+            del self._pending[seq]
+            if not future.done():
+                future.set_exception(StorageUnavailable("local storage operation timed out"))
 
     async def close(self) -> None:
         """Finish: the process answers what it has read, sees end of file and exits."""
