@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .appkeys import METRICS, PRINCIPAL, REQUEST_ID, STORE
-from .logs import audit_log
+from .logs import audit_log, log_info
 
 
 def record_delete(
@@ -13,19 +13,18 @@ def record_delete(
 ) -> None:
     request.app[METRICS].delete_decided(outcome)
     principal = request[PRINCIPAL]
-    audit_log.info(
+    log_info(
+        audit_log,
         "backup delete",
-        extra={
-            "fields": {
-                "request_id": request[REQUEST_ID],
-                "user_id": principal.user_id,
-                "organization_id": principal.organization_id,
-                "org_role": principal.org_role,
-                "system_id": system_id,
-                "backup_id": backup_id,
-                "decision": decision,
-                "outcome": outcome,
-                "storage_backend": request.app[STORE].name,
-            }
+        {
+            "request_id": request[REQUEST_ID],
+            "user_id": principal.user_id,
+            "organization_id": principal.organization_id,
+            "org_role": principal.org_role,
+            "system_id": system_id,
+            "backup_id": backup_id,
+            "decision": decision,
+            "outcome": outcome,
+            "storage_backend": request.app[STORE].name,
         },
     )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -17,9 +18,22 @@ access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
 
 
+_PID = os.getpid()
+
+
+def _new_pid() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_new_pid)
+
+
 class JsonFormatter(logging.Formatter):
     _second = -1
     _second_text = ""
+    # one encoder for every line: json.dumps(..., separators=...) builds a new one per call
+    _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
     def _timestamp(self, created: float) -> str:
         second = int(created)
@@ -29,19 +43,30 @@ class JsonFormatter(logging.Formatter):
         return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": self._timestamp(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "msg": record.getMessage(),
-        }
+        entry = self.entry(
+            record.created, record.levelname.lower(), record.name, record.getMessage()
+        )
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"), default=str)
+        return self._encode(entry)
+
+    def entry(self, created: float, level: str, logger: str, message: str) -> dict[str, Any]:
+        return {
+            "ts": self._timestamp(created),
+            "level": level,
+            "logger": logger,
+            "pid": _PID,
+            "msg": message,
+        }
+
+    def info_line(self, logger: str, message: str, fields: dict[str, Any]) -> str:
+        """The line `format` would write for an INFO record with these fields."""
+        entry = self.entry(time.time(), "info", logger, message)
+        entry.update(fields)
+        return self._encode(entry)
 
 
 class TextFormatter(logging.Formatter):
@@ -71,6 +96,9 @@ class LoopBufferedHandler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
             return
+        self.emit_line(line)
+
+    def emit_line(self, line: str) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -96,6 +124,47 @@ class LoopBufferedHandler(logging.StreamHandler):
 
 
 _NO_LOCK = contextlib.nullcontext()
+
+
+def log_info(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
+    """`logger.info(message, extra={"fields": fields})`, faster for the lines of every request.
+
+    When the record would only reach our JSON handler (the service's configuration), the
+    line is written straight to it: no LogRecord, no handler chain — the access and audit
+    lines cost ~25 % of the event loop's time under load the long way round. Any other
+    set-up (text format, extra handlers or filters, pytest's capture) takes the long way.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _sole_json_handler(logger)
+    if handler is None:
+        logger.info(message, extra={"fields": fields})
+        return
+    formatter = handler.formatter
+    assert isinstance(formatter, JsonFormatter)
+    handler.emit_line(formatter.info_line(logger.name, message, fields))
+
+
+def _sole_json_handler(logger: logging.Logger) -> LoopBufferedHandler | None:
+    if logger.handlers or logger.filters or not logger.propagate:
+        return None
+    parent = logger.parent
+    while parent is not None and parent is not logging.root:
+        if parent.handlers or not parent.propagate:
+            return None
+        parent = parent.parent
+    handlers = logging.root.handlers
+    if len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    if (
+        type(handler) is LoopBufferedHandler
+        and type(handler.formatter) is JsonFormatter
+        and not handler.filters
+        and handler.level <= logging.INFO
+    ):
+        return handler
+    return None
 
 
 def configure_logging(config: LoggingConfig) -> None:

@@ -17,7 +17,7 @@ from .appkeys import CONFIG, DEADLINES, METRICS, PRINCIPAL, REQUEST_ID
 from .deadlines import DeadlineExceeded
 from .envelope import envelope
 from .errors import ApiError
-from .logs import access_log
+from .logs import access_log, log_info
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +70,19 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         elapsed = time.perf_counter() - started
         metrics.in_flight -= 1
         metrics.request_answered(route, request.method, status, elapsed)
-        if app[CONFIG].logging.access_log and access_log.isEnabledFor(logging.INFO):
+        if app[CONFIG].logging.access_log:
             principal = request.get(PRINCIPAL)
-            access_log.info(
+            log_info(
+                access_log,
                 "request",
-                extra={
-                    "fields": {
-                        "request_id": request_id,
-                        "method": request.method,
-                        "route": route,
-                        "status": status,
-                        "latency_ms": round(elapsed * 1000, 3),
-                        "user_id": principal.user_id if principal else None,
-                        "organization_id": principal.organization_id if principal else None,
-                    }
+                {
+                    "request_id": request_id,
+                    "method": request.method,
+                    "route": route,
+                    "status": status,
+                    "latency_ms": round(elapsed * 1000, 3),
+                    "user_id": principal.user_id if principal else None,
+                    "organization_id": principal.organization_id if principal else None,
                 },
             )
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -192,6 +194,57 @@ async def test_access_and_audit_lines(
         token not in r.getMessage() and token not in str(getattr(r, "fields", ""))
         for r in caplog.records
     )
+
+
+async def test_request_lines_written_straight_to_the_json_handler(
+    local_gateway: TestClient, local_harness: LocalHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service's logging set-up (one JSON handler on the root): access and audit lines
+    # skip the LogRecord machinery, and must come out exactly as the formatter writes them.
+    from gateway.logs import JsonFormatter, LoopBufferedHandler
+
+    out = io.StringIO()
+    handler = LoopBufferedHandler(out)
+    handler.setFormatter(JsonFormatter())
+    long_way: list[str] = []
+    real_log = logging.Logger._log
+
+    def spy(self: logging.Logger, *args: Any, **kwargs: Any) -> None:
+        long_way.append(self.name)
+        real_log(self, *args, **kwargs)
+
+    monkeypatch.setattr(logging.Logger, "_log", spy)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        bid = new_backup_id()
+        local_harness.put(location_for("org_c1", bid))
+        assert (await delete(local_gateway, bid)).status == 200
+        await asyncio.sleep(0)  # the handler writes a loop iteration's lines together
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    by_logger = {line["logger"]: line for line in lines}
+    record = logging.LogRecord(
+        "gateway.audit", logging.INFO, __file__, 1, "backup delete", (), None
+    )
+    record.fields = {k: v for k, v in by_logger["gateway.audit"].items() if k not in BASE_KEYS}
+    expected = json.loads(JsonFormatter().format(record))
+    assert list(by_logger["gateway.audit"]) == list(expected)
+    assert {k: v for k, v in by_logger["gateway.audit"].items() if k != "ts"} == {
+        k: v for k, v in expected.items() if k != "ts"
+    }
+    assert by_logger["gateway.audit"]["outcome"] == "backup deleted"
+    access = by_logger["gateway.access"]
+    assert list(access)[: len(BASE_KEYS)] == list(BASE_KEYS)
+    assert access["status"] == 200 and access["pid"] == os.getpid()
+    assert access["level"] == "info" and access["msg"] == "request"
+
+
+BASE_KEYS = ("ts", "level", "logger", "pid", "msg")
 
 
 def test_json_log_lines_on_stdout(tmp_path: Path) -> None:
