@@ -31,6 +31,7 @@ gateway closes the socket (end of file), after answering what it has read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -66,37 +67,41 @@ class Batch:
     def run(self, lines: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
         """Returns (answers that can go at once, answers that waited for the fsyncs)."""
         early: list[bytes] = []
-        folders: dict[tuple[str, str], list[tuple[bytes, int]]] = {}
-        root_fd = -1
+        deletes: list[tuple[bytes, BackupLocation]] = []
+        for line in lines:
+            seq, _, rest = line.partition(b" ")
+            op, _, args = rest.partition(b" ")
+            if op == b"R":
+                early.append(self._probe(seq))
+                continue
+            location = _location(args.split(b" ")) if op == b"D" else None
+            if location is None:
+                early.append(seq + b" failed malformed request\n")
+            else:
+                deletes.append((seq, location))
+        if not deletes:
+            return early, []
         try:
-            for line in lines:
-                seq, _, rest = line.partition(b" ")
-                op, _, args = rest.partition(b" ")
-                if op == b"R":
-                    early.append(self._probe(seq))
-                    continue
-                location = _location(args.split(b" ")) if op == b"D" else None
-                if location is None:
-                    early.append(seq + b" failed malformed request\n")
-                    continue
-                try:
-                    if root_fd < 0:
-                        root_fd = open_root(self._root)
-                    fd = unlink_backup(root_fd, location)
-                except SymlinkRefused:
-                    early.append(seq + b" symlink -\n")
-                    continue
-                except BackupNotFound:
-                    early.append(seq + b" missing -\n")
-                    continue
-                except StorageUnavailable as exc:
-                    early.append(seq + b" failed " + _detail(str(exc)) + b"\n")
-                    continue
-                folder = (location.organization_id, location.system_key)
-                folders.setdefault(folder, []).append((seq, fd))
+            root_fd = open_root(self._root)
+        except StorageUnavailable as exc:
+            return early + [seq + b" failed " + _detail(str(exc)) + b"\n" for seq, _ in deletes], []
+        try:
+            unlink = functools.partial(_unlink_one, root_fd)
+            if self._pool is not None and len(deletes) > 1:
+                # On a disk that discards freed blocks, an unlink waits ~0.1 ms for the
+                # device: several at once overlap those waits.
+                outcomes = list(self._pool.map(unlink, deletes))
+            else:
+                outcomes = [unlink(d) for d in deletes]
         finally:
-            if root_fd >= 0:
-                os.close(root_fd)
+            os.close(root_fd)
+        folders: dict[tuple[str, str], list[tuple[bytes, int]]] = {}
+        for (seq, location), outcome in zip(deletes, outcomes, strict=True):
+            if isinstance(outcome, bytes):
+                early.append(outcome)
+            else:
+                folder = (location.organization_id, location.system_key)
+                folders.setdefault(folder, []).append((seq, outcome))
         return early, self._commit(list(folders.values()))
 
     def _probe(self, seq: bytes) -> bytes:
@@ -127,6 +132,19 @@ class Batch:
                 else:
                     answers.append(seq + b" failed " + _detail(error) + b"\n")
         return answers
+
+
+def _unlink_one(root_fd: int, request: tuple[bytes, BackupLocation]) -> int | bytes:
+    """The folder's fd (to fsync) when unlinked, else the answer to send."""
+    seq, location = request
+    try:
+        return unlink_backup(root_fd, location)
+    except SymlinkRefused:
+        return seq + b" symlink -\n"
+    except BackupNotFound:
+        return seq + b" missing -\n"
+    except StorageUnavailable as exc:
+        return seq + b" failed " + _detail(str(exc)) + b"\n"
 
 
 def fds(waiters: list[tuple[bytes, int]]) -> list[int]:
