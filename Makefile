@@ -31,6 +31,7 @@ lint: install
 
 ## make bench: the standing benchmark (rows a-d, ratios, objects-gone check; wrk when present)
 bench: install
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py --sweep --memory
 
 ## make bench-short: a few seconds a row; fails only on errors, never on speed (CI)

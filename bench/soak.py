@@ -5,7 +5,8 @@
 
 Traffic: valid deletes, phantom ids (404), bad tokens (401), other tenants and missing
 permissions (403), malformed ids (400). Afterwards: every 200 matches an object gone, every
-non-200 left its object, RSS grew less than 10% after warm-up, open fds are flat.
+non-200 left its object, RSS grew less than 10% after warm-up, open fds are flat (both
+summed over the gateway and its local I/O process).
 Exit status 1 on any violation.
 """
 
@@ -44,20 +45,25 @@ class Tally:
 
 
 def server_sample(pid: int) -> tuple[float, int]:
-    """RSS in MB, and open fds that are not sockets (files, folders, pipes).
+    """RSS in MB, and open fds that are not sockets (files, folders, pipes), summed over
+    the gateway and its local I/O process.
 
     Sockets come and go with the client's keep-alive pool, so they say nothing about a
-    leak; a folder fd left open by a delete would show here.
+    leak; a folder fd left open by a delete (in either process) would show here.
     """
     rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
     fds = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
+    for p in bench.process_tree(pid):
         try:
-            if not os.readlink(fd).startswith("socket:"):
-                fds += 1
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+            for fd in Path(f"/proc/{p}/fd").iterdir():
+                try:
+                    if not os.readlink(fd).startswith("socket:"):
+                        fds += 1
+                except OSError:
+                    pass
         except OSError:
             pass
     return rss / 1024, fds
