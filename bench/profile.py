@@ -1,6 +1,8 @@
 """Profile the gateway (local disk) under wrk load with py-spy; print where the time goes.
 
-    .venv/bin/python bench/profile.py [--seconds 8] [--concurrency 64]
+    .venv/bin/python bench/profile.py [--seconds 8] [--concurrency 64] [--process io]
+
+`--process io` samples the local I/O process instead of the gateway's event loop.
 
 Samples every thread (--idle off), then sums samples by function (self time) and by
 top-level phase, so before/after comparisons are one command.
@@ -26,6 +28,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--no-fsync", action="store_true")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--process",
+        choices=["gateway", "io"],
+        default="gateway",
+        help="sample the gateway's event loop, or its local I/O process",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
     port = bench.free_port()
@@ -36,18 +44,22 @@ def main() -> None:
     )
     text = config.read_text().replace("level: INFO", f"level: {args.log_level}")
     config.write_text(text)
-    bench.seed(config, 50, 2000, work / "ids.txt")
+    bench.seed(config, 50, 1200, work / "ids.txt")
     server = bench.Process(
         [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
     )
     bench.wait_port(port, server.proc)
+    bench.wait_ready(port, server.proc)
+    target = server.proc.pid
+    if args.process == "io":
+        [target] = [p for p in bench.process_tree(server.proc.pid) if p != server.proc.pid]
     raw = work / "profile.txt"
     spy = subprocess.Popen(
         [
             str(bench.BIN / "py-spy"),
             "record",
             "--pid",
-            str(server.proc.pid),
+            str(target),
             "--duration",
             str(args.seconds),
             "--format",
@@ -55,8 +67,9 @@ def main() -> None:
             "--output",
             str(raw),
             "--threads",
+            "--nonblocking",  # pausing the process for each sample distorts what it measures
             "--rate",
-            "400",
+            "250",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

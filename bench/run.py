@@ -369,6 +369,9 @@ def row_gateway(
     port = free_port()
     config = gateway_config(work, port, storage)
     ids = work / "ids.txt"
+    # The rows before left dirty data (their undeleted seeds): flush it now, so that its
+    # writeback does not land in the middle of this row.
+    os.sync()
     seed(config, systems, backups, ids)
     if after_seed is not None:
         after_seed()
