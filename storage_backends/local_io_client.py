@@ -161,6 +161,9 @@ class LocalIoProcess:
         """The process is gone or unusable: fail what waits on it; the next request respawns."""
         sock, self._sock = self._sock, None
         self._gone.set()
+        # Requests not yet sent die with their futures: none may reach the next process.
+        self._outbox.clear()
+        self._unsent = b""
         if sock is not None:
             loop = asyncio.get_running_loop()
             loop.remove_reader(sock.fileno())

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from gateway.appkeys import STORE
-from storage_backends import local_fs, local_io
+from storage_backends import StorageUnavailable, local_fs, local_io
+from storage_backends.local_io_client import LocalIoProcess
 
 from .support import (
     LocalHarness,
@@ -234,6 +235,31 @@ async def test_hung_process_costs_a_bounded_502_and_is_replaced(
     resp = await delete(client, bid)
     assert resp.status == 200
     assert not local_harness.exists(location_for("org_c1", bid))
+
+
+async def test_requests_failed_with_a_lost_process_never_reach_the_next_one(
+    local_harness: LocalHarness,
+) -> None:
+    # A delete queued in the very iteration the process is lost answers 502; it must not be
+    # carried over to the replacement process and done after all.
+    io = LocalIoProcess(local_harness.root, fsync=True, threads=2, timeout=5.0)
+    io.start()
+    try:
+        doomed, later = new_backup_id(), new_backup_id()
+        for bid in (doomed, later):
+            local_harness.put(location_for("org_c1", bid))
+        loc = location_for("org_c1", doomed)
+        pending = io.request(f"D org_c1 {loc.system_key} {doomed}".encode())
+        io._lost("lost for the test")  # before the queued request is flushed
+        with pytest.raises(StorageUnavailable):
+            await pending
+        await asyncio.sleep(1.1)  # past the respawn interval
+        code, _ = await io.request(f"D org_c1 {loc.system_key} {later}".encode())
+        assert code == b"ok"
+        assert local_harness.exists(location_for("org_c1", doomed))
+        assert not local_harness.exists(location_for("org_c1", later))
+    finally:
+        await io.close()
 
 
 def children_named(pid: int, word: str) -> list[int]:
