@@ -270,6 +270,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_gateway(config: Path, *args: str) -> subprocess.Popen[str]:
+    """`python -m gateway serve --config CONFIG [ARGS]` as a real process, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,8 +8,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ from .support import (
     free_port,
     location_for,
     new_backup_id,
+    serve_gateway,
     wait_for_port,
 )
 from .support import delete_as as delete
@@ -278,12 +277,7 @@ def test_process_ignores_sigterm_and_leaves_with_the_gateway(
 ) -> None:
     port = free_port()
     config = write_config(tmp_path, port, local_harness.storage())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve_gateway(config)
     try:
         wait_for_port(port, proc=proc)
         [helper] = children_named(proc.pid, "storage_backends.local_io")

@@ -34,6 +34,7 @@ from .support import (
     location_for,
     new_backup_id,
     s3_settings,
+    serve_gateway,
     token_for,
     wait_for_port,
 )
@@ -359,12 +360,7 @@ async def test_sigterm_lets_an_in_flight_delete_finish(
     harness, storage = proxied_harness
     port = free_port()
     config = write_config(tmp_path, port, storage, server={"shutdown_grace_seconds": 10})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve_gateway(config)
     try:
         await asyncio.to_thread(wait_for_port, port, 20.0, proc)
         bid = new_backup_id()
@@ -394,12 +390,7 @@ def test_two_workers_share_one_port(tmp_path: Path) -> None:
     port = free_port()
     storage = {"backend": "local", "local": {"root": str(tmp_path / "backups")}}
     config = write_config(tmp_path, port, storage)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve_gateway(config, "--workers", "2")
     try:
         wait_for_port(port, proc=proc)
         time.sleep(1)  # let the second worker bind too
