@@ -9,14 +9,13 @@ import signal
 import stat
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from .support import DIRECTORY, free_port, wait_for_port
+from .support import DIRECTORY, free_port, http, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "backup-gateway"
@@ -39,17 +38,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
     )
-
-
-def http(method: str, url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 class Server:

@@ -23,9 +23,11 @@ from storage_backends.local_io_client import LocalIoProcess
 from .support import (
     LocalHarness,
     free_port,
+    http,
     location_for,
     new_backup_id,
     serve_gateway,
+    token_for,
     wait_for_port,
 )
 from .support import delete_as as delete
@@ -285,17 +287,9 @@ def test_process_ignores_sigterm_and_leaves_with_the_gateway(
         os.kill(helper, signal.SIGTERM)
         bid = new_backup_id()
         local_harness.put(location_for("org_c1", bid))
-        import urllib.request
-
-        from .support import bearer, token_for
-
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}",
-            method="DELETE",
-            headers=bearer(token_for("org_c1")),
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            assert resp.status == 200
+        url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
+        status, _ = http("DELETE", url, token_for("org_c1"))
+        assert status == 200
         assert not local_harness.exists(location_for("org_c1", bid))
         assert alive(helper)
         proc.send_signal(signal.SIGTERM)

@@ -31,6 +31,7 @@ from .support import (
     S3Harness,
     bearer,
     free_port,
+    http,
     location_for,
     new_backup_id,
     s3_settings,
@@ -436,16 +437,10 @@ def test_gunicorn_app_factory(tmp_path: Path) -> None:
     )
     try:
         wait_for_port(port, proc=proc)
-        import urllib.request
-
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}",
-            method="DELETE",
-            headers=bearer(token_for("org_c1")),
-        )
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            assert resp.status == 200
-            assert json.loads(resp.read())["message"] == "backup deleted"
+        url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
+        status, body = http("DELETE", url, token_for("org_c1"))
+        assert status == 200
+        assert body["message"] == "backup deleted"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
