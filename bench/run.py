@@ -6,9 +6,11 @@
   (d) gateway, S3            real deletes of distinct seeded objects
 
 Prints req/s, p50, p99, non-2xx, peak RSS (summed over the gateway's processes: workers
-and their local I/O processes) and the ratios b/a and d/c, then checks that the objects
-gone equal the 200s. The full run adds (b) with backups written back to disk before the
-run, like real ones: on a disk that discards freed blocks their unlinks cost more.
+and their local I/O processes), the server's CPU time per request (same processes) and
+how busy the whole machine was during the load, and the ratios b/a and d/c, then checks
+that the objects gone equal the 200s. The full run adds (b) with backups written back to
+disk before the run, like real ones: on a disk that discards freed blocks their unlinks
+cost more.
 Exit status 1 on any error (a non-2xx, a mismatch), never on speed. `--short` is the CI mode.
 
     .venv/bin/python bench/run.py                 # full: 10 s a row
@@ -57,6 +59,8 @@ class Row:
     ok200: int = 0
     gone: int = -1
     server_200: int = -1
+    cpu_us_per_request: float = 0.0  # the server's processes, all threads; 0: not measured
+    machine_cores_busy: float = 0.0  # every process on the machine, the load tool included
 
     @property
     def rps(self) -> float:
@@ -92,6 +96,47 @@ def process_tree(pid: int) -> list[int]:
                     int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()
                 ]
     return pids
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (each with all its threads) so far."""
+    ticks = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent running anything (not idle, not waiting on I/O), so far."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuMeter:
+    """CPU spent by a server's process tree, and by the machine, over one load run."""
+
+    pids: list[int]
+    server: float
+    machine: float
+    wall: float
+
+    @classmethod
+    def start(cls, pid: int) -> CpuMeter:
+        pids = process_tree(pid)
+        return cls(pids, tree_cpu_seconds(pids), machine_busy_seconds(), time.monotonic())
+
+    def stop(self, requests: int) -> dict[str, float]:
+        server = tree_cpu_seconds(self.pids) - self.server
+        machine = machine_busy_seconds() - self.machine
+        wall = time.monotonic() - self.wall
+        return {
+            "cpu_us_per_request": 1e6 * server / requests if requests else 0.0,
+            "machine_cores_busy": machine / wall if wall else 0.0,
+        }
 
 
 def wait_ready(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
@@ -340,7 +385,9 @@ def row_bare(work: Path, c: int, seconds: float, tool: str, ids: Path) -> Row:
     server = Process([PY, str(REPO / "bench" / "bare_app.py"), str(port)], work / "bare.log")
     try:
         wait_port(port, server.proc)
+        meter = CpuMeter.start(server.proc.pid)
         result = run_load(port, ids, "unused", c, seconds, tool)
+        cpu = meter.stop(result["requests"])
     finally:
         rss = server.stop()
     return Row(
@@ -350,6 +397,7 @@ def row_bare(work: Path, c: int, seconds: float, tool: str, ids: Path) -> Row:
         peak_rss_mb=rss,
         ok200=result["requests"] - result["non2xx"],
         **result,
+        **cpu,
     )
 
 
@@ -385,7 +433,10 @@ def row_gateway(
         wait_port(port, server.proc)
         wait_ready(port, server.proc)
         time.sleep(0.5 if workers > 1 else 0)
-        result = run_load(port, ids, owner_token(config), c, seconds, tool)
+        token = owner_token(config)
+        meter = CpuMeter.start(server.proc.pid)
+        result = run_load(port, ids, token, c, seconds, tool)
+        cpu = meter.stop(result["requests"])
     finally:
         rss = server.stop()
     gone = before - count()
@@ -398,6 +449,7 @@ def row_gateway(
         gone=gone,
         server_200=server_200s(log),
         **result,
+        **cpu,
     )
 
 
@@ -455,13 +507,16 @@ def s3_storage(endpoint: str, bucket: str) -> dict[str, Any]:
 def print_table(rows: list[Row]) -> None:
     print(
         f"{'row':<24}{'workers':>8}{'conns':>7}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'non-2xx':>9}{'RSS MB':>8}{'200s':>8}{'gone':>8}"
+        f"{'non-2xx':>9}{'RSS MB':>8}{'200s':>8}{'gone':>8}{'CPU us/req':>11}{'cores':>7}"
     )
     for r in rows:
+        measured = r.cpu_us_per_request > 0
         print(
             f"{r.name:<24}{r.workers:>8}{r.concurrency:>7}{r.rps:>10.0f}{r.p50_ms:>9.2f}"
             f"{r.p99_ms:>9.2f}{r.non2xx:>9}{r.peak_rss_mb:>8.1f}{r.ok200:>8}"
             f"{(r.gone if r.gone >= 0 else ''):>8}"
+            f"{(f'{r.cpu_us_per_request:.0f}' if measured else ''):>11}"
+            f"{(f'{r.machine_cores_busy:.2f}' if measured else ''):>7}"
         )
 
 
@@ -581,6 +636,8 @@ def main() -> int:
         f"d/c = {d.rps / cc.rps:.2f}   (target >= 0.80; workers=2: "
         f"{by[('d gateway s3', 2)].rps / cc.rps:.2f})"
     )
+    for r in (a, b):
+        print(cpu_budget(r))
     if ("b local on-disk", 1) in by:
         print(f"b/a = {by[('b local on-disk', 1)].rps / a.rps:.2f}   with backups on disk (synced)")
     if args.sweep:
@@ -597,6 +654,19 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     print("bench: " + ("FAILED" if problems else "ok"))
     return 1 if problems else 0
+
+
+def cpu_budget(r: Row) -> str:
+    """Where a row's CPU went, and the rate at which this machine would run out of it."""
+    if not r.cpu_us_per_request or not r.machine_cores_busy:
+        return f"{r.name}: CPU not measured"
+    machine_us = 1e6 * r.machine_cores_busy / r.rps
+    cores = os.cpu_count() or 1
+    return (
+        f"{r.name}: {machine_us:.0f} us of machine CPU a request ({r.cpu_us_per_request:.0f} in"
+        f" the server; the rest is the load tool, interrupts and the like); {cores} cores"
+        f" run out near {1e6 * cores / machine_us:.0f} req/s"
+    )
 
 
 def plot(rows: list[Row], out: Path) -> None:
