@@ -37,9 +37,10 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from .base import BackupLocation
 from .errors import BackupNotFound, StorageUnavailable
@@ -47,6 +48,8 @@ from .local_fs import SymlinkRefused, check_root_sync, fsync_folder, open_root, 
 
 _COMPONENT = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _READ_SIZE = 1 << 18
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def _location(parts: list[bytes]) -> BackupLocation | None:
@@ -59,10 +62,13 @@ def _location(parts: list[bytes]) -> BackupLocation | None:
 class Batch:
     """One round: unlink everything asked, fsync each touched folder once, answer."""
 
-    def __init__(self, root: Path, fsync: bool, pool: ThreadPoolExecutor | None) -> None:
+    def __init__(
+        self, root: Path, fsync: bool, pool: ThreadPoolExecutor | None, threads: int
+    ) -> None:
         self._root = root
         self._fsync = fsync
         self._pool = pool
+        self._threads = threads
 
     def run(self, lines: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
         """Returns (answers that can go at once, answers that waited for the fsyncs)."""
@@ -90,7 +96,7 @@ class Batch:
             if self._pool is not None and len(deletes) > 1:
                 # On a disk that discards freed blocks, an unlink waits ~0.1 ms for the
                 # device: several at once overlap those waits.
-                outcomes = list(self._pool.map(unlink, deletes))
+                outcomes = self._in_chunks(unlink, deletes)
             else:
                 outcomes = [unlink(d) for d in deletes]
         finally:
@@ -103,6 +109,16 @@ class Batch:
                 folder = (location.organization_id, location.system_key)
                 folders.setdefault(folder, []).append((seq, outcome))
         return early, self._commit(list(folders.values()))
+
+    def _in_chunks(self, work: Callable[[A], R], items: list[A]) -> list[R]:
+        """`[work(i) for i in items]`, spread over the pool in one contiguous share a thread:
+        as many unlinks or fsyncs in flight at once as with one job per item, without a
+        future and a GIL hand-off per item (this process's user CPU: ~65 -> ~40 us a delete).
+        """
+        assert self._pool is not None
+        share = -(-len(items) // min(self._threads, len(items)))
+        parts = [items[i : i + share] for i in range(0, len(items), share)]
+        return [r for part in self._pool.map(functools.partial(_each, work), parts) for r in part]
 
     def _probe(self, seq: bytes) -> bytes:
         try:
@@ -121,7 +137,7 @@ class Batch:
         else:
             # Several folders at once: their flushes reach the disk together instead of
             # one after another (a round of 36 folders: 12.5 ms in turn, 5.4 ms at once).
-            outcomes = list(self._pool.map(fsync_folder, map(fds, folders)))
+            outcomes = self._in_chunks(fsync_folder, [fds(f) for f in folders])
         answers = []
         for waiters, error in zip(folders, outcomes, strict=True):
             for seq, fd in waiters:
@@ -147,6 +163,10 @@ def _unlink_one(root_fd: int, request: tuple[bytes, BackupLocation]) -> int | by
         return seq + b" failed " + _detail(str(exc)) + b"\n"
 
 
+def _each(work: Callable[[A], R], items: list[A]) -> list[R]:
+    return [work(item) for item in items]
+
+
 def fds(waiters: list[tuple[bytes, int]]) -> list[int]:
     return [fd for _, fd in waiters]
 
@@ -157,7 +177,7 @@ def _detail(text: str) -> bytes:
 
 def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
     pool = ThreadPoolExecutor(threads, thread_name_prefix="fsync") if threads > 1 else None
-    batch = Batch(root, fsync, pool)
+    batch = Batch(root, fsync, pool, threads)
     pending = b""
     eof = False
     while not eof:

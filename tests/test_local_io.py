@@ -49,6 +49,7 @@ class Peer:
 
     def __init__(self, root: Path, events: list[tuple[str, str]], fsync: bool = True) -> None:
         self.sock, theirs = socket.socketpair()
+        self.sock.settimeout(10)  # a served side that died fails the test instead of hanging it
         served = RecordingSocket(fileno=theirs.detach())
         served.events = events
         self.thread = threading.Thread(target=local_io.serve, args=(served, root, fsync, 4))
@@ -133,6 +134,27 @@ def test_a_batch_fsyncs_each_folder_once(
     root = local_harness.root
     assert synced == sorted([str(root / "org_c1" / "KEY-C1"), str(root / "org_r1" / "KEY-R1")])
     assert local_harness.keys() == set()
+
+
+def test_mixed_answers_reach_their_own_requests(
+    peer: Peer, local_harness: LocalHarness, events: list[tuple[str, str]]
+) -> None:
+    """A batch wider than the pool, spread over its threads in shares: every request gets
+    its own answer, and only folders where something was unlinked are fsynced."""
+    orgs = ["org_c1", "org_r1", "org_c1b"]
+    lines, expected = [], {}
+    for i in range(15):
+        org, bid = orgs[i % 3], new_backup_id()
+        present = i % 2 == 0 and org != "org_c1b"
+        if present:
+            local_harness.put(location_for(org, bid))
+        lines.append(request(i, org, bid))
+        expected[str(i)] = "ok -" if present else "missing -"
+    assert peer.ask(*lines) == expected
+    assert local_harness.keys() == set()
+    synced = sorted(folder for kind, folder in events if kind == "fsync")
+    root = local_harness.root
+    assert synced == sorted([str(root / "org_c1" / "KEY-C1"), str(root / "org_r1" / "KEY-R1")])
 
 
 def test_missing_symlinked_and_malformed_requests_touch_nothing(
