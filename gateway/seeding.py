@@ -82,14 +82,22 @@ def _write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _seed_local_system(root: Path, system: SeededSystem, ids: list[str], data: bytes) -> None:
-    folder = os.path.join(root, system.organization_id, system.system_key)
-    os.makedirs(folder, exist_ok=True)
+def _seed_local_share(
+    root: Path, share: list[tuple[SeededSystem, list[str]]], backups: int, data: bytes
+) -> None:
+    """Write a share of the systems' backups index by index, across all of them: a backup's
+    age then follows its index whatever its system (see the ids file's order in `seed`)."""
+    folders = []
+    for system, _ in share:
+        folder = os.path.join(root, system.organization_id, system.system_key)
+        os.makedirs(folder, exist_ok=True)
+        folders.append(folder)
     sidecar = _sidecar("x", data)
-    for backup_id in ids:
-        path = os.path.join(folder, backup_id)
-        _write(path, data)
-        _write(path + SIDECAR_SUFFIX, sidecar)
+    for index in range(backups):
+        for folder, (_, ids) in zip(folders, share, strict=True):
+            path = os.path.join(folder, ids[index])
+            _write(path, data)
+            _write(path + SIDECAR_SUFFIX, sidecar)
 
 
 async def _seed_s3(config: Config, plan: list[tuple[SeededSystem, list[str]]], data: bytes):
@@ -145,17 +153,22 @@ def seed(
 
     if config.storage.backend == "local":
         root = config.storage.local.root
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda p: _seed_local_system(root, p[0], p[1], data), plan))
+        threads = min(8, len(plan)) or 1
+        shares = [plan[i::threads] for i in range(threads)]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(lambda share: _seed_local_share(root, share, backups, data), shares))
     elif config.storage.backend == "s3":
         asyncio.run(_seed_s3(config, plan, data))
     else:
         raise SystemExit("seed needs storage.backend local or s3")
 
     if ids_out is not None:
-        # Interleaved across systems, so a load test spreads over every folder.
+        # Interleaved across systems, so a load test spreads over every folder; newest
+        # first, so it deletes the backups still in the page cache before those the kernel
+        # writes back 30 s after they were written (a load test's figures would otherwise
+        # depend on how long seeding took). To measure backups on disk, sync after seeding.
         with open(ids_out, "w", encoding="ascii") as out:
-            for index in range(backups):
+            for index in reversed(range(backups)):
                 for system, ids in plan:
                     out.write(f"{system.system_id} {ids[index]}\n")
     return systems * backups, time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -189,3 +190,48 @@ def test_readme_quick_start_config_runs_from_a_copy(tmp_path: Path) -> None:
         tmp_path / "data/backups/org_c1/NETH-0000-1111/"
         "01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz.meta.json"
     ).exists()
+
+
+def test_seed_fills_local_storage_for_a_load_test(tmp_path: Path) -> None:
+    """`seed`: backups with sidecars in the real layout, a matching directory file, and an ids
+    file that spreads over every system, newest first; the gateway then deletes them."""
+    port = free_port()
+    config = write_config(tmp_path, port)
+    ids_file = tmp_path / "ids.txt"
+    seeded = cli(
+        "seed", "--config", str(config), "--systems", "3", "--backups", "4",
+        "--size", "300", "--ids-out", str(ids_file),
+    )  # fmt: skip
+    assert seeded.returncode == 0, seeded.stderr
+    pairs = [line.split(" ") for line in ids_file.read_text().splitlines()]
+    assert len(pairs) == 12 and len({bid for _, bid in pairs}) == 12
+    assert len({sid for sid, _ in pairs[:3]}) == 3  # each round of ids covers every system
+    directory = yaml.safe_load((tmp_path / "directory.yaml").read_text())
+    systems = {s["id"]: s for s in directory["systems"]}
+    root = tmp_path / "data" / "backups"
+    for sid in systems:
+        mine = [bid for s, bid in pairs if s == sid]
+        assert mine == sorted(mine, reverse=True)  # UUIDv7 order: newest first
+    for sid, bid in pairs:
+        folder = root / systems[sid]["organization_id"] / systems[sid]["system_key"]
+        data = (folder / bid).read_bytes()
+        assert len(data) == 300
+        sidecar = json.loads((folder / (bid + ".meta.json")).read_text())
+        assert sidecar["sha256"] == hashlib.sha256(data).hexdigest()
+    assert sum(1 for p in root.rglob("*") if p.is_file()) == 24
+
+    token = cli("token", "--config", str(config), "--org", "org_owner", "--role", "owner")
+    assert token.returncode == 0, token.stderr
+    server = Server(config, port)
+    try:
+        sid, bid = pairs[0]
+        status, body = http(
+            "DELETE",
+            f"http://127.0.0.1:{port}/api/systems/{sid}/backups/{bid}",
+            token.stdout.strip(),
+        )
+    finally:
+        server.stop()
+    assert status == 200 and body["data"] == {"system_id": sid, "backup_id": bid}
+    assert not list(root.rglob(bid + "*"))
+    assert sum(1 for p in root.rglob("*") if p.is_file()) == 22
