@@ -62,13 +62,13 @@ def _location(parts: list[bytes]) -> BackupLocation | None:
 class Batch:
     """One round: unlink everything asked, fsync each touched folder once, answer."""
 
-    def __init__(
-        self, root: Path, fsync: bool, pool: ThreadPoolExecutor | None, threads: int
-    ) -> None:
+    def __init__(self, root: Path, fsync: bool, threads: int) -> None:
         self._root = root
         self._fsync = fsync
-        self._pool = pool
         self._threads = threads
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="fsync") if threads > 1 else None
+        )
 
     def run(self, lines: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
         """Returns (answers that can go at once, answers that waited for the fsyncs)."""
@@ -176,8 +176,7 @@ def _detail(text: str) -> bytes:
 
 
 def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="fsync") if threads > 1 else None
-    batch = Batch(root, fsync, pool, threads)
+    batch = Batch(root, fsync, threads)
     pending = b""
     eof = False
     while not eof:
