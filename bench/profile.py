@@ -44,7 +44,7 @@ def main() -> None:
     )
     text = config.read_text().replace("level: INFO", f"level: {args.log_level}")
     config.write_text(text)
-    bench.seed(config, 50, 1200, work / "ids.txt")
+    bench.seed(config, bench.SYSTEMS, 1200, work / "ids.txt")
     server = bench.Process(
         [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
     )

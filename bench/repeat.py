@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/repeat.py a,b,b,a,b,b     # a = bare aiohttp, b = gateway local
 
-Each row is bench/run.py's (a) or (b) row (fresh seeds for every (b): 50 systems, as
-many backups as the last bare row's rate could delete in a row, 64 connections, wrk).
+Each row is bench/run.py's (a) or (b) row (fresh seeds for every (b), sized from the
+last bare row's rate as bench/run.py sizes them; 64 connections, wrk).
 For every row it prints req/s, p50, p99, the server's CPU per request split into its
 processes (the gateway's loop and its local I/O process, user and system time) and the
 disk writes per request. Identical rows that differ here differ because of the machine,
@@ -12,7 +12,6 @@ not the code: read bench/run.py's ratios accordingly.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -84,10 +83,7 @@ def main() -> int:
     seconds = float(os.environ.get("SECONDS_A_ROW", "10"))
     bench.CpuMeter = SplitMeter  # type: ignore[misc]  # the rows meter with this one
     work = Path(tempfile.mkdtemp(prefix="gateway-repeat-"))
-    bare_ids = work / "bare-ids.txt"
-    bare_ids.write_text(
-        "".join(f"sys_{i % 100:06d} 01934fab-bc33-7890-a1b2-c3d4e5f6a7b8\n" for i in range(200000))
-    )
+    bare_ids = bench.write_bare_ids(work / "bare-ids.txt")
     print("row  kind  req/s   p50 ms  p99 ms  server CPU us/req  (by process, us/req)")
     bare_rps = 25000.0  # until a bare row says otherwise: above any seen here
     try:
@@ -105,10 +101,11 @@ def main() -> int:
                     seconds,
                     "wrk",
                     1,
-                    50,
-                    max(1200, math.ceil(bare_rps * seconds / 50)),
+                    bench.SYSTEMS,
+                    bench.seeds_per_system(bare_rps, seconds, 0.6, 1200),
                     lambda w=w: bench.count_local(w / "backups"),
                 )
+                shutil.rmtree(w / "backups", ignore_errors=True)  # as bench/run.py does
             else:
                 raise SystemExit(f"unknown row {kind!r}: a or b")
             print(

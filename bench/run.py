@@ -345,6 +345,29 @@ def count_local(root: Path) -> int:
     return sum(1 for p in root.rglob("*.tar.gz") if p.is_file())
 
 
+SYSTEMS = 50  # seeded systems, i.e. folders: the spread group commit has to cover
+
+
+def seeds_per_system(bare_rps: float, seconds: float, share: float, floor: int) -> int:
+    """Backups to seed per system for a local row, from the bare row's measured rate.
+
+    Seeds for `share` of it: no gateway row has come near half, so a faster machine
+    (bare aiohttp 8,000-23,000 req/s here) does not run a row out of ids, which would
+    read as errors; and no more, since seeding has to end well before the first seeds'
+    dirty expiry (30 s): the kernel writing back 1 GB of them mid-row took one row's
+    p99 from ~20 ms to 37 ms.
+    """
+    return max(floor, math.ceil(share * bare_rps * seconds / SYSTEMS))
+
+
+def write_bare_ids(path: Path) -> Path:
+    """Ids for the bare row, which deletes nothing: any well-formed pair will do."""
+    path.write_text(
+        "".join(f"sys_{i % 100:06d} 01934fab-bc33-7890-a1b2-c3d4e5f6a7b8\n" for i in range(200000))
+    )
+    return path
+
+
 def count_s3(endpoint: str, bucket: str) -> int:
     import botocore.session
 
@@ -591,7 +614,7 @@ def main() -> int:
             seconds,
             args.tool,
             workers,
-            50,
+            SYSTEMS,
             local_backups,
             lambda: count_local(w / "backups"),
             os.sync if on_disk else None,
@@ -612,33 +635,23 @@ def main() -> int:
             seconds,
             args.tool,
             workers,
-            50,
+            SYSTEMS,
             s3_backups,
             lambda: count_s3(endpoint, bucket),
         )
 
     try:
-        bare_ids = work / "bare-ids.txt"
-        bare_ids.write_text(
-            "".join(
-                f"sys_{i % 100:06d} 01934fab-bc33-7890-a1b2-c3d4e5f6a7b8\n" for i in range(200000)
-            )
-        )
+        bare_ids = write_bare_ids(work / "bare-ids.txt")
         rows.append(row_bare(work / "a", c, seconds, args.tool, bare_ids))
-        # Seeds for 60 % of the bare row's rate: no gateway row has come near half of it,
-        # so a faster machine (bare aiohttp 8,000-23,000 req/s here) does not run a row
-        # out of ids, which would read as errors; and no more, since seeding has to end
-        # well before the first seeds' dirty expiry (30 s): the kernel writing back 1 GB
-        # of them mid-row took one row's p99 from ~20 ms to 37 ms. Short rows seed little
-        # either way, so they take the whole rate.
+        # short rows seed little either way, so they take the whole rate
         share = 1.0 if args.short else 0.6
-        local_backups = max(local_backups, math.ceil(share * rows[0].rps * seconds / 50))
+        local_backups = seeds_per_system(rows[0].rps, seconds, share, local_backups)
         rows += [local_row("b gateway local", f"b{n}", c, n) for n in (1, 2)]
         # This shared machine's speed drifts by 10-20 % over a minute: a bare row on each
         # side of (b), and b/a against their mean, keeps that drift out of the ratio.
         again = row_bare(work / "a2", c, seconds, args.tool, bare_ids)
         rows.append(replace(again, name=BARE_AGAIN))
-        rows.append(row_raw_s3(work / "c", endpoint, c, seconds, 50, s3_backups))
+        rows.append(row_raw_s3(work / "c", endpoint, c, seconds, SYSTEMS, s3_backups))
         rows += [s3_row("d gateway s3", f"d{n}", c, n) for n in (1, 2)]
         if not args.short:
             rows.append(local_row("b local on-disk", "disk", c, 1, on_disk=True))
