@@ -102,7 +102,7 @@ def main() -> int:
                     "wrk",
                     1,
                     bench.SYSTEMS,
-                    bench.seeds_per_system(bare_rps, seconds, 0.6, 1200),
+                    bench.seeds_per_system(bare_rps, seconds),
                     lambda w=w: bench.count_local(w / "backups"),
                 )
                 shutil.rmtree(w / "backups", ignore_errors=True)  # as bench/run.py does

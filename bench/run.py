@@ -348,7 +348,7 @@ def count_local(root: Path) -> int:
 SYSTEMS = 50  # seeded systems, i.e. folders: the spread group commit has to cover
 
 
-def seeds_per_system(bare_rps: float, seconds: float, share: float, floor: int) -> int:
+def seeds_per_system(bare_rps: float, seconds: float, share: float = 0.6, floor: int = 1200) -> int:
     """Backups to seed per system for a local row, from the bare row's measured rate.
 
     Seeds for `share` of it: no gateway row has come near half, so a faster machine
