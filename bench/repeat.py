@@ -34,7 +34,8 @@ def cpu_by_process(pids: list[int]) -> dict[int, tuple[str, int, int]]:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        out[pid] = ("io" if b"local_io" in cmdline else "loop", int(fields[11]), int(fields[12]))
+        kind = "io" if b"local.io_process" in cmdline else "loop"
+        out[pid] = (kind, int(fields[11]), int(fields[12]))
     return out
 
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench
 
 from gateway.config import load_config
-from gateway.seeding import new_uuid7
-from gateway.tokens import mint_token
+from gateway.identity.tokens import mint_token
+from gateway.tools.seeding import new_uuid7
 from storage_backends import BackupLocation
 
 CUSTOMERS = [f"org_cust_{i:06d}" for i in range(4)]

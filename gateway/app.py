@@ -9,25 +9,16 @@ from aiohttp import web
 from storage_backends import create_store
 
 from . import routes
-from .api_document import API_DOCUMENT, render
-from .appkeys import (
-    CONFIG,
-    DEADLINES,
-    DIRECTORY,
-    METRICS,
-    PROTECTED_ROUTES,
-    STORAGE_GATE,
-    STORE,
-    VERIFIER,
-)
-from .auth import authenticate
-from .backpressure import StorageGate
-from .config import Config
-from .deadlines import RequestDeadlines
-from .directory import Directory, load_file_directory
-from .metrics import Metrics
-from .middlewares import deadline, error_envelope, request_context
-from .tokens import TokenVerifier
+from .backups.storage import STORE
+from .config import CONFIG, Config
+from .directory import DIRECTORY, Directory, load_file_directory
+from .http.authentication import PROTECTED_ROUTES, authenticate
+from .http.backpressure import STORAGE_GATE, StorageGate
+from .http.deadlines import DEADLINES, RequestDeadlines
+from .http.middlewares import deadline, error_envelope, request_context
+from .identity.tokens import VERIFIER, TokenVerifier
+from .operations.api_document import API_DOCUMENT, render
+from .telemetry.metrics import METRICS, Metrics
 
 
 def load_directory(config: Config) -> Directory:

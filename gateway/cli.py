@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import Config, load_config
 from .config_loader import ConfigError
 from .directory import DirectoryError, load_file_directory
-from .tokens import DEFAULT_PERMISSIONS, mint_token
+from .identity.tokens import DEFAULT_PERMISSIONS, mint_token
 
 EXIT_CONFIG = 2
 
@@ -84,14 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(mint_token(config.auth, args.org, args.role, perms, args.ttl, args.user))
             return 0
         if args.command == "seed-demo":
-            from .demo import seed_demo
+            from .tools.demo import seed_demo
 
             _check(config)
             for line in seed_demo(config):
                 print(line)
             return 0
         if args.command == "seed":
-            from .seeding import seed
+            from .tools.seeding import seed
 
             count, seconds = seed(config, args.systems, args.backups, args.size, args.ids_out)
             print(
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(config: Config) -> None:
     """Everything start-up would refuse: directory file and signing keys. Never storage."""
-    from .tokens import TokenVerifier
+    from .identity.tokens import TokenVerifier
 
     load_file_directory(config.directory.path)
     TokenVerifier(config.auth)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from aiohttp import web
 
 from storage_backends import StorageConfig
 
@@ -88,6 +89,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+CONFIG = web.AppKey("config", Config)
 
 
 def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:

@@ -18,7 +18,7 @@ from .app import create_app
 from .config import load_config
 from .config_loader import ConfigError
 from .directory import DirectoryError
-from .logs import configure_logging
+from .telemetry.logs import configure_logging
 
 
 async def app() -> web.Application:

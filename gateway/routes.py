@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import api_document, handlers, health
-from .principal import MANAGE_SYSTEMS
+from .backups import delete
+from .identity.principal import MANAGE_SYSTEMS
+from .operations import api_document, health
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,12 @@ def routes(base_path: str) -> list[Route]:
     base = "" if base_path == "/" else base_path
     backup = base + "/systems/{id}/backups/{backup_id}"
     return [
-        Route("DELETE", backup, handlers.delete_backup, "delete_backup", MANAGE_SYSTEMS),
+        Route("DELETE", backup, delete.delete_backup, "delete_backup", MANAGE_SYSTEMS),
         # The seed page documents the delete under .../download: same handler.
         Route(
             "DELETE",
             backup + "/download",
-            handlers.delete_backup,
+            delete.delete_backup,
             "delete_backup_download",
             MANAGE_SYSTEMS,
         ),

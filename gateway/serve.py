@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, load_config
-from .logs import configure_logging
+from .telemetry.logs import configure_logging
 
 log = logging.getLogger("gateway")
 

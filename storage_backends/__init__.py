@@ -6,11 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from . import s3
 from .base import BackupLocation, BackupStore
 from .errors import BackupNotFound, StorageError, StorageNotConfigured, StorageUnavailable
 from .local import LocalBackupStore, LocalConfig
 from .none import NoStorage
-from .s3_config import S3Config
+from .s3 import S3Config
 
 __all__ = [
     "BACKENDS",
@@ -38,15 +39,9 @@ class StorageConfig:
 
 BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {
     "local": lambda c: LocalBackupStore(c.local, c.operation_timeout_seconds),
-    "s3": lambda c: _s3_store(c),
+    "s3": lambda c: s3.create_store(c.s3, c.operation_timeout_seconds),
     "none": lambda c: NoStorage(),
 }
-
-
-def _s3_store(config: StorageConfig) -> BackupStore:
-    from .s3 import S3BackupStore  # aiobotocore is imported only by a gateway that uses it
-
-    return S3BackupStore(config.s3, config.operation_timeout_seconds)
 
 
 def create_store(config: StorageConfig) -> BackupStore:

@@ -6,7 +6,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from gateway.backup_ids import normalize_backup_id
+from gateway.backups.ids import normalize_backup_id
 
 from .support import LocalHarness, bearer, location_for, token_for
 

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from gateway.deadlines import DeadlineExceeded, RequestDeadlines
+from gateway.http.deadlines import DeadlineExceeded, RequestDeadlines
 
 
 async def guarded(deadlines: RequestDeadlines, work: float) -> str:

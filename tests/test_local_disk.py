@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from storage_backends import local_fs
+from storage_backends.local import fs as local_fs
 
 from .support import LocalHarness, location_for, new_backup_id
 from .support import delete_as as delete

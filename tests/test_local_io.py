@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from gateway.appkeys import STORE
-from storage_backends import StorageUnavailable, local_fs, local_io
-from storage_backends.local_io_client import LocalIoProcess
+from gateway.backups.storage import STORE
+from storage_backends import StorageUnavailable
+from storage_backends.local import fs as local_fs
+from storage_backends.local import io_process as local_io
+from storage_backends.local.io_client import LocalIoProcess
 
 from .support import (
     LocalHarness,
@@ -304,7 +306,7 @@ def test_process_ignores_sigterm_and_leaves_with_the_gateway(
     proc = serve_gateway(config)
     try:
         wait_for_port(port, proc=proc)
-        [helper] = children_named(proc.pid, "storage_backends.local_io")
+        [helper] = children_named(proc.pid, "storage_backends.local.io_process")
         # A service manager signals the whole group; the gateway still needs its I/O process.
         os.kill(helper, signal.SIGTERM)
         bid = new_backup_id()

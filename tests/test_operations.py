@@ -19,7 +19,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 from .conftest import StartGateway
 from .faultproxy import FaultProxy
@@ -203,7 +203,7 @@ async def test_request_lines_written_straight_to_the_json_handler(
 ) -> None:
     # The service's logging set-up (one JSON handler on the root): access and audit lines
     # skip the LogRecord machinery, and must come out exactly as the formatter writes them.
-    from gateway.logs import JsonFormatter, LoopBufferedHandler
+    from gateway.telemetry.logs import JsonFormatter, LoopBufferedHandler
 
     out = io.StringIO()
     handler = LoopBufferedHandler(out)
@@ -251,7 +251,7 @@ BASE_KEYS = ("ts", "level", "logger", "pid", "msg")
 
 def test_json_log_lines_on_stdout(tmp_path: Path) -> None:
     from gateway.config import LoggingConfig
-    from gateway.logs import JsonFormatter
+    from gateway.telemetry.logs import JsonFormatter
 
     record = logging.LogRecord(
         "gateway.audit", logging.INFO, __file__, 1, "backup delete", (), None

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.appkeys import STORE
+from gateway.backups.storage import STORE
 
 from .conftest import StartGateway
 from .support import (

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwt
 
 from gateway.config_loader import ConfigError
-from gateway.tokens import TokenVerifier
+from gateway.identity.tokens import TokenVerifier
 
 from .support import (
     AUDIENCE,
@@ -304,7 +304,7 @@ def test_cached_token_still_expires(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["\x01", "\x7f", "\t", "é", "\u202e", "\x00"])
 def test_control_and_non_ascii_characters_are_refused(tmp_path: Path, bad: str) -> None:
-    from gateway.tokens import InvalidToken
+    from gateway.identity.tokens import InvalidToken
 
     verifier = TokenVerifier(make_config(tmp_path).auth)
     good = hs256(claims_for("org_c1"))

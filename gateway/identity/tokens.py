@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
+from aiohttp import web
 from jose import jws, jwt
 from jose.backends.base import Key
 from jose.exceptions import JOSEError
 
-from .config import AuthConfig
+from ..config import AuthConfig
 from .keys import hmac_secret, verification_keys
 from .principal import MANAGE_SYSTEMS, Principal
 
@@ -168,6 +169,9 @@ class TokenVerifier:
             permissions=permissions,
             expires_at=exp,
         )
+
+
+VERIFIER = web.AppKey("verifier", TokenVerifier)
 
 
 def mint_token(

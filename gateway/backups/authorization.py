@@ -6,8 +6,21 @@ organizations are cut out of the tree: nothing is reached through them.
 
 from __future__ import annotations
 
-from .directory import Directory, Organization, System
-from .principal import Principal
+from aiohttp import web
+
+from ..directory import DIRECTORY, Directory, Organization, System
+from ..http.errors import ApiError
+from ..identity.principal import PRINCIPAL, Principal
+
+
+async def authorized_system(request: web.Request, system_id: str) -> System:
+    """The live system the caller may act on (404 system not found / 403 access denied)."""
+    system = await request.app[DIRECTORY].system(system_id)
+    if system is None or system.deleted:
+        raise ApiError(404, "system not found")
+    if not await may_act_on(request.app[DIRECTORY], request[PRINCIPAL], system):
+        raise ApiError(403, "access denied to system")
+    return system
 
 
 async def may_act_on(directory: Directory, caller: Principal, system: System) -> bool:

@@ -42,9 +42,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from .base import BackupLocation
-from .errors import BackupNotFound, StorageUnavailable
-from .local_fs import SymlinkRefused, check_root_sync, fsync_folder, open_root, unlink_backup
+from ..base import BackupLocation
+from ..errors import BackupNotFound, StorageUnavailable
+from .fs import SymlinkRefused, check_root_sync, fsync_folder, open_root, unlink_backup
 
 _COMPONENT = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _READ_SIZE = 1 << 18

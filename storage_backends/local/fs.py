@@ -13,8 +13,8 @@ import os
 import stat
 from pathlib import Path
 
-from .base import BackupLocation
-from .errors import BackupNotFound, StorageError, StorageUnavailable
+from ..base import BackupLocation
+from ..errors import BackupNotFound, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The gateway's end of the local I/O process (see `local_io`): spawn, talk, notice death.
+"""The gateway's end of the local I/O process (see `io_process`): spawn, talk, notice death.
 
 Requests made during one event-loop iteration leave in one send(); answers are read as
 they come and resolve their futures. The loop thread never blocks on the disk and never
@@ -18,15 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import StorageUnavailable
+from ..errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 1 << 18
 _RESPAWN_INTERVAL = 1.0  # a process that keeps dying is not restarted more often than this
-_MODULE = "storage_backends.local_io"
+_MODULE = "storage_backends.local.io_process"
 _SHIELDED = {signal.SIGTERM, signal.SIGINT}
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 Answer = tuple[bytes, bytes]  # (code, detail)
 

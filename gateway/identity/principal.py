@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aiohttp import web
+
 MANAGE_SYSTEMS = "manage:systems"
 
 
@@ -18,3 +20,6 @@ class Principal:
 
     def can(self, permission: str) -> bool:
         return permission in self.permissions
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)

@@ -13,13 +13,17 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .appkeys import CONFIG, DEADLINES, METRICS, PRINCIPAL, REQUEST_ID
-from .deadlines import DeadlineExceeded
+from ..config import CONFIG
+from ..identity.principal import PRINCIPAL
+from ..telemetry.logs import access_log, log_info
+from ..telemetry.metrics import METRICS
+from .deadlines import DEADLINES, DeadlineExceeded
 from .envelope import envelope
 from .errors import ApiError
-from .logs import access_log, log_info
 
 log = logging.getLogger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
 # Generated ids: a random per-process prefix and a counter. Unique across workers and hosts,

@@ -13,6 +13,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -119,6 +120,9 @@ class Metrics:
         for outcome, count in self._deletes.items():
             deletes.add_metric([outcome], count)
         yield deletes
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 class _Collector(Collector):

@@ -1,4 +1,4 @@
-"""Serve the OpenAPI document (gateway/openapi.yaml; docs/ links to it) under the base path."""
+"""Serve the OpenAPI document (openapi.yaml here; docs/ links to it) under the base path."""
 
 from __future__ import annotations
 

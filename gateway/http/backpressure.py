@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from aiohttp import web
+
 from .errors import ApiError
 
 
@@ -30,3 +32,6 @@ class StorageGate:
 
     def leave(self) -> None:
         self._semaphore.release()
+
+
+STORAGE_GATE = web.AppKey("storage_gate", StorageGate)

@@ -11,8 +11,8 @@ from jose import jwk
 from jose.backends.base import Key
 from jose.exceptions import JOSEError
 
-from .config import MIN_SECRET_BYTES, AuthConfig
-from .config_loader import ConfigError
+from ..config import MIN_SECRET_BYTES, AuthConfig
+from ..config_loader import ConfigError
 
 
 def ensure_secret_file(path: Path) -> str:

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from .config import LoggingConfig
+from ..config import LoggingConfig
 
 access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from storage_backends import BackupLocation
 from storage_backends.local import SIDECAR_SUFFIX
 
-from .config import Config
-from .directory import load_file_directory
+from ..config import Config
+from ..directory import load_file_directory
 
 # Fixed ids so the README can show a curl line that works; the first is the seed page's example.
 DEMO_SUFFIXES = ("b8.tar.gz", "b9.tar.xz", "ba.gpg")

@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from aiohttp import web
+
 T = TypeVar("T")
 
 
@@ -73,3 +75,6 @@ class RequestDeadlines:
             del self._running[task]
             self._expired.add(task)
             task.cancel()
+
+
+DEADLINES = web.AppKey("deadlines", RequestDeadlines)

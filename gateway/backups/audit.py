@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .appkeys import METRICS, PRINCIPAL, REQUEST_ID, STORE
-from .logs import audit_log, log_info
+from ..http.middlewares import REQUEST_ID
+from ..identity.principal import PRINCIPAL
+from ..telemetry.logs import audit_log, log_info
+from ..telemetry.metrics import METRICS
+from .storage import STORE
 
 
 def record_delete(

@@ -19,7 +19,7 @@ import yaml
 from storage_backends import BackupLocation
 from storage_backends.local import SIDECAR_SUFFIX
 
-from .config import Config
+from ..config import Config
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,9 @@ def _seed_local_share(
 
 
 async def _seed_s3(config: Config, plan: list[tuple[SeededSystem, list[str]]], data: bytes):
-    from storage_backends.s3 import S3BackupStore
+    from storage_backends import s3
 
-    store = S3BackupStore(config.storage.s3, config.storage.operation_timeout_seconds)
+    store = s3.create_store(config.storage.s3, config.storage.operation_timeout_seconds)
     await store.start()
     client = store._client  # the seeder shares the backend's configured client
     digest = hashlib.sha256(data).hexdigest()

@@ -1,12 +1,12 @@
 """The `local` backend: `{root}/{organization_id}/{system_key}/{backup_id}` on a POSIX disk.
 
-No symlink under the root is followed (see `local_fs`), and deletes are durable: the
+No symlink under the root is followed (see `fs`), and deletes are durable: the
 parent directory is fsynced before `delete` returns, in group commits — concurrent
 deletes in one folder share one fsync that started after all their unlinks.
 
 Where the syscalls run (`io`):
 
-- `process` (default): in the local I/O process (`local_io`), one per gateway process.
+- `process` (default): in the local I/O process (`io_process`), one per gateway process.
   The event loop never waits on the disk, a hung disk costs bounded 502s and a fresh
   process instead of a stalled gateway, and the disk work runs on another core.
 - `inline`: the metadata syscalls (open, stat, unlink: tens of µs on a healthy local
@@ -26,19 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .base import BackupLocation, BackupStore
-from .errors import BackupNotFound, StorageUnavailable
-from .local_fs import (
-    SIDECAR_SUFFIX,
+from ..base import BackupLocation, BackupStore
+from ..errors import BackupNotFound, StorageUnavailable
+from .fs import (
     SymlinkRefused,
     check_root_sync,
     fsync_folder,
     open_root,
     unlink_backup,
 )
-from .local_io_client import LocalIoProcess
-
-__all__ = ["SIDECAR_SUFFIX", "LocalBackupStore", "LocalConfig", "SymlinkRefused"]
+from .io_client import LocalIoProcess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -7,11 +7,14 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .appkeys import PRINCIPAL, PROTECTED_ROUTES, VERIFIER
+from ..identity.principal import PRINCIPAL
+from ..identity.tokens import VERIFIER, InvalidToken
 from .errors import ApiError, invalid_token
-from .tokens import InvalidToken
 
 log = logging.getLogger(__name__)
+
+# route name -> permission the caller needs; routes not listed are public
+PROTECTED_ROUTES = web.AppKey("protected_routes", dict[str, str])
 
 
 def bearer_token(request: web.Request) -> str | None:

@@ -17,9 +17,9 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import BackupLocation, BackupStore
-from .errors import BackupNotFound, StorageUnavailable
-from .s3_config import S3Config
+from ..base import BackupLocation, BackupStore
+from ..errors import BackupNotFound, StorageUnavailable
+from .settings import S3Config
 
 log = logging.getLogger(__name__)
 

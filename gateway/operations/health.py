@@ -9,10 +9,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from storage_backends import StorageError
 
-from .appkeys import CONFIG, DIRECTORY, METRICS, STORE
-from .auth import bearer_token
-from .envelope import envelope
-from .errors import ApiError
+from ..backups.storage import STORE
+from ..config import CONFIG
+from ..directory import DIRECTORY
+from ..http.authentication import bearer_token
+from ..http.envelope import envelope
+from ..http.errors import ApiError
+from ..telemetry.metrics import METRICS
 
 
 async def healthz(request: web.Request) -> web.Response:

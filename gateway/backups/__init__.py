@@ -1,0 +1,7 @@
+"""The backup routes: one module per route family (delete today), and what they share.
+
+Owns the backup-id grammar, the hierarchy rules that decide who may act on a system
+(`authorization`), storage calls under the gate with metrics (`storage`, and the store's
+app key) and the audit lines. It may import every lower package: `gateway.config`,
+`telemetry`, `identity`, `directory`, `http`, and `storage_backends`.
+"""

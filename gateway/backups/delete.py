@@ -1,0 +1,44 @@
+"""DELETE a backup: id grammar, then the system and who may act on it, then storage, audited."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from storage_backends import BackupLocation
+
+from ..http.envelope import envelope
+from ..http.errors import ApiError, validation_failed
+from .audit import record_delete
+from .authorization import authorized_system
+from .ids import normalize_backup_id
+from .storage import STORE, run_storage
+
+
+async def delete_backup(request: web.Request) -> web.Response:
+    system_id = request.match_info["id"]
+    raw_backup_id = request.match_info["backup_id"]
+    backup_id = normalize_backup_id(raw_backup_id)
+    if backup_id is None:
+        raise validation_failed("backup_id", raw_backup_id)
+    decision, outcome = "deny", "internal server error"
+    try:
+        system = await authorized_system(request, system_id)
+        decision = "allow"
+        if system.system_key is None:
+            # Not registered yet: it never uploaded anything, whatever the backend.
+            raise ApiError(404, "backup not found")
+        location = BackupLocation(system.organization_id, system.system_key, backup_id)
+        await run_storage(request, "delete", request.app[STORE].delete, location)
+        outcome = "backup deleted"
+        return envelope(200, outcome, {"system_id": system.id, "backup_id": backup_id})
+    except ApiError as exc:
+        outcome = exc.message
+        raise
+    except asyncio.CancelledError:
+        # The request deadline (504) or the client going away cut it short.
+        outcome = "cancelled"
+        raise
+    finally:
+        record_delete(request, system_id, backup_id, decision, outcome)

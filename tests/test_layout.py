@@ -1,0 +1,176 @@
+"""The layout's rules (DESIGN.md §6), checked by reading every module's imports.
+
+Each module of `gateway` and `storage_backends` belongs to a unit: a package of `gateway`,
+the config modules, the wiring modules at the top, or `storage_backends`. `ALLOWED` says
+which units a unit may import; anything else is a back-edge and fails here. Inside
+`storage_backends`, a backend package is private to itself: others import the package,
+never its modules. Modules named `_something` are private to their package everywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("gateway", "storage_backends")
+
+# unit -> the units it may import (its own unit is always allowed)
+ALLOWED: dict[str, set[str]] = {
+    "storage_backends": set(),
+    "config": {"storage_backends"},
+    "telemetry": {"config"},
+    "identity": {"config", "telemetry"},
+    "directory": {"config", "telemetry"},
+    "http": {"config", "telemetry", "identity", "storage_backends"},
+    "backups": {"config", "telemetry", "identity", "directory", "http", "storage_backends"},
+    "operations": {"config", "telemetry", "directory", "http", "backups", "storage_backends"},
+    "tools": {"config", "directory", "storage_backends"},
+    "wiring": {
+        "config",
+        "telemetry",
+        "identity",
+        "directory",
+        "http",
+        "backups",
+        "operations",
+        "tools",
+        "storage_backends",
+    },
+}
+CONFIG_MODULES = {"gateway.config", "gateway.config_loader"}
+BACKEND_PACKAGES = {"storage_backends.local", "storage_backends.s3"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def unit_of(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "storage_backends":
+        return "storage_backends"
+    if module in CONFIG_MODULES:
+        return "config"
+    if len(parts) >= 2 and (ROOT / "gateway" / parts[1]).is_dir():
+        return parts[1]
+    return "wiring"  # gateway itself, app, routes, cli, serve, gunicorn, __main__
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) for every import in the file, relative ones resolved."""
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append((node.lineno, target))
+            # `from pkg import mod` names a module too
+            for alias in node.names:
+                candidate = f"{target}.{alias.name}"
+                if (ROOT / Path(*candidate.split("."))).with_suffix(".py").exists() or (
+                    ROOT / Path(*candidate.split("."))
+                ).is_dir():
+                    found.append((node.lineno, candidate))
+    return [(line, name) for line, name in found if name.split(".")[0] in SOURCES]
+
+
+def all_modules() -> list[Path]:
+    return sorted(p for source in SOURCES for p in (ROOT / source).rglob("*.py"))
+
+
+def violations(modules: list[Path]) -> list[str]:
+    found = []
+    for path in modules:
+        importer = module_name(path)
+        unit = unit_of(importer)
+        for line, target in imports_of(path):
+            where = f"{path.relative_to(ROOT)}:{line} imports {target}"
+            target_unit = unit_of(target)
+            if target_unit != unit and target_unit not in ALLOWED[unit]:
+                found.append(f"{where}: {unit} may not import {target_unit}")
+            parts = target.split(".")
+            for depth in range(1, len(parts)):
+                if parts[depth].startswith("_") and not parts[depth].startswith("__"):
+                    owner = ".".join(parts[:depth])
+                    if not (importer == owner or importer.startswith(owner + ".")):
+                        found.append(f"{where}: private module of {owner}")
+            for backend in BACKEND_PACKAGES:
+                inside = importer == backend or importer.startswith(backend + ".")
+                if target.startswith(backend + ".") and not inside:
+                    found.append(f"{where}: {backend}'s modules are private to it")
+    return found
+
+
+def test_every_module_belongs_to_a_known_unit() -> None:
+    units = {unit_of(module_name(p)) for p in all_modules()}
+    assert units <= set(ALLOWED), units - set(ALLOWED)
+
+
+def test_no_import_runs_back_up() -> None:
+    assert violations(all_modules()) == []
+
+
+def test_every_package_says_what_it_owns() -> None:
+    for init in sorted((ROOT / "gateway").glob("*/__init__.py")) + sorted(
+        (ROOT / "storage_backends").glob("*/__init__.py")
+    ):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+        assert doc and "import" in doc, (
+            f"{init.relative_to(ROOT)}: docstring must say what it owns and may import"
+        )
+
+
+@pytest.mark.parametrize(
+    ("where", "line", "why"),
+    [
+        (
+            "gateway/identity/principal.py",
+            "from ..http.errors import ApiError",
+            "identity may not import http",
+        ),
+        (
+            "gateway/telemetry/metrics.py",
+            "from ..backups import storage",
+            "telemetry may not import backups",
+        ),
+        (
+            "storage_backends/base.py",
+            "from gateway.config import Config",
+            "storage_backends may not import config",
+        ),
+        (
+            "gateway/tools/demo.py",
+            "from storage_backends.local.fs import SIDECAR_SUFFIX",
+            "private to it",
+        ),
+        (
+            "gateway/backups/delete.py",
+            "from storage_backends.s3.store import S3BackupStore",
+            "private to it",
+        ),
+    ],
+)
+def test_a_back_edge_added_by_hand_fails(tmp_path: Path, where: str, line: str, why: str) -> None:
+    """The checker itself: the same module with one bad import added is reported."""
+    original = ROOT / where
+    planted = original.with_name(original.stem + "_planted_for_test.py")
+    planted.write_text(original.read_text(encoding="utf-8") + f"\n{line}\n", encoding="utf-8")
+    try:
+        found = violations([planted])
+    finally:
+        planted.unlink()
+    assert any(why in v for v in found), found
