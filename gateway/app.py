@@ -37,6 +37,10 @@ def create_app(
         handler_args={
             "max_line_size": config.server.max_line_size,
             "max_field_size": config.server.max_field_size,
+            "keepalive_timeout": config.server.keepalive_timeout_seconds,
+            # A body the handler did not read is never drained: the connection closes
+            # after the answer (an early refusal, a refused chunked request).
+            "lingering_time": 0,
         },
     )
     app[CONFIG] = config

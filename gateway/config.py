@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ class ServerConfig:
     # on SIGTERM, in-flight requests get this long to finish
     shutdown_grace_seconds: float = 10.0
     workers: int = 1
+    # a connection's first request head must be complete this soon, or it is aborted
+    request_head_timeout_seconds: float = 5.0
+    # an idle keep-alive connection (or one part-way through its next head) is closed after
+    keepalive_timeout_seconds: float = 15.0
+    # connections open at once per process; beyond it new ones are reset at accept
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True)
@@ -129,9 +136,16 @@ def validate(config: Config) -> None:
         raise ConfigError("server.base_path", "must start with / and not end with /")
     if server.workers < 1:
         raise ConfigError("server.workers", "must be at least 1")
-    for name in ("request_timeout_seconds", "shutdown_grace_seconds"):
-        if getattr(server, name) <= 0:
-            raise ConfigError(f"server.{name}", "must be positive")
+    for name in (
+        "request_timeout_seconds",
+        "shutdown_grace_seconds",
+        "request_head_timeout_seconds",
+        "keepalive_timeout_seconds",
+    ):
+        if not 0 < getattr(server, name) < math.inf:
+            raise ConfigError(f"server.{name}", "must be a positive, finite number")
+    if server.max_connections < 1:
+        raise ConfigError("server.max_connections", "must be at least 1")
 
     if not auth.algorithms:
         raise ConfigError("auth.algorithms", "must list at least one algorithm")

@@ -8,27 +8,56 @@ import multiprocessing
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from .app import create_app
 from .config import Config, load_config
+from .http.connections import (
+    ConnectionGuard,
+    QuietLoopErrors,
+    connection_cap,
+    raise_open_files_limit,
+)
 from .telemetry.logs import configure_logging
+from .telemetry.metrics import METRICS
 
 log = logging.getLogger("gateway")
 
 
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose sites accept connections through a ConnectionGuard."""
+
+    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    @property
+    def server(self) -> Any:  # the sites hand this factory to loop.create_server()
+        inner = super().server
+        return None if inner is None else self.guard.wrap(inner)
+
+
 async def serve_async(config: Config, reuse_port: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(QuietLoopErrors())
+    open_files = raise_open_files_limit()
+    guard = ConnectionGuard(
+        connection_cap(config.server.max_connections, open_files),
+        config.server.request_head_timeout_seconds,
+    )
     app = create_app(config)
-    runner = web.AppRunner(
+    app[METRICS].connection_stats = guard.stats
+    runner = GuardedRunner(
         app,
+        guard,
         access_log=None,  # ours, with route templates and user ids, is in request_context
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_grace_seconds,
     )
     await runner.setup()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:

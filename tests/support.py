@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import botocore.session
+import yaml
 from botocore.config import Config as BotoConfig
 from jose import jwt
 
@@ -285,13 +287,38 @@ def http(method: str, url: str, token: str | None = None) -> tuple[int, dict[str
         return err.code, json.loads(err.read())
 
 
-def serve_gateway(config: Path, *args: str) -> subprocess.Popen[str]:
-    """`python -m gateway serve --config CONFIG [ARGS]` as a real process, output captured."""
+def write_config(tmp_path: Path, port: int, storage: dict[str, Any], **extra: Any) -> Path:
+    """A config file for a gateway process on `port`, with the test directory beside it."""
+    (tmp_path / "directory.yaml").write_text(yaml.safe_dump(DIRECTORY))
+    path = tmp_path / "config.yaml"
+    sections: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "auth": {"secret": SECRET},
+        "storage": storage,
+    }
+    for name, value in extra.items():
+        sections[name] = {**sections.get(name, {}), **value}
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def serve_gateway(config: Path, *args: str, open_files: int | None = None) -> subprocess.Popen[str]:
+    """`python -m gateway serve --config CONFIG [ARGS]` as a real process, output captured.
+
+    `open_files` starts it with that soft RLIMIT_NOFILE (the hard limit unchanged), as a
+    service manager's default of 1,024 would."""
+
+    def limit() -> None:
+        if open_files is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
     return subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=limit if open_files is not None else None,
     )
 
 

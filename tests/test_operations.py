@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestClient
 
 from gateway.telemetry.metrics import Metrics
@@ -24,8 +23,6 @@ from gateway.telemetry.metrics import Metrics
 from .conftest import StartGateway
 from .faultproxy import FaultProxy
 from .support import (
-    DIRECTORY,
-    SECRET,
     LocalHarness,
     MotoServer,
     S3Harness,
@@ -38,6 +35,7 @@ from .support import (
     serve_gateway,
     token_for,
     wait_for_port,
+    write_config,
 )
 from .support import (
     delete_as as delete,
@@ -338,21 +336,6 @@ async def test_saturation_is_503_with_retry_after(
 
 
 # ---- graceful shutdown and workers (real processes)
-
-
-def write_config(tmp_path: Path, port: int, storage: dict[str, Any], **extra: Any) -> Path:
-    (tmp_path / "directory.yaml").write_text(yaml.safe_dump(DIRECTORY))
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"host": "127.0.0.1", "port": port, **extra.get("server", {})},
-                "auth": {"secret": SECRET},
-                "storage": storage,
-            }
-        )
-    )
-    return path
 
 
 async def test_sigterm_lets_an_in_flight_delete_finish(

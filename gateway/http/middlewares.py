@@ -66,7 +66,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     metrics.in_flight += 1
     status = 499  # client went away before an answer
     try:
-        response = await handler(request)
+        if "Transfer-Encoding" in request.headers:
+            response = refuse_transfer_encoding(request)
+        else:
+            response = await handler(request)
         status = response.status
         response.headers["X-Request-ID"] = request_id
         return response
@@ -89,6 +92,24 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                     "organization_id": principal.organization_id if principal else None,
                 },
             )
+
+
+def refuse_transfer_encoding(request: web.Request) -> web.StreamResponse:
+    """No route takes a chunked body: refuse it, and read nothing more on this connection.
+
+    aiohttp's C parser (3.14.5) carries the last trailer field of a chunked message into
+    the next request's headers on the same connection: behind a proxy that pools
+    connections, a token sent as one request's trailer authorized the next request.
+    Stopping the protocol here means no later request of this connection, pipelined or
+    not, is ever parsed or handled; the answer says `Connection: close`.
+    """
+    request.protocol.close()
+    if request.method == "POST":  # the upload route: it needs a Content-Length
+        response = envelope(411, "Content-Length required")
+    else:
+        response = envelope(400, "Transfer-Encoding is not accepted")
+    response.force_close()
+    return response
 
 
 @web.middleware

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -53,6 +53,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.in_flight = 0
+        # (open, refused, head timeouts) of the serving process's connection guard, when set
+        self.connection_stats: Callable[[], tuple[int, int, int]] | None = None
         self._requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self._request_latency: defaultdict[str, _Histogram] = defaultdict(_Histogram)
         self._storage: defaultdict[tuple[str, str, str], int] = defaultdict(int)
@@ -96,6 +98,21 @@ class Metrics:
         yield GaugeMetricFamily(
             "gateway_http_requests_in_flight", "Requests being handled", value=self.in_flight
         )
+        if self.connection_stats is not None:
+            open_, refused, head_timeouts = self.connection_stats()
+            yield GaugeMetricFamily(
+                "gateway_connections_open", "Client connections open", value=open_
+            )
+            yield CounterMetricFamily(
+                "gateway_connections_refused",
+                "Connections reset at accept: over server.max_connections",
+                value=refused,
+            )
+            yield CounterMetricFamily(
+                "gateway_connection_head_timeouts",
+                "Connections aborted: no complete request head in time",
+                value=head_timeouts,
+            )
         storage = CounterMetricFamily(
             "gateway_storage_operations",
             "Storage operations",

@@ -1,0 +1,295 @@
+"""Attacks on connections rather than requests, against a real gateway process.
+
+Slowloris (idle and trickling connections), the connection cap, idle keep-alive, and the
+chunked-trailer smuggling of aiohttp's C parser behind a pooling proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.http.connections import QuietLoopErrors
+
+from .support import (
+    LocalHarness,
+    bearer,
+    free_port,
+    location_for,
+    new_backup_id,
+    serve_gateway,
+    token_for,
+    wait_for_port,
+    write_config,
+)
+
+
+class Gateway:
+    def __init__(self, port: int, harness: LocalHarness, proc: subprocess.Popen[str]):
+        self.port = port
+        self.harness = harness
+        self.proc = proc
+        self.output = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.output, _ = self.proc.communicate(timeout=30)
+        return self.output
+
+
+@contextlib.contextmanager
+def gateway_process(
+    tmp_path: Path, open_files: int | None = None, **server: Any
+) -> Iterator[Gateway]:
+    port = free_port()
+    harness = LocalHarness(tmp_path / "backups")
+    config = write_config(
+        tmp_path, port, harness.storage(), server=server, logging={"level": "INFO"}
+    )
+    proc = serve_gateway(config, open_files=open_files)
+    gateway = Gateway(port, harness, proc)
+    try:
+        wait_for_port(port, proc=proc)
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+    """True when the server closes (EOF or reset) the connection within `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            while await reader.read(4096):
+                pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def opened(port: int, count: int) -> AsyncIterator[list[tuple[Any, Any]]]:
+    streams = []
+    try:
+        for _ in range(count):
+            streams.append(await asyncio.open_connection("127.0.0.1", port))
+        yield streams
+    finally:
+        for _, writer in streams:
+            writer.close()
+
+
+async def test_slowloris_does_not_take_the_gateway_offline(tmp_path: Path) -> None:
+    """1,100 idle and trickling connections against a process started with 1,024 open files
+    (a service manager's default): 20 real deletes still succeed in their normal time, and
+    the attackers' connections are closed once their head deadline passes."""
+    with gateway_process(
+        tmp_path, open_files=1024, request_head_timeout_seconds=2, keepalive_timeout_seconds=2
+    ) as gw:
+        ids = [new_backup_id() for _ in range(20)]
+        for bid in ids:
+            gw.harness.put(location_for("org_c1", bid))
+        async with opened(gw.port, 1100) as attackers:
+            trickling = attackers[550:]
+            stop = asyncio.Event()
+
+            async def trickle() -> None:
+                head = b"DELETE /api/systems/sys_c1/backups/x HTTP/1.1\r\nHost: a\r\n"
+                for i in range(len(head)):
+                    for _, writer in trickling:
+                        with contextlib.suppress(ConnectionError, RuntimeError):
+                            writer.write(head[i : i + 1])
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            await stop.wait()
+                    if stop.is_set():
+                        return
+
+            trickler = asyncio.create_task(trickle())
+            await asyncio.sleep(0.5)
+            timings = []
+            async with aiohttp.ClientSession() as session:
+                for bid in ids:
+                    started = time.monotonic()
+                    async with session.delete(
+                        f"{gw.url}/api/systems/sys_c1/backups/{bid}",
+                        headers=bearer(token_for("org_c1")),
+                        timeout=aiohttp.ClientTimeout(total=5),
+                    ) as resp:
+                        assert resp.status == 200, await resp.text()
+                    timings.append(time.monotonic() - started)
+            assert max(timings) < 1.0, timings
+            assert not any(gw.harness.exists(location_for("org_c1", b)) for b in ids)
+            # Every attacker, idle or trickling, is cut off by the head deadline (2 s).
+            closed = await asyncio.gather(*(closed_by_server(r, 4.0) for r, _ in attackers))
+            stop.set()
+            await trickler
+            assert all(closed), f"{closed.count(False)} attacker connections still open"
+        output = gw.stop()
+    assert "open-files limit raised from 1024" in output
+    errors = [json.loads(line) for line in output.splitlines() if '"level":"error"' in line]
+    assert errors == []
+
+
+async def test_over_the_connection_cap_new_connections_are_reset(tmp_path: Path) -> None:
+    with gateway_process(tmp_path, max_connections=20, request_head_timeout_seconds=30) as gw:
+        async with opened(gw.port, 20) as held:
+            await asyncio.sleep(0.3)
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert await closed_by_server(reader, 2.0)
+            writer.close()
+            assert len(held) == 20
+        await asyncio.sleep(0.3)  # the held ones are closed: there is room again
+        async with aiohttp.ClientSession() as session, session.get(f"{gw.url}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    refused = re.search(r"^gateway_connections_refused_total (\S+)$", text, re.M)
+    assert refused is not None and float(refused.group(1)) >= 1
+
+
+async def test_idle_keepalive_connections_are_closed(tmp_path: Path) -> None:
+    with gateway_process(tmp_path, keepalive_timeout_seconds=1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        await writer.drain()
+        status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert await closed_by_server(reader, 5.0)
+        assert time.monotonic() - started < 3.0
+        writer.close()
+
+
+def test_loop_errors_are_logged_at_most_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    handler = QuietLoopErrors(clock=lambda: now[0])
+    context = {"message": "socket.accept() out of system resource", "exception": OSError(24)}
+    with caplog.at_level("ERROR", logger="gateway.http.connections"):
+        for _ in range(1024):  # one accept loop's worth at one tick
+            handler(None, context)  # type: ignore[arg-type]
+        now[0] += 2.0
+        handler(None, context)  # type: ignore[arg-type]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "socket.accept() out of system resource",
+        "socket.accept() out of system resource (1023 more like it in the last 2s)",
+    ]
+
+
+# --------------------------------------------------------------------------- smuggling
+
+
+def smuggling_pair(token: str, victim: str, request_id: str) -> tuple[bytes, bytes]:
+    """Request 1 carries a token as its chunked body's trailer; request 2 has no token."""
+    first = (
+        b"DELETE /api/systems/sys_c1/backups/" + new_backup_id().encode() + b" HTTP/1.1\r\n"
+        b"Host: gateway\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
+    )
+    second = (
+        f"DELETE /api/systems/sys_c1/backups/{victim} HTTP/1.1\r\n"
+        f"Host: gateway\r\nX-Request-ID: {request_id}\r\n\r\n"
+    ).encode()
+    return first, second
+
+
+def read_responses(sock: socket.socket) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+    """Every response the server sends on `sock` until it closes it."""
+    data = b""
+    sock.settimeout(5)
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    responses = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        body, data = rest[:length], rest[length:]
+        responses.append((int(lines[0].split()[1]), headers, json.loads(body or b"{}")))
+    return responses
+
+
+def resend(port: int, request: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """What a pooling proxy does with a request whose connection closed: a new connection."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        return read_responses(sock)[0]
+
+
+@pytest.mark.parametrize("pause", [0.0, 1.0], ids=["pipelined", "one-second-apart"])
+async def test_a_chunked_trailer_never_authorizes_the_next_request(
+    tmp_path: Path, pause: float
+) -> None:
+    with gateway_process(tmp_path) as gw:
+        victim = new_backup_id()
+        gw.harness.put(location_for("org_c1", victim))
+        first, second = smuggling_pair(token_for("org_c1"), victim, "second-request")
+
+        def attack() -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+            with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+                if pause:
+                    sock.sendall(first)
+                    time.sleep(pause)
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        sock.sendall(second)
+                else:
+                    sock.sendall(first + second)
+                return read_responses(sock)
+
+        answered = await asyncio.to_thread(attack)
+        # The chunked request is refused and its connection closed: the second request is
+        # never read from it.
+        assert [status for status, _, _ in answered] == [400]
+        assert answered[0][1]["connection"].lower() == "close"
+        assert gw.harness.exists(location_for("org_c1", victim))
+        # Re-sent on a fresh connection, it is answered as sent: no token, 401.
+        status, headers, body = await asyncio.to_thread(resend, gw.port, second)
+        assert status == 401
+        assert headers["x-request-id"] == "second-request"
+        assert body == {"code": 401, "message": "invalid token", "data": {}}
+        assert gw.harness.exists(location_for("org_c1", victim))
+
+
+async def test_transfer_encoding_is_refused_on_every_route(local_gateway: Any) -> None:
+    for method, path, status in [
+        ("DELETE", f"/api/systems/sys_c1/backups/{new_backup_id()}", 400),
+        ("GET", "/healthz", 400),
+        ("GET", "/no/such/route", 400),
+        ("POST", "/api/systems/backups", 411),
+    ]:
+        resp = await local_gateway.request(
+            method,
+            path,
+            data=iter_body(),
+            headers={"X-Request-ID": f"te-{status}", **bearer(token_for("org_c1"))},
+        )
+        body = await resp.json()
+        assert resp.status == status, (method, path)
+        assert body["code"] == status
+        assert resp.headers["X-Request-ID"] == f"te-{status}"
+        assert resp.headers["Connection"].lower() == "close"
+
+
+async def iter_body() -> AsyncIterator[bytes]:
+    yield b"chunk"
