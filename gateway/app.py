@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -10,19 +10,19 @@ from storage_backends import create_store
 
 from . import routes
 from .backups.storage import STORE
+from .backups.usage import USAGE_COUNTER, UsageCounter
 from .config import CONFIG, Config
-from .directory import DIRECTORY, Directory, load_file_directory
+from .directory import DIRECTORY, Directory, create_directory
 from .http.authentication import PROTECTED_ROUTES, authenticate
 from .http.backpressure import STORAGE_GATE, StorageGate
 from .http.deadlines import DEADLINES, RequestDeadlines
 from .http.middlewares import deadline, error_envelope, request_context
+from .identity.revocation import REVOCATION, RevocationChecker
 from .identity.tokens import VERIFIER, TokenVerifier
 from .operations.api_document import API_DOCUMENT, render
+from .operations.health import READINESS
+from .redis_clients import redis_client
 from .telemetry.metrics import METRICS, Metrics
-
-
-def load_directory(config: Config) -> Directory:
-    return load_file_directory(config.directory.path)
 
 
 def create_app(
@@ -30,8 +30,9 @@ def create_app(
     directory: Directory | None = None,
     verifier: TokenVerifier | None = None,
 ) -> web.Application:
-    """Build the app. Loads the directory and keys now, so a broken one fails start-up;
-    the storage client is made in cleanup_ctx and never contacts storage at start-up."""
+    """Build the app. Loads the directory file and keys now, so a broken one fails start-up;
+    clients (storage, database pool, Redis) are made in cleanup_ctx and contact nothing at
+    start-up: a server that is down makes the gateway unready, it does not stop it."""
     app = web.Application(
         middlewares=[request_context, error_envelope, deadline, authenticate],
         handler_args={
@@ -44,9 +45,10 @@ def create_app(
         },
     )
     app[CONFIG] = config
-    app[DIRECTORY] = directory if directory is not None else load_directory(config)
-    app[VERIFIER] = verifier if verifier is not None else TokenVerifier(config.auth)
     app[METRICS] = Metrics()
+    app[DIRECTORY] = directory if directory is not None else create_directory(config.directory)
+    app[DIRECTORY].export_metrics(app[METRICS])
+    app[VERIFIER] = verifier if verifier is not None else TokenVerifier(config.auth)
     app[DEADLINES] = RequestDeadlines(config.server.request_timeout_seconds)
     app[STORAGE_GATE] = StorageGate(
         config.limits.max_concurrent_storage_operations,
@@ -57,8 +59,20 @@ def create_app(
         table = [r for r in table if r.name != "metrics"]
     app[PROTECTED_ROUTES] = routes.install(app, table)
     app[API_DOCUMENT] = render(config.server.base_path)
-    app.cleanup_ctx.append(_storage)
+    probes: dict[str, Callable[[], Awaitable[None]]] = {
+        "directory": lambda: app[DIRECTORY].check_ready(),
+        "storage": lambda: app[STORE].check_ready(),
+    }
+    app[READINESS] = probes
+    app.cleanup_ctx.extend([_directory, _storage, _redis])
     return app
+
+
+async def _directory(app: web.Application) -> AsyncIterator[None]:
+    directory = app[DIRECTORY]
+    await directory.start()
+    yield
+    await directory.close()
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
@@ -67,3 +81,24 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    """The platform's Redis, when configured: revocations and the usage counter."""
+    config = app[CONFIG]
+    url = config.redis.url
+    revocation = config.auth.revocation
+    if url and revocation.enabled:
+        checker = RevocationChecker(revocation, redis_client(url, revocation.db))
+        checker.export_metrics(app[METRICS])
+        app[REVOCATION] = checker
+        app[READINESS]["redis"] = checker.check_ready
+    if url and config.storage.usage_counter.enabled:
+        counter = UsageCounter(redis_client(url, config.storage.usage_counter.db))
+        counter.export_metrics(app[METRICS])
+        app[USAGE_COUNTER] = counter
+    yield
+    if REVOCATION in app:
+        await app[REVOCATION].close()
+    if USAGE_COUNTER in app:
+        await app[USAGE_COUNTER].close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -10,10 +11,16 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .config_loader import ConfigError
-from .directory import DirectoryError, load_file_directory
+from .directory import (
+    DirectoryError,
+    DirectoryUnavailable,
+    create_directory,
+    load_file_directory,
+)
 from .identity.tokens import DEFAULT_PERMISSIONS, mint_token
 
 EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 1  # check-config: valid, but a configured server does not answer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             _check(config)
             print(f"{args.config}: ok")
-            return 0
+            unreachable = [line for line in asyncio.run(_reach(config)) if not _report(line)]
+            return EXIT_UNREACHABLE if unreachable else 0
         if args.command == "token":
             if not config.auth.is_hmac:
                 raise ConfigError("auth.algorithms", "token needs an HMAC algorithm (HS256)")
@@ -112,8 +120,56 @@ def _check(config: Config) -> None:
     """Everything start-up would refuse: directory file and signing keys. Never storage."""
     from .identity.tokens import TokenVerifier
 
-    load_file_directory(config.directory.path)
+    if config.directory.kind == "file":
+        load_file_directory(config.directory.path)
     TokenVerifier(config.auth)
+
+
+async def _reach(config: Config) -> list[tuple[str, str | None]]:
+    """(server, None when it answers, else why not) for the platform's servers configured."""
+    results: list[tuple[str, str | None]] = []
+    if config.directory.kind == "postgres":
+        directory = create_directory(config.directory)
+        await directory.start()
+        try:
+            await directory.check_ready()
+            results.append(("directory (postgres)", None))
+        except DirectoryUnavailable as exc:
+            results.append(("directory (postgres)", str(exc)))
+        finally:
+            await directory.close()
+    url = config.redis.url
+    if url:
+        from redis.exceptions import RedisError
+
+        from .redis_clients import TIMEOUT_SECONDS, redis_client
+
+        for name, db, used in (
+            ("redis revocation", config.auth.revocation.db, config.auth.revocation.enabled),
+            (
+                "redis usage counter",
+                config.storage.usage_counter.db,
+                config.storage.usage_counter.enabled,
+            ),
+        ):
+            if not used:
+                continue
+            client = redis_client(url, db)
+            try:
+                async with asyncio.timeout(TIMEOUT_SECONDS):
+                    await client.ping()
+                results.append((f"{name} (db {db})", None))
+            except (RedisError, OSError, TimeoutError) as exc:
+                results.append((f"{name} (db {db})", type(exc).__name__))
+            finally:
+                await client.aclose()
+    return results
+
+
+def _report(result: tuple[str, str | None]) -> bool:
+    name, problem = result
+    print(f"{name}: {'answers' if problem is None else 'does not answer: ' + problem}")
+    return problem is None
 
 
 if __name__ == "__main__":

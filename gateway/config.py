@@ -45,6 +45,18 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class RevocationConfig:
+    """The platform's token blacklists in Redis (DESIGN.md §7)."""
+
+    enabled: bool = False
+    db: int = 0
+    # how stale a "not revoked" answer may be
+    cache_seconds: float = 1.0
+    # deny: 503 while Redis cannot answer; allow: let the token through
+    on_error: Literal["deny", "allow"] = "deny"
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     algorithms: tuple[str, ...] = ("HS256",)
     secret: str | None = field(default=None, repr=False)
@@ -55,6 +67,7 @@ class AuthConfig:
     leeway_seconds: int = 30
     # verified tokens are remembered by hash until they expire, saving a signature check
     cache_size: int = 4096
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
 
     @property
     def is_hmac(self) -> bool:
@@ -62,9 +75,31 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class PostgresDirectoryConfig:
+    # the platform's database; a read-only role is enough (the gateway never writes)
+    dsn: str | None = field(default=None, repr=False)
+    # the Owner organization is in no table: its logto_id
+    owner_organization_id: str | None = None
+    # the most an answer may lag the database
+    cache_seconds: float = 5.0
+    # connections per gateway process, readiness probes included
+    pool_size: int = 4
+    statement_timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
 class DirectoryConfig:
-    kind: Literal["file"] = "file"
+    kind: Literal["file", "postgres"] = "file"
     path: Path = Path("directory.yaml")
+    # file: how often a change is looked for (SIGHUP: at once)
+    reload_seconds: float = 2.0
+    postgres: PostgresDirectoryConfig = field(default_factory=PostgresDirectoryConfig)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    # the platform's Redis; empty: no Redis feature
+    url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -92,6 +127,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -170,6 +206,8 @@ def validate(config: Config) -> None:
     if auth.leeway_seconds < 0:
         raise ConfigError("auth.leeway_seconds", "must not be negative")
 
+    _validate_platform(config)
+
     if storage.operation_timeout_seconds <= 0:
         raise ConfigError("storage.operation_timeout_seconds", "must be positive")
     if storage.backend == "s3":
@@ -187,3 +225,37 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.local.threads", "must be at least 1")
     if config.limits.max_concurrent_storage_operations < 1:
         raise ConfigError("limits.max_concurrent_storage_operations", "must be at least 1")
+
+
+def _validate_platform(config: Config) -> None:
+    directory, redis = config.directory, config.redis
+    if not 0 < directory.reload_seconds < math.inf:
+        raise ConfigError("directory.reload_seconds", "must be a positive, finite number")
+    if directory.kind == "postgres":
+        pg = directory.postgres
+        if not pg.dsn:
+            raise ConfigError("directory.postgres.dsn", "required when directory.kind is postgres")
+        if not pg.owner_organization_id:
+            raise ConfigError(
+                "directory.postgres.owner_organization_id",
+                "required when directory.kind is postgres (the Owner organization is in no table)",
+            )
+        if pg.pool_size < 1:
+            raise ConfigError("directory.postgres.pool_size", "must be at least 1")
+        for name in ("cache_seconds", "statement_timeout_seconds"):
+            value = getattr(pg, name)
+            if not 0 <= value < math.inf or (name != "cache_seconds" and value == 0):
+                raise ConfigError(f"directory.postgres.{name}", "must be a finite number > 0")
+    revocation = config.auth.revocation
+    if revocation.enabled and not redis.url:
+        raise ConfigError("auth.revocation.enabled", "needs redis.url")
+    if not 0 <= revocation.cache_seconds < math.inf:
+        raise ConfigError("auth.revocation.cache_seconds", "must be a finite number >= 0")
+    if config.storage.usage_counter.enabled and not redis.url:
+        raise ConfigError("storage.usage_counter.enabled", "needs redis.url")
+    for name, db in (
+        ("auth.revocation.db", revocation.db),
+        ("storage.usage_counter.db", config.storage.usage_counter.db),
+    ):
+        if db < 0:
+            raise ConfigError(name, "must not be negative")

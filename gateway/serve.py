@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, load_config
+from .directory import DIRECTORY
 from .http.connections import (
     ConnectionGuard,
     QuietLoopErrors,
@@ -48,7 +49,7 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
         config.server.request_head_timeout_seconds,
     )
     app = create_app(config)
-    app[METRICS].connection_stats = guard.stats
+    guard.export(app[METRICS])
     runner = GuardedRunner(
         app,
         guard,
@@ -58,6 +59,7 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     )
     await runner.setup()
     stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, app[DIRECTORY].reload_now)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -114,6 +116,7 @@ def _run_workers(config_path: Path, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     for child in children:
         child.join()
     return 0 if all(c.exitcode == 0 for c in children) else 1

@@ -24,8 +24,17 @@ __all__ = [
     "StorageError",
     "StorageNotConfigured",
     "StorageUnavailable",
+    "UsageCounterConfig",
     "create_store",
 ]
+
+
+@dataclass(frozen=True)
+class UsageCounterConfig:
+    """Drop the platform's per-organization usage counter in Redis after a change (§7)."""
+
+    enabled: bool = False
+    db: int = 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class StorageConfig:
     operation_timeout_seconds: float = 10.0
     local: LocalConfig = field(default_factory=LocalConfig)
     s3: S3Config = field(default_factory=S3Config)
+    usage_counter: UsageCounterConfig = field(default_factory=UsageCounterConfig)
 
 
 BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {

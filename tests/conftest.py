@@ -13,6 +13,7 @@ from gateway import create_app
 from gateway.config import Config
 
 from .faultproxy import FaultProxy
+from .servers import PlatformDatabase, PostgresServer, RedisServer
 from .support import DIRECTORY, LocalHarness, MotoServer, S3Harness, make_config
 
 Harness = LocalHarness | S3Harness
@@ -24,6 +25,47 @@ def moto_server() -> Iterator[MotoServer]:
     server = MotoServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL 18 server with the platform's schema as a template database."""
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def platform_db(postgres_server: PostgresServer) -> PlatformDatabase:
+    """This test's own copy of the platform's database, holding the test directory."""
+    database = PlatformDatabase(postgres_server, await postgres_server.new_database())
+    await database.load(DIRECTORY)
+    return database
+
+
+def postgres_directory(database: PlatformDatabase, **settings: Any) -> dict[str, Any]:
+    """The `directory` config section for the platform's database."""
+    postgres = {"dsn": database.dsn, "owner_organization_id": "org_owner", **settings}
+    return {"kind": "postgres", "postgres": postgres}
+
+
+@pytest.fixture(params=["file", "postgres"])
+async def directory_section(
+    request: pytest.FixtureRequest, postgres_server: PostgresServer
+) -> dict[str, Any]:
+    """Each directory kind in turn, holding the same test directory."""
+    if request.param == "file":
+        return {"kind": "file"}
+    database = PlatformDatabase(postgres_server, await postgres_server.new_database())
+    await database.load(DIRECTORY)
+    return postgres_directory(database)
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -350,12 +352,20 @@ class MotoServer:
         wait_for_port(self.port, proc=self.proc)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
+
+
+def stop_process(
+    proc: subprocess.Popen[Any], signum: int = signal.SIGTERM, grace: float = 5
+) -> None:
+    """Stop a server by its process id: `signum`, then SIGKILL after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def replace_storage(config: Config, **changes: Any) -> Config:

@@ -235,3 +235,33 @@ def test_seed_fills_local_storage_for_a_load_test(tmp_path: Path) -> None:
     assert status == 200 and body["data"] == {"system_id": sid, "backup_id": bid}
     assert not list(root.rglob(bid + "*"))
     assert sum(1 for p in root.rglob("*") if p.is_file()) == 22
+
+
+def test_check_config_reports_whether_the_database_and_redis_answer(
+    tmp_path: Path, platform_db: Any, redis_server: Any
+) -> None:
+    def config_with(dsn: str, redis_url: str) -> Path:
+        return write_config(
+            tmp_path,
+            0,
+            directory={
+                "kind": "postgres",
+                "postgres": {"dsn": dsn, "owner_organization_id": "org_owner"},
+            },
+            redis={"url": redis_url},
+            auth={"secret_file": "data/jwt.secret", "revocation": {"enabled": True}},
+        )
+
+    answered = cli("check-config", "--config", str(config_with(platform_db.dsn, redis_server.url)))
+    assert answered.returncode == 0, answered.stderr
+    assert "directory (postgres): answers" in answered.stdout
+    assert "redis revocation (db 0): answers" in answered.stdout
+    nobody = f"127.0.0.1:{free_port()}"
+    silent = cli(
+        "check-config",
+        "--config",
+        str(config_with(f"postgresql://gateway_ro@{nobody}/platform", f"redis://{nobody}")),
+    )
+    assert silent.returncode == 1
+    assert "directory (postgres): does not answer" in silent.stdout
+    assert "redis revocation (db 0): does not answer" in silent.stdout

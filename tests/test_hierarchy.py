@@ -1,10 +1,17 @@
-"""The hierarchy table of DESIGN.md §3 in full: every caller against every system."""
+"""The hierarchy table of DESIGN.md §3 in full: every caller against every system.
+
+Every test here runs over each directory: the YAML file and the platform's PostgreSQL,
+holding the same organizations and systems; one authorization module decides for both.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from .conftest import StartGateway
 from .support import (
     ORG_IDS,
     LocalHarness,
@@ -14,6 +21,14 @@ from .support import (
     system_id_of,
     token_for,
 )
+
+
+@pytest.fixture
+async def local_gateway(
+    start_gateway: StartGateway, local_harness: LocalHarness, directory_section: dict[str, Any]
+) -> TestClient:
+    return await start_gateway(local_harness.storage(), directory=directory_section)
+
 
 # Written from the table, by hand: which systems' owners each caller may act on.
 ALLOWED: dict[str, set[str]] = {

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "directory": {"config", "telemetry"},
     "http": {"config", "telemetry", "identity", "storage_backends"},
     "backups": {"config", "telemetry", "identity", "directory", "http", "storage_backends"},
-    "operations": {"config", "telemetry", "directory", "http", "backups", "storage_backends"},
+    "operations": {"config", "telemetry", "http"},
     "tools": {"config", "directory", "storage_backends"},
     "wiring": {
         "config",

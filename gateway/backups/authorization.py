@@ -6,19 +6,30 @@ organizations are cut out of the tree: nothing is reached through them.
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
-from ..directory import DIRECTORY, Directory, Organization, System
-from ..http.errors import ApiError
+from ..directory import DIRECTORY, Directory, DirectoryUnavailable, Organization, System
+from ..http.errors import ApiError, directory_unavailable
 from ..identity.principal import PRINCIPAL, Principal
+
+log = logging.getLogger(__name__)
 
 
 async def authorized_system(request: web.Request, system_id: str) -> System:
-    """The live system the caller may act on (404 system not found / 403 access denied)."""
-    system = await request.app[DIRECTORY].system(system_id)
-    if system is None or system.deleted:
-        raise ApiError(404, "system not found")
-    if not await may_act_on(request.app[DIRECTORY], request[PRINCIPAL], system):
+    """The live system the caller may act on (404 system not found / 403 access denied),
+    or 503 when the directory cannot answer (never a stale allow)."""
+    directory = request.app[DIRECTORY]
+    try:
+        system = await directory.system(system_id)
+        if system is None or system.deleted:
+            raise ApiError(404, "system not found")
+        allowed = await may_act_on(directory, request[PRINCIPAL], system)
+    except DirectoryUnavailable as exc:
+        log.warning("directory unavailable: %s", exc)
+        raise directory_unavailable() from None
+    if not allowed:
         raise ApiError(403, "access denied to system")
     return system
 

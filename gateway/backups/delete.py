@@ -14,6 +14,7 @@ from .audit import record_delete
 from .authorization import authorized_system
 from .ids import normalize_backup_id
 from .storage import STORE, run_storage
+from .usage import USAGE_COUNTER
 
 
 async def delete_backup(request: web.Request) -> web.Response:
@@ -31,6 +32,9 @@ async def delete_backup(request: web.Request) -> web.Response:
             raise ApiError(404, "backup not found")
         location = BackupLocation(system.organization_id, system.system_key, backup_id)
         await run_storage(request, "delete", request.app[STORE].delete, location)
+        usage = request.app.get(USAGE_COUNTER)
+        if usage is not None:
+            usage.changed(system.organization_id)
         outcome = "backup deleted"
         return envelope(200, outcome, {"system_id": system.id, "backup_id": backup_id})
     except ApiError as exc:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from ..telemetry.metrics import Metrics
 
 ROLES = ("owner", "distributor", "reseller", "customer")
 # Who may have created whom: the platform's tree is owner -> distributors -> resellers -> customers.
@@ -31,16 +33,29 @@ class Organization:
 class System:
     id: str
     organization_id: str
-    system_key: str | None = None
+    system_key: str | None = None  # None: not registered, so no backups
     deleted: bool = False
+    suspended: bool = False  # refuses uploads only; reads and deletes go on
+    # the appliance's credentials in the platform's format (DESIGN.md §9)
+    secret_public: str | None = None
+    secret_sha256: str | None = field(default=None, repr=False)
 
 
 class DirectoryError(Exception):
     """The directory cannot be loaded; the message names the entry and the problem."""
 
 
+class DirectoryUnavailable(Exception):
+    """The directory cannot answer now (database down, slow, pool exhausted): a 503.
+
+    The message is for logs only."""
+
+
 class Directory(abc.ABC):
-    """Read access to organizations and systems."""
+    """Read access to organizations and systems.
+
+    Implementations answer None for what does not exist, and raise DirectoryUnavailable
+    (never a stale answer) when they cannot tell."""
 
     @abc.abstractmethod
     async def system(self, system_id: str) -> System | None: ...
@@ -48,8 +63,20 @@ class Directory(abc.ABC):
     @abc.abstractmethod
     async def organization(self, organization_id: str) -> Organization | None: ...
 
+    async def start(self) -> None:
+        """Acquire what the directory needs to answer (pools, reload tasks); no I/O needed."""
+
+    async def close(self) -> None:
+        """Release what `start` acquired."""
+
     async def check_ready(self) -> None:
-        """Raise when the directory cannot answer; the file directory always can."""
+        """Raise DirectoryUnavailable when the directory cannot answer now."""
+
+    def reload_now(self) -> None:
+        """Drop what is held and read afresh (SIGHUP); by default nothing is held."""
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        """Register what this directory counts itself (reload failures, ...)."""
 
 
 DIRECTORY = web.AppKey("directory", Directory)

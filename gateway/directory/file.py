@@ -1,12 +1,25 @@
-"""The embedded directory: a YAML file, validated whole when it loads."""
+"""The embedded directory: a YAML file, validated whole when it loads, reloaded when it changes.
+
+A change takes effect within `directory.reload_seconds` (at once on SIGHUP): the file is
+parsed and validated off the event loop and swapped in whole, in one assignment, so a
+request sees either the old directory or the new one. A file that fails validation, or has
+gone missing, leaves the last good one in service; each bad version is logged once (one
+line naming the entry or the YAML line) and counted.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..telemetry.metrics import Metrics
 from .base import (
     ALLOWED_PARENT_ROLES,
     ROLES,
@@ -16,6 +29,10 @@ from .base import (
     Organization,
     System,
 )
+
+log = logging.getLogger(__name__)
+_SECRET_PUBLIC = re.compile(r"[A-Za-z0-9]{1,128}", re.ASCII)
+_SECRET_SHA256 = re.compile(r"[0-9a-f]{2,128}:[0-9a-f]{64}", re.ASCII)
 
 
 class InMemoryDirectory(Directory):
@@ -38,6 +55,95 @@ class InMemoryDirectory(Directory):
     @property
     def systems(self) -> list[System]:
         return list(self._systems.values())
+
+
+class FileDirectory(Directory):
+    """The YAML file's directory, reloaded in the background while the app runs."""
+
+    def __init__(self, path: Path, reload_seconds: float) -> None:
+        self._path = path
+        self._interval = reload_seconds
+        self._seen = _signature(path)  # the version in service (or last refused)
+        self._current = load_file_directory(path)  # a broken file fails start-up
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.reload_failures = 0
+
+    async def system(self, system_id: str) -> System | None:
+        return await self._current.system(system_id)
+
+    async def organization(self, organization_id: str) -> Organization | None:
+        return await self._current.organization(organization_id)
+
+    @property
+    def current(self) -> InMemoryDirectory:
+        return self._current
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._watch(), name="directory-reload")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        metrics.add_reading(
+            "counter",
+            "gateway_directory_reload_failures",
+            "Versions of the directory file refused on reload (the last good one stayed)",
+            lambda: self.reload_failures,
+        )
+
+    def reload_now(self) -> None:
+        """Look for a change at once (SIGHUP)."""
+        self._wake.set()
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.check_for_change()
+
+    async def check_for_change(self) -> bool:
+        """Reload when the file changed; True when a new version went into service."""
+        signature = await asyncio.to_thread(_signature, self._path)
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        try:
+            if signature is None:
+                raise DirectoryError(f"directory file {self._path} has gone missing")
+            fresh = await asyncio.to_thread(load_file_directory, self._path)
+        except DirectoryError as exc:
+            self.reload_failures += 1
+            log.error("directory not reloaded, the last good one stays in service: %s", exc)
+            return False
+        self._current = fresh
+        log.info(
+            "directory reloaded",
+            extra={
+                "fields": {
+                    "organizations": len(fresh.organizations),
+                    "systems": len(fresh.systems),
+                }
+            },
+        )
+        return True
+
+
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when the file does: inode (an atomic rename), size, mtime and ctime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def load_file_directory(path: Path) -> InMemoryDirectory:
@@ -96,10 +202,10 @@ def _component(entry: dict[str, Any], key: str, where: str, required: bool = Tru
     return value
 
 
-def _flag(entry: dict[str, Any], where: str) -> bool:
-    value = entry.get("deleted", False)
+def _flag(entry: dict[str, Any], where: str, key: str = "deleted") -> bool:
+    value = entry.get(key, False)
     if not isinstance(value, bool):
-        raise DirectoryError(f"{where}: deleted must be true or false")
+        raise DirectoryError(f"{where}: {key} must be true or false")
     return value
 
 
@@ -116,7 +222,20 @@ def _organization(entry: Any, where: str) -> Organization:
 
 
 def _system(entry: Any, where: str) -> System:
-    entry = _fields(entry, where, {"id", "system_key", "organization_id", "deleted", "name"})
+    entry = _fields(
+        entry,
+        where,
+        {
+            "id",
+            "system_key",
+            "organization_id",
+            "deleted",
+            "suspended",
+            "name",
+            "system_secret_public",
+            "system_secret_sha256",
+        },
+    )
     system_id = _component(entry, "id", where)
     assert system_id is not None
     where = f"{where} ({system_id})"
@@ -127,15 +246,32 @@ def _system(entry: Any, where: str) -> System:
         organization_id=org_id,
         system_key=_component(entry, "system_key", where, required=False),
         deleted=_flag(entry, where),
+        suspended=_flag(entry, where, "suspended"),
+        secret_public=_matching(entry, "system_secret_public", _SECRET_PUBLIC, where),
+        secret_sha256=_matching(entry, "system_secret_sha256", _SECRET_SHA256, where),
     )
+
+
+def _matching(entry: dict[str, Any], key: str, pattern: re.Pattern[str], where: str) -> str | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise DirectoryError(f"{where}: {key} is not in the platform's format")
+    return value
 
 
 def _check_organizations(organizations: list[Organization]) -> None:
     by_id: dict[str, Organization] = {}
+    folded: dict[str, str] = {}
     for org in organizations:
         if org.id in by_id:
             raise DirectoryError(f"organization {org.id}: duplicate id")
         by_id[org.id] = org
+        # Organization ids are folder names: on a case-insensitive disk these would share one.
+        other = folded.setdefault(org.id.lower(), org.id)
+        if other != org.id:
+            raise DirectoryError(f"organization {org.id}: id differs from {other} only in case")
     for org in organizations:
         if org.parent is not None and org.parent not in by_id:
             raise DirectoryError(f"organization {org.id}: parent {org.parent!r} is not defined")
@@ -163,6 +299,7 @@ def _check_organizations(organizations: list[Organization]) -> None:
 def _check_systems(systems: list[System], organization_ids: set[str]) -> None:
     seen_ids: set[str] = set()
     seen_keys: dict[str, str] = {}
+    folded_keys: dict[str, str] = {}
     for system in systems:
         if system.id in seen_ids:
             raise DirectoryError(f"system {system.id}: duplicate id")
@@ -176,3 +313,9 @@ def _check_systems(systems: list[System], organization_ids: set[str]) -> None:
             other = seen_keys.setdefault(system.system_key, system.id)
             if other != system.id:
                 raise DirectoryError(f"system {system.id}: system_key also used by {other}")
+            # Keys are folder names: on a case-insensitive disk these would share one.
+            key = folded_keys.setdefault(system.system_key.lower(), system.system_key)
+            if key != system.system_key:
+                raise DirectoryError(
+                    f"system {system.id}: system_key differs from {key} only in case"
+                )

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..identity.principal import PRINCIPAL
+from ..identity.revocation import REVOCATION, RevocationUnavailable, TokenRevoked
 from ..identity.tokens import VERIFIER, InvalidToken
 from .errors import ApiError, invalid_token
 
@@ -44,6 +45,19 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     except InvalidToken as exc:
         log.debug("token refused: %s", exc)
         raise invalid_token() from None
+    revocation = request.app.get(REVOCATION)
+    if revocation is not None:
+        try:
+            await revocation.check(token, principal)
+        except TokenRevoked:
+            raise ApiError(
+                401, "token has been revoked", headers={"WWW-Authenticate": "Bearer"}
+            ) from None
+        except RevocationUnavailable as exc:
+            log.warning("revocation unknown: %s", exc)
+            raise ApiError(
+                503, "security service unavailable", headers={"Retry-After": "1"}
+            ) from None
     request[PRINCIPAL] = principal
     if not principal.can(permission):
         raise ApiError(403, "insufficient permissions")

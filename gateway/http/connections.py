@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..telemetry.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 # descriptors kept free of connections: listening sockets, the I/O process, logs, clients
@@ -69,9 +71,22 @@ class ConnectionGuard:
         self.refused = 0  # reset at accept: over the cap
         self.head_timeouts = 0  # aborted: no complete request head in time
 
-    def stats(self) -> tuple[int, int, int]:
-        """(open, refused, head_timeouts), for the metrics."""
-        return self.open, self.refused, self.head_timeouts
+    def export(self, metrics: Metrics) -> None:
+        metrics.add_reading(
+            "gauge", "gateway_connections_open", "Client connections open", lambda: self.open
+        )
+        metrics.add_reading(
+            "counter",
+            "gateway_connections_refused",
+            "Connections reset at accept: over server.max_connections",
+            lambda: self.refused,
+        )
+        metrics.add_reading(
+            "counter",
+            "gateway_connection_head_timeouts",
+            "Connections aborted: no complete request head in time",
+            lambda: self.head_timeouts,
+        )
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for loop.create_server() around aiohttp's `factory`."""

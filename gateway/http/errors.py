@@ -40,6 +40,10 @@ def validation_failed(key: str, value: str) -> ApiError:
     )
 
 
+def directory_unavailable() -> ApiError:
+    return ApiError(503, "directory unavailable", headers={"Retry-After": "1"})
+
+
 def external_api_error(message: str) -> ApiError:
     return ApiError(502, message, {"type": "external_api_error", "errors": []})
 

@@ -11,12 +11,13 @@ MANAGE_SYSTEMS = "manage:systems"
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    user_id: str
+    user_id: str  # empty for the platform's Owner-organization tokens
     username: str | None
     organization_id: str
     org_role: str  # lower-cased
     permissions: frozenset[str]  # user_permissions and org_permissions together
     expires_at: float
+    logto_id: str | None = None  # the user's id at the platform's identity provider
 
     def can(self, permission: str) -> bool:
         return permission in self.permissions

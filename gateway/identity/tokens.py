@@ -145,12 +145,16 @@ class TokenVerifier:
         user = claims.get("user")
         if not isinstance(user, dict):
             raise InvalidToken("user claim missing or not an object")
-        user_id = user.get("id", claims.get("sub"))
+        # The platform's Owner-organization tokens carry an empty user.id and no sub.
+        user_id = user.get("id", claims.get("sub", ""))
         org_id = user.get("organization_id")
         role = user.get("org_role")
         username = user.get("username")
-        if not isinstance(user_id, str) or not user_id:
-            raise InvalidToken("user id missing")
+        logto_id = user.get("logto_id")
+        if not isinstance(user_id, str):
+            raise InvalidToken("user id is not a string")
+        if logto_id is not None and not isinstance(logto_id, str):
+            raise InvalidToken("user.logto_id is not a string")
         if not isinstance(org_id, str) or not org_id:
             raise InvalidToken("user.organization_id missing")
         if not isinstance(role, str) or not role:
@@ -168,6 +172,7 @@ class TokenVerifier:
             org_role=role.lower(),
             permissions=permissions,
             expires_at=exp,
+            logto_id=logto_id or None,
         )
 
 

@@ -1,5 +1,6 @@
 """Operations: the routes operators poll — liveness, readiness, metrics, the OpenAPI document.
 
-Outside auth and cheap. It may import the lower packages (`gateway.config`, `telemetry`,
-`http`, `directory`) and `gateway.backups` only for the store's app key.
+Outside auth and cheap. What /readyz probes is registered by the wiring (directory,
+storage, Redis), so this package knows none of them. It may import `gateway.config`,
+`gateway.telemetry` and `gateway.http`.
 """

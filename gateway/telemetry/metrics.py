@@ -12,6 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -53,8 +54,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.in_flight = 0
-        # (open, refused, head timeouts) of the serving process's connection guard, when set
-        self.connection_stats: Callable[[], tuple[int, int, int]] | None = None
+        # numbers other parts keep themselves, read at scrape time: (kind, name, help, read)
+        self._readings: list[tuple[str, str, str, Callable[[], float]]] = []
         self._requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self._request_latency: defaultdict[str, _Histogram] = defaultdict(_Histogram)
         self._storage: defaultdict[tuple[str, str, str], int] = defaultdict(int)
@@ -71,6 +72,17 @@ class Metrics:
     def storage_operation(self, backend: str, operation: str, outcome: str, seconds: float) -> None:
         self._storage[backend, operation, outcome] += 1
         self._storage_latency[backend, operation].observe(seconds)
+
+    def add_reading(
+        self,
+        kind: Literal["counter", "gauge"],
+        name: str,
+        documentation: str,
+        read: Callable[[], float],
+    ) -> None:
+        """Export a number that its owner keeps (a counter without `_total`), read when
+        scraped: the owner needs no reference to this object on its own hot path."""
+        self._readings.append((kind, name, documentation, read))
 
     def delete_decided(self, outcome: str) -> None:
         """Count a delete by its outcome message ("backup not found" -> backup_not_found)."""
@@ -98,21 +110,9 @@ class Metrics:
         yield GaugeMetricFamily(
             "gateway_http_requests_in_flight", "Requests being handled", value=self.in_flight
         )
-        if self.connection_stats is not None:
-            open_, refused, head_timeouts = self.connection_stats()
-            yield GaugeMetricFamily(
-                "gateway_connections_open", "Client connections open", value=open_
-            )
-            yield CounterMetricFamily(
-                "gateway_connections_refused",
-                "Connections reset at accept: over server.max_connections",
-                value=refused,
-            )
-            yield CounterMetricFamily(
-                "gateway_connection_head_timeouts",
-                "Connections aborted: no complete request head in time",
-                value=head_timeouts,
-            )
+        for kind, name, documentation, read in self._readings:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            yield family(name, documentation, value=read())
         storage = CounterMetricFamily(
             "gateway_storage_operations",
             "Storage operations",

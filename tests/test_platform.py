@@ -1,0 +1,533 @@
+"""Beside the real platform: its PostgreSQL as the directory, its Redis for revocations and the
+usage counter, its tokens — all against real servers (DESIGN.md §3, §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+from jose import jwt
+
+from .conftest import StartGateway, postgres_directory
+from .servers import PlatformDatabase, PostgresServer, RedisServer, TcpRelay
+from .support import (
+    DIRECTORY,
+    SECRET,
+    LocalHarness,
+    bearer,
+    claims_for,
+    delete_as,
+    free_port,
+    location_for,
+    new_backup_id,
+    serve_gateway,
+    token_for,
+    wait_for_port,
+    write_config,
+)
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+async def pg_gateway(
+    start_gateway: StartGateway,
+    harness: LocalHarness,
+    database: PlatformDatabase,
+    **settings: Any,
+) -> TestClient:
+    return await start_gateway(
+        harness.storage(), directory=postgres_directory(database, **settings)
+    )
+
+
+async def test_a_delete_is_authorized_from_the_database(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    client = await pg_gateway(start_gateway, local_harness, platform_db)
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    resp = await delete_as(client, bid, "sys_c1", "org_r1")  # the customer's reseller
+    assert resp.status == 200, await resp.text()
+    assert not local_harness.exists(location_for("org_c1", bid))
+
+
+async def test_soft_deleting_an_organization_refuses_within_cache_seconds(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    """After `UPDATE customers SET deleted_at = now()`, its reseller's deletes are refused
+    within cache_seconds + 1 s; until then the cached allow may stand, never longer."""
+    client = await pg_gateway(start_gateway, local_harness, platform_db, cache_seconds=1)
+    first = new_backup_id()
+    local_harness.put(location_for("org_c1", first))
+    assert (await delete_as(client, first, "sys_c1", "org_r1")).status == 200  # cached now
+    await platform_db.execute("UPDATE customers SET deleted_at = now() WHERE logto_id = 'org_c1'")
+    changed = time.monotonic()
+    refused_after = None
+    while time.monotonic() - changed < 3.0:
+        bid = new_backup_id()
+        local_harness.put(location_for("org_c1", bid))
+        resp = await delete_as(client, bid, "sys_c1", "org_r1")
+        if resp.status == 403:
+            refused_after = time.monotonic() - changed
+            assert local_harness.exists(location_for("org_c1", bid))
+            break
+        assert resp.status == 200
+        await asyncio.sleep(0.05)
+    assert refused_after is not None and refused_after <= 2.0, refused_after
+
+
+async def test_suspension_changes_nothing_for_deletes(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    await platform_db.execute("UPDATE systems SET suspended_at = now() WHERE id = 'sys_c1'")
+    client = await pg_gateway(start_gateway, local_harness, platform_db)
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    assert (await delete_as(client, bid)).status == 200
+
+
+async def test_organization_id_is_the_logto_id_and_a_key_counts_once_registered(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    # The table's own id is never an organization id; an unregistered key holds no backups.
+    await platform_db.execute(
+        "INSERT INTO systems (id, name, organization_id, system_key) "
+        "VALUES ('sys_pending', 'p', 'org_c1', 'KEY-PENDING')"
+    )
+    client = await pg_gateway(start_gateway, local_harness, platform_db)
+    bid = new_backup_id()
+    pending = location_for("org_c1", bid).__class__("org_c1", "KEY-PENDING", bid)
+    local_harness.put(pending)
+    resp = await delete_as(client, bid, "sys_pending", "org_c1")
+    assert (resp.status, (await resp.json())["message"]) == (404, "backup not found")
+    assert local_harness.exists(pending)
+    other = new_backup_id()
+    local_harness.put(location_for("org_c1", other))
+    resp = await client.delete(
+        f"/api/systems/sys_c1/backups/{other}", headers=bearer(token_for("row-8", "customer"))
+    )
+    assert resp.status == 403  # "row-8" is org_c1's table id, not an organization id
+    assert local_harness.exists(location_for("org_c1", other))
+
+
+@pytest.mark.parametrize(
+    "system_id",
+    [
+        "sys_c1'--",
+        "sys_c1' OR '1'='1",
+        "$1",
+        "sys_c1;DROP TABLE systems",
+        "a" * 10_000,
+        "sys%00c1",
+        "%27",
+        "sys_c1\\",
+        "ＳＹＳ",
+    ],
+)
+async def test_hostile_system_ids_are_404_never_500(
+    start_gateway: StartGateway,
+    local_harness: LocalHarness,
+    platform_db: PlatformDatabase,
+    system_id: str,
+) -> None:
+    client = await pg_gateway(start_gateway, local_harness, platform_db)
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    resp = await client.delete(
+        f"/api/systems/{system_id}/backups/{bid}", headers=bearer(token_for("org_owner"))
+    )
+    assert resp.status in (400, 404), await resp.text()
+    assert local_harness.exists(location_for("org_c1", bid))
+    count = await platform_db.execute("SELECT 1 FROM systems")
+    assert count == "SELECT 18"  # the table is intact
+
+
+async def test_a_slow_database_is_503_within_a_bound_then_recovers(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    client = await pg_gateway(
+        start_gateway, local_harness, platform_db, cache_seconds=0, statement_timeout_seconds=0.5
+    )
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    async with platform_db.locked("systems"):
+        started = time.monotonic()
+        resp = await delete_as(client, bid)
+        elapsed = time.monotonic() - started
+        body = await resp.json()
+        assert (resp.status, body) == (
+            503,
+            {"code": 503, "message": "directory unavailable", "data": {}},
+        )
+        assert resp.headers["Retry-After"] == "1"
+        assert elapsed < 2.0, elapsed
+        ready = await client.get("/readyz")
+        assert ready.status == 200  # SELECT 1 does not touch the locked table
+    assert local_harness.exists(location_for("org_c1", bid))
+    assert (await delete_as(client, bid)).status == 200  # recovered by itself
+
+
+async def test_an_exhausted_pool_is_503_not_a_hang(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    client = await pg_gateway(
+        start_gateway,
+        local_harness,
+        platform_db,
+        cache_seconds=0,
+        pool_size=1,
+        statement_timeout_seconds=0.5,
+    )
+    ids = [new_backup_id() for _ in range(5)]
+    for bid in ids:
+        local_harness.put(location_for("org_c1", bid))
+    async with platform_db.locked("systems"):
+        started = time.monotonic()
+        answers = await asyncio.gather(*(delete_as(client, bid) for bid in ids))
+        elapsed = time.monotonic() - started
+    assert [r.status for r in answers] == [503] * 5
+    assert elapsed < 3.0, elapsed
+    assert all(local_harness.exists(location_for("org_c1", b)) for b in ids)
+
+
+async def test_a_database_that_goes_away_is_503_and_unready_then_recovers(
+    start_gateway: StartGateway,
+    local_harness: LocalHarness,
+    platform_db: PlatformDatabase,
+    postgres_server: PostgresServer,
+) -> None:
+    relay = TcpRelay(postgres_server.port)
+    await relay.start()
+    dsn = platform_db.dsn.replace(f":{postgres_server.port}/", f":{relay.port}/")
+    client = await start_gateway(
+        local_harness.storage(),
+        directory={
+            "kind": "postgres",
+            "postgres": {"dsn": dsn, "owner_organization_id": "org_owner", "cache_seconds": 0},
+        },
+    )
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    try:
+        assert (await client.get("/readyz")).status == 200
+        await relay.stop()
+        started = time.monotonic()
+        resp = await delete_as(client, bid)
+        assert resp.status == 503
+        assert (await resp.json())["message"] == "directory unavailable"
+        assert time.monotonic() - started < 4.0
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["data"]["checks"] == {
+            "directory": "unavailable",
+            "storage": "ok",
+        }
+        assert local_harness.exists(location_for("org_c1", bid))
+        await relay.start()
+        assert (await client.get("/readyz")).status == 200
+        assert (await delete_as(client, bid)).status == 200
+    finally:
+        await relay.stop()
+
+
+async def test_a_database_down_at_start_up_does_not_stop_the_gateway(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    dsn = f"postgresql://gateway_ro@127.0.0.1:{free_port()}/platform"
+    client = await start_gateway(
+        local_harness.storage(),
+        directory={"kind": "postgres", "postgres": {"dsn": dsn, "owner_organization_id": "o"}},
+    )
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 503
+    assert (await delete_as(client, new_backup_id())).status == 503
+
+
+# --------------------------------------------------------------------------- file reload
+
+
+def write_directory(path: Path, directory: dict[str, Any]) -> None:
+    """Write the way an operator's tool should: a new file renamed into place."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(yaml.safe_dump(directory))
+    os.replace(tmp, path)
+
+
+def with_org_deleted(org_id: str) -> dict[str, Any]:
+    organizations = [
+        {**o, "deleted": True} if o["id"] == org_id else o for o in DIRECTORY["organizations"]
+    ]
+    return {"organizations": organizations, "systems": DIRECTORY["systems"]}
+
+
+async def test_file_directory_changes_take_effect_within_reload_seconds(
+    start_gateway: StartGateway, local_harness: LocalHarness, directory_file: Path
+) -> None:
+    client = await start_gateway(local_harness.storage(), directory={"reload_seconds": 0.2})
+    write_directory(directory_file, with_org_deleted("org_c1"))
+    changed = time.monotonic()
+    while True:
+        bid = new_backup_id()
+        local_harness.put(location_for("org_c1", bid))
+        resp = await delete_as(client, bid, "sys_c1", "org_r1")
+        if resp.status == 403:
+            break
+        assert resp.status == 200
+        assert time.monotonic() - changed < 1.5, "not reloaded within reload_seconds"
+        await asyncio.sleep(0.05)
+    assert local_harness.exists(location_for("org_c1", bid))
+
+
+async def test_a_broken_file_keeps_the_last_good_directory(
+    start_gateway: StartGateway,
+    local_harness: LocalHarness,
+    directory_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await start_gateway(local_harness.storage(), directory={"reload_seconds": 0.1})
+    broken = with_org_deleted("org_c1")
+    broken["systems"] = [*broken["systems"], {"id": "sys_bad", "organization_id": "org_nowhere"}]
+    with caplog.at_level("ERROR", logger="gateway.directory.file"):
+        write_directory(directory_file, broken)
+        await asyncio.sleep(0.6)  # several reload rounds see the same bad version
+        directory_file.write_text("organizations: [\n  - {id: x")  # a YAML error, line 2
+        await asyncio.sleep(0.6)
+        directory_file.unlink()
+        await asyncio.sleep(0.6)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.directory.file"]
+    assert len(lines) == 3, lines  # one line per bad version
+    assert "system sys_bad: organization 'org_nowhere' is not defined" in lines[0]
+    assert "not valid YAML at line" in lines[1]
+    assert "has gone missing" in lines[2]
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    assert (await delete_as(client, bid, "sys_c1", "org_r1")).status == 200  # last good one
+    metrics = await (await client.get("/metrics")).text()
+    assert "gateway_directory_reload_failures_total 3.0" in metrics
+
+
+def test_sighup_reloads_the_file_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    harness = LocalHarness(tmp_path / "backups")
+    config = write_config(tmp_path, port, harness.storage(), directory={"reload_seconds": 3600})
+    proc = serve_gateway(config)
+    try:
+        wait_for_port(port, proc=proc)
+        first = new_backup_id()
+        harness.put(location_for("org_c1", first))
+        from .support import http
+
+        url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/"
+        assert http("DELETE", url + first, token_for("org_r1"))[0] == 200
+        write_directory(tmp_path / "directory.yaml", with_org_deleted("org_c1"))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        second = new_backup_id()
+        harness.put(location_for("org_c1", second))
+        assert http("DELETE", url + second, token_for("org_r1"))[0] == 403
+        assert harness.exists(location_for("org_c1", second))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert any(
+        json.loads(line).get("msg") == "directory reloaded"
+        for line in out.splitlines()
+        if line.startswith("{")
+    )
+
+
+# --------------------------------------------------------------------------- Redis: revocation
+
+
+def revocation_sections(redis_server: RedisServer, **settings: Any) -> dict[str, Any]:
+    return {
+        "redis": {"url": redis_server.url},
+        "auth": {"revocation": {"enabled": True, "cache_seconds": 0.5, **settings}},
+    }
+
+
+async def test_a_revoked_token_is_401_within_cache_seconds_even_when_cached(
+    start_gateway: StartGateway, local_harness: LocalHarness, redis_server: RedisServer
+) -> None:
+    client = await start_gateway(local_harness.storage(), **revocation_sections(redis_server))
+    token = token_for("org_c1")
+    first = new_backup_id()
+    local_harness.put(location_for("org_c1", first))
+    headers = bearer(token)
+    assert (
+        await client.delete(f"/api/systems/sys_c1/backups/{first}", headers=headers)
+    ).status == 200
+    key = "jwt_blacklist:" + hashlib.sha256(token.encode()).hexdigest()
+    redis_server.client(0).set(key, "1", ex=600)
+    revoked = time.monotonic()
+    while True:
+        bid = new_backup_id()
+        local_harness.put(location_for("org_c1", bid))
+        resp = await client.delete(f"/api/systems/sys_c1/backups/{bid}", headers=headers)
+        if resp.status == 401:
+            break
+        assert resp.status == 200
+        assert time.monotonic() - revoked < 1.0
+        await asyncio.sleep(0.05)
+    assert await resp.json() == {"code": 401, "message": "token has been revoked", "data": {}}
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert local_harness.exists(location_for("org_c1", bid))
+
+
+@pytest.mark.parametrize("which", ["id", "logto_id"])
+async def test_every_token_of_a_revoked_user_is_401(
+    start_gateway: StartGateway, local_harness: LocalHarness, redis_server: RedisServer, which: str
+) -> None:
+    client = await start_gateway(local_harness.storage(), **revocation_sections(redis_server))
+    claims = claims_for("org_c1")
+    claims["user"].update({"id": "u_rev_" + which, "logto_id": "logto_rev_" + which})
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    redis_server.client(0).set(f"jwt_user_blacklist:{claims['user'][which]}", "1", ex=600)
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    resp = await client.delete(f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token))
+    assert resp.status == 401
+    assert (await resp.json())["message"] == "token has been revoked"
+    assert local_harness.exists(location_for("org_c1", bid))
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("deny", 503), ("allow", 200)])
+async def test_redis_down_denies_or_allows_as_configured(
+    start_gateway: StartGateway, local_harness: LocalHarness, on_error: str, status: int
+) -> None:
+    client = await start_gateway(
+        local_harness.storage(),
+        redis={"url": f"redis://127.0.0.1:{free_port()}"},
+        auth={"revocation": {"enabled": True, "on_error": on_error}},
+    )
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    started = time.monotonic()
+    resp = await delete_as(client, bid)
+    assert time.monotonic() - started < 1.5
+    assert resp.status == status
+    if status == 503:
+        assert (await resp.json())["message"] == "security service unavailable"
+        assert resp.headers["Retry-After"] == "1"
+    assert local_harness.exists(location_for("org_c1", bid)) == (status != 200)
+    ready = await client.get("/readyz")
+    assert (await ready.json())["data"]["checks"]["redis"] == "unavailable"
+
+
+# --------------------------------------------------------------------------- Redis: usage
+
+
+async def test_a_delete_drops_the_organizations_usage_counter(
+    start_gateway: StartGateway, local_harness: LocalHarness, redis_server: RedisServer
+) -> None:
+    client = await start_gateway(
+        local_harness.storage() | {"usage_counter": {"enabled": True}},
+        redis={"url": redis_server.url},
+    )
+    usage = redis_server.client(1)
+    usage.set("backup:org_usage:org_c1", "123456")
+    usage.set("backup:org_usage:org_c2", "999")
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    assert (await delete_as(client, bid)).status == 200
+    answered = time.monotonic()
+    while usage.exists("backup:org_usage:org_c1") and time.monotonic() - answered < 1.0:
+        await asyncio.sleep(0.02)
+    assert not usage.exists("backup:org_usage:org_c1")  # dropped, not decremented
+    assert usage.get("backup:org_usage:org_c2") == b"999"
+    # a refused delete changes nothing
+    usage.set("backup:org_usage:org_c1", "5")
+    assert (await delete_as(client, new_backup_id())).status == 404
+    await asyncio.sleep(0.2)
+    assert usage.get("backup:org_usage:org_c1") == b"5"
+    assert redis_server.client(0).get("backup:org_usage:org_c1") is None  # DB 1 only
+
+
+async def test_usage_counter_failure_never_changes_the_answer(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    storage = local_harness.storage() | {"usage_counter": {"enabled": True}}
+    client = await start_gateway(storage, redis={"url": f"redis://127.0.0.1:{free_port()}"})
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    assert (await delete_as(client, bid)).status == 200
+    assert not local_harness.exists(location_for("org_c1", bid))
+    await asyncio.sleep(1.2)
+    metrics = await (await client.get("/metrics")).text()
+    assert re.search(r"^gateway_usage_counter_failures_total 1\.0$", metrics, re.M), metrics
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def platform_token(**user: Any) -> str:
+    """As the platform signs them: HS256 over the raw secret, capitalized role, aud a list."""
+    claims = claims_for("org_c1")
+    claims["aud"] = ["https://platform.example/api"]
+    claims["iss"] = "platform.example"
+    claims["user"].update(user)
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def test_platform_tokens_verify(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    client = await start_gateway(
+        local_harness.storage(),
+        auth={"issuer": "platform.example", "audience": "https://platform.example/api"},
+    )
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    resp = await client.delete(
+        f"/api/systems/sys_c1/backups/{bid}", headers=bearer(platform_token(org_role="Customer"))
+    )
+    assert resp.status == 200
+
+
+async def test_owner_organization_tokens_have_no_user_id_and_no_sub(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    claims = claims_for("org_owner")
+    del claims["sub"]
+    claims["user"]["id"] = ""
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c2", bid))
+    resp = await local_gateway.delete(
+        f"/api/systems/sys_c2/backups/{bid}",
+        headers=bearer(jwt.encode(claims, SECRET, algorithm="HS256")),
+    )
+    assert resp.status == 200
+    assert not local_harness.exists(location_for("org_c2", bid))
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        jwt.encode(claims_for("org_c1", token_type="impersonation"), SECRET, algorithm="HS256"),
+        "myk_" + "a" * 40,
+        "myo_" + "b" * 40,
+    ],
+    ids=["impersonation", "myk api key", "myo api key"],
+)
+async def test_impersonation_tokens_and_api_keys_are_401(
+    local_gateway: TestClient, local_harness: LocalHarness, credential: str
+) -> None:
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    resp = await local_gateway.delete(
+        f"/api/systems/sys_c1/backups/{bid}", headers=bearer(credential)
+    )
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert local_harness.exists(location_for("org_c1", bid))
