@@ -13,7 +13,7 @@ from gateway import create_app
 from gateway.config import Config
 
 from .faultproxy import FaultProxy
-from .servers import PlatformDatabase, PostgresServer, RedisServer
+from .servers import PlatformDatabase, PostgresServer, RedisServer, SeaweedServer
 from .support import DIRECTORY, LocalHarness, MotoServer, S3Harness, make_config
 
 Harness = LocalHarness | S3Harness
@@ -25,6 +25,26 @@ def moto_server() -> Iterator[MotoServer]:
     server = MotoServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed_server() -> Iterator[SeaweedServer]:
+    """A real S3 implementation (SeaweedFS), beside moto."""
+    server = SeaweedServer()
+    yield server
+    server.stop()
+
+
+S3Server = MotoServer | SeaweedServer
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_server(request: pytest.FixtureRequest) -> S3Server:
+    """Every S3 test runs on moto and on SeaweedFS; where they differ is said in test_s3.py."""
+    server: S3Server = request.getfixturevalue(
+        f"{'moto' if request.param == 'moto' else 'seaweed'}_server"
+    )
+    return server
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +89,9 @@ async def directory_section(
 
 
 @pytest.fixture
-async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
+async def proxy(s3_server: S3Server) -> AsyncIterator[FaultProxy]:
     """A TCP fault proxy in front of the shared S3 server."""
-    proxy = FaultProxy("127.0.0.1", int(moto_server.port))
+    proxy = FaultProxy("127.0.0.1", int(s3_server.port))
     await proxy.start()
     yield proxy
     await proxy.close()
@@ -90,8 +110,8 @@ def local_harness(tmp_path: Path) -> LocalHarness:
 
 
 @pytest.fixture
-def s3_harness(moto_server: MotoServer) -> S3Harness:
-    return S3Harness(moto_server.endpoint, f"bkt-{uuid.uuid4().hex[:12]}")
+def s3_harness(s3_server: S3Server) -> S3Harness:
+    return S3Harness(s3_server.endpoint, f"bkt-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
@@ -100,10 +120,17 @@ def local_inline_harness(tmp_path: Path) -> LocalHarness:
     return LocalHarness(tmp_path / "backups", io="inline")
 
 
-@pytest.fixture(params=["local", "local_inline", "s3"])
+@pytest.fixture(params=["local", "local_inline", "s3_moto", "s3_seaweedfs"])
 def harness(request: pytest.FixtureRequest) -> Harness:
-    """Every storage behaviour test runs against each real backend (and local's two modes)."""
-    return request.getfixturevalue(f"{request.param}_harness")
+    """Every storage behaviour test runs against each real backend (local in its two modes,
+    S3 on each real server)."""
+    if request.param.startswith("s3_"):
+        server = request.getfixturevalue(
+            "moto_server" if request.param == "s3_moto" else "seaweed_server"
+        )
+        return S3Harness(server.endpoint, f"bkt-{uuid.uuid4().hex[:12]}")
+    harness: Harness = request.getfixturevalue(f"{request.param}_harness")
+    return harness
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ _METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
 @dataclass
 class Faults:
     delay: float = 0.0  # before relaying each chunk of a response
-    drop: bool = False  # accept, read, never answer
+    drop: bool = False  # accept, read, never answer (new and kept-alive connections)
     reset_after_bytes: int | None = None  # reset the client once this much of a response passed
     trickle: float = 0.0  # seconds between single bytes of the response
     # let this many requests through untouched, then reset the client instead of relaying
@@ -84,6 +84,8 @@ class FaultProxy:
     ) -> None:
         while data := await src.read(65536):
             faults = self.faults
+            if faults.drop:
+                continue  # on a connection kept alive from before, too: read, never relay
             if data.split(b" ", 1)[0] in _METHODS:
                 faults.requests += 1
                 limit = faults.reset_responses_after

