@@ -1,6 +1,7 @@
-"""Profile the gateway (local disk) under wrk load with py-spy; print where the time goes.
+"""Profile the gateway under wrk load with py-spy; print where the time goes.
 
     .venv/bin/python bench/profile.py [--seconds 8] [--concurrency 64] [--process io]
+    .venv/bin/python bench/profile.py --backend s3      # deletes on SeaweedFS
 
 `--process io` samples the local I/O process instead of the gateway's event loop.
 
@@ -34,17 +35,26 @@ def main() -> None:
         default="gateway",
         help="sample the gateway's event loop, or its local I/O process",
     )
+    parser.add_argument("--backend", choices=["local", "s3"], default="local")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
     port = bench.free_port()
-    config = bench.gateway_config(
-        work,
-        port,
-        {"backend": "local", "local": {"root": str(work / "backups"), "fsync": not args.no_fsync}},
-    )
+    weed = None
+    if args.backend == "s3":
+        weed = bench.seaweedfs()
+        bench.make_bucket(weed.endpoint, "profile")
+        storage = bench.s3_storage(weed.endpoint, "profile")
+        backups = 200
+    else:
+        storage = {
+            "backend": "local",
+            "local": {"root": str(work / "backups"), "fsync": not args.no_fsync},
+        }
+        backups = 1200
+    config = bench.gateway_config(work, port, storage)
     text = config.read_text().replace("level: INFO", f"level: {args.log_level}")
     config.write_text(text)
-    bench.seed(config, bench.SYSTEMS, 1200, work / "ids.txt")
+    bench.seed(config, bench.SYSTEMS, backups, work / "ids.txt")
     server = bench.Process(
         [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
     )
@@ -80,6 +90,8 @@ def main() -> None:
     )
     spy.wait()
     server.stop()
+    if weed is not None:
+        weed.stop()
     print(f"{result['requests'] / result['seconds']:.0f} req/s, p99 {result['p99_ms']:.1f} ms")
     self_time: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()

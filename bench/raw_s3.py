@@ -30,8 +30,8 @@ async def main(endpoint: str, bucket: str, ids_file: str, concurrency: int, seco
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
         config=config,
     ) as client:
         deadline = time.perf_counter() + seconds

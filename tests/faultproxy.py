@@ -18,6 +18,8 @@ class Faults:
     # let this many requests through untouched, then reset the client instead of relaying
     # any later response (the upstream has still processed the request)
     reset_responses_after: int | None = None
+    # let this many requests through, then swallow every later one: never relayed upstream
+    swallow_requests_after: int | None = None
     requests: int = 0
     connections: int = 0
 
@@ -88,6 +90,9 @@ class FaultProxy:
                 continue  # on a connection kept alive from before, too: read, never relay
             if data.split(b" ", 1)[0] in _METHODS:
                 faults.requests += 1
+                swallow = faults.swallow_requests_after
+                if swallow is not None and faults.requests > swallow:
+                    continue
                 limit = faults.reset_responses_after
                 if limit is not None and faults.requests > limit:
                     connection.cut = True

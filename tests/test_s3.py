@@ -125,6 +125,37 @@ async def test_versioning_off_on_a_versioned_bucket_leaves_a_marker(
     assert len(h.versions(location_for("org_c1", bid).relative_key)) == 2
 
 
+async def test_a_versioned_delete_cut_off_part_way_never_serves_an_older_write(
+    start_gateway: StartGateway, s3_server: S3Server
+) -> None:
+    """The current version is deleted last, in a call of its own: cut off before it, the key
+    still serves its latest write (hostile input round 2, 17)."""
+    from .faultproxy import FaultProxy
+
+    h = versioned_harness(s3_server)
+    bid = new_backup_id()
+    loc = location_for("org_c1", bid)
+    for body in (b"first", b"second", b"latest"):
+        h.put(loc, body)
+    proxy = FaultProxy("127.0.0.1", int(s3_server.port))
+    await proxy.start()
+    try:
+        settings = s3_settings(proxy.endpoint, h.bucket, versioning="on", max_attempts=1)
+        client = await start_gateway(
+            {"backend": "s3", "operation_timeout_seconds": 2, "s3": settings}
+        )
+        # ListObjectVersions and the older versions' DeleteObjects pass; the last call,
+        # for the current version, never reaches the server.
+        proxy.faults.swallow_requests_after = 2
+        resp = await delete(client, bid)
+        assert resp.status == 502
+    finally:
+        await proxy.close()
+    current = h.client.get_object(Bucket=h.bucket, Key=loc.relative_key)["Body"].read()
+    assert current == b"latest"
+    assert len(h.versions(loc.relative_key)) == 1  # the older ones are gone
+
+
 @pytest.mark.parametrize("prefix", ["tenant-a/", "tenant-b-", ""])
 async def test_prefix_is_joined_exactly_as_written(
     start_gateway: StartGateway, s3_server: S3Server, prefix: str

@@ -1,0 +1,95 @@
+"""The hot path of the S3 backend: HeadObject and DeleteObject as plain signed HTTP requests.
+
+Why: through aiobotocore one HeadObject costs ~1.9 ms of CPU (its event hooks, request
+serialization, user-agent building, response parsing — the signing itself is ~0.14 ms),
+which made an S3 delete cost 33x a bare request, CPU-bound in the client. These two calls
+carry no body and their answers are a status line and headers, so they go out as requests
+signed by botocore's own SigV4 signer (`S3SigV4Auth`, the one aiobotocore uses) and sent
+with aiohttp: ~0.4 ms a call (measured against SeaweedFS, 64 concurrent). Everything else
+(versioned deletes, listings, uploads) stays on aiobotocore.
+
+What is kept from aiobotocore: the URL (derived once from the client's own presigner, so
+the endpoint, addressing style and region are botocore's), the credentials (the session's
+chain, refreshed as botocore refreshes them), the connect and read timeouts, the number of
+attempts, and a retry policy shaped like botocore's `standard` mode: connection errors,
+timeouts, 500/502/503/504 and throttling answers are retried with exponential backoff and
+full jitter; anything else is an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+
+from ..errors import StorageUnavailable
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_BACKOFF_SECONDS = 20.0  # botocore's standard mode
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+
+
+class SignedRequests:
+    """Signed, bodiless requests for single keys of one bucket."""
+
+    def __init__(
+        self,
+        base_url: str,
+        region: str,
+        credentials: Any,
+        session: aiohttp.ClientSession,
+        max_attempts: int,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._region = region
+        self._credentials = credentials  # aiobotocore's (refreshable) credentials
+        self._session = session
+        self._attempts = max_attempts
+
+    def url_for(self, key: str) -> str:
+        return f"{self._base}/{quote(key, safe='/-_.~')}"
+
+    async def head(self, key: str) -> Answer:
+        return await self.send("HEAD", key)
+
+    async def delete(self, key: str) -> Answer:
+        return await self.send("DELETE", key)
+
+    async def send(self, method: str, key: str) -> Answer:
+        """The final answer; retryable failures are retried up to `max_attempts` in all.
+
+        Raises StorageUnavailable when the last attempt failed to get an answer."""
+        url = self.url_for(key)
+        for attempt in range(1, self._attempts + 1):
+            try:
+                answer = await self._once(method, url)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if attempt == self._attempts:
+                    raise StorageUnavailable(f"{type(exc).__name__}") from None
+            else:
+                if answer.status not in RETRYABLE_STATUS or attempt == self._attempts:
+                    return answer
+            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_SECONDS, 2 ** (attempt - 1))))  # noqa: S311
+        raise AssertionError("unreachable")
+
+    async def _once(self, method: str, url: str) -> Answer:
+        frozen = await self._credentials.get_frozen_credentials()
+        request = AWSRequest(method=method, url=url, headers={})
+        S3SigV4Auth(frozen, "s3", self._region).add_auth(request)
+        async with self._session.request(
+            method, url, headers=dict(request.headers.items()), allow_redirects=False
+        ) as response:
+            if method != "HEAD":
+                await response.read()  # the (small) error document, if any
+            return Answer(response.status, dict(response.headers))
