@@ -9,6 +9,7 @@ from aiohttp import web
 from storage_backends import create_store
 
 from . import routes
+from .backups.links import LINKS, LinkSigner
 from .backups.storage import STORE
 from .backups.usage import USAGE_COUNTER, UsageCounter
 from .config import CONFIG, Config
@@ -22,6 +23,7 @@ from .identity.tokens import VERIFIER, TokenVerifier
 from .operations.api_document import API_DOCUMENT, render
 from .operations.health import READINESS
 from .redis_clients import redis_client
+from .telemetry.logs import redact_download_links
 from .telemetry.metrics import METRICS, Metrics
 
 
@@ -45,6 +47,7 @@ def create_app(
         },
     )
     app[CONFIG] = config
+    redact_download_links()
     app[METRICS] = Metrics()
     app[DIRECTORY] = directory if directory is not None else create_directory(config.directory)
     app[DIRECTORY].export_metrics(app[METRICS])
@@ -59,6 +62,10 @@ def create_app(
         table = [r for r in table if r.name != "metrics"]
     app[PROTECTED_ROUTES] = routes.install(app, table)
     app[API_DOCUMENT] = render(config.server.base_path)
+    if config.storage.backend == "local":  # S3 presigns its own URLs: no key needed there
+        app[LINKS] = LinkSigner(
+            config.storage.download.link_secret_file, config.storage.download.ttl_seconds
+        )
     probes: dict[str, Callable[[], Awaitable[None]]] = {
         "directory": lambda: app[DIRECTORY].check_ready(),
         "storage": lambda: app[STORE].check_ready(),

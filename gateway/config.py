@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     base_path: str = "/api"
+    # e.g. https://backups.example.com: makes local download links absolute. The only
+    # source of a link's host: never the request's Host header.
+    public_url: str = ""
     # aiohttp's parser answers a plain 400 beyond these (DESIGN.md §2)
     max_line_size: int = 8190
     max_field_size: int = 16384
@@ -120,6 +124,8 @@ class LimitsConfig:
     # storage operations in flight per process; beyond it requests wait, then get a 503
     max_concurrent_storage_operations: int = 256
     storage_queue_timeout_seconds: float = 1.0
+    # a listing returns at most this many backups, newest first, with truncated: true
+    max_list_items: int = 1000
 
 
 @dataclass(frozen=True)
@@ -166,10 +172,11 @@ def validate(config: Config) -> None:
     server, auth, storage = config.server, config.auth, config.storage
     if not 0 <= server.port <= 65535:
         raise ConfigError("server.port", f"must be between 0 and 65535, got {server.port}")
-    if not server.base_path.startswith("/") or (
-        server.base_path != "/" and server.base_path.endswith("/")
-    ):
-        raise ConfigError("server.base_path", "must start with / and not end with /")
+    if server.base_path != "/" and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", server.base_path):
+        # no braces (route variables), no trailing slash, nothing to escape
+        raise ConfigError(
+            "server.base_path", "must be / or /segment[/segment...] of A-Z a-z 0-9 . _ ~ -"
+        )
     if server.workers < 1:
         raise ConfigError("server.workers", "must be at least 1")
     for name in (
@@ -207,6 +214,20 @@ def validate(config: Config) -> None:
         raise ConfigError("auth.leeway_seconds", "must not be negative")
 
     _validate_platform(config)
+
+    if server.public_url:
+        url = server.public_url
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?", url):
+            raise ConfigError("server.public_url", "must be http(s)://host[:port][/path]")
+        if url.endswith("/"):
+            raise ConfigError("server.public_url", "must not end with /")
+    download = storage.download
+    if not 1 <= download.ttl_seconds <= 900:
+        raise ConfigError("storage.download.ttl_seconds", "must be between 1 and 900")
+    if download.min_rate_bytes_per_second < 1:
+        raise ConfigError("storage.download.min_rate_bytes_per_second", "must be at least 1")
+    if config.limits.max_list_items < 1:
+        raise ConfigError("limits.max_list_items", "must be at least 1")
 
     if storage.operation_timeout_seconds <= 0:
         raise ConfigError("storage.operation_timeout_seconds", "must be positive")

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .backups import delete
-from .identity.principal import MANAGE_SYSTEMS
+from .backups import delete, download, listing
+from .http.middlewares import OWN_DEADLINE_ROUTES
+from .identity.principal import MANAGE_SYSTEMS, READ_SYSTEMS
 from .operations import api_document, health
 
 
@@ -19,12 +20,22 @@ class Route:
     handler: Handler
     name: str
     permission: str | None = None  # None: public, no token needed
+    own_deadline: bool = False  # bounds its own time instead of server.request_timeout_seconds
 
 
 def routes(base_path: str) -> list[Route]:
     base = "" if base_path == "/" else base_path
-    backup = base + "/systems/{id}/backups/{backup_id}"
+    backups = base + "/systems/{id}/backups"
+    backup = backups + "/{backup_id}"
+    content = base + download.CONTENT_PATH + "{link}"
     return [
+        # Reads need read:systems, changes manage:systems (the platform's rule); GET and
+        # DELETE of one path are different routes with different permissions.
+        Route("GET", backups, listing.list_backups, "list_backups", READ_SYSTEMS),
+        Route("GET", backup + "/download", download.download_url, "download_url", READ_SYSTEMS),
+        # The signed link is the capability: no token.
+        Route("GET", content, download.serve_content, "backup_content", own_deadline=True),
+        Route("HEAD", content, download.serve_content, "backup_content_head", own_deadline=True),
         Route("DELETE", backup, delete.delete_backup, "delete_backup", MANAGE_SYSTEMS),
         # The seed page documents the delete under .../download: same handler.
         Route(
@@ -45,4 +56,5 @@ def install(app: web.Application, table: list[Route]) -> dict[str, str]:
     """Add the routes; return route name -> required permission for the auth middleware."""
     for route in table:
         app.router.add_route(route.method, route.path, route.handler, name=route.name)
+    app[OWN_DEADLINE_ROUTES] = frozenset(r.name for r in table if r.own_deadline)
     return {r.name: r.permission for r in table if r.permission is not None}

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from . import s3
-from .base import BackupLocation, BackupStore
+from .base import (
+    DEFAULT_MIMETYPE,
+    BackupInfo,
+    BackupLocation,
+    BackupStore,
+    OpenedBackup,
+    SystemFolder,
+)
 from .errors import BackupNotFound, StorageError, StorageNotConfigured, StorageUnavailable
 from .local import LocalBackupStore, LocalConfig
 from .none import NoStorage
@@ -15,15 +23,20 @@ from .s3 import S3Config
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_MIMETYPE",
+    "BackupInfo",
     "BackupLocation",
     "BackupNotFound",
     "BackupStore",
+    "DownloadConfig",
     "LocalConfig",
+    "OpenedBackup",
     "S3Config",
     "StorageConfig",
     "StorageError",
     "StorageNotConfigured",
     "StorageUnavailable",
+    "SystemFolder",
     "UsageCounterConfig",
     "create_store",
 ]
@@ -38,6 +51,16 @@ class UsageCounterConfig:
 
 
 @dataclass(frozen=True)
+class DownloadConfig:
+    # download URLs (S3) and links (local disk) are valid this long; at most 900
+    ttl_seconds: int = 300
+    # the local links' HMAC key (not the token secret), created 0600 on first run
+    link_secret_file: Path = Path("data/link.secret")
+    # a local download gets request_timeout_seconds plus its size at this rate, then is cut
+    min_rate_bytes_per_second: int = 65536
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     backend: Literal["local", "s3", "none"] = "local"
     # No storage operation (retries included) takes longer than this; past it, a 502.
@@ -45,6 +68,7 @@ class StorageConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     s3: S3Config = field(default_factory=S3Config)
     usage_counter: UsageCounterConfig = field(default_factory=UsageCounterConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
 
 
 BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {

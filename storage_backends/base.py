@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
+from datetime import datetime
 from typing import ClassVar
 
 
@@ -24,6 +26,46 @@ class BackupLocation:
         return f"{self.organization_id}/{self.system_key}/{self.backup_id}"
 
 
+@dataclass(frozen=True, slots=True)
+class SystemFolder:
+    """Where one system's backups live: `{organization_id}/{system_key}/`."""
+
+    organization_id: str
+    system_key: str
+
+    def location(self, backup_id: str) -> BackupLocation:
+        return BackupLocation(self.organization_id, self.system_key, backup_id)
+
+
+DEFAULT_MIMETYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class BackupInfo:
+    """What a listing says of one backup. Missing metadata reads as filename = id,
+    sha256 = "" and mimetype application/octet-stream."""
+
+    id: str
+    size: int
+    filename: str
+    sha256: str
+    mimetype: str
+    uploaded_at: datetime  # aware, UTC
+
+
+@dataclass(slots=True)
+class OpenedBackup:
+    """An open backup to stream: the caller owns `fd` and must close it."""
+
+    fd: int
+    info: BackupInfo
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class BackupStore(abc.ABC):
     """An async backup store. Implementations raise only `storage_backends.errors` types."""
 
@@ -42,6 +84,29 @@ class BackupStore(abc.ABC):
         Raises BackupNotFound when it does not exist, StorageUnavailable when the
         store fails, StorageNotConfigured for the `none` backend.
         """
+
+    @abc.abstractmethod
+    async def list_backups(self, folder: SystemFolder) -> list[BackupInfo]:
+        """Every backup of a system, in no particular order; [] when it has none.
+
+        Only real backups: names that are backup ids (never sidecars, temporary files or
+        other keys). A backup that disappears while listing is left out; any other failure
+        raises StorageUnavailable — never a partial list."""
+
+    @abc.abstractmethod
+    async def describe(self, location: BackupLocation) -> BackupInfo:
+        """One backup's listing entry; BackupNotFound when absent."""
+
+    async def presigned_url(
+        self, location: BackupLocation, download_name: str, ttl_seconds: int
+    ) -> str | None:
+        """A URL the client fetches the bytes from, saved as `download_name`, or None when
+        the backend has none and the gateway serves the bytes itself (`open_backup`)."""
+        return None
+
+    async def open_backup(self, location: BackupLocation) -> OpenedBackup:
+        """Open a backup to stream it (backends without presigned URLs)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def check_ready(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import BackupLocation, BackupStore
+from .base import BackupInfo, BackupLocation, BackupStore, SystemFolder
 from .errors import StorageNotConfigured
 
 
@@ -10,6 +10,12 @@ class NoStorage(BackupStore):
     name = "none"
 
     async def delete(self, location: BackupLocation) -> None:
+        raise StorageNotConfigured("backup storage not configured")
+
+    async def list_backups(self, folder: SystemFolder) -> list[BackupInfo]:
+        raise StorageNotConfigured("backup storage not configured")
+
+    async def describe(self, location: BackupLocation) -> BackupInfo:
         raise StorageNotConfigured("backup storage not configured")
 
     async def check_ready(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -169,6 +170,25 @@ class LocalHarness:
         if sidecar:
             (folder / (location.backup_id + ".meta.json")).write_text('{"filename": "x"}')
 
+    def put_backup(
+        self,
+        location: BackupLocation,
+        data: bytes,
+        filename: str,
+        mimetype: str = "application/gzip",
+        uploaded_at: str | None = None,
+    ) -> None:
+        """A backup as an upload leaves it: data and a full sidecar."""
+        self.put(location, data, sidecar=False)
+        meta = {
+            "filename": filename,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "mimetype": mimetype,
+            "uploaded_at": uploaded_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        sidecar = self.root / (location.relative_key + ".meta.json")
+        sidecar.write_text(json.dumps(meta))
+
     def put_key(self, relative_key: str, data: bytes = b"other") -> None:
         path = self.root / relative_key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +229,22 @@ class S3Harness:
         # On S3 the metadata travels with the object (x-amz-meta-*), not as a sidecar key.
         metadata = {"filename": location.backup_id, "sha256": "0" * 64} if sidecar else {}
         self.put_key(location.relative_key, data, metadata)
+
+    def put_backup(
+        self,
+        location: BackupLocation,
+        data: bytes,
+        filename: str,
+        mimetype: str = "application/gzip",
+        uploaded_at: str | None = None,  # S3 keeps its own LastModified
+    ) -> None:
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self.prefix + location.relative_key,
+            Body=data,
+            ContentType=mimetype,
+            Metadata={"filename": filename, "sha256": hashlib.sha256(data).hexdigest()},
+        )
 
     def put_key(
         self, relative_key: str, data: bytes = b"other", metadata: dict[str, str] | None = None

@@ -6,7 +6,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from gateway.backups.ids import normalize_backup_id
+from storage_backends.ids import normalize_backup_id
 
 from .support import LocalHarness, bearer, location_for, token_for
 

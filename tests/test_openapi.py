@@ -91,6 +91,10 @@ def test_every_response_matches_the_document(live_gateway: str) -> None:
     assert {
         "DELETE /systems/{id}/backups/{backup_id}",
         "DELETE /systems/{id}/backups/{backup_id}/download",
+        "GET /systems/{id}/backups",
+        "GET /systems/{id}/backups/{backup_id}/download",
+        "GET /backups/content/{link}",
+        "HEAD /backups/content/{link}",
         "GET /healthz",
         "GET /readyz",
     } <= set(tested), tested

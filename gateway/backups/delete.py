@@ -9,20 +9,17 @@ from aiohttp import web
 from storage_backends import BackupLocation
 
 from ..http.envelope import envelope
-from ..http.errors import ApiError, validation_failed
+from ..http.errors import ApiError
 from .audit import record_delete
 from .authorization import authorized_system
-from .ids import normalize_backup_id
+from .params import requested_backup_id
 from .storage import STORE, run_storage
 from .usage import USAGE_COUNTER
 
 
 async def delete_backup(request: web.Request) -> web.Response:
     system_id = request.match_info["id"]
-    raw_backup_id = request.match_info["backup_id"]
-    backup_id = normalize_backup_id(raw_backup_id)
-    if backup_id is None:
-        raise validation_failed("backup_id", raw_backup_id)
+    backup_id = requested_backup_id(request)
     decision, outcome = "deny", "internal server error"
     try:
         system = await authorized_system(request, system_id)

@@ -9,12 +9,13 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from storage_backends import BackupLocation, BackupStore, StorageError
+from storage_backends import BackupStore, StorageError
 
 from ..http.backpressure import STORAGE_GATE
 from ..http.errors import storage_error
 from ..telemetry.metrics import METRICS
 
+A = TypeVar("A")
 T = TypeVar("T")
 
 STORE = web.AppKey("store", BackupStore)
@@ -23,10 +24,13 @@ STORE = web.AppKey("store", BackupStore)
 async def run_storage(
     request: web.Request,
     operation: str,
-    call: Callable[[BackupLocation], Awaitable[T]],
-    location: BackupLocation,
+    call: Callable[[A], Awaitable[T]],
+    target: A,
+    failure: str | None = None,
 ) -> T:
-    """Run one storage call under the concurrency gate, with metrics and error mapping."""
+    """Run one storage call under the concurrency gate, with metrics and error mapping.
+
+    A 502 says "failed to <failure>" (default: "<operation> backup")."""
     app = request.app
     backend = app[STORE].name
     metrics = app[METRICS]
@@ -35,10 +39,10 @@ async def run_storage(
     started = time.perf_counter()
     outcome = "ok"
     try:
-        return await call(location)
+        return await call(target)
     except StorageError as exc:
         outcome = type(exc).__name__
-        raise storage_error(exc, f"{operation} backup") from None
+        raise storage_error(exc, failure or f"{operation} backup") from None
     except asyncio.CancelledError:
         outcome = "cancelled"
         raise

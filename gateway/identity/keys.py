@@ -15,7 +15,7 @@ from ..config import MIN_SECRET_BYTES, AuthConfig
 from ..config_loader import ConfigError
 
 
-def ensure_secret_file(path: Path) -> str:
+def ensure_secret_file(path: Path, field: str = "auth.secret_file") -> str:
     """Return the secret in `path`, creating it (mode 0600, random) when missing.
 
     Creation is atomic even when several workers start at once: the secret is
@@ -23,35 +23,42 @@ def ensure_secret_file(path: Path) -> str:
     sees a half-written file and exactly one generated secret wins.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, (secrets.token_urlsafe(48) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process won the race; use its secret
-        finally:
-            tmp.unlink()
-    return read_secret_file(path)
+            _create_secret_file(path)
+        except OSError as exc:
+            raise ConfigError(field, f"cannot create {path}: {exc.strerror}") from None
+    return read_secret_file(path, field)
 
 
-def read_secret_file(path: Path) -> str:
+def _create_secret_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (secrets.token_urlsafe(48) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process won the race; use its secret
+    finally:
+        tmp.unlink()
+
+
+def read_secret_file(path: Path, field: str = "auth.secret_file") -> str:
     try:
         mode = path.stat().st_mode
         value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError("auth.secret_file", f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(field, f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError("auth.secret_file", f"{path} is not UTF-8 text") from None
+        raise ConfigError(field, f"{path} is not UTF-8 text") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError("auth.secret_file", f"{path} must not be readable by group or others")
+        raise ConfigError(field, f"{path} must not be readable by group or others")
     if len(value.encode()) < MIN_SECRET_BYTES:
-        raise ConfigError("auth.secret_file", f"secret must be at least {MIN_SECRET_BYTES} bytes")
+        raise ConfigError(field, f"secret must be at least {MIN_SECRET_BYTES} bytes")
     return value
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 MANAGE_SYSTEMS = "manage:systems"
+READ_SYSTEMS = "read:systems"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -165,6 +166,30 @@ def _sole_json_handler(logger: logging.Logger) -> LoopBufferedHandler | None:
     ):
         return handler
     return None
+
+
+_LINK_IN_PATH = re.compile(r"(/backups/content/)[^\s\"?]+")
+
+
+class RedactDownloadLinks(logging.Filter):
+    """aiohttp's own loggers (its access log under gunicorn or a test runner, its server
+    errors) print request paths; a local download link in a path is a live capability.
+    This filter, on those loggers, replaces it with the route template."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "/backups/content/" in message:
+            record.msg = _LINK_IN_PATH.sub(r"\1{link}", message)
+            record.args = None
+        return True
+
+
+def redact_download_links() -> None:
+    """Install the filter once on aiohttp's loggers (idempotent)."""
+    for name in ("aiohttp.access", "aiohttp.server", "aiohttp.web"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactDownloadLinks) for f in logger.filters):
+            logger.addFilter(RedactDownloadLinks())
 
 
 def configure_logging(config: LoggingConfig) -> None:

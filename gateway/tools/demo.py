@@ -33,10 +33,11 @@ def write_local_backup(root: os.PathLike[str] | str, location: BackupLocation, d
     path = os.path.join(folder, location.backup_id)
     with open(path, "wb") as f:
         f.write(data)
+    suffix = location.backup_id[36:]  # the id's own extension, if any
     meta = {
-        "filename": location.backup_id,
+        "filename": f"config-backup{suffix or '.bin'}",
         "sha256": hashlib.sha256(data).hexdigest(),
-        "mimetype": "application/octet-stream",
+        "mimetype": "application/gzip" if suffix.endswith(".gz") else "application/octet-stream",
         "uploaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     with open(path + SIDECAR_SUFFIX, "w", encoding="utf-8") as f:

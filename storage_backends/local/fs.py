@@ -8,19 +8,30 @@ than by string checks. Used by the I/O process and by the in-process (inline) mo
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import re
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from ..base import BackupLocation
+from ..base import DEFAULT_MIMETYPE, BackupInfo, BackupLocation, OpenedBackup, SystemFolder
 from ..errors import BackupNotFound, StorageError, StorageUnavailable
+from ..ids import normalize_backup_id
 
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".meta.json"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _CHILD_DIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+SIDECAR_MAX_BYTES = 64 * 1024  # a sidecar is a few hundred bytes; anything larger is ignored
+_SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_MIMETYPE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}", re.ASCII
+)
 
 
 class SymlinkRefused(BackupNotFound):
@@ -34,18 +45,36 @@ def open_root(root: Path) -> int:
         raise StorageUnavailable(f"backup root cannot be opened: {exc.strerror}") from None
 
 
-def _open_child_dir(parent_fd: int, name: str, location: BackupLocation) -> int:
+def _open_child_dir(parent_fd: int, name: str, location: BackupLocation | SystemFolder) -> int:
+    what = _describe_place(location)
     try:
         return os.open(name, _CHILD_DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
-        raise BackupNotFound(location.relative_key) from None
+        raise BackupNotFound(what) from None
     except OSError as exc:
         # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ELOOP (or ENOTDIR on some kernels).
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             if _is_symlink(parent_fd, name):
-                raise SymlinkRefused(location.relative_key) from None
-            raise BackupNotFound(location.relative_key) from None
+                raise SymlinkRefused(what) from None
+            raise BackupNotFound(what) from None
         raise
+
+
+def _describe_place(place: BackupLocation | SystemFolder) -> str:
+    if isinstance(place, BackupLocation):
+        return place.relative_key
+    return f"{place.organization_id}/{place.system_key}/"
+
+
+def open_system_folder(root_fd: int, folder: BackupLocation | SystemFolder) -> int:
+    """An fd of `{org}/{key}` under the root, walked with O_NOFOLLOW. The caller closes it.
+
+    BackupNotFound when absent, SymlinkRefused when a component is a symlink."""
+    org_fd = _open_child_dir(root_fd, folder.organization_id, folder)
+    try:
+        return _open_child_dir(org_fd, folder.system_key, folder)
+    finally:
+        os.close(org_fd)
 
 
 def _is_symlink(dir_fd: int, name: str) -> bool:
@@ -90,11 +119,7 @@ def unlink_backup(root_fd: int, location: BackupLocation) -> int:
     """
     key_fd = -1
     try:
-        org_fd = _open_child_dir(root_fd, location.organization_id, location)
-        try:
-            key_fd = _open_child_dir(org_fd, location.system_key, location)
-        finally:
-            os.close(org_fd)
+        key_fd = open_system_folder(root_fd, location)
         _unlink_in_folder(key_fd, location)
         return key_fd
     except StorageError:
@@ -131,3 +156,137 @@ def check_root_sync(root: Path) -> None:
         raise StorageUnavailable("backup root is not a directory")
     if not os.access(root, os.W_OK | os.X_OK):
         raise StorageUnavailable("backup root is not writable")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def list_folder(root: Path, folder: SystemFolder) -> list[BackupInfo]:
+    """Every backup in a system's folder: data files named with a canonical backup id.
+
+    A folder that does not exist lists empty; one reached through a symlink lists empty
+    and logs a warning. A backup that vanishes while listing is left out."""
+    root_fd = open_root(root)
+    try:
+        try:
+            key_fd = open_system_folder(root_fd, folder)
+        except SymlinkRefused:
+            log.warning("refused a symlink under the backup root at %s", _describe_place(folder))
+            return []
+        except BackupNotFound:
+            return []
+        try:
+            found = []
+            with os.scandir(key_fd) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if normalize_backup_id(name) != name:
+                        continue  # sidecars, temporary files, anything else
+                    try:
+                        st = os.stat(name, dir_fd=key_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while we listed
+                    if stat.S_ISLNK(st.st_mode):
+                        log.warning(
+                            "refused a symlink under the backup root at %s%s",
+                            _describe_place(folder),
+                            name,
+                        )
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        found.append(_info(name, st, _read_sidecar(key_fd, name)))
+            return found
+        finally:
+            os.close(key_fd)
+    except OSError as exc:
+        raise StorageUnavailable(f"{_describe_place(folder)}: {exc.strerror}") from None
+    finally:
+        os.close(root_fd)
+
+
+def describe_backup(root: Path, location: BackupLocation) -> BackupInfo:
+    opened = open_backup(root, location)
+    try:
+        return opened.info
+    finally:
+        opened.close()
+
+
+def open_backup(root: Path, location: BackupLocation) -> OpenedBackup:
+    """Open the data file read-only through the symlink-refusing walk; never by path."""
+    root_fd = open_root(root)
+    key_fd = -1
+    try:
+        key_fd = open_system_folder(root_fd, location)
+        name = location.backup_id
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=key_fd)
+        except FileNotFoundError:
+            raise BackupNotFound(location.relative_key) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SymlinkRefused(location.relative_key) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BackupNotFound(location.relative_key)
+            return OpenedBackup(fd, _info(name, st, _read_sidecar(key_fd, name)))
+        except BaseException:
+            os.close(fd)
+            raise
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageUnavailable(f"{location.relative_key}: {exc.strerror}") from None
+    finally:
+        if key_fd >= 0:
+            os.close(key_fd)
+        os.close(root_fd)
+
+
+def _read_sidecar(key_fd: int, backup_id: str) -> dict[str, Any]:
+    """The sidecar's fields, {} when it is missing, unreadable as JSON, or odd."""
+    try:
+        fd = os.open(backup_id + SIDECAR_SUFFIX, _FILE_FLAGS | os.O_NONBLOCK, dir_fd=key_fd)
+    except OSError:
+        return {}  # missing, or a symlink (ELOOP): no metadata
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > SIDECAR_MAX_BYTES:
+            return {}
+        raw = os.read(fd, SIDECAR_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _info(backup_id: str, st: os.stat_result, sidecar: dict[str, Any]) -> BackupInfo:
+    filename = sidecar.get("filename")
+    sha256 = sidecar.get("sha256")
+    mimetype = sidecar.get("mimetype")
+    return BackupInfo(
+        id=backup_id,
+        size=st.st_size,
+        filename=filename if isinstance(filename, str) and 0 < len(filename) <= 1024 else backup_id,
+        sha256=sha256 if isinstance(sha256, str) and _SHA256.fullmatch(sha256) else "",
+        mimetype=mimetype
+        if isinstance(mimetype, str) and _MIMETYPE.fullmatch(mimetype)
+        else DEFAULT_MIMETYPE,
+        uploaded_at=_uploaded_at(sidecar.get("uploaded_at"), st.st_mtime),
+    )
+
+
+def _uploaded_at(value: Any, mtime: float) -> datetime:
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed.astimezone(UTC)
+    return datetime.fromtimestamp(mtime, UTC)

@@ -12,6 +12,12 @@ Where the syscalls run (`io`):
 - `inline`: the metadata syscalls (open, stat, unlink: tens of µs on a healthy local
   disk) on the event loop and the fsync rounds in a thread pool. No extra process, at
   the price of the loop waiting on the disk and of GIL hand-offs with the pool threads.
+
+Reads — listing a folder, describing and opening a backup — run in a small thread pool of
+the gateway process in both modes: an open file descriptor must end up in this process to
+be streamed from, and reads are not the hot path deletes are. Each is bounded by
+`storage.operation_timeout_seconds`; a read stuck on a hung disk costs its thread, and
+the request a 502.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ..base import BackupLocation, BackupStore
+from ..base import BackupInfo, BackupLocation, BackupStore, OpenedBackup, SystemFolder
 from ..errors import BackupNotFound, StorageUnavailable
 from .fs import (
     SymlinkRefused,
     check_root_sync,
+    describe_backup,
     fsync_folder,
+    list_folder,
+    open_backup,
     open_root,
     unlink_backup,
 )
@@ -135,6 +144,7 @@ class LocalBackupStore(BackupStore):
         self._executor: ThreadPoolExecutor | None = None
         self._commits: GroupCommit | None = None
         self._io: LocalIoProcess | None = None
+        self._readers: ThreadPoolExecutor | None = None
 
     @property
     def io_process_pid(self) -> int | None:
@@ -142,6 +152,7 @@ class LocalBackupStore(BackupStore):
         return self._io.pid if self._io is not None else None
 
     async def start(self) -> None:
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="local-read")
         if self._config.io == "process":
             self._io = LocalIoProcess(
                 self._root, self._config.fsync, self._config.threads, self._timeout
@@ -154,6 +165,9 @@ class LocalBackupStore(BackupStore):
         self._commits = GroupCommit(self._executor, self._config.threads)
 
     async def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=False, cancel_futures=True)
+            self._readers = None
         if self._io is not None:
             await self._io.close()
             self._io = None
@@ -207,6 +221,29 @@ class LocalBackupStore(BackupStore):
             return
         folder = (location.organization_id, location.system_key)
         await self._bounded(self._commits.sync(folder, fd))
+
+    async def _read(self, call: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await self._bounded(loop.run_in_executor(self._readers, call, *args))
+        except SymlinkRefused as exc:
+            log.warning("refused a symlink under the backup root at %s", exc)
+            raise
+        except StorageUnavailable as exc:
+            log.warning("local storage read failed: %s", exc)
+            raise
+
+    async def list_backups(self, folder: SystemFolder) -> list[BackupInfo]:
+        result: list[BackupInfo] = await self._read(list_folder, self._root, folder)
+        return result
+
+    async def describe(self, location: BackupLocation) -> BackupInfo:
+        info: BackupInfo = await self._read(describe_backup, self._root, location)
+        return info
+
+    async def open_backup(self, location: BackupLocation) -> OpenedBackup:
+        opened: OpenedBackup = await self._read(open_backup, self._root, location)
+        return opened
 
     async def check_ready(self) -> None:
         if self._io is not None:

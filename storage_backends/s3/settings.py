@@ -11,6 +11,8 @@ from typing import Literal
 class S3Config:
     bucket: str = ""
     endpoint_url: str | None = None
+    # the endpoint browsers reach, when it differs (download URLs are presigned against it)
+    presign_endpoint_url: str | None = None
     region: str = "us-east-1"
     # Leave both unset to use the standard AWS chain (env, shared files, instance role).
     access_key_id: str | None = field(default=None, repr=False)

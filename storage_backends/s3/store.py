@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -20,14 +22,17 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..base import BackupLocation, BackupStore
+from ..base import DEFAULT_MIMETYPE, BackupInfo, BackupLocation, BackupStore, SystemFolder
 from ..errors import BackupNotFound, StorageUnavailable
+from ..ids import normalize_backup_id
 from .settings import S3Config
-from .signed import SignedRequests
+from .signed import Answer, SignedRequests
 
 log = logging.getLogger(__name__)
 
 DELETE_OBJECTS_BATCH = 1000  # the S3 API's limit per DeleteObjects call
+HEADS_AT_ONCE = 16  # a listing's HeadObject calls in flight at once
+_SHA256_CHARS = frozenset("0123456789abcdef")
 
 
 class _Progress:
@@ -56,6 +61,8 @@ class S3BackupStore(BackupStore):
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._signed: SignedRequests | None = None
+        self._presigner: Any = None
+        self._credentials: Any = None
         self._versioned: bool | None = {"on": True, "off": False}.get(config.versioning)
 
     async def start(self) -> None:
@@ -66,6 +73,7 @@ class S3BackupStore(BackupStore):
             retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
             max_pool_connections=cfg.max_pool_connections,
             s3={"addressing_style": cfg.addressing_style},
+            signature_version="s3v4",
         )
         session = get_session()
         if cfg.access_key_id and cfg.secret_access_key:
@@ -97,13 +105,20 @@ class S3BackupStore(BackupStore):
             "head_object", Params={"Bucket": cfg.bucket, "Key": "k"}, ExpiresIn=60
         )
         base_url = probe.split("?", 1)[0].removesuffix("/k")
+        self._credentials = await session.get_credentials()
         self._signed = SignedRequests(
-            base_url,
-            self._client.meta.region_name,
-            await session.get_credentials(),
-            http,
-            cfg.max_attempts,
+            base_url, self._client.meta.region_name, self._credentials, http, cfg.max_attempts
         )
+        self._presigner = self._client
+        if cfg.presign_endpoint_url:
+            self._presigner = await self._stack.enter_async_context(
+                session.create_client(
+                    "s3",
+                    region_name=cfg.region,
+                    endpoint_url=cfg.presign_endpoint_url,
+                    config=aio_config,
+                )
+            )
 
     async def close(self) -> None:
         if self._stack is not None:
@@ -111,6 +126,7 @@ class S3BackupStore(BackupStore):
             self._stack = None
             self._client = None
             self._signed = None
+            self._presigner = None
 
     def key_for(self, location: BackupLocation) -> str:
         # The prefix is joined exactly as written: "tenant-a/" carries its own slash.
@@ -120,6 +136,93 @@ class S3BackupStore(BackupStore):
         key = self.key_for(location)
         progress = _Progress()
         await self._guarded(progress, self._delete(key, progress))
+
+    def folder_prefix(self, folder: SystemFolder) -> str:
+        return f"{self._config.prefix}{folder.organization_id}/{folder.system_key}/"
+
+    async def list_backups(self, folder: SystemFolder) -> list[BackupInfo]:
+        progress = _Progress("list_objects_v2")
+        result: list[BackupInfo] = await self._guarded(progress, self._list(folder, progress))
+        return result
+
+    async def _list(self, folder: SystemFolder, progress: _Progress) -> list[BackupInfo]:
+        prefix = self.folder_prefix(folder)
+        listed: list[tuple[str, int, datetime]] = []
+        kwargs: dict[str, str] = {"Bucket": self._config.bucket, "Prefix": prefix, "Delimiter": "/"}
+        while True:
+            page = await self._client.list_objects_v2(**kwargs)
+            for entry in page.get("Contents", []):
+                name = entry["Key"][len(prefix) :]
+                if normalize_backup_id(name) == name:  # directly under, and a backup id
+                    listed.append((name, int(entry["Size"]), entry["LastModified"]))
+            if not page.get("IsTruncated"):
+                break
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        # The metadata is the object's: one HeadObject each, a few at a time.
+        progress.step = "head_object"
+        gate = asyncio.Semaphore(HEADS_AT_ONCE)
+
+        async def described(name: str, size: int, modified: datetime) -> BackupInfo | None:
+            async with gate:
+                head = await self._signed_requests().head(prefix + name)
+            if head.status == 404:
+                return None  # deleted while we listed
+            if head.status != 200:
+                raise StorageUnavailable(f"HTTP {head.status}")
+            return _info(name, size, modified.astimezone(UTC), head.headers)
+
+        found = await asyncio.gather(*(described(*entry) for entry in listed))
+        return [info for info in found if info is not None]
+
+    async def describe(self, location: BackupLocation) -> BackupInfo:
+        progress = _Progress("head_object")
+        result: BackupInfo = await self._guarded(progress, self._describe(location, progress))
+        return result
+
+    async def _head_existing(self, key: str, progress: _Progress) -> Answer:
+        """HeadObject's answer for a key that exists; BackupNotFound when it does not."""
+        progress.step = "head_object"
+        head = await self._signed_requests().head(key)
+        if head.status == 404:
+            # HEAD answers a bodiless 404 for a missing bucket too; tell the two apart.
+            progress.step = "head_bucket"
+            await self._require_bucket()
+            raise BackupNotFound(key)
+        if head.status != 200:
+            raise StorageUnavailable(f"HTTP {head.status}")
+        return head
+
+    async def _describe(self, location: BackupLocation, progress: _Progress) -> BackupInfo:
+        head = await self._head_existing(self.key_for(location), progress)
+        try:
+            modified = parsedate_to_datetime(head.headers["Last-Modified"]).astimezone(UTC)
+            size = int(head.headers["Content-Length"])
+        except (KeyError, TypeError, ValueError):
+            raise StorageUnavailable("HeadObject answer without Last-Modified or size") from None
+        return _info(location.backup_id, size, modified, head.headers)
+
+    async def presigned_url(
+        self, location: BackupLocation, download_name: str, ttl_seconds: int
+    ) -> str | None:
+        ttl = ttl_seconds
+        # Never valid beyond temporary credentials: botocore keeps their expiry here.
+        expiry = getattr(self._credentials, "_expiry_time", None)
+        if isinstance(expiry, datetime):
+            ttl = max(1, min(ttl, int((expiry - datetime.now(UTC)).total_seconds())))
+        url: str = await self._presigner.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self._config.bucket,
+                "Key": self.key_for(location),
+                "ResponseContentDisposition": f'attachment; filename="{download_name}"',
+            },
+            ExpiresIn=ttl,
+        )
+        return url
+
+    def _signed_requests(self) -> SignedRequests:
+        assert self._signed is not None, "store not started"
+        return self._signed
 
     async def check_ready(self) -> None:
         progress = _Progress("head_bucket")
@@ -172,18 +275,9 @@ class S3BackupStore(BackupStore):
             await self._delete_current(key, progress)
 
     async def _delete_current(self, key: str, progress: _Progress) -> None:
-        assert self._signed is not None, "store not started"
-        progress.step = "head_object"
-        head = await self._signed.head(key)
-        if head.status == 404:
-            # HEAD answers a bodiless 404 for a missing bucket too; tell the two apart.
-            progress.step = "head_bucket"
-            await self._require_bucket()
-            raise BackupNotFound(key)
-        if head.status != 200:
-            raise StorageUnavailable(f"HTTP {head.status}")
+        await self._head_existing(key, progress)
         progress.step = "delete_object"
-        deleted = await self._signed.delete(key)
+        deleted = await self._signed_requests().delete(key)
         if deleted.status not in (200, 204):
             raise StorageUnavailable(f"HTTP {deleted.status}")
 
@@ -233,3 +327,18 @@ class S3BackupStore(BackupStore):
                 raise StorageUnavailable(
                     f"{len(errors)} versions not deleted, first: {errors[0].get('Code')}"
                 )
+
+
+def _info(backup_id: str, size: int, modified: datetime, headers: dict[str, str]) -> BackupInfo:
+    """A listing entry from an object's HeadObject headers (x-amz-meta-*, Content-Type)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    filename = lower.get("x-amz-meta-filename", "")
+    sha256 = lower.get("x-amz-meta-sha256", "")
+    return BackupInfo(
+        id=backup_id,
+        size=size,
+        filename=filename if 0 < len(filename) <= 1024 else backup_id,
+        sha256=sha256 if len(sha256) == 64 and set(sha256) <= _SHA256_CHARS else "",
+        mimetype=lower.get("content-type") or DEFAULT_MIMETYPE,
+        uploaded_at=modified,
+    )

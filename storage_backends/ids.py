@@ -1,4 +1,8 @@
-"""The backup-id grammar (DESIGN.md §2): a UUIDv7 with an optional known archive suffix."""
+"""The backup-id grammar (DESIGN.md §2): a UUIDv7 with an optional known archive suffix.
+
+It lives with storage because a listing keeps only the names that are backup ids; the
+routes validate ids with it before anything reaches storage.
+"""
 
 from __future__ import annotations
 

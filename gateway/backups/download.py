@@ -1,0 +1,182 @@
+"""Downloads (DESIGN.md §8): issuing a URL for a backup, and serving local-disk links.
+
+On S3 the URL is presigned by the store; on local disk it is a link to this gateway,
+signed by `links`, served from a file descriptor opened by the symlink-refusing walk and
+sent with sendfile — never aiohttp's FileResponse, which follows symlinks and serves a
+sibling `.gz`/`.br` to a client that accepts one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+
+from aiohttp import web
+
+from storage_backends import BackupLocation, OpenedBackup
+
+from ..config import CONFIG
+from ..directory import DIRECTORY, DirectoryUnavailable
+from ..http.envelope import envelope
+from ..http.errors import ApiError, directory_unavailable
+from ..http.middlewares import REQUEST_ID
+from .audit import record_download_issued, record_download_served
+from .authorization import authorized_system
+from .links import LINKS, InvalidLink
+from .names import download_name
+from .params import requested_backup_id
+from .storage import STORE, run_storage
+
+log = logging.getLogger(__name__)
+
+CONTENT_PATH = "/backups/content/"
+
+
+async def download_url(request: web.Request) -> web.Response:
+    backup_id = requested_backup_id(request)
+    system = await authorized_system(request, request.match_info["id"])
+    if system.system_key is None:
+        raise ApiError(404, "backup not found")  # not registered, whatever the backend
+    app = request.app
+    config = app[CONFIG]
+    store = app[STORE]
+    location = BackupLocation(system.organization_id, system.system_key, backup_id)
+    failure = "generate download URL"
+    info = await run_storage(request, "describe", store.describe, location, failure)
+    ttl = config.storage.download.ttl_seconds
+    name = download_name(info.filename, info.id, info.uploaded_at)
+
+    async def presign(target: BackupLocation) -> str | None:
+        return await store.presigned_url(target, name, ttl)
+
+    url = await run_storage(request, "presign", presign, location, failure)
+    if url is None:
+        link, expires_at = app[LINKS].issue(system.id, location, ttl)
+        base = "" if config.server.base_path == "/" else config.server.base_path
+        url = f"{config.server.public_url}{base}{CONTENT_PATH}{link}"
+        kind = "link"
+    else:
+        expires_at = int(time.time()) + ttl
+        kind = "presigned_url"
+    record_download_issued(request, system.id, backup_id, kind, expires_at)
+    return envelope(200, "download URL issued", {"download_url": url, "expires_in_seconds": ttl})
+
+
+def _refused() -> ApiError:
+    return ApiError(403, "invalid or expired download link")
+
+
+async def serve_content(request: web.Request) -> web.StreamResponse:
+    """GET or HEAD a local-disk link. No bearer token: the signed link is the capability."""
+    app = request.app
+    signer = app.get(LINKS)  # only local disk has links
+    try:
+        if signer is None:
+            raise InvalidLink("this gateway issues no links")
+        link = signer.verify(request.match_info["link"])
+    except InvalidLink as exc:
+        log.debug("download link refused: %s", exc)
+        raise _refused() from None
+    try:
+        system = await app[DIRECTORY].system(link.system_id)
+    except DirectoryUnavailable as exc:
+        log.warning("directory unavailable: %s", exc)
+        raise directory_unavailable() from None
+    location = link.location
+    if (
+        system is None
+        or system.deleted
+        or system.organization_id != location.organization_id
+        or system.system_key != location.system_key
+    ):
+        raise _refused()  # deleted or reassigned since the link was issued: its links die
+    outcome = "internal server error"
+    try:
+        opened = await run_storage(request, "open", app[STORE].open_backup, location, "read backup")
+        try:
+            response = await _send(request, opened)
+            outcome = f"{response.status}"
+            return response
+        finally:
+            opened.close()
+    except ApiError as exc:
+        outcome = exc.message
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        outcome = "cut off"
+        raise
+    finally:
+        record_download_served(
+            request, link.system_id, location.backup_id, link.expires_at, outcome
+        )
+
+
+async def _send(request: web.Request, opened: OpenedBackup) -> web.StreamResponse:
+    info = opened.info
+    size = info.size
+    name = download_name(info.filename, info.id, info.uploaded_at)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+        "Accept-Ranges": "bytes",
+        "X-Request-ID": request[REQUEST_ID],  # the response is prepared here, not later
+    }
+    if info.sha256:
+        headers["ETag"] = f'"{info.sha256}"'
+    offset, count, status = 0, size, 200
+    if "Range" in request.headers:
+        try:
+            wanted = request.http_range  # aiohttp's parser: one range, else ValueError
+        except ValueError:
+            wanted = None  # several ranges or a malformed header: the whole body (RFC 9110)
+        if wanted is not None:
+            start, stop = wanted.start or 0, wanted.stop
+            if start < 0:  # bytes=-N: the last N bytes
+                start, stop = max(0, size + start), size
+            stop = size if stop is None else min(stop, size)
+            if start >= size or start >= stop:
+                return envelope(
+                    416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"}
+                )
+            offset, count, status = start, stop - start, 206
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = count
+    await response.prepare(request)
+    if request.method != "HEAD" and count:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        download = request.app[CONFIG].storage.download
+        budget = request.app[CONFIG].server.request_timeout_seconds + (
+            count / download.min_rate_bytes_per_second
+        )
+        with os.fdopen(opened.fd, "rb", closefd=False) as file:
+            try:
+                async with asyncio.timeout(budget):
+                    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+            except TimeoutError:
+                log.warning(
+                    "download cut off: slower than %d B/s", download.min_rate_bytes_per_second
+                )
+                _reset(transport)
+                raise ConnectionResetError("download too slow") from None
+    await response.write_eof()
+    return response
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with a reset: what the kernel still holds to send is dropped, not drained to
+    a client that reads it at a byte a second (a plain close would wait for it)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

@@ -1,0 +1,56 @@
+"""GET a system's backups (DESIGN.md §8): newest first, bounded, never a partial list."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from storage_backends import BackupInfo, SystemFolder
+
+from ..config import CONFIG
+from ..http.envelope import envelope
+from .authorization import authorized_system
+from .storage import STORE, run_storage
+
+
+def rfc3339(when: datetime) -> str:
+    """UTC with a Z; milliseconds when the time has a fraction of a second."""
+    when = when.astimezone(UTC)
+    if when.microsecond:
+        return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def item(info: BackupInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "filename": info.filename,
+        "size": info.size,
+        "sha256": info.sha256,
+        "mimetype": info.mimetype,
+        "uploaded_at": rfc3339(info.uploaded_at),
+    }
+
+
+async def list_backups(request: web.Request) -> web.Response:
+    system = await authorized_system(request, request.match_info["id"])
+    store = request.app[STORE]
+    if system.system_key is None:
+        backups: list[BackupInfo] = []  # not registered: nothing uploaded, whatever the backend
+    else:
+        folder = SystemFolder(system.organization_id, system.system_key)
+        backups = await run_storage(request, "list", store.list_backups, folder, "list backups")
+    backups.sort(key=lambda b: (b.uploaded_at, b.id), reverse=True)
+    limit = request.app[CONFIG].limits.max_list_items
+    return envelope(
+        200,
+        "backups retrieved successfully",
+        {
+            "backups": [item(b) for b in backups[:limit]],
+            "quota_used_bytes": sum(b.size for b in backups),
+            "slots_used": len(backups),
+            "truncated": len(backups) > limit,
+        },
+    )
