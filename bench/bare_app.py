@@ -1,4 +1,5 @@
-"""(a) The framework's ceiling: a bare aiohttp DELETE that returns the gateway's JSON."""
+"""(a) The framework's ceiling: a bare aiohttp DELETE that returns the gateway's JSON, and a
+bare GET that returns a listing of ten backups in the gateway's shape (for the list rows)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,37 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(text=body, content_type="application/json")
 
 
+_ITEM = {
+    "id": "01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz",
+    "filename": "backup.tar.gz",
+    "size": 1024,
+    "sha256": "0" * 64,
+    "mimetype": "application/gzip",
+    "uploaded_at": "2026-11-28T09:00:23Z",
+}
+
+
+async def listing(request: web.Request) -> web.Response:
+    body = json.dumps(
+        {
+            "code": 200,
+            "message": "backups retrieved successfully",
+            "data": {
+                "backups": [_ITEM] * 10,
+                "quota_used_bytes": 10240,
+                "slots_used": 10,
+                "truncated": False,
+            },
+        },
+        separators=(",", ":"),
+    )
+    return web.Response(text=body, content_type="application/json")
+
+
 def main() -> None:
     app = web.Application()
     app.router.add_delete("/api/systems/{id}/backups/{backup_id}", delete)
+    app.router.add_get("/api/systems/{id}/backups", listing)
     web.run_app(
         app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, reuse_port=True
     )

@@ -14,7 +14,18 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 T = TypeVar("T")
 
-_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$")
+# Settings that switch a check off when empty: an empty value here is refused, never "unset".
+SECURITY_FIELDS = frozenset(
+    {
+        "auth.secret",
+        "auth.secret_file",
+        "auth.public_key_file",
+        "auth.issuer",
+        "auth.audience",
+        "metrics.bearer_token",
+    }
+)
 
 
 class ConfigError(Exception):
@@ -44,6 +55,10 @@ def interpolate(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
     def expand(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
+        if match.group(0) == "$":
+            # Not $$ nor a well-formed ${NAME} / ${NAME:-default}: never literal text (a
+            # missing brace once made the signing key the config's own words).
+            raise ConfigError(where, "a $ that starts no ${VAR} or ${VAR:-default} (write $$)")
         name, default = match.group(1), match.group(2)
         if name in environ:
             return environ[name]
@@ -89,6 +104,8 @@ def _convert(tp: Any, value: Any, base_dir: Path, where: str) -> Any:
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(tp) if a is not type(None)]
         empty = value is None or (isinstance(value, _FromEnvironment) and value == "")
+        if empty and where in SECURITY_FIELDS and value is not None:
+            raise ConfigError(where, "is empty: an empty value would switch this check off")
         if empty and type(None) in get_args(tp):
             return None
         if len(options) == 1:
@@ -130,6 +147,8 @@ def _convert(tp: Any, value: Any, base_dir: Path, where: str) -> Any:
         raise ConfigError(where, f"expected {kind}, got {_describe(value)}")
     if tp is str:
         if isinstance(value, str):
+            if not value and where in SECURITY_FIELDS:
+                raise ConfigError(where, "is empty: an empty value would switch this check off")
             return str(value)
         raise ConfigError(where, f"expected a string, got {_describe(value)}")
     if tp is Path:

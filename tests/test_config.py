@@ -51,8 +51,39 @@ def test_unset_variable_without_default_names_the_variable() -> None:
 
 
 def test_empty_default_means_unset_for_optional_values() -> None:
-    config = load({"metrics": {"bearer_token": "${SCRAPE_TOKEN:-}"}})
-    assert config.metrics.bearer_token is None
+    config = load({"redis": {"url": "${REDIS_URL:-}"}})
+    assert config.redis.url is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"metrics": {"bearer_token": "${SCRAPE_TOKEN:-}"}}, "metrics.bearer_token"),
+        ({"metrics": {"bearer_token": ""}}, "metrics.bearer_token"),
+        ({"auth": {"audience": "${AUD:-}"}}, "auth.audience"),
+        ({"auth": {"issuer": ""}}, "auth.issuer"),
+    ],
+)
+def test_an_empty_security_setting_is_an_error_not_a_check_switched_off(
+    raw: dict[str, Any], field: str
+) -> None:
+    """Hostile input 12: AUD="" once stopped the audience check, an empty scrape token made
+    /metrics public."""
+    with pytest.raises(ConfigError, match=f"{field}: is empty"):
+        load(raw)
+
+
+@pytest.mark.parametrize(
+    "value", ["${GATEWAY_JWT_SECRET", "$GATEWAY_JWT_SECRET", "pre$fix", "${}", "${1X}", "$"]
+)
+def test_a_dollar_that_starts_no_reference_is_an_error(value: str) -> None:
+    """Hostile input 5: `${GATEWAY_JWT_SECRET` without its brace became the signing key."""
+    with pytest.raises(ConfigError, match=r"auth.secret: a \$ that starts no"):
+        load({"auth": {"secret": value}})
+
+
+def test_double_dollar_is_still_a_literal_dollar() -> None:
+    assert load({"auth": {"secret": "$$" + "s" * 40}}).auth.secret == "$" + "s" * 40
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,23 @@ def signed_raw(header_json: str, claims_json: str, secret: str = SECRET) -> str:
     return f"{signing_input}.{b64(sig)}"
 
 
+def signed_raw_bytes(header_json: str, claims_json: str, key: bytes) -> str:
+    """HS256 over exactly these bytes with a binary key (a DER public key, say)."""
+    import hashlib
+    import hmac
+
+    signing_input = f"{b64(header_json.encode())}.{b64(claims_json.encode())}"
+    return f"{signing_input}.{b64(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+@pytest.mark.parametrize("secret", ["", "short", "x" * 31])
+def test_an_empty_or_short_hmac_secret_is_a_config_error(tmp_path: Path, secret: str) -> None:
+    """CVE-2026-120459: python-jose 3.5.0 accepts an empty HMAC key. The config never
+    hands it one: empty or under 32 bytes stops start-up."""
+    with pytest.raises(ConfigError, match="auth.secret"):
+        make_config(tmp_path, auth={"secret": secret})
+
+
 def user_claims(**user: Any) -> dict[str, Any]:
     claims = claims_for("org_c1")
     claims["user"].update(user)
@@ -115,6 +132,46 @@ def hostile_tokens() -> list[tuple[str, str]]:
         ("four segments", hs256(good) + ".x"),
         ("garbage", "not-a-token"),
         ("over 8 KiB", hs256(claims_for("org_c1", pad="p" * 9000))),
+        # hostile input round 2, 4: the header is parsed before the signature is checked
+        (
+            "2,000 nested arrays in the header",
+            raw_token('{"alg":"HS256","x":' + "[" * 2000 + "]" * 2000 + "}", good, b"sig"),
+        ),
+        (
+            "1,000 nested objects in the claims",
+            signed_raw('{"alg":"HS256"}', '{"a":' * 1000 + "1" + "}" * 1000),
+        ),
+        # hostile input round 2, 11: time claims must be finite numbers in range
+        (
+            "exp 1 followed by 400 zeros",
+            signed_raw(
+                '{"alg":"HS256"}',
+                good_json.replace(f'"exp": {good["exp"]}', '"exp": 1' + "0" * 400),
+            ),
+        ),
+        (
+            "exp NaN",
+            signed_raw('{"alg":"HS256"}', good_json.replace(f'"exp": {good["exp"]}', '"exp": NaN')),
+        ),
+        (
+            "exp 1e400",
+            signed_raw(
+                '{"alg":"HS256"}', good_json.replace(f'"exp": {good["exp"]}', '"exp": 1e400')
+            ),
+        ),
+        (
+            "exp Infinity",
+            signed_raw(
+                '{"alg":"HS256"}', good_json.replace(f'"exp": {good["exp"]}', '"exp": Infinity')
+            ),
+        ),
+        (
+            "nbf -Infinity",
+            signed_raw(
+                '{"alg":"HS256"}', good_json.replace(f'"nbf": {good["nbf"]}', '"nbf": -Infinity')
+            ),
+        ),
+        ("negative exp", hs256(claims_for("org_c1", exp=-1))),
     ]
 
 
@@ -266,9 +323,16 @@ async def test_public_key_algorithms(
     confused = signed_raw(
         '{"alg":"HS256","typ":"JWT"}', json.dumps(claims_for("org_c1")), public.decode()
     )
+    # CVE-2026-85394: python-jose 3.5.0 accepts a DER-encoded public key as an HMAC secret.
+    der = serialization.load_pem_public_key(public).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    confused_der = signed_raw_bytes(
+        '{"alg":"HS256","typ":"JWT"}', json.dumps(claims_for("org_c1")), der
+    )
     other_private, _ = _keypair(alg)
     foreign = jwt.encode(claims_for("org_c1"), other_private.decode(), algorithm=alg)
-    for token, status in [(confused, 401), (foreign, 401), (good, 200)]:
+    for token, status in [(confused, 401), (confused_der, 401), (foreign, 401), (good, 200)]:
         bid = new_backup_id()
         local_harness.put(location_for("org_c1", bid))
         resp = await client.delete(f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token))

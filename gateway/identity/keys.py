@@ -1,4 +1,5 @@
-"""Signing material: the HMAC secret (inline or a 0600 file made on first run) or a public key."""
+"""Signing material: the HMAC secret, inline or in a 0600 file made on first run (the key
+objects python-jose builds from it, and from public keys, are made in `tokens`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ import os
 import secrets
 import stat
 from pathlib import Path
-
-from jose import jwk
-from jose.backends.base import Key
-from jose.exceptions import JOSEError
 
 from ..config import MIN_SECRET_BYTES, AuthConfig
 from ..config_loader import ConfigError
@@ -67,27 +64,3 @@ def hmac_secret(auth: AuthConfig) -> str:
         return auth.secret
     assert auth.secret_file is not None
     return ensure_secret_file(auth.secret_file)
-
-
-def verification_keys(auth: AuthConfig) -> dict[str, Key]:
-    """One prepared key per allowed algorithm, so a token is only ever checked with its own."""
-    if auth.is_hmac:
-        material: str | bytes = hmac_secret(auth)
-        field = "auth.secret"
-    else:
-        assert auth.public_key_file is not None
-        field = "auth.public_key_file"
-        try:
-            material = auth.public_key_file.read_bytes()
-        except OSError as exc:
-            problem = f"cannot read {auth.public_key_file}: {exc.strerror}"
-            raise ConfigError(field, problem) from None
-        if b"PRIVATE KEY" in material:
-            raise ConfigError(field, "holds a private key; give the gateway the public key only")
-    keys: dict[str, Key] = {}
-    for alg in auth.algorithms:
-        try:
-            keys[alg] = jwk.construct(material, alg)
-        except (JOSEError, ValueError, TypeError) as exc:
-            raise ConfigError(field, f"not a usable {alg} key ({type(exc).__name__})") from None
-    return keys

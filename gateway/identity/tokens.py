@@ -1,5 +1,11 @@
 """Access-token verification (python-jose) and minting for the `token` command.
 
+The only module that imports python-jose (3.5.0, pinned exactly: unmaintained, with
+CVE-2026-85394 — a DER public key accepted as an HMAC secret — and CVE-2026-120459 — an
+empty HMAC key accepted — unfixed). Neither is reachable here: the allowed algorithms are
+one family, each key is prepared for its own algorithm from PEM (public keys) or a secret
+of at least 32 bytes, and the token's header never picks the key.
+
 Verification is strict by construction: the algorithm must be on the config's
 allow-list (one family), the key is chosen by the gateway, never by the
 token's header (`kid`, `jku`, `x5u`, `jwk` are ignored and never fetched), and
@@ -12,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
@@ -19,12 +26,13 @@ from collections.abc import Callable
 from typing import Any, TypeGuard
 
 from aiohttp import web
-from jose import jws, jwt
+from jose import jwk, jws, jwt
 from jose.backends.base import Key
 from jose.exceptions import JOSEError
 
 from ..config import AuthConfig
-from .keys import hmac_secret, verification_keys
+from ..config_loader import ConfigError
+from .keys import hmac_secret
 from .principal import MANAGE_SYSTEMS, Principal
 
 MAX_TOKEN_BYTES = 8192
@@ -46,16 +54,37 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# A JWT's header and claims are flat objects with a list or two: more brackets than this
+# is an attack on the parser (2,000 nested arrays once raised RecursionError, a 500).
+MAX_JSON_BRACKETS = 64
+
+
 def _json_segment(segment: str) -> Any:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        return json.loads(raw, object_pairs_hook=_reject_duplicates)
     except (binascii.Error, ValueError) as exc:
+        raise InvalidToken(f"undecodable segment: {type(exc).__name__}") from None
+    # Bounded before parsing: nesting depth can be no more than the brackets there are.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_BRACKETS:
+        raise InvalidToken("too many nested structures")
+    try:
+        return json.loads(raw, object_pairs_hook=_reject_duplicates)
+    except (ValueError, RecursionError) as exc:
         raise InvalidToken(f"undecodable segment: {type(exc).__name__}") from None
 
 
+# Time claims are unix seconds: finite, and within what a float holds exactly.
+MAX_TIME = 2**53
+
+
 def _is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A time claim: an int or float, finite, between 0 and 2**53 (NaN, 1e400 and 10**400
+    never expire nor compare, or overflow float())."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return 0 <= value <= MAX_TIME
 
 
 def _string_list(value: Any, name: str) -> list[str]:
@@ -64,6 +93,30 @@ def _string_list(value: Any, name: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidToken(f"{name} must be a list of strings")
     return value
+
+
+def verification_keys(auth: AuthConfig) -> dict[str, Key]:
+    """One prepared key per allowed algorithm, so a token is only ever checked with its own."""
+    if auth.is_hmac:
+        material: str | bytes = hmac_secret(auth)
+        field = "auth.secret"
+    else:
+        assert auth.public_key_file is not None
+        field = "auth.public_key_file"
+        try:
+            material = auth.public_key_file.read_bytes()
+        except OSError as exc:
+            problem = f"cannot read {auth.public_key_file}: {exc.strerror}"
+            raise ConfigError(field, problem) from None
+        if b"PRIVATE KEY" in material:
+            raise ConfigError(field, "holds a private key; give the gateway the public key only")
+    keys: dict[str, Key] = {}
+    for alg in auth.algorithms:
+        try:
+            keys[alg] = jwk.construct(material, alg)
+        except (JOSEError, ValueError, TypeError) as exc:
+            raise ConfigError(field, f"not a usable {alg} key ({type(exc).__name__})") from None
+    return keys
 
 
 class TokenVerifier:
