@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: install run test lint bench bench-short soak soak-short clean
+.PHONY: install run test lint audit bench bench-short soak soak-short clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy gateway storage_backends
+
+## make audit: known advisories against the installed set; fails on any not in audit-ignores.txt,
+## and on a package it could not audit (--strict: an unreachable database is not a pass)
+audit: install
+	$(BIN)/pip install -q pip-audit
+	$(BIN)/pip-audit --strict --progress-spinner off \
+	  $$(grep -v '^#' audit-ignores.txt | awk 'NF {print "--ignore-vuln", $$1}')
 
 ## make bench: the standing benchmark (rows a-d, ratios, objects-gone check; wrk when present)
 bench: install

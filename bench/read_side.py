@@ -69,7 +69,9 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 class Gateway:
-    def __init__(self, work: Path, storage: dict[str, Any], **extra: Any) -> None:
+    def __init__(
+        self, work: Path, storage: dict[str, Any], extra: dict[str, Any] | None = None
+    ) -> None:
         self.port = bench.free_port()
         self.config = bench.gateway_config(work, self.port, storage)
         if extra:
@@ -78,6 +80,7 @@ class Gateway:
             data = yaml.safe_load(self.config.read_text())
             for key, value in extra.items():
                 data[key] = {**data.get(key, {}), **value}
+            data["storage"] = {**storage, **extra.get("storage", {})}
             self.config.write_text(yaml.safe_dump(data))
         self.work = work
 
@@ -275,7 +278,7 @@ def main() -> int:
             big_id = "01934fab-bc33-7890-a1b2-c3d4e5f6a7b8.tar.gz"
             ten_id = "01934fab-bc33-7890-a1b2-c3d4e5f6a7b9.tar.gz"
             gw = Gateway(work / "dl", {"backend": "local", "local": {"root": str(root)}},
-                         storage={"download": {"ttl_seconds": 900}})  # fmt: skip
+                         {"storage": {"download": {"ttl_seconds": 900}}})  # fmt: skip
             bench.seed(gw.config, 1, 1, work / "ids-dl.txt")  # the directory and the system
             if "big" in only:
                 put_local_backup(root, 0, big_id, args.big_mib << 20)

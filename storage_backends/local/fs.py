@@ -164,15 +164,15 @@ def check_root_sync(root: Path) -> None:
 def list_folder(root: Path, folder: SystemFolder) -> list[BackupInfo]:
     """Every backup in a system's folder: data files named with a canonical backup id.
 
-    A folder that does not exist lists empty; one reached through a symlink lists empty
-    and logs a warning. A backup that vanishes while listing is left out."""
+    A folder that does not exist lists empty; one reached through a symlink raises
+    SymlinkRefused (the caller lists it empty, with a warning). A backup that vanishes
+    while listing is left out."""
     root_fd = open_root(root)
     try:
         try:
             key_fd = open_system_folder(root_fd, folder)
         except SymlinkRefused:
-            log.warning("refused a symlink under the backup root at %s", _describe_place(folder))
-            return []
+            raise
         except BackupNotFound:
             return []
         try:
@@ -187,12 +187,7 @@ def list_folder(root: Path, folder: SystemFolder) -> list[BackupInfo]:
                     except FileNotFoundError:
                         continue  # deleted while we listed
                     if stat.S_ISLNK(st.st_mode):
-                        log.warning(
-                            "refused a symlink under the backup root at %s%s",
-                            _describe_place(folder),
-                            name,
-                        )
-                        continue
+                        continue  # never followed, never listed
                     if stat.S_ISREG(st.st_mode):
                         found.append(_info(name, st, _read_sidecar(key_fd, name)))
             return found
@@ -290,3 +285,18 @@ def _uploaded_at(value: Any, mtime: float) -> datetime:
         if parsed is not None and parsed.tzinfo is not None:
             return parsed.astimezone(UTC)
     return datetime.fromtimestamp(mtime, UTC)
+
+
+def encode_listing(infos: list[BackupInfo]) -> bytes:
+    """A listing as one line of JSON (no newline in it), for the I/O process's answer."""
+    rows = [
+        [i.id, i.size, i.filename, i.sha256, i.mimetype, i.uploaded_at.timestamp()] for i in infos
+    ]
+    return json.dumps(rows, separators=(",", ":")).encode("utf-8")
+
+
+def decode_listing(line: bytes) -> list[BackupInfo]:
+    return [
+        BackupInfo(b, size, name, sha, mime, datetime.fromtimestamp(ts, UTC))
+        for b, size, name, sha, mime, ts in json.loads(line)
+    ]

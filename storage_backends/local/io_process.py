@@ -10,8 +10,10 @@ covers, and a hung disk stalls this process, never the gateway.
 Protocol, over a Unix stream socket, one ASCII line per message:
 
     request   "<seq> D <organization_id> <system_key> <backup_id>\\n"   delete
+              "<seq> L <organization_id> <system_key>\\n"               list a folder
               "<seq> R\\n"                                              readiness probe
     answer    "<seq> <code> <detail>\\n"   code: ok | missing | symlink | failed
+              (a listing's detail is its entries as one line of JSON)
 
 Every component was validated by the gateway (safe path components, backup-id grammar),
 and is checked again here: nothing with a separator or a slash is ever used as a path.
@@ -42,9 +44,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from ..base import BackupLocation
+from ..base import BackupLocation, SystemFolder
 from ..errors import BackupNotFound, StorageUnavailable
-from .fs import SymlinkRefused, check_root_sync, fsync_folder, open_root, unlink_backup
+from .fs import (
+    SymlinkRefused,
+    check_root_sync,
+    encode_listing,
+    fsync_folder,
+    list_folder,
+    open_root,
+    unlink_backup,
+)
 
 _COMPONENT = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _READ_SIZE = 1 << 18
@@ -79,6 +89,9 @@ class Batch:
             op, _, args = rest.partition(b" ")
             if op == b"R":
                 early.append(self._probe(seq))
+                continue
+            if op == b"L":
+                early.append(self._list(seq, args))
                 continue
             location = _location(args.split(b" ")) if op == b"D" else None
             if location is None:
@@ -119,6 +132,19 @@ class Batch:
         share = -(-len(items) // min(self._threads, len(items)))
         parts = [items[i : i + share] for i in range(0, len(items), share)]
         return [r for part in self._pool.map(functools.partial(_each, work), parts) for r in part]
+
+    def _list(self, seq: bytes, args: bytes) -> bytes:
+        parts = args.split(b" ")
+        location = _location([*parts, b"x"]) if len(parts) == 2 else None
+        if location is None:
+            return seq + b" failed malformed request\n"
+        folder = SystemFolder(location.organization_id, location.system_key)
+        try:
+            return seq + b" ok " + encode_listing(list_folder(self._root, folder)) + b"\n"
+        except SymlinkRefused:
+            return seq + b" symlink -\n"
+        except StorageUnavailable as exc:
+            return seq + b" failed " + _detail(str(exc)) + b"\n"
 
     def _probe(self, seq: bytes) -> bytes:
         try:

@@ -13,9 +13,10 @@ Where the syscalls run (`io`):
   disk) on the event loop and the fsync rounds in a thread pool. No extra process, at
   the price of the loop waiting on the disk and of GIL hand-offs with the pool threads.
 
-Reads — listing a folder, describing and opening a backup — run in a small thread pool of
-the gateway process in both modes: an open file descriptor must end up in this process to
-be streamed from, and reads are not the hot path deletes are. Each is bounded by
+A listing goes where the mode sends deletes: to the I/O process (one request, the entries
+back as a line of JSON) or onto the loop (inline). Describing and opening a backup run in
+a small thread pool of the gateway process in both modes: an open file descriptor must end
+up in this process to be streamed from. Each is bounded by
 `storage.operation_timeout_seconds`; a read stuck on a hung disk costs its thread, and
 the request a 502.
 """
@@ -37,6 +38,7 @@ from ..errors import BackupNotFound, StorageUnavailable
 from .fs import (
     SymlinkRefused,
     check_root_sync,
+    decode_listing,
     describe_backup,
     fsync_folder,
     list_folder,
@@ -234,8 +236,23 @@ class LocalBackupStore(BackupStore):
             raise
 
     async def list_backups(self, folder: SystemFolder) -> list[BackupInfo]:
-        result: list[BackupInfo] = await self._read(list_folder, self._root, folder)
-        return result
+        try:
+            if self._io is None:
+                # inline: metadata syscalls on the loop, as its deletes do (~0.3 ms for ten)
+                return list_folder(self._root, folder)
+            message = b"L %s %s" % (folder.organization_id.encode(), folder.system_key.encode())
+            code, detail = await self._io.request(message)
+            if code == b"ok":
+                return decode_listing(detail)
+            if code == b"symlink":
+                raise SymlinkRefused(f"{folder.organization_id}/{folder.system_key}/")
+            raise StorageUnavailable(detail.decode("ascii", "replace"))
+        except SymlinkRefused as exc:
+            log.warning("refused a symlink under the backup root at %s; listed empty", exc)
+            return []
+        except StorageUnavailable as exc:
+            log.warning("local storage read failed: %s", exc)
+            raise
 
     async def describe(self, location: BackupLocation) -> BackupInfo:
         info: BackupInfo = await self._read(describe_backup, self._root, location)

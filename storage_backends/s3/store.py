@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from xml.etree import ElementTree
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -148,16 +149,18 @@ class S3BackupStore(BackupStore):
     async def _list(self, folder: SystemFolder, progress: _Progress) -> list[BackupInfo]:
         prefix = self.folder_prefix(folder)
         listed: list[tuple[str, int, datetime]] = []
-        kwargs: dict[str, str] = {"Bucket": self._config.bucket, "Prefix": prefix, "Delimiter": "/"}
+        continuation: str | None = None
         while True:
-            page = await self._client.list_objects_v2(**kwargs)
-            for entry in page.get("Contents", []):
-                name = entry["Key"][len(prefix) :]
+            page = await self._signed_requests().list_page(prefix, continuation)
+            if page.status != 200:
+                raise StorageUnavailable(f"HTTP {page.status}")
+            entries, continuation = _list_page(page.body)
+            for key, size, modified in entries:
+                name = key[len(prefix) :] if key.startswith(prefix) else ""
                 if normalize_backup_id(name) == name:  # directly under, and a backup id
-                    listed.append((name, int(entry["Size"]), entry["LastModified"]))
-            if not page.get("IsTruncated"):
+                    listed.append((name, size, modified))
+            if continuation is None:
                 break
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
         # The metadata is the object's: one HeadObject each, a few at a time.
         progress.step = "head_object"
         gate = asyncio.Semaphore(HEADS_AT_ONCE)
@@ -342,3 +345,27 @@ def _info(backup_id: str, size: int, modified: datetime, headers: dict[str, str]
         mimetype=lower.get("content-type") or DEFAULT_MIMETYPE,
         uploaded_at=modified,
     )
+
+
+_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def _list_page(body: bytes) -> tuple[list[tuple[str, int, datetime]], str | None]:
+    """(key, size, last modified) of a ListObjectsV2 page, and the next page's token."""
+    try:
+        # The configured store's answer; expat >= 2.4 bounds entity amplification.
+        root = ElementTree.fromstring(body)  # noqa: S314
+        ns = _S3_NS if root.tag.startswith(_S3_NS) else ""
+        entries = []
+        for item in root.iter(f"{ns}Contents"):
+            key = item.findtext(f"{ns}Key") or ""
+            size = int(item.findtext(f"{ns}Size") or "0")
+            modified = datetime.fromisoformat(item.findtext(f"{ns}LastModified") or "")
+            entries.append((key, size, modified.astimezone(UTC)))
+        truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+        token = root.findtext(f"{ns}NextContinuationToken") if truncated else None
+    except (ElementTree.ParseError, ValueError) as exc:
+        raise StorageUnavailable(f"unreadable ListObjectsV2 answer: {type(exc).__name__}") from None
+    if truncated and not token:
+        raise StorageUnavailable("truncated ListObjectsV2 answer without a continuation token")
+    return entries, token
