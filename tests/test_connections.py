@@ -293,3 +293,30 @@ async def test_transfer_encoding_is_refused_on_every_route(local_gateway: Any) -
 
 async def iter_body() -> AsyncIterator[bytes]:
     yield b"chunk"
+
+
+async def test_a_malformed_request_is_a_plain_400_and_no_error_traceback(tmp_path: Path) -> None:
+    """Hostile input 15: every request aiohttp's parser refused wrote an error traceback."""
+    with gateway_process(tmp_path) as gw:
+        for junk in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(junk)
+            await writer.drain()
+            assert b" 400 " in await reader.readline()
+            writer.close()
+        output = gw.stop()
+    assert '"level":"error"' not in output
+    assert "Traceback" not in output
+
+
+def test_text_logs_escape_control_characters() -> None:
+    """Hostile input 14: a percent-encoded newline in a URL forged audit lines."""
+    import logging
+
+    from gateway.telemetry.logs import TextFormatter
+
+    record = logging.LogRecord("gateway.audit", logging.INFO, "", 0, "backup delete", None, None)
+    record.fields = {"system_id": "sys\nFAKE audit line\r", "backup_id": "x\x1b[31m"}
+    line = TextFormatter("%(levelname)s %(name)s %(message)s").format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert "sys\\nFAKE audit line\\r" in line

@@ -70,13 +70,24 @@ class JsonFormatter(logging.Formatter):
         return self._encode(entry)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_controls(text: str) -> str:
+    """CR, LF and every other control character as an escape: a percent-encoded newline in
+    a URL must not start a forged log line."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        return line
+        # a traceback keeps its own lines; everything before it is one line
+        head, sep, trace = line.partition("\nTraceback (most recent call last):")
+        return _escape_controls(head) + sep + trace
 
 
 class LoopBufferedHandler(logging.StreamHandler):
@@ -171,6 +182,21 @@ def _sole_json_handler(logger: logging.Logger) -> LoopBufferedHandler | None:
 _LINK_IN_PATH = re.compile(r"(/backups/content/)[^\s\"?]+")
 
 
+class QuietMalformedRequests(logging.Filter):
+    """aiohttp logs every request its parser refuses as an error with a traceback: a
+    stranger's typo (or a scan) then floods the error log. One line at debug instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__module__ != "aiohttp.http_exceptions":
+            return True
+        if not logging.getLogger("gateway").isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args, record.exc_info = f"malformed request: {exc!r}", None, None
+        return True
+
+
 class RedactDownloadLinks(logging.Filter):
     """aiohttp's own loggers (its access log under gunicorn or a test runner, its server
     errors) print request paths; a local download link in a path is a live capability.
@@ -185,11 +211,12 @@ class RedactDownloadLinks(logging.Filter):
 
 
 def redact_download_links() -> None:
-    """Install the filter once on aiohttp's loggers (idempotent)."""
+    """Install the filters once on aiohttp's loggers (idempotent)."""
     for name in ("aiohttp.access", "aiohttp.server", "aiohttp.web"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactDownloadLinks) for f in logger.filters):
-            logger.addFilter(RedactDownloadLinks())
+        for kind in (RedactDownloadLinks, QuietMalformedRequests):
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
 
 
 def configure_logging(config: LoggingConfig) -> None:

@@ -194,6 +194,11 @@ class LocalBackupStore(BackupStore):
         except SymlinkRefused:
             log.warning("refused a symlink under the backup root at %s", location.relative_key)
             raise
+        except StorageUnavailable as exc:
+            # The cause (permission denied, read-only filesystem, missing root) goes to the
+            # log; the answer says only "failed to delete backup".
+            log.warning("local storage delete of %s failed: %s", location.relative_key, exc)
+            raise
 
     async def _delete_in_process(self, location: BackupLocation) -> None:
         assert self._io is not None
