@@ -152,6 +152,8 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError("", f"{path} is nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -177,6 +179,10 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "server.base_path", "must be / or /segment[/segment...] of A-Z a-z 0-9 . _ ~ -"
         )
+    for name in ("max_line_size", "max_field_size"):
+        if getattr(server, name) < 1024:
+            # 0 made every request a 400
+            raise ConfigError(f"server.{name}", "must be at least 1024")
     if server.workers < 1:
         raise ConfigError("server.workers", "must be at least 1")
     for name in (
@@ -231,6 +237,11 @@ def validate(config: Config) -> None:
 
     if storage.operation_timeout_seconds <= 0:
         raise ConfigError("storage.operation_timeout_seconds", "must be positive")
+    if config.limits.storage_queue_timeout_seconds <= 0:
+        raise ConfigError("limits.storage_queue_timeout_seconds", "must be positive")
+    for name in ("connect_timeout_seconds", "read_timeout_seconds"):
+        if getattr(storage.s3, name) <= 0:
+            raise ConfigError(f"storage.s3.{name}", "must be positive")
     if storage.backend == "s3":
         s3 = storage.s3
         if not s3.bucket:

@@ -5,7 +5,9 @@ Kept generic so the config schema is just the dataclasses in `gateway.config`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
 import types
 from collections.abc import Mapping
@@ -136,13 +138,17 @@ def _convert(tp: Any, value: Any, base_dir: Path, where: str) -> Any:
     if tp in (int, float):
         if isinstance(value, bool):
             raise ConfigError(where, f"expected a number, got {_describe(value)}")
+        number: Any = None
         if isinstance(value, int | float) and (tp is float or isinstance(value, int)):
-            return tp(value)
-        if isinstance(value, _FromEnvironment):
-            try:
-                return tp(value)
-            except ValueError:
-                pass
+            number = tp(value)
+        elif isinstance(value, _FromEnvironment):
+            with contextlib.suppress(ValueError):
+                number = tp(value)
+        if number is not None:
+            if tp is float and not math.isfinite(number):
+                # no setting here means anything as NaN or infinity (a timeout that never fires)
+                raise ConfigError(where, f"must be a finite number, got {number}")
+            return number
         kind = "an integer" if tp is int else "a number"
         raise ConfigError(where, f"expected {kind}, got {_describe(value)}")
     if tp is str:

@@ -102,6 +102,11 @@ def test_double_dollar_is_still_a_literal_dollar() -> None:
         ({"server": {"public_url": "https://x.example/"}}, "server.public_url"),
         ({"server": {"public_url": "javascript:alert(1)"}}, "server.public_url"),
         ({"server": {"keepalive_timeout_seconds": float("nan")}}, "server.keepalive_timeout"),
+        # hostile input 13
+        ({"storage": {"operation_timeout_seconds": float("nan")}}, "must be a finite number"),
+        ({"storage": {"operation_timeout_seconds": float("inf")}}, "must be a finite number"),
+        ({"limits": {"storage_queue_timeout_seconds": -1}}, "storage_queue_timeout_seconds"),
+        ({"server": {"max_field_size": 0}}, "server.max_field_size: must be at least 1024"),
         ({"storage": {"backend": "ftp"}}, "storage.backend: must be one of local | s3 | none"),
         ({"storage": {"backend": "s3"}}, "storage.s3.bucket: required when storage.backend is s3"),
         ({"storage": {"s3": {"addressing_style": "sideways"}}}, "storage.s3.addressing_style"),
@@ -177,3 +182,12 @@ def test_check_config_accepts_the_embedded_default() -> None:
     root = Path(__file__).resolve().parent.parent
     result = run_cli("check-config", "--config", str(root / "config.yaml"))
     assert result.returncode == 0, result.stderr
+
+
+def test_deeply_nested_yaml_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    from gateway.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("a: " + "[" * 20000 + "]" * 20000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(path)
