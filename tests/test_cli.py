@@ -265,3 +265,13 @@ def test_check_config_reports_whether_the_database_and_redis_answer(
     assert silent.returncode == 1
     assert "directory (postgres): does not answer" in silent.stdout
     assert "redis revocation (db 0): does not answer" in silent.stdout
+
+
+def test_an_uncreatable_secret_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Hostile input 13: a secret_file whose folder cannot be made gave a traceback, exit 1."""
+    (tmp_path / "a-file").write_text("not a folder")
+    config = write_config(tmp_path, 0, auth={"secret_file": "a-file/jwt.secret"})
+    result = cli("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "auth.secret_file: cannot create" in result.stderr
