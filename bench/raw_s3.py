@@ -6,9 +6,28 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+
+
+def raw_client(endpoint: str, concurrency: int) -> Any:
+    """aiobotocore as an application would use it: one client, path style, standard retries
+    (the credentials are the bench servers' own)."""
+    config = AioConfig(
+        max_pool_connections=concurrency,
+        retries={"mode": "standard"},
+        s3={"addressing_style": "path"},
+    )
+    return get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=config,
+    )
 
 
 async def main(endpoint: str, bucket: str, ids_file: str, concurrency: int, seconds: float):
@@ -18,22 +37,10 @@ async def main(endpoint: str, bucket: str, ids_file: str, concurrency: int, seco
             sid, bid = line.split()
             index = int(sid.removeprefix("sys_"))
             keys.append(f"org_cust_{index:06d}/SEED-{index:06d}/{bid}")
-    config = AioConfig(
-        max_pool_connections=concurrency,
-        retries={"mode": "standard"},
-        s3={"addressing_style": "path"},
-    )
     latencies: list[float] = []
     errors = 0
     position = 0
-    async with get_session().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=config,
-    ) as client:
+    async with raw_client(endpoint, concurrency) as client:
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:

@@ -7,22 +7,13 @@ import json
 import sys
 import time
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from raw_s3 import raw_client  # bench/ is this script's folder, first on sys.path
 
 
 async def main(endpoint: str, bucket: str, prefix: str, concurrency: int, seconds: float):
-    config = AioConfig(max_pool_connections=concurrency, s3={"addressing_style": "path"})
     latencies: list[float] = []
     errors = 0
-    async with get_session().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=config,
-    ) as client:
+    async with raw_client(endpoint, concurrency) as client:
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:
@@ -32,7 +23,7 @@ async def main(endpoint: str, bucket: str, prefix: str, concurrency: int, second
                 try:
                     page = await client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/")
                     await asyncio.gather(
-                        *(client.head_object(Bucket=bucket, Key=o["Key"]) for o in page["Contents"])
+                        *(client.head_object(Bucket=bucket, Key=o["Key"]) for o in page.get("Contents", []))
                     )
                 except Exception:
                     errors += 1

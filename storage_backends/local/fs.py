@@ -172,7 +172,7 @@ def list_folder(root: Path, folder: SystemFolder) -> list[BackupInfo]:
         try:
             key_fd = open_system_folder(root_fd, folder)
         except SymlinkRefused:
-            raise
+            raise  # a BackupNotFound too, but not an empty folder
         except BackupNotFound:
             return []
         try:

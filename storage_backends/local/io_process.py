@@ -69,6 +69,13 @@ def _location(parts: list[bytes]) -> BackupLocation | None:
     return BackupLocation(org, key, backup)
 
 
+def _folder(parts: list[bytes]) -> SystemFolder | None:
+    if len(parts) != 2 or not all(_COMPONENT.fullmatch(p) for p in parts):
+        return None
+    org, key = (p.decode("ascii") for p in parts)
+    return SystemFolder(org, key)
+
+
 class Batch:
     """One round: unlink everything asked, fsync each touched folder once, answer."""
 
@@ -134,11 +141,9 @@ class Batch:
         return [r for part in self._pool.map(functools.partial(_each, work), parts) for r in part]
 
     def _list(self, seq: bytes, args: bytes) -> bytes:
-        parts = args.split(b" ")
-        location = _location([*parts, b"x"]) if len(parts) == 2 else None
-        if location is None:
+        folder = _folder(args.split(b" "))
+        if folder is None:
             return seq + b" failed malformed request\n"
-        folder = SystemFolder(location.organization_id, location.system_key)
         try:
             return seq + b" ok " + encode_listing(list_folder(self._root, folder)) + b"\n"
         except SymlinkRefused:
