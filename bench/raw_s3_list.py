@@ -23,7 +23,10 @@ async def main(endpoint: str, bucket: str, prefix: str, concurrency: int, second
                 try:
                     page = await client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/")
                     await asyncio.gather(
-                        *(client.head_object(Bucket=bucket, Key=o["Key"]) for o in page.get("Contents", []))
+                        *(
+                            client.head_object(Bucket=bucket, Key=o["Key"])
+                            for o in page.get("Contents", [])
+                        )
                     )
                 except Exception:
                     errors += 1
