@@ -13,10 +13,20 @@ from .base import (
     BackupInfo,
     BackupLocation,
     BackupStore,
+    NewBackup,
     OpenedBackup,
+    StagedBackup,
     SystemFolder,
+    UploadBody,
 )
-from .errors import BackupNotFound, StorageError, StorageNotConfigured, StorageUnavailable
+from .errors import (
+    BackupNotFound,
+    InsufficientStorage,
+    StorageError,
+    StorageNotConfigured,
+    StorageUnavailable,
+    UploadIncomplete,
+)
 from .local import LocalBackupStore, LocalConfig
 from .none import NoStorage
 from .s3 import S3Config
@@ -29,14 +39,20 @@ __all__ = [
     "BackupNotFound",
     "BackupStore",
     "DownloadConfig",
+    "InsufficientStorage",
     "LocalConfig",
+    "NewBackup",
     "OpenedBackup",
+    "RetentionConfig",
     "S3Config",
+    "StagedBackup",
     "StorageConfig",
     "StorageError",
     "StorageNotConfigured",
     "StorageUnavailable",
     "SystemFolder",
+    "UploadBody",
+    "UploadIncomplete",
     "UsageCounterConfig",
     "create_store",
 ]
@@ -61,6 +77,25 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """Uploads (DESIGN.md §9): limits refused before the body, and what retention keeps.
+    0 = no limit."""
+
+    max_upload_bytes: int = 2 * 1024**3
+    max_backups_per_system: int = 10
+    max_bytes_per_system: int = 500 * 1024**2
+    max_bytes_per_organization: int = 100 * 1024**3
+    uploads_per_minute: int = 6
+    uploads_per_hour: int = 60
+    # the Redis DB of the platform's rate keys and retention locks (redis.url set)
+    redis_db: int = 1
+    # a body must arrive within request_timeout_seconds plus its size at this rate
+    min_rate_bytes_per_second: int = 65536
+    # failed appliance logins per client address and minute before a 429
+    failed_logins_per_minute: int = 20
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     backend: Literal["local", "s3", "none"] = "local"
     # No storage operation (retries included) takes longer than this; past it, a 502.
@@ -69,6 +104,7 @@ class StorageConfig:
     s3: S3Config = field(default_factory=S3Config)
     usage_counter: UsageCounterConfig = field(default_factory=UsageCounterConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {

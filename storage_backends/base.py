@@ -6,7 +6,7 @@ import abc
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,53 @@ class OpenedBackup:
             self.fd = -1
 
 
+@dataclass(frozen=True, slots=True)
+class NewBackup:
+    """An upload about to be stored: where, how long, and what the sidecar or metadata says."""
+
+    location: BackupLocation
+    size: int  # the announced Content-Length: exactly this many bytes are read
+    filename: str
+    mimetype: str
+    uploader_ip: str
+    uploaded_at: datetime  # aware, UTC
+
+    def info(self, sha256: str) -> BackupInfo:
+        return BackupInfo(
+            id=self.location.backup_id,
+            size=self.size,
+            filename=self.filename,
+            sha256=sha256,
+            mimetype=self.mimetype,
+            uploaded_at=self.uploaded_at,
+        )
+
+
+class UploadBody(Protocol):
+    """The request body as the store reads it."""
+
+    async def read(self, limit: int) -> bytes:
+        """1 to `limit` bytes. Raises UploadIncomplete when the body ends (or the client
+        goes away) before the announced size; never answers b"" while bytes are due."""
+        ...
+
+
+class StagedBackup(abc.ABC):
+    """An upload written in full but not visible yet: `commit` makes it a backup at once,
+    `discard` removes every trace of it. Exactly one of them must be awaited."""
+
+    def __init__(self, info: BackupInfo) -> None:
+        self.info = info  # sha256 included
+
+    @abc.abstractmethod
+    async def commit(self) -> None:
+        """Make the backup visible, durably; StorageUnavailable / InsufficientStorage."""
+
+    @abc.abstractmethod
+    async def discard(self) -> None:
+        """Remove what staging left; never raises (failures are logged)."""
+
+
 class BackupStore(abc.ABC):
     """An async backup store. Implementations raise only `storage_backends.errors` types."""
 
@@ -107,6 +154,18 @@ class BackupStore(abc.ABC):
     async def open_backup(self, location: BackupLocation) -> OpenedBackup:
         """Open a backup to stream it (backends without presigned URLs)."""
         raise NotImplementedError
+
+    @abc.abstractmethod
+    async def stage_upload(self, backup: NewBackup, body: UploadBody) -> StagedBackup:
+        """Stream exactly `backup.size` bytes from `body` into a hidden place, sha256 on the
+        way, durable once this returns. Nothing is listed until `commit`.
+
+        UploadIncomplete (from `body`): nothing is left. InsufficientStorage: the store is
+        full, nothing is left. StorageUnavailable: any other failure, nothing is left."""
+
+    @abc.abstractmethod
+    async def organization_usage(self, organization_id: str) -> int:
+        """Bytes held by every backup of every system of the organization (quota checks)."""
 
     @abc.abstractmethod
     async def check_ready(self) -> None:

@@ -19,3 +19,11 @@ class StorageUnavailable(StorageError):
 
 class StorageNotConfigured(StorageError):
     """The gateway runs with the `none` backend."""
+
+
+class InsufficientStorage(StorageError):
+    """The store is full (ENOSPC, EDQUOT, or the store's own answer): a 507."""
+
+
+class UploadIncomplete(StorageError):
+    """The upload's body ended, or its client went away, before the announced size."""

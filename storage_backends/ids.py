@@ -6,7 +6,9 @@ routes validate ids with it before anything reaches storage.
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
 
 SUFFIXES = (".tar.gz", ".tar.xz", ".tar.bz2", ".tar.zst", ".gpg", ".bin")
 _BACKUP_ID = re.compile(
@@ -23,3 +25,22 @@ def normalize_backup_id(value: str) -> str | None:
     if len(value) > MAX_LENGTH or not _BACKUP_ID.fullmatch(value):
         return None
     return value.lower()
+
+
+def new_uuid7(unix_ms: int) -> str:
+    """A fresh UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits."""
+    rand = int.from_bytes(os.urandom(10), "big")
+    rand_a = rand >> 68  # 12 bits
+    rand_b = rand & ((1 << 62) - 1)
+    value = (unix_ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
+    return str(uuid.UUID(int=value))
+
+
+def upload_extension(filename: str) -> str:
+    """A new backup id's suffix from the uploaded file's name (DESIGN.md §9)."""
+    name = filename.lower()
+    for suffix in SUFFIXES[:4]:  # the .tar.* ones
+        if name.endswith(suffix):
+            return suffix
+    last = name[name.rfind(".") :] if "." in name else ""
+    return last if last in (".gpg", ".bin") else ".bin"

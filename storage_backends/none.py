@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .base import BackupInfo, BackupLocation, BackupStore, SystemFolder
+from .base import (
+    BackupInfo,
+    BackupLocation,
+    BackupStore,
+    NewBackup,
+    StagedBackup,
+    SystemFolder,
+    UploadBody,
+)
 from .errors import StorageNotConfigured
 
 
@@ -16,6 +24,12 @@ class NoStorage(BackupStore):
         raise StorageNotConfigured("backup storage not configured")
 
     async def describe(self, location: BackupLocation) -> BackupInfo:
+        raise StorageNotConfigured("backup storage not configured")
+
+    async def stage_upload(self, backup: NewBackup, body: UploadBody) -> StagedBackup:
+        raise StorageNotConfigured("backup storage not configured")
+
+    async def organization_usage(self, organization_id: str) -> int:
         raise StorageNotConfigured("backup storage not configured")
 
     async def check_ready(self) -> None:

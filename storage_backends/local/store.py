@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 from collections.abc import Awaitable
@@ -33,8 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ..base import BackupInfo, BackupLocation, BackupStore, OpenedBackup, SystemFolder
-from ..errors import BackupNotFound, StorageUnavailable
+from ..base import (
+    BackupInfo,
+    BackupLocation,
+    BackupStore,
+    NewBackup,
+    OpenedBackup,
+    StagedBackup,
+    SystemFolder,
+    UploadBody,
+)
+from ..errors import BackupNotFound, StorageError, StorageUnavailable
 from .fs import (
     SymlinkRefused,
     check_root_sync,
@@ -46,10 +56,13 @@ from .fs import (
     open_root,
     unlink_backup,
 )
+from .ingest import LocalUpload, open_upload_folder, organization_usage, sweep_leftovers
 from .io_client import LocalIoProcess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# an upload is written in chunks this large, one in a writer thread while the next arrives
+UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,7 @@ class LocalBackupStore(BackupStore):
         self._commits: GroupCommit | None = None
         self._io: LocalIoProcess | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._writers: ThreadPoolExecutor | None = None
 
     @property
     def io_process_pid(self) -> int | None:
@@ -155,6 +169,11 @@ class LocalBackupStore(BackupStore):
 
     async def start(self) -> None:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="local-read")
+        self._writers = ThreadPoolExecutor(
+            max_workers=self._config.threads, thread_name_prefix="local-write"
+        )
+        # In the background: start-up never waits on the disk (a missing root is /readyz's).
+        self._writers.submit(self._sweep).add_done_callback(_log_failure)
         if self._config.io == "process":
             self._io = LocalIoProcess(
                 self._root, self._config.fsync, self._config.threads, self._timeout
@@ -167,6 +186,10 @@ class LocalBackupStore(BackupStore):
         self._commits = GroupCommit(self._executor, self._config.threads)
 
     async def close(self) -> None:
+        if self._writers is not None:
+            # wait=True: a write or fsync already in a thread finishes, never cut in half
+            self._writers.shutdown(wait=True, cancel_futures=True)
+            self._writers = None
         if self._readers is not None:
             self._readers.shutdown(wait=False, cancel_futures=True)
             self._readers = None
@@ -267,6 +290,68 @@ class LocalBackupStore(BackupStore):
         opened: OpenedBackup = await self._read(open_backup, self._root, location)
         return opened
 
+    def _sweep(self) -> None:
+        removed = sweep_leftovers(self._root)
+        if removed:
+            log.info("removed %d files left by interrupted uploads", removed)
+
+    async def _write_step(self, call: Any, *args: Any) -> Any:
+        """One blocking upload step in a writer thread, bounded by the operation timeout.
+
+        The thread's own future is awaited (wrapped): a step already running finishes
+        before anything closes the fds it uses."""
+        assert self._writers is not None, "store not started"
+        job = self._writers.submit(call, *args)
+        try:
+            return await self._bounded(asyncio.wrap_future(job))
+        except BaseException:
+            job.cancel()
+            raise
+
+    async def stage_upload(self, backup: NewBackup, body: UploadBody) -> StagedBackup:
+        folder = SystemFolder(backup.location.organization_id, backup.location.system_key)
+        try:
+            key_fd = await self._write_step(open_upload_folder, self._root, folder)
+        except SymlinkRefused as exc:
+            raise StorageUnavailable(f"refused a symlink under the backup root at {exc}") from None
+        upload = LocalUpload(key_fd, backup.location)
+        writing: Any = None  # the write in a thread while the next chunk arrives
+        try:
+            await self._write_step(upload.create)
+            remaining = backup.size
+            chunk = bytearray()
+            while remaining:
+                data = await body.read(min(remaining, UPLOAD_CHUNK_BYTES))
+                remaining -= len(data)
+                chunk += data
+                if len(chunk) >= UPLOAD_CHUNK_BYTES or not remaining:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(self._write_step(upload.write, chunk))
+                    chunk = bytearray()
+            if writing is not None:
+                await writing
+                writing = None
+            sha256 = await self._write_step(upload.finish)
+        except BaseException as exc:
+            self._discard_later(upload, writing)
+            if isinstance(exc, StorageError):
+                log.warning("local upload of %s failed: %s", backup.location.relative_key, exc)
+            raise
+        return _StagedLocal(self, upload, backup.info(sha256))
+
+    def _discard_later(self, upload: LocalUpload, writing: Any) -> None:
+        """Remove the hidden files once no step of theirs runs any more (never awaited:
+        the caller may be cancelled)."""
+        assert self._writers is not None
+        if writing is not None and not writing.done():
+            writing.cancel()  # the thread's own step still finishes first (see _write_step)
+        self._writers.submit(upload.discard)
+
+    async def organization_usage(self, organization_id: str) -> int:
+        total: int = await self._read(organization_usage, self._root, organization_id)
+        return total
+
     async def check_ready(self) -> None:
         if self._io is not None:
             code, detail = await self._io.request(b"R")
@@ -275,3 +360,39 @@ class LocalBackupStore(BackupStore):
             return
         loop = asyncio.get_running_loop()
         await self._bounded(loop.run_in_executor(self._executor, check_root_sync, self._root))
+
+
+class _StagedLocal(StagedBackup):
+    def __init__(self, store: LocalBackupStore, upload: LocalUpload, info: BackupInfo) -> None:
+        super().__init__(info)
+        self._store = store
+        self._upload = upload
+
+    async def commit(self) -> None:
+        sidecar = json.dumps(
+            {
+                "filename": self.info.filename,
+                "sha256": self.info.sha256,
+                "mimetype": self.info.mimetype,
+                "uploaded_at": self.info.uploaded_at.isoformat(timespec="milliseconds"),
+            },
+            separators=(",", ":"),
+        ).encode()
+        try:
+            await self._store._write_step(self._upload.commit, sidecar)
+        except StorageError as exc:
+            log.warning("local commit of %s failed: %s", self._upload.location.relative_key, exc)
+            raise
+        finally:
+            await self._store._write_step(self._upload.discard)  # only hidden files remain
+
+    async def discard(self) -> None:
+        try:
+            await self._store._write_step(self._upload.discard)
+        except (StorageError, RuntimeError) as exc:
+            log.warning("upload leftovers not removed now: %s", exc)
+
+
+def _log_failure(job: Any) -> None:
+    if not job.cancelled() and job.exception() is not None:
+        log.warning("upload leftover sweep failed: %r", job.exception())

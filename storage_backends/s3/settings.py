@@ -25,3 +25,6 @@ class S3Config:
     read_timeout_seconds: float = 5.0
     max_attempts: int = 3
     max_pool_connections: int = 64
+    # uploads larger than this go up in parts (S3's single PUT takes at most 5 GiB)
+    multipart_threshold_bytes: int = 512 * 1024**2
+    multipart_part_bytes: int = 64 * 1024**2

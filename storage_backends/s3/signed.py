@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -32,6 +34,7 @@ from botocore.awsrequest import AWSRequest
 
 from ..errors import StorageUnavailable
 
+_UNSIGNED_PAYLOAD = SimpleNamespace(s3={"payload_signing_enabled": False})
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_BACKOFF_SECONDS = 20.0  # botocore's standard mode
 
@@ -44,7 +47,8 @@ class Answer:
 
 
 class SignedRequests:
-    """Signed, bodiless requests for single keys of one bucket."""
+    """Signed requests for single keys of one bucket: bodiless ones, retried; streamed
+    PUTs, sent once."""
 
     def __init__(
         self,
@@ -53,12 +57,14 @@ class SignedRequests:
         credentials: Any,
         session: aiohttp.ClientSession,
         max_attempts: int,
+        bucket: str,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._region = region
         self._credentials = credentials  # aiobotocore's (refreshable) credentials
         self._session = session
         self._attempts = max_attempts
+        self._bucket = bucket
 
     def url_for(self, key: str) -> str:
         return f"{self._base}/{quote(key, safe='/-_.~')}"
@@ -76,16 +82,62 @@ class SignedRequests:
             query["continuation-token"] = continuation
         return await self.send("GET", "", query)
 
-    async def send(self, method: str, key: str, query: dict[str, str] | None = None) -> Answer:
-        """The final answer; retryable failures are retried up to `max_attempts` in all.
+    async def put_stream(
+        self,
+        key: str,
+        size: int,
+        body: AsyncIterator[bytes],
+        query: dict[str, str] | None = None,
+    ) -> Answer:
+        """PutObject (or UploadPart, with its query) of exactly `size` streamed bytes.
 
-        Raises StorageUnavailable when the last attempt failed to get an answer."""
+        Sent once: a stream cannot be replayed, so a failure is the caller's to handle.
+        The payload is signed as UNSIGNED-PAYLOAD (the body is not known when the request
+        is signed); the gateway's own sha256 goes into the object's metadata instead."""
+        url = self._url(key, query)
+        try:
+            return await self._once(
+                "PUT",
+                url,
+                {"Content-Length": str(size)},
+                body=body,
+                unsigned_payload=True,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise StorageUnavailable(f"{type(exc).__name__}") from None
+
+    async def copy(
+        self, source_key: str, key: str, headers: dict[str, str], seconds: float
+    ) -> Answer:
+        """CopyObject within the bucket, with the new object's headers (metadata
+        directive, x-amz-meta-*, Content-Type); its answer read within `seconds`."""
+        copy_headers = {
+            "x-amz-copy-source": quote(f"{self._bucket}/{source_key}", safe="/-_.~"),
+            **headers,
+        }
+        return await self.send("PUT", key, headers=copy_headers, read_seconds=seconds)
+
+    def _url(self, key: str, query: dict[str, str] | None) -> str:
         url = self.url_for(key) if key else self._base + "/"
         if query:
             url += "?" + urlencode(sorted(query.items()), quote_via=quote, safe="-_.~")
+        return url
+
+    async def send(
+        self,
+        method: str,
+        key: str,
+        query: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        read_seconds: float | None = None,
+    ) -> Answer:
+        """The final answer; retryable failures are retried up to `max_attempts` in all.
+
+        Raises StorageUnavailable when the last attempt failed to get an answer."""
+        url = self._url(key, query)
         for attempt in range(1, self._attempts + 1):
             try:
-                answer = await self._once(method, url)
+                answer = await self._once(method, url, headers or {}, read_seconds=read_seconds)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if attempt == self._attempts:
                     raise StorageUnavailable(f"{type(exc).__name__}") from None
@@ -95,12 +147,33 @@ class SignedRequests:
             await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_SECONDS, 2 ** (attempt - 1))))  # noqa: S311
         raise AssertionError("unreachable")
 
-    async def _once(self, method: str, url: str) -> Answer:
+    async def _once(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: AsyncIterator[bytes] | None = None,
+        unsigned_payload: bool = False,
+        read_seconds: float | None = None,
+    ) -> Answer:
         frozen = await self._credentials.get_frozen_credentials()
-        request = AWSRequest(method=method, url=url, headers={})
+        request = AWSRequest(method=method, url=url, headers=dict(headers))
+        if unsigned_payload:
+            # botocore's switch for "do not hash the body", read from the request context
+            request.context["client_config"] = _UNSIGNED_PAYLOAD
         S3SigV4Auth(frozen, "s3", self._region).add_auth(request)
+        timeout = self._session.timeout
+        if read_seconds:
+            timeout = aiohttp.ClientTimeout(
+                sock_connect=timeout.sock_connect, sock_read=read_seconds
+            )
         async with self._session.request(
-            method, url, headers=dict(request.headers.items()), allow_redirects=False
+            method,
+            url,
+            headers=dict(request.headers.items()),
+            data=body,
+            allow_redirects=False,
+            timeout=timeout,
         ) as response:
-            body = b"" if method == "HEAD" else await response.read()
-            return Answer(response.status, dict(response.headers), body)
+            answer = b"" if method == "HEAD" else await response.read()
+            return Answer(response.status, dict(response.headers), answer)

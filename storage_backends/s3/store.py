@@ -11,11 +11,16 @@ write the current one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import secrets
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote, unquote
 from xml.etree import ElementTree
 
 import aiohttp
@@ -23,8 +28,17 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..base import DEFAULT_MIMETYPE, BackupInfo, BackupLocation, BackupStore, SystemFolder
-from ..errors import BackupNotFound, StorageUnavailable
+from ..base import (
+    DEFAULT_MIMETYPE,
+    BackupInfo,
+    BackupLocation,
+    BackupStore,
+    NewBackup,
+    StagedBackup,
+    SystemFolder,
+    UploadBody,
+)
+from ..errors import BackupNotFound, InsufficientStorage, StorageUnavailable, UploadIncomplete
 from ..ids import normalize_backup_id
 from .settings import S3Config
 from .signed import Answer, SignedRequests
@@ -34,6 +48,12 @@ log = logging.getLogger(__name__)
 DELETE_OBJECTS_BATCH = 1000  # the S3 API's limit per DeleteObjects call
 HEADS_AT_ONCE = 16  # a listing's HeadObject calls in flight at once
 _SHA256_CHARS = frozenset("0123456789abcdef")
+# Uploads are staged under this prefix (never a system's folder, so never listed or counted)
+# and copied into place with their metadata: a lifecycle rule on it clears what a crash left.
+STAGING_PREFIX = ".uploads/"
+STREAM_CHUNK_BYTES = 1024 * 1024
+# a CopyObject's answer may take this long per byte beyond the operation timeout
+COPY_SECONDS_PER_BYTE = 1 / (20 * 1024**2)
 
 
 class _Progress:
@@ -108,7 +128,12 @@ class S3BackupStore(BackupStore):
         base_url = probe.split("?", 1)[0].removesuffix("/k")
         self._credentials = await session.get_credentials()
         self._signed = SignedRequests(
-            base_url, self._client.meta.region_name, self._credentials, http, cfg.max_attempts
+            base_url,
+            self._client.meta.region_name,
+            self._credentials,
+            http,
+            cfg.max_attempts,
+            cfg.bucket,
         )
         self._presigner = self._client
         if cfg.presign_endpoint_url:
@@ -223,6 +248,113 @@ class S3BackupStore(BackupStore):
         )
         return url
 
+    async def stage_upload(self, backup: NewBackup, body: UploadBody) -> StagedBackup:
+        """Stream the body to a staging key (one PUT, or parts above the threshold)."""
+        staging = f"{self._config.prefix}{STAGING_PREFIX}{secrets.token_hex(16)}"
+        digest = hashlib.sha256()
+        signed = self._signed_requests()
+        cfg = self._config
+        feed = _Feed(body, digest)
+        upload_id: str | None = None
+        step = "put_object"
+        try:
+            if backup.size <= cfg.multipart_threshold_bytes:
+                answer = await signed.put_stream(staging, backup.size, feed.chunks(backup.size))
+                _require_ok(answer, step)
+            else:
+                step = "create_multipart_upload"
+                created = await self._client.create_multipart_upload(Bucket=cfg.bucket, Key=staging)
+                upload_id = created["UploadId"]
+                parts = []
+                remaining = backup.size
+                number = 0
+                step = "upload_part"
+                while remaining:
+                    number += 1
+                    size = min(cfg.multipart_part_bytes, remaining)
+                    answer = await signed.put_stream(
+                        staging,
+                        size,
+                        feed.chunks(size),
+                        {"partNumber": str(number), "uploadId": upload_id},
+                    )
+                    _require_ok(answer, step)
+                    parts.append({"PartNumber": number, "ETag": answer.headers.get("ETag", "")})
+                    remaining -= size
+                step = "complete_multipart_upload"
+                await self._client.complete_multipart_upload(
+                    Bucket=cfg.bucket,
+                    Key=staging,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+                upload_id = None
+        except BaseException as exc:
+            # never awaited here: the caller may be cancelled (deadline, client gone)
+            _background(self._remove_staging(staging, upload_id))
+            if feed.error is not None:
+                raise feed.error from None  # the client's body, not the store, failed
+            if isinstance(exc, InsufficientStorage):
+                raise
+            if isinstance(exc, _STORE_FAILURES):
+                log.warning("s3 %s of an upload failed: %s; nothing was stored", step, _reason(exc))
+                raise StorageUnavailable(_reason(exc)) from None
+            raise
+        final = self.key_for(backup.location)
+        return _StagedS3(self, staging, final, backup.info(digest.hexdigest()), backup.uploader_ip)
+
+    async def _remove_staging(self, staging: str, upload_id: str | None) -> None:
+        """Best effort: a staging key (or multipart upload) nobody will commit."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if upload_id is not None:
+                    await self._client.abort_multipart_upload(
+                        Bucket=self._config.bucket, Key=staging, UploadId=upload_id
+                    )
+                with contextlib.suppress(BackupNotFound):  # never written: nothing to remove
+                    await self._delete(staging, _Progress())
+        except (TimeoutError, *_STORE_FAILURES) as exc:
+            log.warning(
+                "s3 staging key not removed (a lifecycle rule on %s clears it): %s",
+                STAGING_PREFIX,
+                _reason(exc),
+            )
+
+    async def _copy_into_place(self, staging: str, final: str, info: BackupInfo, ip: str) -> None:
+        """CopyObject with the metadata: the backup appears whole, checksum and all."""
+        headers = {
+            "x-amz-metadata-directive": "REPLACE",
+            "Content-Type": info.mimetype,
+            # S3 metadata is ASCII: the filename goes percent-encoded, read back decoded
+            "x-amz-meta-filename": quote(info.filename, safe=""),
+            "x-amz-meta-sha256": info.sha256,
+            "x-amz-meta-uploader-ip": ip,
+            "x-amz-meta-uploaded-at": info.uploaded_at.isoformat(timespec="milliseconds"),
+        }
+        seconds = self._timeout + info.size * COPY_SECONDS_PER_BYTE
+        answer = await self._signed_requests().copy(staging, final, headers, seconds)
+        # a long copy may answer 200 and report its failure in the body
+        if b"<Error>" in answer.body:
+            answer = Answer(500 if answer.status == 200 else answer.status, {}, answer.body)
+        _require_ok(answer, "copy_object")
+
+    async def organization_usage(self, organization_id: str) -> int:
+        prefix = f"{self._config.prefix}{organization_id}/"
+        progress = _Progress("list_objects_v2")
+        total: int = await self._guarded(progress, self._usage(prefix))
+        return total
+
+    async def _usage(self, prefix: str) -> int:
+        total = 0
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self._config.bucket, Prefix=prefix):
+            for entry in page.get("Contents", []):
+                name = entry["Key"].rsplit("/", 1)[-1]
+                depth = entry["Key"].count("/") - prefix.count("/")
+                if depth == 1 and normalize_backup_id(name) == name:  # {org}/{key}/{id}
+                    total += int(entry.get("Size", 0))
+        return total
+
     def _signed_requests(self) -> SignedRequests:
         assert self._signed is not None, "store not started"
         return self._signed
@@ -335,16 +467,26 @@ class S3BackupStore(BackupStore):
 def _info(backup_id: str, size: int, modified: datetime, headers: dict[str, str]) -> BackupInfo:
     """A listing entry from an object's HeadObject headers (x-amz-meta-*, Content-Type)."""
     lower = {k.lower(): v for k, v in headers.items()}
-    filename = lower.get("x-amz-meta-filename", "")
+    filename = unquote(lower.get("x-amz-meta-filename", ""))
     sha256 = lower.get("x-amz-meta-sha256", "")
+    uploaded = lower.get("x-amz-meta-uploaded-at", "")
     return BackupInfo(
         id=backup_id,
         size=size,
         filename=filename if 0 < len(filename) <= 1024 else backup_id,
         sha256=sha256 if len(sha256) == 64 and set(sha256) <= _SHA256_CHARS else "",
         mimetype=lower.get("content-type") or DEFAULT_MIMETYPE,
-        uploaded_at=modified,
+        uploaded_at=_uploaded_at(uploaded, modified),
     )
+
+
+def _uploaded_at(value: str, modified: datetime) -> datetime:
+    """The gateway's own upload time (milliseconds), else the object's Last-Modified."""
+    try:
+        parsed = datetime.fromisoformat(value) if value else None
+    except ValueError:
+        parsed = None
+    return parsed.astimezone(UTC) if parsed is not None and parsed.tzinfo else modified
 
 
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -369,3 +511,90 @@ def _list_page(body: bytes) -> tuple[list[tuple[str, int, datetime]], str | None
     if truncated and not token:
         raise StorageUnavailable("truncated ListObjectsV2 answer without a continuation token")
     return entries, token
+
+
+# answers of a store that is out of space or over its quota (MinIO, Ceph RGW, SeaweedFS)
+_FULL_CODES = (b"<Code>XMinioStorageFull", b"<Code>QuotaExceeded", b"<Code>EntityTooLarge")
+_STORE_FAILURES = (
+    StorageUnavailable,
+    ClientError,
+    BotoCoreError,
+    aiohttp.ClientError,
+    OSError,
+)
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Any) -> None:
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)  # a reference, so the task is not collected half-way
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+class _Feed:
+    """The request body as an S3 request body: hashed on the way. A failure of the body
+    itself (cut short, client gone) is kept, since the HTTP client reports it as its own
+    connection error."""
+
+    def __init__(self, body: UploadBody, digest: Any) -> None:
+        self._body = body
+        self._digest = digest
+        self.error: UploadIncomplete | None = None
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        remaining = size
+        while remaining:
+            try:
+                data = await self._body.read(min(remaining, STREAM_CHUNK_BYTES))
+            except UploadIncomplete as exc:
+                self.error = exc
+                raise
+            self._digest.update(data)
+            remaining -= len(data)
+            yield data
+
+
+class _StagedS3(StagedBackup):
+    def __init__(
+        self, store: S3BackupStore, staging: str, final: str, info: BackupInfo, ip: str
+    ) -> None:
+        super().__init__(info)
+        self._store = store
+        self._staging = staging
+        self._final = final
+        self._ip = ip
+
+    async def commit(self) -> None:
+        try:
+            await self._store._copy_into_place(self._staging, self._final, self.info, self._ip)
+        except (TimeoutError, *_STORE_FAILURES) as exc:
+            # A copy whose answer was lost may have landed: the new id is nobody's yet, so
+            # remove it rather than leave an upload the caller was told failed.
+            log.warning("s3 copy_object of an upload failed: %s; removing it", _reason(exc))
+            _background(self._store._remove_staging(self._final, None))
+            _background(self._store._remove_staging(self._staging, None))
+            raise StorageUnavailable(_reason(exc)) from None
+        except BaseException:
+            _background(self._store._remove_staging(self._staging, None))
+            raise
+        # before the answer, so a 201 leaves exactly the backup (a failure here is logged)
+        await self._store._remove_staging(self._staging, None)
+
+    async def discard(self) -> None:
+        await self._store._remove_staging(self._staging, None)
+
+
+def _require_ok(answer: Answer, step: str) -> None:
+    if answer.status == 200:
+        return
+    if answer.status == 507 or any(code in answer.body for code in _FULL_CODES):
+        raise InsufficientStorage(f"{step}: HTTP {answer.status}")
+    raise StorageUnavailable(f"{step}: HTTP {answer.status}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return f"{_error_code(exc)} (HTTP {_http_status(exc)})"
+    if isinstance(exc, StorageUnavailable):
+        return str(exc)
+    return type(exc).__name__
