@@ -10,7 +10,10 @@ from storage_backends import create_store
 
 from . import routes
 from .backups.links import LINKS, LinkSigner
+from .backups.rates import FailedLogins, UploadRates
+from .backups.retention import Retention
 from .backups.storage import STORE
+from .backups.upload import FAILED_LOGINS, RETENTION, UPLOAD_RATES
 from .backups.usage import USAGE_COUNTER, UsageCounter
 from .config import CONFIG, Config
 from .directory import DIRECTORY, Directory, create_directory
@@ -71,6 +74,7 @@ def create_app(
         "storage": lambda: app[STORE].check_ready(),
     }
     app[READINESS] = probes
+    app[FAILED_LOGINS] = FailedLogins(config.storage.retention.failed_logins_per_minute)
     app.cleanup_ctx.extend([_directory, _storage, _redis])
     return app
 
@@ -104,7 +108,17 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         counter = UsageCounter(redis_client(url, config.storage.usage_counter.db))
         counter.export_metrics(app[METRICS])
         app[USAGE_COUNTER] = counter
+    retention = config.storage.retention
+    # the platform's rate keys and retention locks: shared across processes through Redis
+    app[UPLOAD_RATES] = UploadRates(
+        retention.uploads_per_minute,
+        retention.uploads_per_hour,
+        redis_client(url, retention.redis_db) if url else None,
+    )
+    app[RETENTION] = Retention(retention, redis_client(url, retention.redis_db) if url else None)
     yield
+    await app[UPLOAD_RATES].close()
+    await app[RETENTION].close()
     if REVOCATION in app:
         await app[REVOCATION].close()
     if USAGE_COUNTER in app:

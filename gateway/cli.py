@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until expiry")
     token.add_argument("--user", default="u_cli", help="user id (sub)")
 
+    secret = commands.add_parser(
+        "set-secret",
+        help="give a system of the file directory new appliance credentials (printed once)",
+    )
+    secret.add_argument("--config", type=Path, required=True)
+    secret.add_argument("--system", required=True, help="the system's id")
+
     demo = commands.add_parser("seed-demo", help="write the demo backups into local storage")
     demo.add_argument("--config", type=Path, required=True)
 
@@ -90,6 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("auth.algorithms", "token needs an HMAC algorithm (HS256)")
             perms = tuple(args.perms) if args.perms else DEFAULT_PERMISSIONS
             print(mint_token(config.auth, args.org, args.role, perms, args.ttl, args.user))
+            return 0
+        if args.command == "set-secret":
+            from .tools.appliance_secret import set_system_secret
+
+            key, made = set_system_secret(config, args.system)
+            print(f"{args.system} ({key}): appliance credentials for the upload route,")
+            print("shown once; only a salted hash of the secret is stored:")
+            print(f"  system_key:    {key}")
+            print(f"  system_secret: {made}")
             return 0
         if args.command == "seed-demo":
             from .tools.demo import seed_demo

@@ -253,10 +253,46 @@ def validate(config: Config) -> None:
                 "storage.s3.access_key_id",
                 "set both access_key_id and secret_access_key, or neither",
             )
+    _validate_uploads(config)
     if storage.backend == "local" and storage.local.threads < 1:
         raise ConfigError("storage.local.threads", "must be at least 1")
     if config.limits.max_concurrent_storage_operations < 1:
         raise ConfigError("limits.max_concurrent_storage_operations", "must be at least 1")
+
+
+S3_SINGLE_REQUEST_MAX = 5 * 1024**3  # one PUT, one CopyObject, one part
+S3_PART_MIN = 5 * 1024**2
+
+
+def _validate_uploads(config: Config) -> None:
+    retention, s3 = config.storage.retention, config.storage.s3
+    for name in (
+        "max_upload_bytes",
+        "max_backups_per_system",
+        "max_bytes_per_system",
+        "max_bytes_per_organization",
+        "uploads_per_minute",
+        "uploads_per_hour",
+        "failed_logins_per_minute",
+        "redis_db",
+    ):
+        if getattr(retention, name) < 0:
+            raise ConfigError(f"storage.retention.{name}", "must not be negative (0 = no limit)")
+    if retention.min_rate_bytes_per_second < 1:
+        raise ConfigError("storage.retention.min_rate_bytes_per_second", "must be at least 1")
+    if config.storage.backend != "s3":
+        return
+    # an upload is staged, then copied into place with its metadata by one CopyObject
+    if not 0 < retention.max_upload_bytes <= S3_SINGLE_REQUEST_MAX:
+        raise ConfigError(
+            "storage.retention.max_upload_bytes", "must be between 1 and 5 GiB with the s3 backend"
+        )
+    if not S3_PART_MIN <= s3.multipart_part_bytes <= S3_SINGLE_REQUEST_MAX:
+        raise ConfigError("storage.s3.multipart_part_bytes", "must be between 5 MiB and 5 GiB")
+    if not 0 < s3.multipart_threshold_bytes <= S3_SINGLE_REQUEST_MAX:
+        raise ConfigError("storage.s3.multipart_threshold_bytes", "must be between 1 and 5 GiB")
+    if retention.max_upload_bytes > s3.multipart_part_bytes * 10000:
+        raise ConfigError("storage.s3.multipart_part_bytes", "too small: S3 takes 10,000 parts")
 
 
 def _validate_platform(config: Config) -> None:

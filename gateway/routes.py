@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .backups import delete, download, listing
+from .backups import delete, download, listing, upload
 from .http.middlewares import OWN_DEADLINE_ROUTES
 from .identity.principal import MANAGE_SYSTEMS, READ_SYSTEMS
 from .operations import api_document, health
@@ -21,6 +21,8 @@ class Route:
     name: str
     permission: str | None = None  # None: public, no token needed
     own_deadline: bool = False  # bounds its own time instead of server.request_timeout_seconds
+    # answers `Expect: 100-continue` itself, once its checks passed (else: aiohttp, at once)
+    own_continue: bool = False
 
 
 def routes(base_path: str) -> list[Route]:
@@ -32,6 +34,15 @@ def routes(base_path: str) -> list[Route]:
         # Reads need read:systems, changes manage:systems (the platform's rule); GET and
         # DELETE of one path are different routes with different permissions.
         Route("GET", backups, listing.list_backups, "list_backups", READ_SYSTEMS),
+        # The appliance's own Basic credentials, checked by the handler: no token.
+        Route(
+            "POST",
+            base + "/systems/backups",
+            upload.upload_backup,
+            "upload_backup",
+            own_deadline=True,
+            own_continue=True,
+        ),
         Route("GET", backup + "/download", download.download_url, "download_url", READ_SYSTEMS),
         # The signed link is the capability: no token.
         Route("GET", content, download.serve_content, "backup_content", own_deadline=True),
@@ -55,6 +66,16 @@ def routes(base_path: str) -> list[Route]:
 def install(app: web.Application, table: list[Route]) -> dict[str, str]:
     """Add the routes; return route name -> required permission for the auth middleware."""
     for route in table:
-        app.router.add_route(route.method, route.path, route.handler, name=route.name)
+        app.router.add_route(
+            route.method,
+            route.path,
+            route.handler,
+            name=route.name,
+            expect_handler=_continue_later if route.own_continue else None,
+        )
     app[OWN_DEADLINE_ROUTES] = frozenset(r.name for r in table if r.own_deadline)
     return {r.name: r.permission for r in table if r.permission is not None}
+
+
+async def _continue_later(request: web.Request) -> None:
+    """Send nothing yet: the handler answers `100 Continue` after its checks."""

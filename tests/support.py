@@ -25,6 +25,7 @@ from botocore.config import Config as BotoConfig
 from jose import jwt
 
 from gateway.config import Config, config_from_mapping
+from gateway.identity.appliance import new_secret
 from storage_backends import BackupLocation
 
 SECRET = "test-secret-" + "x" * 40
@@ -72,6 +73,15 @@ SYSTEMS: list[dict[str, Any]] = [
     },
     {"id": "sys_unregistered", "organization_id": "org_c1"},
 ]
+# Appliance credentials (DESIGN.md §9) for a few systems: the secret the appliance sends,
+# and the public part and salted hash the directory holds.
+APPLIANCE_SECRETS: dict[str, str] = {}
+for _system in SYSTEMS:
+    if _system["id"] in ("sys_c1", "sys_c1b", "sys_c2", "sys_deleted"):
+        _made = new_secret()
+        APPLIANCE_SECRETS[_system["id"]] = _made.secret
+        _system["system_secret_public"] = _made.public
+        _system["system_secret_sha256"] = _made.sha256
 DIRECTORY = {"organizations": ORGANIZATIONS, "systems": SYSTEMS}
 ROLE_OF = {o["id"]: o["role"] for o in ORGANIZATIONS}
 

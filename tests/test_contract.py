@@ -263,6 +263,9 @@ class ExplodingDirectory(Directory):
     async def organization(self, organization_id: str):  # type: ignore[no-untyped-def]
         raise RuntimeError("boom")
 
+    async def system_by_key(self, system_key: str):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
 
 async def test_unexpected_error_is_logged_500_envelope(
     aiohttp_client: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture

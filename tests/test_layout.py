@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "http": {"config", "telemetry", "identity", "storage_backends"},
     "backups": {"config", "telemetry", "identity", "directory", "http", "storage_backends"},
     "operations": {"config", "telemetry", "http"},
-    "tools": {"config", "directory", "storage_backends"},
+    "tools": {"config", "identity", "directory", "storage_backends"},
     "wiring": {
         "config",
         "telemetry",

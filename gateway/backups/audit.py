@@ -74,3 +74,43 @@ def record_download_served(
             "outcome": outcome,
         },
     )
+
+
+def record_upload(
+    request: web.Request,
+    system_key: str,
+    system_id: str | None,
+    outcome: str,
+    backup: dict[str, object] | None = None,
+) -> None:
+    """One line per upload that named a system (its credentials, right or wrong)."""
+    log_info(
+        audit_log,
+        "backup upload",
+        {
+            "request_id": request[REQUEST_ID],
+            "system_key": system_key,
+            "system_id": system_id,
+            "peer": request.remote,
+            "outcome": outcome,
+            **(backup or {}),
+            "storage_backend": request.app[STORE].name,
+        },
+    )
+
+
+def record_prune(
+    request: web.Request, system_id: str, backup_id: str, size: int, outcome: str
+) -> None:
+    log_info(
+        audit_log,
+        "backup prune",
+        {
+            "request_id": request[REQUEST_ID],
+            "system_id": system_id,
+            "backup_id": backup_id,
+            "size": size,
+            "outcome": outcome,
+            "storage_backend": request.app[STORE].name,
+        },
+    )

@@ -63,6 +63,11 @@ class Directory(abc.ABC):
     @abc.abstractmethod
     async def organization(self, organization_id: str) -> Organization | None: ...
 
+    @abc.abstractmethod
+    async def system_by_key(self, system_key: str) -> System | None:
+        """The registered system with that key (deleted or not: the caller decides), for
+        the appliance's own credentials."""
+
     async def start(self) -> None:
         """Acquire what the directory needs to answer (pools, reload tasks); no I/O needed."""
 

@@ -70,12 +70,16 @@ class CachedDirectory(Directory):
         self.inner = inner
         self._systems: _TtlCache[System] = _TtlCache(seconds, clock)
         self._organizations: _TtlCache[Organization] = _TtlCache(seconds, clock)
+        self._keys: _TtlCache[System] = _TtlCache(seconds, clock)
 
     async def system(self, system_id: str) -> System | None:
         return await self._systems.get(system_id, self.inner.system)
 
     async def organization(self, organization_id: str) -> Organization | None:
         return await self._organizations.get(organization_id, self.inner.organization)
+
+    async def system_by_key(self, system_key: str) -> System | None:
+        return await self._keys.get(system_key, self.inner.system_by_key)
 
     async def start(self) -> None:
         await self.inner.start()
@@ -89,6 +93,7 @@ class CachedDirectory(Directory):
     def reload_now(self) -> None:
         self._systems.clear()
         self._organizations.clear()
+        self._keys.clear()
         self.inner.reload_now()
 
     def export_metrics(self, metrics: Metrics) -> None:

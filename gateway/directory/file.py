@@ -41,9 +41,13 @@ class InMemoryDirectory(Directory):
     def __init__(self, organizations: list[Organization], systems: list[System]) -> None:
         self._organizations = {o.id: o for o in organizations}
         self._systems = {s.id: s for s in systems}
+        self._by_key = {s.system_key: s for s in systems if s.system_key is not None}
 
     async def system(self, system_id: str) -> System | None:
         return self._systems.get(system_id)
+
+    async def system_by_key(self, system_key: str) -> System | None:
+        return self._by_key.get(system_key)
 
     async def organization(self, organization_id: str) -> Organization | None:
         return self._organizations.get(organization_id)
@@ -74,6 +78,9 @@ class FileDirectory(Directory):
 
     async def organization(self, organization_id: str) -> Organization | None:
         return await self._current.organization(organization_id)
+
+    async def system_by_key(self, system_key: str) -> System | None:
+        return await self._current.system_by_key(system_key)
 
     @property
     def current(self) -> InMemoryDirectory:

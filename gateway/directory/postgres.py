@@ -36,8 +36,10 @@ SELECT s.id, s.organization_id,
        s.suspended_at IS NOT NULL AS suspended,
        s.system_secret_public, s.system_secret_sha256
   FROM systems s
- WHERE s.id = $1
 """
+_SYSTEM_BY_ID = _SYSTEM + " WHERE s.id = $1"
+# the unique partial index on system_key (WHERE system_key IS NOT NULL)
+_SYSTEM_BY_KEY = _SYSTEM + " WHERE s.system_key = $1 AND s.registered_at IS NOT NULL"
 # One row per live organization with that logto_id; more than one is a data error.
 _ORGANIZATION = """
 SELECT 'distributor' AS role, custom_data->>'createdBy' AS parent
@@ -106,10 +108,18 @@ class PostgresDirectory(Directory):
     async def system(self, system_id: str) -> System | None:
         if not SAFE_COMPONENT.fullmatch(system_id):
             return None  # no such id can exist; nothing to ask
-        rows = await self._fetch(_SYSTEM, system_id)
+        return self._system(await self._fetch(_SYSTEM_BY_ID, system_id))
+
+    async def system_by_key(self, system_key: str) -> System | None:
+        if not SAFE_COMPONENT.fullmatch(system_key):
+            return None  # never a folder name: no backups can be stored under it
+        return self._system(await self._fetch(_SYSTEM_BY_KEY, system_key))
+
+    def _system(self, rows: list[asyncpg.Record]) -> System | None:
         if not rows:
             return None
         row = rows[0]
+        system_id = row["id"]
         org_id, key = row["organization_id"], row["system_key"]
         unsafe = [
             name

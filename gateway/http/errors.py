@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage_backends import BackupNotFound, StorageError, StorageNotConfigured, StorageUnavailable
+from storage_backends import (
+    BackupNotFound,
+    InsufficientStorage,
+    StorageError,
+    StorageNotConfigured,
+    StorageUnavailable,
+    UploadIncomplete,
+)
 
 
 class ApiError(Exception):
@@ -56,4 +63,8 @@ def storage_error(exc: StorageError, operation: str) -> ApiError:
         return ApiError(503, "backup storage not configured")
     if isinstance(exc, StorageUnavailable):
         return external_api_error(f"failed to {operation}")
+    if isinstance(exc, InsufficientStorage):
+        return ApiError(507, "insufficient storage")
+    if isinstance(exc, UploadIncomplete):  # the client's body, not the store
+        return ApiError(400, "upload length mismatch")
     raise TypeError(f"unmapped storage error {type(exc).__name__}")
