@@ -279,7 +279,8 @@ class S3BackupStore(BackupStore):
                         {"partNumber": str(number), "uploadId": upload_id},
                     )
                     _require_ok(answer, step)
-                    parts.append({"PartNumber": number, "ETag": answer.headers.get("ETag", "")})
+                    etag = next((v for k, v in answer.headers.items() if k.lower() == "etag"), "")
+                    parts.append({"PartNumber": number, "ETag": etag})
                     remaining -= size
                 step = "complete_multipart_upload"
                 await self._client.complete_multipart_upload(
