@@ -93,6 +93,7 @@ def test_every_response_matches_the_document(live_gateway: str) -> None:
         "DELETE /systems/{id}/backups/{backup_id}/download",
         "GET /systems/{id}/backups",
         "GET /systems/{id}/backups/{backup_id}/download",
+        "POST /systems/backups",
         "GET /backups/content/{link}",
         "HEAD /backups/content/{link}",
         "GET /healthz",

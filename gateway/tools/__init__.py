@@ -1,5 +1,6 @@
-"""Tools behind the CLI that fill storage: demo backups for `make run`, `seed` for load tests.
+"""Tools behind the CLI, never used while serving: demo backups for `make run`, `seed` for
+load tests, `set-secret` to give a file-directory system appliance credentials.
 
-Never used while serving. It may import `gateway.config`, `gateway.directory` and
+It may import `gateway.config`, `gateway.identity`, `gateway.directory` and
 `storage_backends`.
 """
