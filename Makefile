@@ -40,10 +40,12 @@ audit: install
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py --sweep --memory
+	$(BIN)/python bench/ingest.py
 
 ## make bench-short: a few seconds a row; fails only on errors, never on speed (CI)
 bench-short: install
 	$(BIN)/python bench/run.py --short
+	$(BIN)/python bench/ingest.py --short
 
 ## make soak: 10 minutes of mixed traffic on local and S3; make soak-short: 30 s each (CI)
 soak: install

@@ -1,5 +1,6 @@
 """(a) The framework's ceiling: a bare aiohttp DELETE that returns the gateway's JSON, and a
-bare GET that returns a listing of ten backups in the gateway's shape (for the list rows)."""
+bare GET that returns a listing of ten backups in the gateway's shape (for the list rows), and
+a bare POST that reads an upload's body and answers 201 (for the upload rows)."""
 
 from __future__ import annotations
 
@@ -51,10 +52,24 @@ async def listing(request: web.Request) -> web.Response:
     return web.Response(text=body, content_type="application/json")
 
 
+async def upload(request: web.Request) -> web.Response:
+    """Receive the body (discarded) and answer what the gateway answers: the upload rows'
+    ceiling, without credentials, hashing or a disk."""
+    size = 0
+    async for chunk in request.content.iter_chunked(1024 * 1024):
+        size += len(chunk)
+    body = json.dumps(
+        {"code": 201, "message": "backup stored", "data": {**_ITEM, "size": size}},
+        separators=(",", ":"),
+    )
+    return web.Response(status=201, text=body, content_type="application/json")
+
+
 def main() -> None:
     app = web.Application()
     app.router.add_delete("/api/systems/{id}/backups/{backup_id}", delete)
     app.router.add_get("/api/systems/{id}/backups", listing)
+    app.router.add_post("/api/systems/backups", upload)
     web.run_app(
         app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, reuse_port=True
     )

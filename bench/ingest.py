@@ -1,0 +1,260 @@
+"""Upload rows (issue: uploads from appliances), each beside its baseline in the same run.
+
+- ingest: one 1 GiB upload into local storage (sha256, fsync, rename, folder fsync: a
+  durable 201), timed from the first byte sent to the answer, against
+  `dd if=/dev/zero bs=1M count=1024 conv=fsync` into the same folder. Target >= 0.7.
+- many: 64 connections uploading 1 MB bodies for a few seconds (wrk, each request with
+  the next of 64 systems' credentials; retention keeps 10 per system, so most uploads
+  also prune one), against bare aiohttp reading the same bodies and answering 201.
+
+    .venv/bin/python bench/ingest.py [--gib 1] [--seconds 8] [--concurrency 64] [--runs 3]
+
+THREADS=N sets storage.local.threads (the writer pool); PROFILE=out.raw records the gateway
+with py-spy (raw format) while the 64-connection row runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench
+
+sys.path.insert(0, str(bench.REPO))
+from gateway.identity.appliance import new_secret
+
+LUA = bench.REPO / "bench" / "upload.lua"
+
+
+def appliances(count: int) -> tuple[dict[str, Any], list[str]]:
+    """A directory of `count` systems with secrets, and their Basic header values."""
+    systems, headers = [], []
+    for n in range(count):
+        made = new_secret()
+        key = f"BENCH-{n:04d}"
+        systems.append(
+            {
+                "id": f"sys_bench_{n}",
+                "system_key": key,
+                "organization_id": "org_bench",
+                "system_secret_public": made.public,
+                "system_secret_sha256": made.sha256,
+            }
+        )
+        token = base64.b64encode(f"{key}:{made.secret}".encode()).decode()
+        headers.append(f"Basic {token}")
+    directory = {
+        "organizations": [
+            {"id": "org_owner", "role": "owner"},
+            {"id": "org_bench", "role": "customer", "parent": "org_owner"},
+        ],
+        "systems": systems,
+    }
+    return directory, headers
+
+
+def start_gateway(work: Path, root: Path, directory: dict[str, Any]) -> tuple[Any, int]:
+    port = bench.free_port()
+    local = {
+        "root": str(root),
+        **({"threads": int(os.environ["THREADS"])} if os.environ.get("THREADS") else {}),
+    }
+    config = bench.gateway_config(work, port, {"backend": "local", "local": local})
+    data = yaml.safe_load(config.read_text())
+    data["storage"]["retention"] = {
+        "max_upload_bytes": 4 * 1024**3,
+        "max_bytes_per_system": 4 * 1024**3,
+        "max_bytes_per_organization": 0,
+        "uploads_per_minute": 0,
+        "uploads_per_hour": 0,
+    }
+    data["logging"] = {"level": "WARNING", "access_log": False}
+    config.write_text(yaml.safe_dump(data))
+    (work / "directory.yaml").write_text(yaml.safe_dump(directory))
+    root.mkdir(parents=True, exist_ok=True)
+    server = bench.Process(
+        [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
+    )
+    bench.wait_port(port, server.proc)
+    bench.wait_ready(port, server.proc)
+    return server, port
+
+
+def dd_seconds(folder: Path, mib: int) -> float:
+    target = folder / "dd.bin"
+    started = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mib}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
+    seconds = time.perf_counter() - started
+    target.unlink()
+    return seconds
+
+
+def ingest_seconds(port: int, auth: str, size: int) -> float:
+    block = memoryview(os.urandom(16 * 1024 * 1024))
+    head = (
+        f"POST /api/systems/backups HTTP/1.1\r\nHost: bench\r\nAuthorization: {auth}\r\n"
+        f"Content-Length: {size}\r\nContent-Type: application/gzip\r\n"
+        "X-Filename: big.tar.gz\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        started = time.perf_counter()
+        sock.sendall(head)
+        left = size
+        while left:
+            part = block[: min(left, len(block))]
+            sock.sendall(part)
+            left -= len(part)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        seconds = time.perf_counter() - started
+    if not answer.startswith(b"HTTP/1.1 201"):
+        raise RuntimeError(f"upload failed: {answer[:300]!r}")
+    return seconds
+
+
+def wrk_upload(port: int, auth_file: Path, c: int, seconds: float, body: int) -> dict[str, Any]:
+    env = {**os.environ, "AUTH_FILE": str(auth_file), "BODY_BYTES": str(body)}
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(c), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
+         "-s", str(LUA), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    data = json.loads(next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))[8:])
+    run_seconds = data["duration_us"] / 1e6
+    return {
+        "requests": data["requests"],
+        "rps": data["requests"] / run_seconds,
+        "non2xx": data["non2xx"] + data["socket_errors"],
+        "p50_ms": data["p50_us"] / 1000,
+        "p99_ms": data["p99_us"] / 1000,
+        "mb_s": data["requests"] * body / run_seconds / 1e6,
+    }
+
+
+def _profile(pid: int, seconds: int, row: str) -> subprocess.Popen[bytes] | None:
+    """py-spy on the gateway while a row runs, when PROFILE=<prefix> is set."""
+    prefix = os.environ.get("PROFILE")
+    if not prefix:
+        return None
+    return subprocess.Popen(
+        [str(bench.BIN / "py-spy"), "record", "-p", str(pid), "-d", str(seconds), "-f", "raw",
+         "-o", f"{prefix}-{row}.raw", "--threads", "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--only", choices=["ingest", "many"], action="append")
+    parser.add_argument(
+        "--short", action="store_true", help="CI: small and quick; fails on errors, never on speed"
+    )
+    args = parser.parse_args()
+    if args.short:
+        args.gib, args.runs, args.seconds = 0.25, 1, 2
+    only = set(args.only or ["ingest", "many"])
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=bench.REPO / "data"))
+    failures = []
+    try:
+        directory, headers = appliances(args.concurrency)
+        root = work / "backups"
+        server, port = start_gateway(work, root, directory)
+        try:
+            if "ingest" in only:
+                size = int(args.gib * 1024**3)
+                spy = _profile(server.proc.pid, 6, "ingest")
+                dd, up = [], []
+                for _ in range(args.runs):  # interleaved: the same disk weather for both
+                    dd.append(dd_seconds(root, size // 1024**2))
+                    up.append(ingest_seconds(port, headers[0], size))
+                    for path in root.rglob("*"):
+                        if path.is_file():
+                            path.unlink()
+                if spy is not None:
+                    spy.wait(30)
+                dd_mb = size / statistics.median(dd) / 1e6
+                up_mb = size / statistics.median(up) / 1e6
+                ratio = up_mb / dd_mb
+                print(f"ingest {args.gib:g} GiB, median of {args.runs}:")
+                for name, mb_s, times in (
+                    ("dd bs=1M conv=fsync", dd_mb, dd),
+                    ("gateway upload (sha256, durable)", up_mb, up),
+                ):
+                    print(f"  {name:34} {mb_s:6.0f} MB/s  {[round(t, 2) for t in times]} s")
+                print(f"  ratio {ratio:.2f} (target >= 0.7)")
+                if ratio < 0.7 and not args.short:
+                    failures.append(f"ingest ratio {ratio:.2f} < 0.7")
+            if "many" in only:
+                auth_file = work / "auths.txt"
+                auth_file.write_text("\n".join(headers) + "\n")
+                meter = bench.CpuMeter.start(server.proc.pid)
+                spy = _profile(server.proc.pid, int(args.seconds), "many")
+                many = wrk_upload(port, auth_file, args.concurrency, args.seconds, 1_000_000)
+                many.update(meter.stop(many["requests"]))
+                if spy is not None:
+                    spy.wait(30)
+        finally:
+            server.stop()
+        if "many" in only:
+            bare_port = bench.free_port()
+            bare = bench.Process(
+                [
+                    str(bench.BIN / "python"),
+                    str(bench.REPO / "bench" / "bare_app.py"),
+                    str(bare_port),
+                ],
+                work / "bare.log",
+            )
+            bench.wait_port(bare_port, bare.proc)
+            try:
+                base = wrk_upload(bare_port, auth_file, args.concurrency, args.seconds, 1_000_000)
+            finally:
+                bare.stop()
+            print(f"{args.concurrency} connections, 1 MB uploads, {args.seconds:g} s each:")
+            for name, r in (
+                ("bare aiohttp (reads, answers 201)", base),
+                ("gateway (local, durable)", many),
+            ):
+                print(
+                    f"  {name:36} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                    f"p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}  {r['mb_s']:6.0f} MB/s"
+                )
+            print(f"  ratio {many['rps'] / base['rps']:.2f} of bare")
+            print(
+                f"  gateway CPU {many['cpu_us_per_request']:.0f} us/upload (all its processes), "
+                f"machine {many['machine_cores_busy']:.2f} of 2 cores busy"
+            )
+            if many["non2xx"]:
+                failures.append(f"{many['non2xx']} uploads were not 201")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for failure in failures:
+        print("FAIL:", failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
