@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,24 +101,61 @@ def _worker_main(config_path: str) -> None:
     asyncio.run(serve_async(config, reuse_port=True))
 
 
+RESTART_PAUSE_SECONDS = 1.0  # a worker that dies this young is replaced after a pause
+
+
 def _run_workers(config_path: Path, workers: int) -> int:
-    """N independent processes on one port; the kernel spreads connections between them."""
+    """N independent processes on one port; the kernel spreads connections between them.
+
+    A worker that dies while the gateway runs (killed, crashed) is logged and replaced;
+    one that dies right after starting is replaced after a pause, so a broken start-up
+    never becomes a fork loop. SIGTERM and SIGINT stop them all; SIGHUP is forwarded."""
     context = multiprocessing.get_context("spawn")
-    children = [
-        context.Process(target=_worker_main, args=(str(config_path),), name=f"worker-{i}")
-        for i in range(workers)
-    ]
-    for child in children:
+    stopping = False
+
+    def start(slot: int) -> Any:
+        child = context.Process(
+            target=_worker_main, args=(str(config_path),), name=f"worker-{slot}"
+        )
         child.start()
+        child.started_at = time.monotonic()  # type: ignore[attr-defined]
+        return child
+
+    children: dict[int, Any] = {slot: start(slot) for slot in range(workers)}
 
     def forward(signum: int, _frame: object) -> None:
-        for child in children:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for child in children.values():
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
-    for child in children:
-        child.join()
-    return 0 if all(c.exitcode == 0 for c in children) else 1
+    exit_codes: list[int] = []
+    while children:
+        multiprocessing.connection.wait([c.sentinel for c in children.values()], timeout=1)
+        for slot, child in list(children.items()):
+            if child.is_alive():
+                continue
+            child.join()
+            del children[slot]
+            if stopping:
+                exit_codes.append(child.exitcode or 0)
+                continue
+            log.warning(
+                "worker %s (pid %s) exited with %s; starting a new one",
+                slot,
+                child.pid,
+                child.exitcode,
+                extra={
+                    "fields": {"worker": slot, "worker_pid": child.pid, "exitcode": child.exitcode}
+                },
+            )
+            if time.monotonic() - child.started_at < RESTART_PAUSE_SECONDS:
+                time.sleep(RESTART_PAUSE_SECONDS)
+            if not stopping:
+                children[slot] = start(slot)
+    return 0 if all(code == 0 for code in exit_codes) else 1

@@ -393,6 +393,56 @@ def test_two_workers_share_one_port(tmp_path: Path) -> None:
     assert len(serving) == 2, "the kernel spread 100 connections over both workers"
 
 
+def _workers_of(pid: int) -> set[int]:
+    """The worker processes (spawned by multiprocessing) directly under `pid`."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                found.add(int(child))
+    return found
+
+
+def test_a_killed_worker_is_logged_and_replaced(tmp_path: Path) -> None:
+    port = free_port()
+    storage = {"backend": "local", "local": {"root": str(tmp_path / "backups")}}
+    config = write_config(tmp_path, port, storage)
+    proc = serve_gateway(config, "--workers", "2")
+    try:
+        wait_for_port(port, proc=proc)
+        deadline = time.monotonic() + 10
+        while len(_workers_of(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        before = _workers_of(proc.pid)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = _workers_of(proc.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            time.sleep(0.1)
+        after = _workers_of(proc.pid)
+        assert len(after) == 2 and victim not in after, after
+        time.sleep(1.5)  # the new worker binds
+        import urllib.request
+
+        for _ in range(50):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    replaced = [r for r in records if "starting a new one" in r["msg"]]
+    assert len(replaced) == 1 and replaced[0]["level"] == "warning"
+    assert replaced[0]["pid"] == proc.pid and replaced[0]["worker_pid"] == victim
+    assert len({r["pid"] for r in records if r["msg"].startswith("listening on")}) == 3
+
+
 def test_gunicorn_app_factory(tmp_path: Path) -> None:
     """The README's gunicorn command, run as written."""
     port = free_port()
