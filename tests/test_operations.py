@@ -478,3 +478,33 @@ def test_gunicorn_app_factory(tmp_path: Path) -> None:
         proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert not LocalHarness(root).exists(location_for("org_c1", bid))
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_the_io_process_logs_in_the_gateways_format(tmp_path: Path, log_format: str) -> None:
+    """A warning raised inside the local I/O process (a sidecar that cannot be removed: it
+    is a directory) reaches the gateway's stdout as one line in the configured format."""
+    root = tmp_path / "backups"
+    bid = new_backup_id()
+    LocalHarness(root).put(location_for("org_c1", bid), sidecar=False)
+    (root / (location_for("org_c1", bid).relative_key + ".meta.json")).mkdir()
+    port = free_port()
+    storage = {"backend": "local", "local": {"root": str(root), "io": "process"}}
+    config = write_config(tmp_path, port, storage, logging={"format": log_format})
+    proc = serve_gateway(config)
+    try:
+        wait_for_port(port, proc=proc)
+        url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
+        assert http("DELETE", url, token_for("org_c1"))[0] == 200
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    lines = [line for line in out.splitlines() if "sidecar of" in line]
+    assert len(lines) == 1, out
+    if log_format == "json":
+        record = json.loads(lines[0])
+        assert record["level"] == "warning" and record["process"] == "local-io"
+        assert record["logger"] == "storage_backends.local.fs"
+    else:
+        assert " WARNING storage_backends.local.fs [local-io] sidecar of " in lines[0]

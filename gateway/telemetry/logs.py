@@ -226,6 +226,9 @@ def configure_logging(config: LoggingConfig) -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None
     handler = LoopBufferedHandler(sys.stdout)
+    # the local I/O process (storage_backends, which cannot import this) writes its lines
+    # in the same format: it reads the format from its environment
+    os.environ["BACKUP_GATEWAY_IO_LOG_FORMAT"] = config.format
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
 import os
 import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,8 +236,47 @@ def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
             sock.sendall(b"".join(late))
 
 
+LOG_FORMAT_ENV = "BACKUP_GATEWAY_IO_LOG_FORMAT"  # set by the gateway: json | text
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class _LogLines(logging.Formatter):
+    """One line per record on the gateway's stdout, in the gateway's format: the JSON keys
+    of its own lines (`process: local-io` added), or text with control characters escaped."""
+
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self._json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        when += f".{int(record.msecs):03d}Z"
+        if self._json:
+            entry = {
+                "ts": when,
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "pid": os.getpid(),
+                "msg": message,
+                "process": "local-io",
+            }
+            return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+        safe = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
+        return f"{when} {record.levelname} {record.name} [local-io] {safe}"
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_LogLines(os.environ.get(LOG_FORMAT_ENV, "json") != "text"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    _configure_logging()
     fd, root, fsync, threads = int(args[0]), Path(args[1]), args[2] == "1", int(args[3])
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
