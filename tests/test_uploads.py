@@ -550,3 +550,60 @@ async def test_prunes_are_audited(
     fields = prunes[0].fields  # type: ignore[attr-defined]
     assert fields["backup_id"] == first and fields["outcome"] == "backup pruned"
     assert fields["system_id"] == "sys_c1"
+
+
+async def test_an_unknown_expectation_is_417(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    status, body = envelope_of(
+        await raw(local_gateway, head_for(4, "Expect: something-else"), b"data")
+    )
+    assert status == 417 and body["message"] == "expectation failed"
+    assert backups_of(local_harness) == []
+
+
+async def test_a_directory_that_cannot_answer_is_503(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    from .support import free_port
+
+    nowhere = f"postgresql://gateway@127.0.0.1:{free_port()}/platform"
+    client = await start_gateway(
+        local_harness.storage(),
+        directory={
+            "kind": "postgres",
+            "postgres": {"dsn": nowhere, "owner_organization_id": "org_owner",
+                         "statement_timeout_seconds": 0.5},
+        },
+    )  # fmt: skip
+    resp, body = await upload(client, b"data")
+    assert resp.status == 503 and body["message"] == "directory unavailable"
+    assert resp.headers["Retry-After"] == "1"
+    assert backups_of(local_harness) == []
+
+
+async def test_a_broken_store_is_502_and_leaves_nothing(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-root"
+    client = await start_gateway({"backend": "local", "local": {"root": str(missing)}})
+    resp, body = await upload(client, b"data")
+    assert resp.status == 502
+    assert body == {
+        "code": 502,
+        "message": "failed to store backup",
+        "data": {"type": "external_api_error", "errors": []},
+    }
+    assert not missing.exists()
+
+
+async def test_a_missing_bucket_is_502(start_gateway: StartGateway, s3_server: Any) -> None:
+    from .support import s3_settings
+
+    storage = {"backend": "s3", "s3": s3_settings(s3_server.endpoint, "no-such-bucket-here")}
+    client = await start_gateway(
+        {**storage, "retention": {"max_bytes_per_organization": 0}}  # straight to the PUT
+    )
+    resp, body = await upload(client, b"data")
+    assert resp.status == 502 and body["message"] == "failed to store backup"
+    assert "no-such-bucket" not in json.dumps(body)

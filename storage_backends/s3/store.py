@@ -258,6 +258,11 @@ class S3BackupStore(BackupStore):
         upload_id: str | None = None
         step = "put_object"
         try:
+            # Some stores (SeaweedFS) create a missing bucket on PutObject: the gateway never
+            # creates buckets, and a missing one is a 502 here as on every other route.
+            step = "head_bucket"
+            await self._require_bucket()
+            step = "put_object"
             if backup.size <= cfg.multipart_threshold_bytes:
                 answer = await signed.put_stream(staging, backup.size, feed.chunks(backup.size))
                 _require_ok(answer, step)
