@@ -326,3 +326,43 @@ def test_process_ignores_sigterm_and_leaves_with_the_gateway(
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_probes_404s_and_listings_never_wait_for_a_running_fsync(
+    local_harness: LocalHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow fsync of one folder (the real fsync, held back until released) must not hold
+    up answers that need none: a readiness probe, a 404 and a listing elsewhere."""
+    release = threading.Event()
+    started = threading.Event()
+    real_fsync = os.fsync
+
+    def slow(fd: int) -> None:
+        started.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(local_fs.os, "fsync", slow)
+    peer = Peer(local_harness.root, [])
+    try:
+        bid = new_backup_id()
+        local_harness.put(location_for("org_c1", bid))
+        peer.sock.sendall((request(1, "org_c1", bid) + "\n").encode())
+        assert started.wait(5)
+        loc = location_for("org_c2", new_backup_id())
+        began = time.monotonic()
+        answers = peer.ask(
+            "2 R",
+            request(3, "org_c2", loc.backup_id),
+            f"4 L {loc.organization_id} {loc.system_key}",
+        )
+        assert time.monotonic() - began < 1.0
+        assert answers == {"2": "ok -", "3": "missing -", "4": "ok []"}
+        release.set()
+        deadline = time.monotonic() + 5
+        while b"1 ok" not in peer.buffer and time.monotonic() < deadline:
+            peer.buffer += peer.sock.recv(65536)
+        assert b"1 ok -\n" in peer.buffer
+    finally:
+        release.set()
+        peer.close()

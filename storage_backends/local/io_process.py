@@ -20,9 +20,11 @@ and is checked again here: nothing with a separator or a slash is ever used as a
 
 Batches are group commits: the requests that arrived together are unlinked, then every
 folder they touched is fsynced once (several folders at once, from a few threads), then
-all are answered. A request that arrives during a round joins the next one, so its
-fsync always starts after its unlink. Answers that need no fsync (missing, symlink,
-failed) go out before the round's fsyncs.
+their deletes are answered. The fsync rounds run in a committer thread, one after
+another; requests that arrive during a round are read and unlinked meanwhile and join the
+next round, so an fsync always starts after the unlinks it covers. Answers that need no
+fsync (missing, symlink, failed, listings, readiness) go out at once, never behind any
+folder's fsync.
 
 The process ignores SIGINT and SIGTERM (it starts with them blocked, so there is no
 window): a service manager signals the whole group, and the gateway still needs this
@@ -37,10 +39,12 @@ import functools
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +83,10 @@ def _folder(parts: list[bytes]) -> SystemFolder | None:
     return SystemFolder(org, key)
 
 
+# per folder: (seq, open folder fd) of each delete that unlinked there
+_Unlinked = dict[tuple[str, str], list[tuple[bytes, int]]]
+
+
 class Batch:
     """One round: unlink everything asked, fsync each touched folder once, answer."""
 
@@ -90,8 +98,9 @@ class Batch:
             ThreadPoolExecutor(threads, thread_name_prefix="fsync") if threads > 1 else None
         )
 
-    def run(self, lines: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
-        """Returns (answers that can go at once, answers that waited for the fsyncs)."""
+    def unlink(self, lines: Iterable[bytes]) -> tuple[list[bytes], _Unlinked]:
+        """The round's first half: answers that need no fsync (probes, listings, missing,
+        symlink, failed), and the folders to fsync before the rest may be answered."""
         early: list[bytes] = []
         deletes: list[tuple[bytes, BackupLocation]] = []
         for line in lines:
@@ -109,11 +118,11 @@ class Batch:
             else:
                 deletes.append((seq, location))
         if not deletes:
-            return early, []
+            return early, {}
         try:
             root_fd = open_root(self._root)
         except StorageUnavailable as exc:
-            return early + [seq + b" failed " + _detail(str(exc)) + b"\n" for seq, _ in deletes], []
+            return early + [seq + b" failed " + _detail(str(exc)) + b"\n" for seq, _ in deletes], {}
         try:
             unlink = functools.partial(_unlink_one, root_fd)
             if self._pool is not None and len(deletes) > 1:
@@ -124,14 +133,14 @@ class Batch:
                 outcomes = [unlink(d) for d in deletes]
         finally:
             os.close(root_fd)
-        folders: dict[tuple[str, str], list[tuple[bytes, int]]] = {}
+        folders: _Unlinked = {}
         for (seq, location), outcome in zip(deletes, outcomes, strict=True):
             if isinstance(outcome, bytes):
                 early.append(outcome)
             else:
                 folder = (location.organization_id, location.system_key)
                 folders.setdefault(folder, []).append((seq, outcome))
-        return early, self._commit(list(folders.values()))
+        return early, folders
 
     def _in_chunks(self, work: Callable[[A], R], items: list[A]) -> list[R]:
         """`[work(i) for i in items]`, spread over the pool in one contiguous share a thread:
@@ -161,7 +170,9 @@ class Batch:
             return seq + b" failed " + _detail(str(exc)) + b"\n"
         return seq + b" ok -\n"
 
-    def _commit(self, folders: list[list[tuple[bytes, int]]]) -> list[bytes]:
+    def commit(self, unlinked: _Unlinked) -> list[bytes]:
+        """The round's second half: fsync each folder once, then the answers of its deletes."""
+        folders = list(unlinked.values())
         if not folders:
             return []
         if not self._fsync:
@@ -210,7 +221,53 @@ def _detail(text: str) -> bytes:
 
 
 def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
+    """Read requests and answer what needs no fsync at once; a committer thread runs the
+    fsync rounds one after another and answers their deletes. Requests that arrive while
+    a round runs are unlinked meanwhile and join the next round together: every fsync
+    still starts after the unlinks it covers."""
     batch = Batch(root, fsync, threads)
+    sending = threading.Lock()
+    rounds: queue.SimpleQueue[_Unlinked | None] = queue.SimpleQueue()
+
+    def send(answers: list[bytes]) -> None:
+        if answers:
+            with sending:
+                sock.sendall(b"".join(answers))
+
+    def committer() -> None:
+        with contextlib.suppress(*_GONE):
+            done = False
+            while not done:
+                unlinked = rounds.get()
+                if unlinked is None:
+                    return
+                while True:  # what queued up meanwhile joins this round
+                    try:
+                        more = rounds.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        done = True
+                        break
+                    for folder, waiters in more.items():
+                        unlinked.setdefault(folder, []).extend(waiters)
+                send(batch.commit(unlinked))
+
+    worker = threading.Thread(target=committer, name="commit", daemon=True)
+    worker.start()
+    try:
+        _read_requests(sock, batch, send, rounds)
+    finally:
+        rounds.put(None)  # the rounds queued so far still run and are answered
+        worker.join()
+
+
+def _read_requests(
+    sock: socket.socket,
+    batch: Batch,
+    send: Callable[[list[bytes]], None],
+    rounds: queue.SimpleQueue[_Unlinked | None],
+) -> None:
     pending = b""
     eof = False
     while not eof:
@@ -229,13 +286,15 @@ def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
             data.append(more)
         lines = b"".join(data).split(b"\n")
         pending = lines.pop()
-        early, late = batch.run(lines)
-        if early:
-            sock.sendall(b"".join(early))
-        if late:
-            sock.sendall(b"".join(late))
+        # 404s, probes and listings never wait for any folder's fsync
+        early, unlinked = batch.unlink(lines)
+        send(early)
+        if unlinked:
+            rounds.put(unlinked)
 
 
+# BrokenPipe/ConnectionReset: the gateway went away; nobody is left to answer.
+_GONE = (BrokenPipeError, ConnectionResetError)
 LOG_FORMAT_ENV = "BACKUP_GATEWAY_IO_LOG_FORMAT"  # set by the gateway: json | text
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -282,9 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signum, signal.SIG_IGN)
     # The gateway spawned us with both blocked; one that arrived meanwhile is now dropped.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    # BrokenPipe/ConnectionReset: the gateway went away; nobody is left to answer.
-    gone = (BrokenPipeError, ConnectionResetError)
-    with socket.socket(fileno=fd) as sock, contextlib.suppress(*gone):
+    with socket.socket(fileno=fd) as sock, contextlib.suppress(*_GONE):
         serve(sock, root, fsync, threads)
 
 
