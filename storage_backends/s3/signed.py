@@ -88,8 +88,10 @@ class SignedRequests:
         size: int,
         body: AsyncIterator[bytes],
         query: dict[str, str] | None = None,
+        read_seconds: float | None = None,
     ) -> Answer:
-        """PutObject (or UploadPart, with its query) of exactly `size` streamed bytes.
+        """PutObject (or UploadPart, with its query) of exactly `size` streamed bytes; its
+        answer read within `read_seconds` (the store persists the bytes before answering).
 
         Sent once: a stream cannot be replayed, so a failure is the caller's to handle.
         The payload is signed as UNSIGNED-PAYLOAD (the body is not known when the request
@@ -102,6 +104,7 @@ class SignedRequests:
                 {"Content-Length": str(size)},
                 body=body,
                 unsigned_payload=True,
+                read_seconds=read_seconds,
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"{type(exc).__name__}") from None

@@ -52,8 +52,9 @@ _SHA256_CHARS = frozenset("0123456789abcdef")
 # and copied into place with their metadata: a lifecycle rule on it clears what a crash left.
 STAGING_PREFIX = ".uploads/"
 STREAM_CHUNK_BYTES = 1024 * 1024
-# a CopyObject's answer may take this long per byte beyond the operation timeout
-COPY_SECONDS_PER_BYTE = 1 / (20 * 1024**2)
+# a store's answer to a PUT, a part or a CopyObject may take this long per byte it persists,
+# beyond the read (or operation) timeout
+PERSIST_SECONDS_PER_BYTE = 1 / (20 * 1024**2)
 
 
 class _Progress:
@@ -264,7 +265,12 @@ class S3BackupStore(BackupStore):
             await self._require_bucket()
             step = "put_object"
             if backup.size <= cfg.multipart_threshold_bytes:
-                answer = await signed.put_stream(staging, backup.size, feed.chunks(backup.size))
+                answer = await signed.put_stream(
+                    staging,
+                    backup.size,
+                    feed.chunks(backup.size),
+                    read_seconds=self._answer_seconds(backup.size),
+                )
                 _require_ok(answer, step)
             else:
                 step = "create_multipart_upload"
@@ -282,6 +288,7 @@ class S3BackupStore(BackupStore):
                         size,
                         feed.chunks(size),
                         {"partNumber": str(number), "uploadId": upload_id},
+                        read_seconds=self._answer_seconds(size),
                     )
                     _require_ok(answer, step)
                     etag = next((v for k, v in answer.headers.items() if k.lower() == "etag"), "")
@@ -308,6 +315,10 @@ class S3BackupStore(BackupStore):
             raise
         final = self.key_for(backup.location)
         return _StagedS3(self, staging, final, backup.info(digest.hexdigest()), backup.uploader_ip)
+
+    def _answer_seconds(self, size: int) -> float:
+        """How long a store may take to answer once it has `size` new bytes to persist."""
+        return self._config.read_timeout_seconds + size * PERSIST_SECONDS_PER_BYTE
 
     async def _remove_staging(self, staging: str, upload_id: str | None) -> None:
         """Best effort: a staging key (or multipart upload) nobody will commit."""
@@ -337,8 +348,9 @@ class S3BackupStore(BackupStore):
             "x-amz-meta-uploader-ip": ip,
             "x-amz-meta-uploaded-at": info.uploaded_at.isoformat(timespec="milliseconds"),
         }
-        seconds = self._timeout + info.size * COPY_SECONDS_PER_BYTE
+        seconds = self._timeout + info.size * PERSIST_SECONDS_PER_BYTE
         answer = await self._signed_requests().copy(staging, final, headers, seconds)
+
         # a long copy may answer 200 and report its failure in the body
         if b"<Error>" in answer.body:
             answer = Answer(500 if answer.status == 200 else answer.status, {}, answer.body)
