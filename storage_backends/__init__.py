@@ -21,6 +21,7 @@ from .base import (
 )
 from .errors import (
     BackupNotFound,
+    DeleteOutcomeUnknown,
     InsufficientStorage,
     StorageError,
     StorageNotConfigured,
@@ -38,6 +39,7 @@ __all__ = [
     "BackupLocation",
     "BackupNotFound",
     "BackupStore",
+    "DeleteOutcomeUnknown",
     "DownloadConfig",
     "InsufficientStorage",
     "LocalConfig",

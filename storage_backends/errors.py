@@ -27,3 +27,8 @@ class InsufficientStorage(StorageError):
 
 class UploadIncomplete(StorageError):
     """The upload's body ended, or its client went away, before the announced size."""
+
+
+class DeleteOutcomeUnknown(StorageError):
+    """The backup was removed (a retry reads 404), but its removal is not known to be
+    durable: the folder's fsync failed or did not finish in time. Never "failed"."""

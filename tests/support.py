@@ -350,7 +350,12 @@ def write_config(tmp_path: Path, port: int, storage: dict[str, Any], **extra: An
     return path
 
 
-def serve_gateway(config: Path, *args: str, open_files: int | None = None) -> subprocess.Popen[str]:
+FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: injected slow fsyncs
+
+
+def serve_gateway(
+    config: Path, *args: str, open_files: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """`python -m gateway serve --config CONFIG [ARGS]` as a real process, output captured.
 
     `open_files` starts it with that soft RLIMIT_NOFILE (the hard limit unchanged), as a
@@ -367,6 +372,7 @@ def serve_gateway(config: Path, *args: str, open_files: int | None = None) -> su
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=limit if open_files is not None else None,
+        env={**os.environ, **env} if env else None,
     )
 
 

@@ -58,6 +58,7 @@ class Peer:
         self.thread.start()
         self.served = served
         self.buffer = b""
+        self.unlinked: list[str] = []
 
     def ask(self, *lines: str) -> dict[str, str]:
         self.sock.sendall("".join(line + "\n" for line in lines).encode())
@@ -69,6 +70,9 @@ class Peer:
             self.buffer = parts.pop()
             for part in parts:
                 seq, _, rest = part.decode().partition(" ")
+                if rest == "unlinked -":  # the early notice of a delete; its answer follows
+                    self.unlinked.append(seq)
+                    continue
                 answers[seq] = rest
         return answers
 
@@ -363,6 +367,31 @@ def test_probes_404s_and_listings_never_wait_for_a_running_fsync(
         while b"1 ok" not in peer.buffer and time.monotonic() < deadline:
             peer.buffer += peer.sock.recv(65536)
         assert b"1 ok -\n" in peer.buffer
+    finally:
+        release.set()
+        peer.close()
+
+
+def test_a_delete_is_told_unlinked_before_its_fsync_and_ok_after(
+    local_harness: LocalHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(local_fs.os, "fsync", lambda fd: (release.wait(10), real_fsync(fd)))
+    peer = Peer(local_harness.root, [])
+    try:
+        bid = new_backup_id()
+        local_harness.put(location_for("org_c1", bid))
+        peer.sock.sendall((request(7, "org_c1", bid) + "\n").encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            line += peer.sock.recv(1)
+        assert line == b"7 unlinked -\n"  # while its fsync is still held back
+        assert not local_harness.exists(location_for("org_c1", bid))
+        release.set()
+        assert peer.ask() == {}
+        while b"7 ok -\n" not in peer.buffer:
+            peer.buffer += peer.sock.recv(65536)
     finally:
         release.set()
         peer.close()

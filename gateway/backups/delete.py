@@ -9,7 +9,8 @@ from aiohttp import web
 from storage_backends import BackupLocation
 
 from ..http.envelope import envelope
-from ..http.errors import ApiError
+from ..http.errors import DELETE_OUTCOME_UNKNOWN, ApiError
+from ..http.middlewares import TIMEOUT_MESSAGE
 from .audit import record_delete
 from .authorization import authorized_system
 from .params import requested_backup_id
@@ -28,6 +29,9 @@ async def delete_backup(request: web.Request) -> web.Response:
             # Not registered yet: it never uploaded anything, whatever the backend.
             raise ApiError(404, "backup not found")
         location = BackupLocation(system.organization_id, system.system_key, backup_id)
+        # From here the store may remove the backup whatever happens to this request: a
+        # deadline that strikes now does not know the outcome, and must not say "failed".
+        request[TIMEOUT_MESSAGE] = outcome = DELETE_OUTCOME_UNKNOWN
         await run_storage(request, "delete", request.app[STORE].delete, location)
         usage = request.app.get(USAGE_COUNTER)
         if usage is not None:
@@ -38,8 +42,10 @@ async def delete_backup(request: web.Request) -> web.Response:
         outcome = exc.message
         raise
     except asyncio.CancelledError:
-        # The request deadline (504) or the client going away cut it short.
-        outcome = "cancelled"
+        # The request deadline (504) or the client going away cut it short: before the
+        # store was asked, nothing happened; after, the outcome is unknown.
+        if outcome != DELETE_OUTCOME_UNKNOWN:
+            outcome = "cancelled"
         raise
     finally:
         record_delete(request, system_id, backup_id, decision, outcome)

@@ -6,6 +6,7 @@ from typing import Any
 
 from storage_backends import (
     BackupNotFound,
+    DeleteOutcomeUnknown,
     InsufficientStorage,
     StorageError,
     StorageNotConfigured,
@@ -29,6 +30,9 @@ class ApiError(Exception):
         self.message = message
         self.data = data if data is not None else {}
         self.headers = headers or {}
+
+
+DELETE_OUTCOME_UNKNOWN = "delete outcome unknown"
 
 
 def invalid_token() -> ApiError:
@@ -59,6 +63,9 @@ def storage_error(exc: StorageError, operation: str) -> ApiError:
     """Storage error -> HTTP answer. `operation` names what failed in the 502 message."""
     if isinstance(exc, BackupNotFound):
         return ApiError(404, "backup not found")
+    if isinstance(exc, DeleteOutcomeUnknown):
+        # removed, not known durable: never "failed" (a retry reads 404)
+        return ApiError(504, DELETE_OUTCOME_UNKNOWN)
     if isinstance(exc, StorageNotConfigured):
         return ApiError(503, "backup storage not configured")
     if isinstance(exc, StorageUnavailable):

@@ -24,6 +24,8 @@ from .errors import ApiError
 log = logging.getLogger(__name__)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# what a 504 says when the deadline strikes now (a handler past the point of no return sets it)
+TIMEOUT_MESSAGE = web.RequestKey("timeout_message", str)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
 # Generated ids: a random per-process prefix and a counter. Unique across workers and hosts,
@@ -144,4 +146,4 @@ async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await request.app[DEADLINES].run(handler(request))
     except DeadlineExceeded:
-        raise ApiError(504, "request timed out") from None
+        raise ApiError(504, request.get(TIMEOUT_MESSAGE, "request timed out")) from None

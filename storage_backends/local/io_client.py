@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StorageUnavailable
@@ -39,6 +40,10 @@ class LocalIoProcess:
         self._sock: socket.socket | None = None
         # seq -> (future, deadline); oldest first, since every request has the same budget
         self._pending: dict[int, tuple[asyncio.Future[Answer], float]] = {}
+        # deletes the process has unlinked, waiting for their fsync: no operation deadline
+        # any more (the request's own deadline bounds them), only the process's life
+        self._applied: dict[int, asyncio.Future[Answer]] = {}
+        self._on_applied: dict[int, Callable[[], None]] = {}
         self._expiry: asyncio.TimerHandle | None = None  # armed for the oldest deadline
         self._seq = itertools.count(1)
         self._outbox: list[bytes] = []
@@ -88,9 +93,14 @@ class LocalIoProcess:
         loop.add_reader(parent.fileno(), self._on_readable)
         log.debug("local I/O process %d started", self._proc.pid)
 
-    def request(self, message: bytes) -> asyncio.Future[Answer]:
+    def request(
+        self, message: bytes, on_applied: Callable[[], None] | None = None
+    ) -> asyncio.Future[Answer]:
         """Queue one request ("D org key id" or "R"); the future resolves with its answer,
-        or fails with StorageUnavailable when the process dies or the timeout passes."""
+        or fails with StorageUnavailable when the process dies or the timeout passes.
+
+        A delete that the process has unlinked calls `on_applied` at once; from then on it
+        waits for its fsync without the operation timeout."""
         loop = asyncio.get_running_loop()
         if self._sock is None:
             if self._closing or loop.time() - self._spawned_at < _RESPAWN_INTERVAL:
@@ -102,6 +112,8 @@ class LocalIoProcess:
         if not self._pending:
             self._progress = now
         self._pending[seq] = (future, now + self._timeout)
+        if on_applied is not None:
+            self._on_applied[seq] = on_applied
         if self._expiry is None:
             self._expiry = loop.call_at(now + self._timeout, self._expire)
         self._outbox.append(b"%d %s\n" % (seq, message))
@@ -152,10 +164,23 @@ class LocalIoProcess:
         self._inbox = lines.pop()
         self._progress = asyncio.get_running_loop().time()
         for line in lines:
-            seq, code, detail = line.split(b" ", 2)
-            entry = self._pending.pop(int(seq), None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result((code, detail))
+            seq_text, code, detail = line.split(b" ", 2)
+            seq = int(seq_text)
+            if code == b"unlinked":
+                entry = self._pending.pop(seq, None)
+                if entry is not None:
+                    self._applied[seq] = entry[0]
+                    notify = self._on_applied.pop(seq, None)
+                    if notify is not None:
+                        notify()
+                continue
+            self._on_applied.pop(seq, None)
+            future = self._applied.pop(seq, None)
+            if future is None:
+                entry = self._pending.pop(seq, None)
+                future = entry[0] if entry is not None else None
+            if future is not None and not future.done():
+                future.set_result((code, detail))
 
     def _lost(self, why: str) -> None:
         """The process is gone or unusable: fail what waits on it; the next request respawns."""
@@ -179,7 +204,9 @@ class LocalIoProcess:
             self._expiry.cancel()
             self._expiry = None
         pending, self._pending = self._pending, {}
-        for future, _ in pending.values():
+        applied, self._applied = self._applied, {}
+        self._on_applied.clear()
+        for future in [f for f, _ in pending.values()] + list(applied.values()):
             if not future.done():
                 future.set_exception(StorageUnavailable(f"local I/O process {why}"))
 
@@ -200,6 +227,7 @@ class LocalIoProcess:
                 self._lost(f"answered nothing for {self._timeout:g}s")
                 return
             del self._pending[seq]
+            self._on_applied.pop(seq, None)
             if not future.done():
                 future.set_exception(StorageUnavailable("local storage operation timed out"))
 

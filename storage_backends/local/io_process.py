@@ -14,6 +14,8 @@ Protocol, over a Unix stream socket, one ASCII line per message:
               "<seq> R\\n"                                              readiness probe
     answer    "<seq> <code> <detail>\\n"   code: ok | missing | symlink | failed
               (a listing's detail is its entries as one line of JSON)
+              a delete that unlinked is told so at once ("<seq> unlinked -"), then
+              answered ok or failed once its folder's fsync is done
 
 Every component was validated by the gateway (safe path components, backup-id grammar),
 and is checked again here: nothing with a separator or a slash is ever used as a path.
@@ -138,6 +140,8 @@ class Batch:
             if isinstance(outcome, bytes):
                 early.append(outcome)
             else:
+                # told at once, so that a slow fsync is never mistaken for a failed delete
+                early.append(seq + b" unlinked -\n")
                 folder = (location.organization_id, location.system_key)
                 folders.setdefault(folder, []).append((seq, outcome))
         return early, folders

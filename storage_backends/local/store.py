@@ -44,7 +44,7 @@ from ..base import (
     SystemFolder,
     UploadBody,
 )
-from ..errors import BackupNotFound, StorageError, StorageUnavailable
+from ..errors import BackupNotFound, DeleteOutcomeUnknown, StorageError, StorageUnavailable
 from .fs import (
     SymlinkRefused,
     check_root_sync,
@@ -217,6 +217,11 @@ class LocalBackupStore(BackupStore):
         except SymlinkRefused:
             log.warning("refused a symlink under the backup root at %s", location.relative_key)
             raise
+        except DeleteOutcomeUnknown as exc:
+            log.warning(
+                "local storage delete of %s not known durable: %s", location.relative_key, exc
+            )
+            raise
         except StorageUnavailable as exc:
             # The cause (permission denied, read-only filesystem, missing root) goes to the
             # log; the answer says only "failed to delete backup".
@@ -230,14 +235,31 @@ class LocalBackupStore(BackupStore):
             location.system_key.encode(),
             location.backup_id.encode(),
         )
-        code, detail = await self._io.request(message)  # it enforces the operation timeout
+        unlinked = False
+
+        def applied() -> None:
+            nonlocal unlinked
+            unlinked = True
+
+        try:
+            # it enforces the operation timeout until the unlink, the request's deadline after
+            code, detail = await self._io.request(message, applied)
+        except StorageUnavailable as exc:
+            if unlinked:
+                raise DeleteOutcomeUnknown(
+                    f"{location.relative_key}: unlinked, then {exc}"
+                ) from None
+            raise
         if code == b"ok":
             return
         if code == b"missing":
             raise BackupNotFound(location.relative_key)
         if code == b"symlink":
             raise SymlinkRefused(location.relative_key)
-        raise StorageUnavailable(f"{location.relative_key}: {detail.decode('ascii', 'replace')}")
+        why = f"{location.relative_key}: {detail.decode('ascii', 'replace')}"
+        if unlinked:
+            raise DeleteOutcomeUnknown(f"unlinked, then {why}")
+        raise StorageUnavailable(why)
 
     async def _delete_inline(self, location: BackupLocation) -> None:
         assert self._commits is not None, "store not started"
@@ -250,7 +272,11 @@ class LocalBackupStore(BackupStore):
             os.close(fd)
             return
         folder = (location.organization_id, location.system_key)
-        await self._bounded(self._commits.sync(folder, fd))
+        try:
+            # unlinked: from here only the request's deadline bounds the wait for durability
+            await self._commits.sync(folder, fd)
+        except StorageUnavailable as exc:
+            raise DeleteOutcomeUnknown(f"{location.relative_key}: unlinked, then {exc}") from None
 
     async def _read(self, call: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
