@@ -133,12 +133,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(config: Config) -> None:
-    """Everything start-up would refuse: directory file and signing keys. Never storage."""
+    """Everything start-up would refuse: directory file, signing keys, a local root that
+    folds case. Never whether storage answers (that is readiness's)."""
+    from storage_backends import refused_at_start
+
     from .identity.tokens import TokenVerifier
 
     if config.directory.kind == "file":
         load_file_directory(config.directory.path)
     TokenVerifier(config.auth)
+    refused = refused_at_start(config.storage)
+    if refused is not None:
+        raise ConfigError(*refused)
 
 
 async def _reach(config: Config) -> list[tuple[str, str | None]]:

@@ -28,7 +28,7 @@ from .errors import (
     StorageUnavailable,
     UploadIncomplete,
 )
-from .local import LocalBackupStore, LocalConfig
+from .local import LocalBackupStore, LocalConfig, folds_case
 from .none import NoStorage
 from .s3 import S3Config
 
@@ -57,6 +57,7 @@ __all__ = [
     "UploadIncomplete",
     "UsageCounterConfig",
     "create_store",
+    "refused_at_start",
 ]
 
 
@@ -114,6 +115,18 @@ BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {
     "s3": lambda c: s3.create_store(c.s3, c.operation_timeout_seconds),
     "none": lambda c: NoStorage(),
 }
+
+
+def refused_at_start(config: StorageConfig) -> tuple[str, str] | None:
+    """(config field, why) when the storage must not be served at all; None when it may.
+    A store that is down is not refused here: that is readiness's (and a 502's)."""
+    if config.backend == "local" and folds_case(config.local.root):
+        return (
+            "storage.local.root",
+            f"{config.local.root} matches names case-insensitively: organizations and systems "
+            "whose ids differ only in case would share folders; use a case-sensitive filesystem",
+        )
+    return None
 
 
 def create_store(config: StorageConfig) -> BackupStore:

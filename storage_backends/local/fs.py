@@ -7,6 +7,7 @@ than by string checks. Used by the I/O process and by the in-process (inline) mo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -300,3 +301,21 @@ def decode_listing(line: bytes) -> list[BackupInfo]:
         BackupInfo(b, size, name, sha, mime, datetime.fromtimestamp(ts, UTC))
         for b, size, name, sha, mime, ts in json.loads(line)
     ]
+
+
+def folds_case(root: Path) -> bool:
+    """Whether names under `root` are matched case-insensitively (a casefolded ext4 or
+    tmpfs folder, vfat, a macOS volume): there `acme` and `ACME` would be one folder, and
+    one tenant's backups another's. False when the root is absent or not writable: that
+    is readiness's to report."""
+    probe = f".case-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        fd = os.open(root / probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        return os.path.lexists(root / probe.upper())
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(root / probe)
