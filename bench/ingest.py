@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import shutil
 import socket
@@ -32,6 +31,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import read_side
 import run as bench
 
 sys.path.insert(0, str(bench.REPO))
@@ -132,22 +132,10 @@ def ingest_seconds(port: int, auth: str, size: int) -> float:
 
 
 def wrk_upload(port: int, auth_file: Path, c: int, seconds: float, body: int) -> dict[str, Any]:
-    env = {**os.environ, "AUTH_FILE": str(auth_file), "BODY_BYTES": str(body)}
-    out = subprocess.run(
-        ["wrk", "-t", "2", "-c", str(c), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-         "-s", str(LUA), f"http://127.0.0.1:{port}"],
-        capture_output=True, text=True, env=env, check=True,
-    ).stdout  # fmt: skip
-    data = json.loads(next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))[8:])
-    run_seconds = data["duration_us"] / 1e6
-    return {
-        "requests": data["requests"],
-        "rps": data["requests"] / run_seconds,
-        "non2xx": data["non2xx"] + data["socket_errors"],
-        "p50_ms": data["p50_us"] / 1000,
-        "p99_ms": data["p99_us"] / 1000,
-        "mb_s": data["requests"] * body / run_seconds / 1e6,
-    }
+    env = {"AUTH_FILE": str(auth_file), "BODY_BYTES": str(body)}
+    result = read_side.wrk_script(LUA, env, port, c, seconds)
+    result["mb_s"] = result["rps"] * body / 1e6  # what went up, not what came back
+    return result
 
 
 def _profile(pid: int, seconds: int, row: str) -> subprocess.Popen[bytes] | None:

@@ -34,12 +34,14 @@ import run as bench
 LUA = bench.REPO / "bench" / "get.lua"
 
 
-def wrk_get(port: int, path: str, token: str, c: int, seconds: float) -> dict[str, Any]:
-    env = {**os.environ, "GET_PATH": path, "TOKEN": token}
+def wrk_script(
+    script: Path, env: dict[str, str], port: int, c: int, seconds: float
+) -> dict[str, Any]:
+    """One wrk run of a script whose done() prints a WRKJSON line: its figures."""
     out = subprocess.run(
         ["wrk", "-t", "2", "-c", str(c), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-         "-s", str(LUA), f"http://127.0.0.1:{port}"],
-        capture_output=True, text=True, env=env, check=True,
+         "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, env={**os.environ, **env}, check=True,
     ).stdout  # fmt: skip
     data = json.loads(next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))[8:])
     seconds_run = data["duration_us"] / 1e6
@@ -51,6 +53,10 @@ def wrk_get(port: int, path: str, token: str, c: int, seconds: float) -> dict[st
         "p99_ms": data["p99_us"] / 1000,
         "mb_s": data["bytes"] / seconds_run / 1e6,
     }
+
+
+def wrk_get(port: int, path: str, token: str, c: int, seconds: float) -> dict[str, Any]:
+    return wrk_script(LUA, {"GET_PATH": path, "TOKEN": token}, port, c, seconds)
 
 
 def row(name: str, result: dict[str, Any], cpu: dict[str, float] | None = None) -> dict[str, Any]:
