@@ -9,7 +9,7 @@ point leaves either the whole backup or only hidden files.
 
 The sweep removes hidden files whose writer is gone: it takes the flock without waiting,
 which only succeeds once the process that held it has died — a live upload of another
-worker or host sharing the root is never touched.
+worker or process sharing the root is never touched.
 """
 
 from __future__ import annotations
@@ -174,8 +174,11 @@ class LocalUpload:
 
 
 def sweep_leftovers(root: Path) -> int:
-    """Remove the hidden files of uploads whose process died, and sidecars left without
-    their data. Returns how many files were removed."""
+    """Remove the hidden files of uploads whose process died; how many were removed.
+
+    A crash between a commit's two renames leaves a sidecar without its data: never listed,
+    never in the way of a new upload (ids are new), so it is left alone — removing sidecars
+    at start-up would race with live deletes and touch files no upload of ours made."""
     removed = 0
     try:
         root_fd = open_root(root)
@@ -213,26 +216,14 @@ def _subfolders(parent_fd: int) -> list[int]:
 
 def _sweep_folder(key_fd: int) -> int:
     with os.scandir(key_fd) as entries:
-        names = {e.name for e in entries}
+        names = {e.name for e in entries if e.name.startswith(TEMP_PREFIX)}
     removed = 0
-    # a live commit renames the sidecar a moment before the data: leave its folder's
-    # sidecars alone while any upload there is alive
-    live = any(
-        n.startswith(TEMP_PREFIX) and n.endswith(_DATA_SUFFIX) and not _writer_gone(key_fd, n)
-        for n in names
-    )
     for name in names:
-        if name.startswith(TEMP_PREFIX) and name.endswith(_DATA_SUFFIX):
+        if name.endswith(_DATA_SUFFIX):
             doomed = _writer_gone(key_fd, name)
-        elif name.startswith(TEMP_PREFIX) and name.endswith(_META_SUFFIX):
+        elif name.endswith(_META_SUFFIX):
             data = name.removesuffix(_META_SUFFIX) + _DATA_SUFFIX
             doomed = data not in names or _writer_gone(key_fd, data)
-        elif name.endswith(SIDECAR_SUFFIX):
-            backup = name.removesuffix(SIDECAR_SUFFIX)
-            # an orphan sidecar: a crash between the two renames of a commit
-            doomed = (
-                not live and normalize_backup_id(backup) == backup and not _exists(key_fd, backup)
-            )
         else:
             doomed = False
         if doomed:
@@ -242,14 +233,6 @@ def _sweep_folder(key_fd: int) -> int:
             except FileNotFoundError:
                 pass
     return removed
-
-
-def _exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def _writer_gone(key_fd: int, name: str) -> bool:
