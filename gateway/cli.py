@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     secret.add_argument("--config", type=Path, required=True)
     secret.add_argument("--system", required=True, help="the system's id")
 
+    init_root = commands.add_parser(
+        "init-root",
+        help="create and mark the local backup root (once per new volume; see README)",
+    )
+    init_root.add_argument("--config", type=Path, required=True)
+
     demo = commands.add_parser("seed-demo", help="write the demo backups into local storage")
     demo.add_argument("--config", type=Path, required=True)
 
@@ -106,6 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("shown once; only a salted hash of the secret is stored:")
             print(f"  system_key:    {key}")
             print(f"  system_secret: {made}")
+            return 0
+        if args.command == "init-root":
+            from storage_backends.local import ROOT_MARKER, mark_root
+
+            if config.storage.backend != "local":
+                raise ConfigError("storage.backend", "init-root marks a local backup root")
+            root = config.storage.local.root
+            if not mark_root(root, only_if_in_use=False):
+                print(f"backup-gateway: cannot mark {root}", file=sys.stderr)
+                return 1
+            print(f"{root}: marked ({ROOT_MARKER})")
             return 0
         if args.command == "seed-demo":
             from .tools.demo import seed_demo

@@ -27,6 +27,7 @@ from jose import jwt
 from gateway.config import Config, config_from_mapping
 from gateway.identity.appliance import new_secret
 from storage_backends import BackupLocation
+from storage_backends.local import ROOT_MARKER
 
 SECRET = "test-secret-" + "x" * 40
 ISSUER = "https://platform.example/auth"
@@ -168,6 +169,8 @@ class LocalHarness:
         self.root = root
         self.io = io
         root.mkdir(parents=True, exist_ok=True)
+        # a root in use carries the marker (an unmarked one is an unmounted volume's)
+        (root / ROOT_MARKER).touch()
 
     def storage(self, **extra: Any) -> dict[str, Any]:
         settings = {"root": str(self.root), "io": self.io, **extra}
@@ -211,7 +214,7 @@ class LocalHarness:
         return {
             str(p.relative_to(self.root))
             for p in self.root.rglob("*")
-            if p.is_file() or p.is_symlink()
+            if (p.is_file() or p.is_symlink()) and p.name != ROOT_MARKER
         }
 
 

@@ -218,7 +218,8 @@ def test_seed_fills_local_storage_for_a_load_test(tmp_path: Path) -> None:
         assert len(data) == 300
         sidecar = json.loads((folder / (bid + ".meta.json")).read_text())
         assert sidecar["sha256"] == hashlib.sha256(data).hexdigest()
-    assert sum(1 for p in root.rglob("*") if p.is_file()) == 24
+    assert (root / ".backup-gateway-root").is_file()  # seeded: a root in use
+    assert sum(1 for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")) == 24
 
     token = cli("token", "--config", str(config), "--org", "org_owner", "--role", "owner")
     assert token.returncode == 0, token.stderr
@@ -234,7 +235,7 @@ def test_seed_fills_local_storage_for_a_load_test(tmp_path: Path) -> None:
         server.stop()
     assert status == 200 and body["data"] == {"system_id": sid, "backup_id": bid}
     assert not list(root.rglob(bid + "*"))
-    assert sum(1 for p in root.rglob("*") if p.is_file()) == 22
+    assert sum(1 for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")) == 22
 
 
 def test_check_config_reports_whether_the_database_and_redis_answer(

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from storage_backends.local import fs as local_fs
 
-from .support import LocalHarness, location_for, new_backup_id
+from .support import LocalHarness, location_for, new_backup_id, token_for
 from .support import delete_as as delete
 
 
@@ -162,3 +162,85 @@ async def test_readiness_follows_the_root(start_gateway: Any, tmp_path: Path) ->
     assert (await client.get("/readyz")).status == 200
     assert (await delete(client, bid)).status == 200
     assert not LocalHarness(root).exists(location_for("org_c1", bid))
+
+
+# --------------------------------------------------------------------------- the root marker
+
+
+async def test_an_unmarked_empty_root_is_unready_and_502_never_404(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    """An empty, unmarked root is what an unmounted volume leaves: its backups must not
+    read as missing (404), nor uploads land on the wrong disk."""
+    root = tmp_path / "mount-point"
+    root.mkdir()
+    client = await start_gateway({"backend": "local", "local": {"root": str(root)}})
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert (await ready.json())["data"]["checks"]["storage"] == "unavailable"
+    resp = await delete(client, new_backup_id())
+    assert resp.status == 502 and (await resp.json())["message"] == "failed to delete backup"
+    listed = await client.get(
+        "/api/systems/sys_c1/backups", headers={"Authorization": f"Bearer {token_for('org_c1')}"}
+    )
+    assert listed.status == 502
+    assert list(root.iterdir()) == []  # nothing written to the mount point
+
+
+def test_init_root_marks_a_new_volume_and_an_old_root_is_adopted(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .support import write_config
+
+    root = tmp_path / "volume"
+    root.mkdir()
+    config = write_config(tmp_path, 0, {"backend": "local", "local": {"root": str(root)}})
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "init-root", "--config", str(config)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (root / local_fs.ROOT_MARKER).is_file()
+    # a root from before the marker, holding backups: marked at start-up
+    old = tmp_path / "old-root"
+    (old / "org_c1" / "KEY-C1").mkdir(parents=True)
+    assert local_fs.mark_root(old, only_if_in_use=True)
+    assert (old / local_fs.ROOT_MARKER).is_file()
+    # an empty one is never marked at start-up
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not local_fs.mark_root(empty, only_if_in_use=True)
+    assert list(empty.iterdir()) == []
+
+
+def test_an_unmounted_volume_makes_deletes_502_and_the_gateway_unready(tmp_path: Path) -> None:
+    import subprocess
+
+    from .support import free_port, http, serve_gateway, stop_process, wait_for_port, write_config
+
+    root = tmp_path / "backups"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:120]}")
+    harness = LocalHarness(root)  # marks the volume
+    bid = new_backup_id()
+    harness.put(location_for("org_c1", bid))
+    port = free_port()
+    config = write_config(tmp_path, port, harness.storage())
+    proc = serve_gateway(config)
+    try:
+        wait_for_port(port, proc=proc)
+        assert http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200
+        subprocess.run(["umount", "-l", str(root)], check=True)  # the volume goes away
+        url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
+        status, body = http("DELETE", url, token_for("org_c1"))
+        assert (status, body["message"]) == (502, "failed to delete backup")
+        assert http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 503
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
+        stop_process(proc)

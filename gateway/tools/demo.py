@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from storage_backends import BackupLocation
-from storage_backends.local import SIDECAR_SUFFIX
+from storage_backends.local import SIDECAR_SUFFIX, mark_root
 
 from ..config import Config
 from ..directory import load_file_directory
@@ -48,6 +48,7 @@ def seed_demo(config: Config) -> Iterator[str]:
     if config.storage.backend != "local":
         raise SystemExit("seed-demo writes to local storage; use `seed` for s3")
     root = config.storage.local.root
+    mark_root(root, only_if_in_use=False)  # the demo's root: created and marked as in use
     directory = load_file_directory(config.directory.path)
     registered = [s for s in directory.systems if s.system_key is not None]
     for index, system in enumerate(registered):

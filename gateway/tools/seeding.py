@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from storage_backends import BackupLocation
-from storage_backends.local import SIDECAR_SUFFIX
+from storage_backends.local import SIDECAR_SUFFIX, mark_root
 
 from ..config import Config
 
@@ -153,6 +153,7 @@ def seed(
 
     if config.storage.backend == "local":
         root = config.storage.local.root
+        mark_root(root, only_if_in_use=False)
         threads = min(8, len(plan)) or 1
         shares = [plan[i::threads] for i in range(threads)]
         with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -6,7 +6,15 @@ gateway's end of it (`io_client`). From outside, import this package only. Its m
 import `storage_backends.base` and `storage_backends.errors`.
 """
 
-from .fs import SIDECAR_SUFFIX, SymlinkRefused, folds_case
+from .fs import ROOT_MARKER, SIDECAR_SUFFIX, SymlinkRefused, folds_case, mark_root
 from .store import LocalBackupStore, LocalConfig
 
-__all__ = ["SIDECAR_SUFFIX", "LocalBackupStore", "LocalConfig", "SymlinkRefused", "folds_case"]
+__all__ = [
+    "ROOT_MARKER",
+    "SIDECAR_SUFFIX",
+    "LocalBackupStore",
+    "LocalConfig",
+    "SymlinkRefused",
+    "folds_case",
+    "mark_root",
+]

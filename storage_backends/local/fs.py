@@ -39,11 +39,61 @@ class SymlinkRefused(BackupNotFound):
     """A path component under the root is a symlink: answered as not found, logged as a warning."""
 
 
+# In the root of every backup root: an unmounted volume leaves its mount point behind,
+# empty, where every backup would read as missing (404) and uploads would land on the
+# wrong disk. Without the marker the root is unready and every operation a 502.
+ROOT_MARKER = ".backup-gateway-root"
+UNMARKED = "backup root is not marked (is its volume mounted? see `backup-gateway init-root`)"
+
+
 def open_root(root: Path) -> int:
+    """An fd of the backup root, which must carry the marker."""
     try:
-        return os.open(root, _DIR_FLAGS)
+        fd = os.open(root, _DIR_FLAGS)
     except OSError as exc:
         raise StorageUnavailable(f"backup root cannot be opened: {exc.strerror}") from None
+    try:
+        os.stat(ROOT_MARKER, dir_fd=fd, follow_symlinks=False)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, FileNotFoundError):
+            raise StorageUnavailable(UNMARKED) from None
+        raise StorageUnavailable(f"backup root marker: {exc.strerror}") from None
+    return fd
+
+
+def mark_root(root: Path, only_if_in_use: bool) -> bool:
+    """Write the marker; True when the root carries it afterwards.
+
+    `only_if_in_use` (at start-up): mark only a root that already holds something — a
+    deployment from before the marker. An empty, unmarked root may be an unmounted
+    volume's mount point: it is left for the operator (`backup-gateway init-root`)."""
+    try:
+        if os.path.lexists(root / ROOT_MARKER):
+            return True
+        if only_if_in_use:
+            with os.scandir(root) as entries:
+                if not any(not e.name.startswith(".") for e in entries):
+                    return False
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(root / ROOT_MARKER, flags, 0o640)
+        try:
+            os.write(fd, b"backup-gateway backup root: keep this file (see README)\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dir_fd = os.open(root, _DIR_FLAGS)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return True
+    except FileExistsError:
+        return True  # another worker marked it first
+    except OSError:
+        return False
 
 
 def _open_child_dir(parent_fd: int, name: str, location: BackupLocation | SystemFolder) -> int:
@@ -157,6 +207,8 @@ def check_root_sync(root: Path) -> None:
         raise StorageUnavailable("backup root is not a directory")
     if not os.access(root, os.W_OK | os.X_OK):
         raise StorageUnavailable("backup root is not writable")
+    if not os.path.lexists(root / ROOT_MARKER):
+        raise StorageUnavailable(UNMARKED)
 
 
 # --------------------------------------------------------------------------- reading

@@ -46,12 +46,14 @@ from ..base import (
 )
 from ..errors import BackupNotFound, DeleteOutcomeUnknown, StorageError, StorageUnavailable
 from .fs import (
+    UNMARKED,
     SymlinkRefused,
     check_root_sync,
     decode_listing,
     describe_backup,
     fsync_folder,
     list_folder,
+    mark_root,
     open_backup,
     open_root,
     unlink_backup,
@@ -317,6 +319,9 @@ class LocalBackupStore(BackupStore):
         return opened
 
     def _sweep(self) -> None:
+        if not mark_root(self._root, only_if_in_use=True):
+            log.warning("backup root %s: %s", self._root, UNMARKED)
+            return
         removed = sweep_leftovers(self._root)
         if removed:
             log.info("removed %d files left by interrupted uploads", removed)
