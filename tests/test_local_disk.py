@@ -244,3 +244,36 @@ def test_an_unmounted_volume_makes_deletes_502_and_the_gateway_unready(tmp_path:
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
         stop_process(proc)
+
+
+def test_a_backup_swapped_for_a_symlink_mid_delete_is_404_with_its_sidecar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outside: Path
+) -> None:
+    """The swap lands exactly between the check and the unlink (os.unlink, wrapped: the
+    attacker's rename and symlink run first, then the real unlink)."""
+    from storage_backends.errors import BackupNotFound
+
+    harness = LocalHarness(tmp_path / "backups")
+    location = location_for("org_c1", new_backup_id())
+    harness.put(location, b"precious")
+    folder = harness.root / location.organization_id / location.system_key
+    real_unlink = os.unlink
+    swapped: list[bool] = []
+
+    def swap_then_unlink(path: Any, *, dir_fd: int | None = None) -> None:
+        if not swapped and path == location.backup_id:
+            swapped.append(True)
+            os.rename(folder / location.backup_id, outside / "moved")  # the data, elsewhere
+            os.symlink(outside / "moved", folder / location.backup_id)
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(local_fs.os, "unlink", swap_then_unlink)
+    root_fd = local_fs.open_root(harness.root)
+    try:
+        with pytest.raises(BackupNotFound):
+            local_fs.unlink_backup(root_fd, location)
+    finally:
+        os.close(root_fd)
+    assert swapped
+    assert (outside / "moved").read_bytes() == b"precious"
+    assert (folder / (location.backup_id + ".meta.json")).exists()  # the sidecar stays

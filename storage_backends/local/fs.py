@@ -28,6 +28,7 @@ SIDECAR_SUFFIX = ".meta.json"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _CHILD_DIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+_ENTRY_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 SIDECAR_MAX_BYTES = 64 * 1024  # a sidecar is a few hundred bytes; anything larger is ignored
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _MIMETYPE = re.compile(
@@ -139,20 +140,30 @@ def _unlink_in_folder(key_fd: int, location: BackupLocation) -> None:
     """Unlink data, then sidecar, in an open system folder. Raises typed errors."""
     name = location.backup_id
     try:
-        mode = os.stat(name, dir_fd=key_fd, follow_symlinks=False).st_mode
+        # O_PATH|O_NOFOLLOW: a handle on the entry itself (a symlink is not followed), so
+        # that after the unlink we can tell whether the name still held this file.
+        handle = os.open(name, _ENTRY_FLAGS, dir_fd=key_fd)
     except FileNotFoundError:
         raise BackupNotFound(location.relative_key) from None
-    if stat.S_ISLNK(mode):
-        raise SymlinkRefused(location.relative_key)
-    if not stat.S_ISREG(mode):
-        raise BackupNotFound(location.relative_key)
     try:
-        # unlink is the linearization point: of concurrent deletes exactly one gets here.
-        # It never follows a link, so a file swapped for a symlink after the stat only
-        # loses the link itself.
-        os.unlink(name, dir_fd=key_fd)
-    except FileNotFoundError:
-        raise BackupNotFound(location.relative_key) from None
+        st = os.fstat(handle)
+        if stat.S_ISLNK(st.st_mode):
+            raise SymlinkRefused(location.relative_key)
+        if not stat.S_ISREG(st.st_mode):
+            raise BackupNotFound(location.relative_key)
+        try:
+            # unlink is the linearization point: of concurrent deletes exactly one gets here.
+            os.unlink(name, dir_fd=key_fd)
+        except FileNotFoundError:
+            raise BackupNotFound(location.relative_key) from None
+        if os.fstat(handle).st_nlink != st.st_nlink - 1:
+            # The name was swapped (for a symlink, another file) between the check and the
+            # unlink: what went was not this backup, which survives elsewhere. Not a 200,
+            # and its sidecar stays.
+            log.warning("backup at %s was swapped while being deleted", location.relative_key)
+            raise SymlinkRefused(location.relative_key)
+    finally:
+        os.close(handle)
     try:
         os.unlink(name + SIDECAR_SUFFIX, dir_fd=key_fd)
     except FileNotFoundError:
