@@ -60,6 +60,10 @@ _UNAVAILABLE = (
 )
 
 
+async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
+    return None
+
+
 class PostgresDirectory(Directory):
     def __init__(self, config: PostgresDirectoryConfig) -> None:
         assert config.dsn is not None and config.owner_organization_id is not None
@@ -79,6 +83,11 @@ class PostgresDirectory(Directory):
             timeout=self._timeout,  # connect
             command_timeout=self._timeout + 0.5,  # the client's own bound, past the server's
             max_inactive_connection_lifetime=60,
+            # asyncpg's default reset on release is a round trip of its own (advisory
+            # unlocks, CLOSE ALL, UNLISTEN, RESET ALL) on every lookup: these connections
+            # only ever run read-only SELECTs and change no session state, so there is
+            # nothing to reset (an open transaction would still be rolled back).
+            reset=_nothing_to_reset,
             server_settings={
                 "application_name": "backup-gateway",
                 "statement_timeout": str(int(self._timeout * 1000)),
