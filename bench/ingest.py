@@ -36,6 +36,7 @@ import run as bench
 
 sys.path.insert(0, str(bench.REPO))
 from gateway.identity.appliance import new_secret
+from storage_backends.local import ROOT_MARKER, mark_root
 
 LUA = bench.REPO / "bench" / "upload.lua"
 
@@ -85,7 +86,7 @@ def start_gateway(work: Path, root: Path, directory: dict[str, Any]) -> tuple[An
     data["logging"] = {"level": "WARNING", "access_log": False}
     config.write_text(yaml.safe_dump(data))
     (work / "directory.yaml").write_text(yaml.safe_dump(directory))
-    root.mkdir(parents=True, exist_ok=True)
+    mark_root(root, only_if_in_use=False)  # a new, empty root: marked as in use
     server = bench.Process(
         [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
     )
@@ -179,7 +180,7 @@ def main() -> int:
                     dd.append(dd_seconds(root, size // 1024**2))
                     up.append(ingest_seconds(port, headers[0], size))
                     for path in root.rglob("*"):
-                        if path.is_file():
+                        if path.is_file() and path.name != ROOT_MARKER:
                             path.unlink()
                 if spy is not None:
                     spy.wait(30)
@@ -238,7 +239,10 @@ def main() -> int:
             if many["non2xx"]:
                 failures.append(f"{many['non2xx']} uploads were not 201")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print("kept", work)
     for failure in failures:
         print("FAIL:", failure)
     return 1 if failures else 0

@@ -44,7 +44,13 @@ from ..base import (
     SystemFolder,
     UploadBody,
 )
-from ..errors import BackupNotFound, DeleteOutcomeUnknown, StorageError, StorageUnavailable
+from ..errors import (
+    BackupNotFound,
+    DeleteOutcomeUnknown,
+    StorageError,
+    StorageUnavailable,
+    UploadIncomplete,
+)
 from .fs import (
     UNMARKED,
     SymlinkRefused,
@@ -366,7 +372,9 @@ class LocalBackupStore(BackupStore):
             sha256 = await self._write_step(upload.finish)
         except BaseException as exc:
             self._discard_later(upload, writing)
-            if isinstance(exc, StorageError):
+            if isinstance(exc, UploadIncomplete):  # the client's doing: not a storage problem
+                log.info("local upload of %s stopped: %s", backup.location.relative_key, exc)
+            elif isinstance(exc, StorageError):
                 log.warning("local upload of %s failed: %s", backup.location.relative_key, exc)
             raise
         return _StagedLocal(self, upload, backup.info(sha256))
