@@ -259,6 +259,9 @@ async def test_repeated_failures_from_one_address_are_throttled(
     assert body["message"] == "too many failed authentication attempts"
     assert 1 <= int(resp.headers["Retry-After"]) <= 60
     assert backups_of(local_harness) == []
+    # another appliance behind the same address is not held up by those failures
+    other = await upload(client, b"x", key="KEY-C1B", secret=APPLIANCE_SECRETS["sys_c1b"])
+    assert other[0].status == 201
 
 
 async def test_unknown_keys_cost_what_wrong_secrets_cost(local_gateway: TestClient) -> None:

@@ -7,7 +7,8 @@ service share one count; without Redis (or while it cannot answer) each process 
 for itself. A refused upload counts too, as the platform's does: a caller that ignores
 `Retry-After` stays refused until the window turns.
 
-Failed appliance logins are counted per client address and minute, in this process.
+Failed appliance logins are counted per client address, key named and minute, in this
+process.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class UploadRates:
 
 
 class FailedLogins:
-    """Failed appliance logins per client address and minute; past the limit, 429."""
+    """Failed appliance logins per attempt key (address and system key) and minute; past
+    the limit, 429."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._limit = per_minute
@@ -110,7 +112,7 @@ class FailedLogins:
             self._failures = {}
 
     def retry_after(self, address: str) -> int | None:
-        """None when this address may try; else the seconds until it may again."""
+        """None when this attempt key may try; else the seconds until it may again."""
         if not self._limit:
             return None
         self._turn()

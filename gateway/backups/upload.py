@@ -127,14 +127,16 @@ async def _continue(request: web.Request) -> None:
 async def _appliance(request: web.Request) -> System:
     """The live, registered, unsuspended system whose credentials these are (401 else)."""
     app = request.app
-    peer = request.remote or ""
+    credentials = basic_credentials(request)
+    # Failures count per client address and key named: guessing one system's secret is
+    # braked, while appliances behind one proxy address keep their own counts.
+    attempt = f"{request.remote or ''} {credentials.system_key if credentials else ''}"
     failures = app[FAILED_LOGINS]
-    wait = failures.retry_after(peer)
+    wait = failures.retry_after(attempt)
     if wait is not None:
         raise ApiError(
             429, "too many failed authentication attempts", None, {"Retry-After": str(wait)}
         )
-    credentials = basic_credentials(request)
     system = None
     if credentials is not None:
         try:
@@ -148,7 +150,7 @@ async def _appliance(request: web.Request) -> System:
         credentials.secret if credentials else "",
     )
     if not matches or system is None or system.deleted or system.suspended:
-        failures.failed(peer)
+        failures.failed(attempt)
         raise ApiError(401, "invalid system credentials", None, CHALLENGE)
     return system
 
