@@ -94,7 +94,7 @@ class RetentionConfig:
     redis_db: int = 1
     # a body must arrive within request_timeout_seconds plus its size at this rate
     min_rate_bytes_per_second: int = 65536
-    # failed appliance logins per client address and minute before a 429
+    # failed appliance logins per client address and system key, a minute, before a 429
     failed_logins_per_minute: int = 20
 
 
