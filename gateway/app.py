@@ -95,7 +95,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    """The platform's Redis, when configured: revocations and the usage counter."""
+    """The platform's Redis, when configured: revocations, the usage counter, upload rates
+    and retention locks."""
     config = app[CONFIG]
     url = config.redis.url
     revocation = config.auth.revocation
@@ -109,16 +110,16 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         counter.export_metrics(app[METRICS])
         app[USAGE_COUNTER] = counter
     retention = config.storage.retention
-    # the platform's rate keys and retention locks: shared across processes through Redis
+    # the platform's rate keys and retention locks, shared across processes through Redis:
+    # one client (and pool) for both
+    uploads_db = redis_client(url, retention.redis_db) if url else None
     app[UPLOAD_RATES] = UploadRates(
-        retention.uploads_per_minute,
-        retention.uploads_per_hour,
-        redis_client(url, retention.redis_db) if url else None,
+        retention.uploads_per_minute, retention.uploads_per_hour, uploads_db
     )
-    app[RETENTION] = Retention(retention, redis_client(url, retention.redis_db) if url else None)
+    app[RETENTION] = Retention(retention, uploads_db)
     yield
-    await app[UPLOAD_RATES].close()
-    await app[RETENTION].close()
+    if uploads_db is not None:
+        await uploads_db.aclose()
     if REVOCATION in app:
         await app[REVOCATION].close()
     if USAGE_COUNTER in app:

@@ -90,10 +90,6 @@ class UploadRates:
             self._local[key] = counts[name] = self._local.get(key, 0) + 1
         return counts
 
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-
 
 class FailedLogins:
     """Failed appliance logins per attempt key (address and system key) and minute; past

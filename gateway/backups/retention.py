@@ -109,7 +109,3 @@ class Retention:
                     return
                 count -= 1
                 total -= oldest.size
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()

@@ -11,10 +11,10 @@ never sends it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -216,13 +216,9 @@ async def _store(request: web.Request, system: System, size: int) -> BackupInfo:
     committed = False
     try:
         async with asyncio.timeout(seconds):
-            staged = await run_storage(
-                request,
-                "upload",
-                _stage,
-                (store, backup, _RequestBody(request, size)),
-                "store backup",
-            )
+            stage = functools.partial(store.stage_upload, backup)
+            body = _RequestBody(request, size)
+            staged = await run_storage(request, "upload", stage, body, "store backup")
             if _more_bytes_follow(request):
                 raise storage_error(UploadIncomplete("more bytes than announced"), "store backup")
             await run_storage(request, "commit", _commit, staged, "store backup")
@@ -236,12 +232,6 @@ async def _store(request: web.Request, system: System, size: int) -> BackupInfo:
             task = asyncio.ensure_future(staged.discard())
             _DISCARDING.add(task)
             task.add_done_callback(_DISCARDING.discard)
-
-
-async def _stage(args: tuple[Any, NewBackup, _RequestBody]) -> StagedBackup:
-    store, backup, body = args
-    staged: StagedBackup = await store.stage_upload(backup, body)
-    return staged
 
 
 async def _commit(staged: StagedBackup) -> None:
