@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -425,3 +426,22 @@ def stop_process(
 
 def replace_storage(config: Config, **changes: Any) -> Config:
     return dataclasses.replace(config, storage=dataclasses.replace(config.storage, **changes))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str = "size=4m") -> Iterator[Path]:
+    """A real tmpfs mounted at `path` for the test (needs root: the test is skipped, with
+    the reason, where it cannot be mounted); unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {done.stderr.strip()[:120]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)

@@ -292,20 +292,12 @@ def test_a_case_sensitive_root_is_served(tmp_path: Path) -> None:
 def test_a_root_that_folds_case_is_refused_with_one_line_and_exit_2(tmp_path: Path) -> None:
     """Needs a case-insensitive filesystem: a casefolded tmpfs (Linux >= 6.13 with
     CONFIG_UNICODE, as root). Where the machine has none, skipped with the reason."""
-    import subprocess as sp
+    from .support import mounted_tmpfs
 
-    mount = tmp_path / "folding"
-    mount.mkdir()
-    done = sp.run(
-        ["mount", "-t", "tmpfs", "-o", "casefold,size=4m", "tmpfs", str(mount)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"no case-insensitive filesystem here: {done.stderr.strip()[:120]}")
-    try:
+    with mounted_tmpfs(tmp_path / "folding", "casefold,size=4m") as mount:
         root = mount / "backups"
         root.mkdir()
-        if sp.run(["chattr", "+F", str(root)], check=False).returncode != 0:
+        if subprocess.run(["chattr", "+F", str(root)], check=False).returncode != 0:
             pytest.skip("this tmpfs does not fold case")
         config = write_config(
             tmp_path, 0, storage={"backend": "local", "local": {"root": str(root)}}
@@ -314,5 +306,3 @@ def test_a_root_that_folds_case_is_refused_with_one_line_and_exit_2(tmp_path: Pa
         assert result.returncode == 2
         assert result.stderr.strip().count("\n") == 0
         assert "storage.local.root" in result.stderr and "case-insensitively" in result.stderr
-    finally:
-        sp.run(["umount", "-l", str(mount)], check=False)

@@ -217,33 +217,33 @@ def test_init_root_marks_a_new_volume_and_an_old_root_is_adopted(tmp_path: Path)
 def test_an_unmounted_volume_makes_deletes_502_and_the_gateway_unready(tmp_path: Path) -> None:
     import subprocess
 
-    from .support import free_port, http, serve_gateway, stop_process, wait_for_port, write_config
+    from .support import (
+        free_port,
+        http,
+        mounted_tmpfs,
+        serve_gateway,
+        stop_process,
+        wait_for_port,
+        write_config,
+    )
 
-    root = tmp_path / "backups"
-    root.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:120]}")
-    harness = LocalHarness(root)  # marks the volume
-    bid = new_backup_id()
-    harness.put(location_for("org_c1", bid))
-    port = free_port()
-    config = write_config(tmp_path, port, harness.storage())
-    proc = serve_gateway(config)
-    try:
-        wait_for_port(port, proc=proc)
-        assert http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200
-        subprocess.run(["umount", "-l", str(root)], check=True)  # the volume goes away
-        url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
-        status, body = http("DELETE", url, token_for("org_c1"))
-        assert (status, body["message"]) == (502, "failed to delete backup")
-        assert http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 503
-    finally:
-        subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
-        stop_process(proc)
+    with mounted_tmpfs(tmp_path / "backups") as root:
+        harness = LocalHarness(root)  # marks the volume
+        bid = new_backup_id()
+        harness.put(location_for("org_c1", bid))
+        port = free_port()
+        config = write_config(tmp_path, port, harness.storage())
+        proc = serve_gateway(config)
+        try:
+            wait_for_port(port, proc=proc)
+            assert http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200
+            subprocess.run(["umount", "-l", str(root)], check=True)  # the volume goes away
+            url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
+            status, body = http("DELETE", url, token_for("org_c1"))
+            assert (status, body["message"]) == (502, "failed to delete backup")
+            assert http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 503
+        finally:
+            stop_process(proc)
 
 
 def test_a_backup_swapped_for_a_symlink_mid_delete_is_404_with_its_sidecar(

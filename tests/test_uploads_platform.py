@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from .support import (
     LocalHarness,
     S3Harness,
     free_port,
+    mounted_tmpfs,
     serve_gateway,
     stop_process,
     wait_for_port,
@@ -114,27 +114,11 @@ async def test_a_retention_lock_held_elsewhere_is_waited_for(
 # --------------------------------------------------------------------------- full disk
 
 
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @pytest.mark.parametrize("io", ["process", "inline"])
 async def test_a_full_disk_is_507_and_leaves_nothing(
     start_gateway: StartGateway, tmp_path: Path, io: str
 ) -> None:
-    with small_disk(tmp_path / "small") as root:
+    with mounted_tmpfs(tmp_path / "small", "size=1m") as root:
         harness = LocalHarness(root, io=io)
         client = await start_gateway(harness.storage())
         resp, body = await upload(client, b"x" * 300_000)  # fits
