@@ -204,6 +204,13 @@ class PlatformDatabase:
         finally:
             await connection.close()
 
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        connection = await _connect(self.server.dsn(self.name, "postgres"))
+        try:
+            return await connection.fetchval(query, *args)
+        finally:
+            await connection.close()
+
     async def load(self, directory: dict[str, Any]) -> None:
         connection = await _connect(self.server.dsn(self.name, "postgres"))
         try:

@@ -22,6 +22,7 @@ from .conftest import StartGateway, postgres_directory
 from .servers import PlatformDatabase, PostgresServer, RedisServer, TcpRelay
 from .support import (
     DIRECTORY,
+    ORGANIZATIONS,
     SECRET,
     LocalHarness,
     bearer,
@@ -31,10 +32,12 @@ from .support import (
     location_for,
     new_backup_id,
     serve_gateway,
+    system_id_of,
     token_for,
     wait_for_port,
     write_config,
 )
+from .test_uploads import backups_of, upload
 
 # --------------------------------------------------------------------------- PostgreSQL
 
@@ -180,6 +183,9 @@ async def test_a_slow_database_is_503_within_a_bound_then_recovers(
 async def test_an_exhausted_pool_is_503_not_a_hang(
     start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
 ) -> None:
+    # The pool's one connection is held by the deletes' system lookup (the table locked);
+    # the appliance's upload needs another lookup (by key): it waits for the pool, then for
+    # the lock, and every answer is 503 within the bound, nothing deleted or stored.
     client = await pg_gateway(
         start_gateway,
         local_harness,
@@ -188,16 +194,63 @@ async def test_an_exhausted_pool_is_503_not_a_hang(
         pool_size=1,
         statement_timeout_seconds=0.5,
     )
-    ids = [new_backup_id() for _ in range(5)]
-    for bid in ids:
-        local_harness.put(location_for("org_c1", bid))
+    backups = {org: new_backup_id() for org in ("org_c1", "org_c2", "org_r1", "org_d1")}
+    for org, bid in backups.items():
+        local_harness.put(location_for(org, bid))
     async with platform_db.locked("systems"):
         started = time.monotonic()
-        answers = await asyncio.gather(*(delete_as(client, bid) for bid in ids))
+        deletes = [
+            client.delete(
+                f"/api/systems/{system_id_of(org)}/backups/{bid}",
+                headers=bearer(token_for("org_owner")),
+            )
+            for org, bid in backups.items()
+        ]
+        *answers, (uploaded, body) = await asyncio.gather(*deletes, upload(client, b"backup"))
         elapsed = time.monotonic() - started
-    assert [r.status for r in answers] == [503] * 5
+    assert [r.status for r in answers] == [503] * 4
+    assert {(await r.json())["message"] for r in answers} == {"directory unavailable"}
+    assert (uploaded.status, body["message"]) == (503, "directory unavailable")
     assert elapsed < 3.0, elapsed
-    assert all(local_harness.exists(location_for("org_c1", b)) for b in ids)
+    assert all(local_harness.exists(location_for(o, b)) for o, b in backups.items())
+    assert backups_of(local_harness) == [backups["org_c1"]]  # and nothing uploaded
+
+
+async def test_concurrent_cold_lookups_ride_one_query_and_each_gets_its_own_answer(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    # Every live system at once, nothing cached, a pool of four: one query asks for all of
+    # them (the pool is not a queue of one lookup per connection), and each request is
+    # answered for its own system.
+    client = await pg_gateway(
+        start_gateway, local_harness, platform_db, cache_seconds=0, pool_size=4
+    )
+    live = [o["id"] for o in ORGANIZATIONS if not o.get("deleted") and o["role"] != "owner"]
+    backups = {org: new_backup_id() for org in live}
+    for org, bid in backups.items():
+        local_harness.put(location_for(org, bid))
+    waiting = """SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = $1 AND application_name = 'backup-gateway'
+                    AND wait_event_type = 'Lock'"""
+    async with platform_db.locked("systems"):
+        answers = asyncio.gather(
+            *(
+                client.delete(
+                    f"/api/systems/{system_id_of(org)}/backups/{bid}",
+                    headers=bearer(token_for("org_owner")),
+                )
+                for org, bid in backups.items()
+            )
+        )
+        deadline = time.monotonic() + 5
+        while await platform_db.fetchval(waiting, platform_db.name) == 0:
+            assert time.monotonic() < deadline, "no lookup reached the database"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # the other requests' lookups have been asked by now
+        assert await platform_db.fetchval(waiting, platform_db.name) == 1
+    statuses = [r.status for r in await answers]
+    assert statuses == [200] * len(backups)
+    assert not any(local_harness.exists(location_for(o, b)) for o, b in backups.items())
 
 
 async def test_a_database_that_goes_away_is_503_and_unready_then_recovers(

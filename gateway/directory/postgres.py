@@ -20,36 +20,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from ..config import PostgresDirectoryConfig
 from .base import SAFE_COMPONENT, Directory, DirectoryUnavailable, Organization, System
+from .batching import BatchedLookup
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 
+# Each query answers many lookups at once (batching.py): its parameter is a text[] of them.
 _SYSTEM = """
-SELECT s.id, s.organization_id,
+SELECT s.id, s.organization_id, s.system_key AS raw_key,
        CASE WHEN s.registered_at IS NOT NULL THEN s.system_key END AS system_key,
        s.deleted_at IS NOT NULL AS deleted,
        s.suspended_at IS NOT NULL AS suspended,
        s.system_secret_public, s.system_secret_sha256
   FROM systems s
 """
-_SYSTEM_BY_ID = _SYSTEM + " WHERE s.id = $1"
+_SYSTEMS_BY_ID = _SYSTEM + " WHERE s.id = ANY($1::text[])"
 # the unique partial index on system_key (WHERE system_key IS NOT NULL)
-_SYSTEM_BY_KEY = _SYSTEM + " WHERE s.system_key = $1 AND s.registered_at IS NOT NULL"
+_SYSTEMS_BY_KEY = _SYSTEM + " WHERE s.system_key = ANY($1::text[]) AND s.registered_at IS NOT NULL"
 # One row per live organization with that logto_id; more than one is a data error.
-_ORGANIZATION = """
-SELECT 'distributor' AS role, custom_data->>'createdBy' AS parent
-  FROM distributors WHERE logto_id = $1 AND deleted_at IS NULL
+_ORGANIZATIONS = """
+SELECT logto_id, 'distributor' AS role, custom_data->>'createdBy' AS parent
+  FROM distributors WHERE logto_id = ANY($1::text[]) AND deleted_at IS NULL
 UNION ALL
-SELECT 'reseller', custom_data->>'createdBy'
-  FROM resellers WHERE logto_id = $1 AND deleted_at IS NULL
+SELECT logto_id, 'reseller', custom_data->>'createdBy'
+  FROM resellers WHERE logto_id = ANY($1::text[]) AND deleted_at IS NULL
 UNION ALL
-SELECT 'customer', custom_data->>'createdBy'
-  FROM customers WHERE logto_id = $1 AND deleted_at IS NULL
+SELECT logto_id, 'customer', custom_data->>'createdBy'
+  FROM customers WHERE logto_id = ANY($1::text[]) AND deleted_at IS NULL
 """
 _UNAVAILABLE = (
     asyncpg.PostgresError,
@@ -72,6 +75,11 @@ class PostgresDirectory(Directory):
         # the pool waits this long for a connection, a query this long for its answer
         self._timeout = config.statement_timeout_seconds
         self._pool: asyncpg.Pool | None = None
+        # as many queries in flight as the pool has connections; the rest wait together
+        in_flight = config.pool_size
+        self._systems = BatchedLookup(self._systems_by_id, in_flight)
+        self._keys = BatchedLookup(self._systems_by_key, in_flight)
+        self._organizations = BatchedLookup(self._organizations_by_id, in_flight)
 
     async def start(self) -> None:
         # min_size=0: start-up never connects; a database that is down makes the
@@ -117,55 +125,74 @@ class PostgresDirectory(Directory):
     async def system(self, system_id: str) -> System | None:
         if not SAFE_COMPONENT.fullmatch(system_id):
             return None  # no such id can exist; nothing to ask
-        return self._system(await self._fetch(_SYSTEM_BY_ID, system_id))
+        return await self._one(self._systems, system_id)
 
     async def system_by_key(self, system_key: str) -> System | None:
         if not SAFE_COMPONENT.fullmatch(system_key):
             return None  # never a folder name: no backups can be stored under it
-        return self._system(await self._fetch(_SYSTEM_BY_KEY, system_key))
-
-    def _system(self, rows: list[asyncpg.Record]) -> System | None:
-        if not rows:
-            return None
-        row = rows[0]
-        system_id = row["id"]
-        org_id, key = row["organization_id"], row["system_key"]
-        unsafe = [
-            name
-            for name, value in (("organization_id", org_id), ("system_key", key))
-            if value is not None and not SAFE_COMPONENT.fullmatch(value)
-        ]
-        if unsafe:
-            log.error(
-                "system %s refused: its %s is not a safe path component", system_id, unsafe[0]
-            )
-            return None
-        return System(
-            id=row["id"],
-            organization_id=org_id,
-            system_key=key,
-            deleted=row["deleted"],
-            suspended=row["suspended"],
-            secret_public=row["system_secret_public"],
-            secret_sha256=row["system_secret_sha256"],
-        )
+        return await self._one(self._keys, system_key)
 
     async def organization(self, organization_id: str) -> Organization | None:
         if organization_id == self._owner.id:
             return self._owner
         if not SAFE_COMPONENT.fullmatch(organization_id):
             return None
-        rows = await self._fetch(_ORGANIZATION, organization_id)
-        if len(rows) != 1:
-            if rows:
+        return await self._one(self._organizations, organization_id)
+
+    async def _one(self, lookup: BatchedLookup[V], key: str) -> V | None:
+        try:
+            # the wait for a query to join is bounded too, not only the query itself
+            async with asyncio.timeout(2 * (self._timeout + 1)):
+                return await lookup.get(key)
+        except TimeoutError:
+            raise DirectoryUnavailable("postgres: no answer within the bound") from None
+
+    async def _systems_by_id(self, ids: list[str]) -> dict[str, System]:
+        rows = await self._fetch(_SYSTEMS_BY_ID, ids)
+        return {system.id: system for system in map(_system, rows) if system is not None}
+
+    async def _systems_by_key(self, keys: list[str]) -> dict[str, System]:
+        rows = await self._fetch(_SYSTEMS_BY_KEY, keys)
+        return {row["raw_key"]: system for row in rows if (system := _system(row)) is not None}
+
+    async def _organizations_by_id(self, ids: list[str]) -> dict[str, Organization]:
+        live: dict[str, list[asyncpg.Record]] = {}
+        for row in await self._fetch(_ORGANIZATIONS, ids):
+            live.setdefault(row["logto_id"], []).append(row)
+        found = {}
+        for organization_id, rows in live.items():
+            if len(rows) > 1:
                 log.error(
                     "organization %s refused: live in %d organization tables",
                     organization_id,
                     len(rows),
                 )
-            return None
-        parent = rows[0]["parent"]
-        return Organization(id=organization_id, role=rows[0]["role"], parent=parent)
+                continue
+            role, parent = rows[0]["role"], rows[0]["parent"]
+            found[organization_id] = Organization(id=organization_id, role=role, parent=parent)
+        return found
 
     async def check_ready(self) -> None:
         await self._fetch("SELECT 1")
+
+
+def _system(row: asyncpg.Record) -> System | None:
+    system_id = row["id"]
+    org_id, key = row["organization_id"], row["system_key"]
+    unsafe = [
+        name
+        for name, value in (("organization_id", org_id), ("system_key", key))
+        if value is not None and not SAFE_COMPONENT.fullmatch(value)
+    ]
+    if unsafe:
+        log.error("system %s refused: its %s is not a safe path component", system_id, unsafe[0])
+        return None
+    return System(
+        id=system_id,
+        organization_id=org_id,
+        system_key=key,
+        deleted=row["deleted"],
+        suspended=row["suspended"],
+        secret_public=row["system_secret_public"],
+        secret_sha256=row["system_secret_sha256"],
+    )
