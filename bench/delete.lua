@@ -26,6 +26,14 @@ function init(args)
   wrk.method = "DELETE"
 end
 
+-- PACE_MS set: wait a random 0..2*PACE_MS before each request (an offered load, not a flood)
+local pace = tonumber(os.getenv("PACE_MS") or "")
+if pace ~= nil then
+  function delay()
+    return math.random(0, 2 * pace)
+  end
+end
+
 function request()
   local path = paths[next_index]
   if path == nil then

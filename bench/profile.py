@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile.py [--seconds 8] [--concurrency 64] [--process io]
     .venv/bin/python bench/profile.py --backend s3      # deletes on SeaweedFS
+    .venv/bin/python bench/profile.py --directory postgres-cold   # every lookup asked
 
 `--process io` samples the local I/O process instead of the gateway's event loop.
 
@@ -18,8 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import run as bench
 
 
@@ -36,6 +39,12 @@ def main() -> None:
         help="sample the gateway's event loop, or its local I/O process",
     )
     parser.add_argument("--backend", choices=["local", "s3"], default="local")
+    parser.add_argument(
+        "--directory",
+        choices=["file", "postgres-cold"],
+        default="file",
+        help="postgres-cold: the tests' PostgreSQL as the directory, cache_seconds 0",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
     port = bench.free_port()
@@ -55,6 +64,14 @@ def main() -> None:
     text = config.read_text().replace("level: INFO", f"level: {args.log_level}")
     config.write_text(text)
     bench.seed(config, bench.SYSTEMS, backups, work / "ids.txt")
+    servers: list[Any] = []
+    if args.directory == "postgres-cold":
+        from platform_rows import use_platform
+
+        from tests.servers import PostgresServer, RedisServer
+
+        servers += [PostgresServer(), RedisServer()]
+        use_platform(work, servers[0], servers[1], {"postgres": {"cache_seconds": 0}})
     server = bench.Process(
         [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
     )
@@ -90,8 +107,9 @@ def main() -> None:
     )
     spy.wait()
     server.stop()
-    if weed is not None:
-        weed.stop()
+    for s in [weed, *servers]:
+        if s is not None:
+            s.stop()
     print(f"{result['requests'] / result['seconds']:.0f} req/s, p99 {result['p99_ms']:.1f} ms")
     self_time: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()

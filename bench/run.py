@@ -176,9 +176,20 @@ def peak_rss_mb(pid: int) -> float:
 # --------------------------------------------------------------------------- load
 
 
-def run_wrk(port: int, ids: Path, token: str, concurrency: int, seconds: float) -> dict[str, Any]:
+def run_wrk(
+    port: int,
+    ids: Path,
+    token: str,
+    concurrency: int,
+    seconds: float,
+    pace_ms: float | None = None,
+) -> dict[str, Any]:
+    """`pace_ms`: each connection waits a random 0..2*pace_ms before each request (delete.lua),
+    an offered load of about concurrency / pace_ms instead of as fast as answers come."""
     threads = 1 if concurrency < 2 else 2
     env = {**os.environ, "IDS_FILE": str(ids), "TOKEN": token, "THREADS": str(threads)}
+    if pace_ms is not None:
+        env["PACE_MS"] = str(pace_ms)
     out = subprocess.run(
         [
             "wrk",
@@ -251,9 +262,19 @@ async def _builtin(port: int, ids: Path, token: str, concurrency: int, seconds: 
     }
 
 
-def run_load(port: int, ids: Path, token: str, concurrency: int, seconds: float, tool: str):
+def run_load(
+    port: int,
+    ids: Path,
+    token: str,
+    concurrency: int,
+    seconds: float,
+    tool: str,
+    pace_ms: float | None = None,
+):
     if tool == "wrk":
-        return run_wrk(port, ids, token, concurrency, seconds)
+        return run_wrk(port, ids, token, concurrency, seconds, pace_ms)
+    if pace_ms is not None:
+        raise SystemExit("paced load needs wrk")
     return asyncio.run(_builtin(port, ids, token, concurrency, seconds))
 
 
@@ -452,6 +473,7 @@ def row_gateway(
     backups: int,
     count: Any,
     after_seed: Any = None,
+    pace_ms: float | None = None,
 ) -> Row:
     port = free_port()
     config = gateway_config(work, port, storage)
@@ -474,7 +496,7 @@ def row_gateway(
         time.sleep(0.5 if workers > 1 else 0)
         token = owner_token(config)
         meter = CpuMeter.start(server.proc.pid)
-        result = run_load(port, ids, token, c, seconds, tool)
+        result = run_load(port, ids, token, c, seconds, tool, pace_ms)
         cpu = meter.stop(result["requests"])
     finally:
         rss = server.stop()
