@@ -155,6 +155,61 @@ async def test_hostile_system_ids_are_404_never_500(
     assert count == "SELECT 18"  # the table is intact
 
 
+@pytest.mark.parametrize(
+    ("colliding_row", "refused"),
+    [
+        # another system whose key is sys_c1's but for case: both refused
+        (
+            "INSERT INTO systems (id, name, organization_id, system_key, registered_at)"
+            " VALUES ('sys_twin', 'twin', 'org_c2', 'key-c1', now())",
+            "system_key",
+        ),
+        # another organization (deleted, in another table) whose logto_id is org_c1's but for
+        # case: every system of org_c1 refused
+        (
+            "INSERT INTO resellers (id, logto_id, name, custom_data, deleted_at)"
+            " VALUES ('row-twin', 'ORG_C1', 'twin', '{}', now())",
+            "organization_id",
+        ),
+    ],
+)
+async def test_a_system_whose_folders_collide_in_case_is_never_served(
+    start_gateway: StartGateway,
+    local_harness: LocalHarness,
+    platform_db: PlatformDatabase,
+    caplog: pytest.LogCaptureFixture,
+    colliding_row: str,
+    refused: str,
+) -> None:
+    # On a case-insensitive disk the two would share a folder: one tenant's caller would
+    # reach the other's backups (hostile input #6). Neither is served: 404, logged.
+    client = await pg_gateway(start_gateway, local_harness, platform_db, cache_seconds=0)
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    assert (
+        await client.get("/api/systems/sys_c1/backups", headers=bearer(token_for("org_c1")))
+    ).status == 200
+    await platform_db.execute(colliding_row)
+    for caller in ("org_c1", "org_owner"):
+        resp = await client.delete(
+            f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token_for(caller))
+        )
+        assert (resp.status, (await resp.json())["message"]) == (404, "system not found")
+    uploaded, _ = await upload(client, b"not into a shared folder")
+    assert uploaded.status == 401
+    if refused == "system_key":
+        twin = await client.get(
+            "/api/systems/sys_twin/backups", headers=bearer(token_for("org_owner"))
+        )
+        assert twin.status == 404
+    assert local_harness.exists(location_for("org_c1", bid))
+    assert backups_of(local_harness) == [bid]
+    assert f"system sys_c1 refused: its {refused} differs from another only in case" in caplog.text
+    await platform_db.execute("DELETE FROM systems WHERE id = 'sys_twin'")
+    await platform_db.execute("DELETE FROM resellers WHERE id = 'row-twin'")
+    assert (await delete_as(client, bid)).status == 200  # served again once it is unique
+
+
 async def test_a_slow_database_is_503_within_a_bound_then_recovers(
     start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
 ) -> None:

@@ -32,17 +32,44 @@ log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 # Each query answers many lookups at once (batching.py): its parameter is a text[] of them.
-_SYSTEM = """
-SELECT s.id, s.organization_id, s.system_key AS raw_key,
-       CASE WHEN s.registered_at IS NOT NULL THEN s.system_key END AS system_key,
-       s.deleted_at IS NOT NULL AS deleted,
-       s.suspended_at IS NOT NULL AS suspended,
-       s.system_secret_public, s.system_secret_sha256
-  FROM systems s
+# A system is served only if its folder names are its own on a case-insensitive disk too
+# (hostile input #6): no other system's key, and no other organization's logto_id (any of
+# the three tables, deleted or not, or the Owner's, $2), equals its own but for case. The
+# platform has no index on lower(...): each query scans those columns once for its batch.
+_SYSTEMS = """
+WITH found AS (
+  SELECT s.id, s.organization_id, s.system_key AS raw_key,
+         CASE WHEN s.registered_at IS NOT NULL THEN s.system_key END AS system_key,
+         s.deleted_at IS NOT NULL AS deleted,
+         s.suspended_at IS NOT NULL AS suspended,
+         s.system_secret_public, s.system_secret_sha256
+    FROM systems s
+   WHERE {where}
+),
+keys_in_case AS (
+  SELECT lower(system_key) AS folded
+    FROM systems
+   WHERE lower(system_key) IN (SELECT lower(raw_key) FROM found)
+   GROUP BY 1 HAVING count(DISTINCT system_key) > 1
+),
+organizations_in_case AS (
+  SELECT lower(logto_id) AS folded
+    FROM (SELECT logto_id FROM distributors UNION SELECT logto_id FROM resellers
+          UNION SELECT logto_id FROM customers UNION SELECT $2::text) AS o(logto_id)
+   WHERE lower(logto_id) IN (SELECT lower(organization_id) FROM found)
+   GROUP BY 1 HAVING count(DISTINCT logto_id) > 1
+)
+SELECT found.*,
+       lower(raw_key) IN (SELECT folded FROM keys_in_case) AS key_in_case,
+       lower(organization_id) IN (SELECT folded FROM organizations_in_case)
+         AS organization_in_case
+  FROM found
 """
-_SYSTEMS_BY_ID = _SYSTEM + " WHERE s.id = ANY($1::text[])"
+_SYSTEMS_BY_ID = _SYSTEMS.format(where="s.id = ANY($1::text[])")
 # the unique partial index on system_key (WHERE system_key IS NOT NULL)
-_SYSTEMS_BY_KEY = _SYSTEM + " WHERE s.system_key = ANY($1::text[]) AND s.registered_at IS NOT NULL"
+_SYSTEMS_BY_KEY = _SYSTEMS.format(
+    where="s.system_key = ANY($1::text[]) AND s.registered_at IS NOT NULL"
+)
 # One row per live organization with that logto_id; more than one is a data error.
 _ORGANIZATIONS = """
 SELECT logto_id, 'distributor' AS role, custom_data->>'createdBy' AS parent
@@ -148,11 +175,11 @@ class PostgresDirectory(Directory):
             raise DirectoryUnavailable("postgres: no answer within the bound") from None
 
     async def _systems_by_id(self, ids: list[str]) -> dict[str, System]:
-        rows = await self._fetch(_SYSTEMS_BY_ID, ids)
+        rows = await self._fetch(_SYSTEMS_BY_ID, ids, self._owner.id)
         return {system.id: system for system in map(_system, rows) if system is not None}
 
     async def _systems_by_key(self, keys: list[str]) -> dict[str, System]:
-        rows = await self._fetch(_SYSTEMS_BY_KEY, keys)
+        rows = await self._fetch(_SYSTEMS_BY_KEY, keys, self._owner.id)
         return {row["raw_key"]: system for row in rows if (system := _system(row)) is not None}
 
     async def _organizations_by_id(self, ids: list[str]) -> dict[str, Organization]:
@@ -187,6 +214,15 @@ def _system(row: asyncpg.Record) -> System | None:
     if unsafe:
         log.error("system %s refused: its %s is not a safe path component", system_id, unsafe[0])
         return None
+    for name in ("organization", "key"):
+        if row[f"{name}_in_case"]:
+            log.error(
+                "system %s refused: its %s differs from another only in case "
+                "(one folder on a case-insensitive disk)",
+                system_id,
+                "organization_id" if name == "organization" else "system_key",
+            )
+            return None
     return System(
         id=system_id,
         organization_id=org_id,
