@@ -306,6 +306,12 @@ async def test_concurrent_cold_lookups_ride_one_query_and_each_gets_its_own_answ
     statuses = [r.status for r in await answers]
     assert statuses == [200] * len(backups)
     assert not any(local_harness.exists(location_for(o, b)) for o, b in backups.items())
+    # each request's lookup is counted and timed (the wait for the lock included)
+    metrics = await (await client.get("/metrics")).text()
+    n = len(backups)
+    assert f'gateway_directory_lookups_total{{lookup="system",outcome="found"}} {n}.0' in metrics
+    assert f'gateway_directory_lookup_duration_seconds_count{{lookup="system"}} {n}.0' in metrics
+    assert '_duration_seconds_bucket{le="0.25",lookup="system"} 0.0' in metrics
 
 
 async def test_a_database_that_goes_away_is_503_and_unready_then_recovers(

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, TypeVar
 
 import asyncpg
 
 from ..config import PostgresDirectoryConfig
+from ..telemetry.metrics import Metrics
 from .base import SAFE_COMPONENT, Directory, DirectoryUnavailable, Organization, System
 from .batching import BatchedLookup
 
@@ -102,6 +104,7 @@ class PostgresDirectory(Directory):
         # the pool waits this long for a connection, a query this long for its answer
         self._timeout = config.statement_timeout_seconds
         self._pool: asyncpg.Pool | None = None
+        self._metrics: Metrics | None = None
         # as many queries in flight as the pool has connections; the rest wait together
         in_flight = config.pool_size
         self._systems = BatchedLookup(self._systems_by_id, in_flight)
@@ -152,27 +155,40 @@ class PostgresDirectory(Directory):
     async def system(self, system_id: str) -> System | None:
         if not SAFE_COMPONENT.fullmatch(system_id):
             return None  # no such id can exist; nothing to ask
-        return await self._one(self._systems, system_id)
+        return await self._one("system", self._systems, system_id)
 
     async def system_by_key(self, system_key: str) -> System | None:
         if not SAFE_COMPONENT.fullmatch(system_key):
             return None  # never a folder name: no backups can be stored under it
-        return await self._one(self._keys, system_key)
+        return await self._one("system_by_key", self._keys, system_key)
 
     async def organization(self, organization_id: str) -> Organization | None:
         if organization_id == self._owner.id:
             return self._owner
         if not SAFE_COMPONENT.fullmatch(organization_id):
             return None
-        return await self._one(self._organizations, organization_id)
+        return await self._one("organization", self._organizations, organization_id)
 
-    async def _one(self, lookup: BatchedLookup[V], key: str) -> V | None:
+    async def _one(self, name: str, lookup: BatchedLookup[V], key: str) -> V | None:
+        started = time.perf_counter()
+        outcome = "unavailable"
         try:
             # the wait for a query to join is bounded too, not only the query itself
             async with asyncio.timeout(2 * (self._timeout + 1)):
-                return await lookup.get(key)
+                answer = await lookup.get(key)
+            outcome = "not_found" if answer is None else "found"
+            return answer
         except TimeoutError:
             raise DirectoryUnavailable("postgres: no answer within the bound") from None
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the caller went away; the query goes on for the others
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.directory_lookup(name, outcome, time.perf_counter() - started)
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     async def _systems_by_id(self, ids: list[str]) -> dict[str, System]:
         rows = await self._fetch(_SYSTEMS_BY_ID, ids, self._owner.id)

@@ -26,24 +26,36 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_BOUND_LABELS = (*map(floatToGoString, LATENCY_BUCKETS), "+Inf")  # as the library writes them
+# a directory lookup is a single query: finer at the low end, where its target lies
+LOOKUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def _bound_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*map(floatToGoString, bounds), "+Inf")  # as the library writes them
+
+
+_LATENCY_LABELS = _bound_labels(LATENCY_BUCKETS)
+_LOOKUP_LABELS = _bound_labels(LOOKUP_BUCKETS)
 
 
 class _Histogram:
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "labels", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(
+        self, bounds: tuple[float, ...] = LATENCY_BUCKETS, labels: tuple[str, ...] = _LATENCY_LABELS
+    ) -> None:
+        self.bounds, self.labels = bounds, labels
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1  # bucket bounds are inclusive
+        self.counts[bisect_left(self.bounds, value)] += 1  # bucket bounds are inclusive
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         total = 0
-        for bound, count in zip(_BOUND_LABELS, self.counts, strict=True):
+        for bound, count in zip(self.labels, self.counts, strict=True):
             total += count
             out.append((bound, total))
         return out
@@ -61,6 +73,10 @@ class Metrics:
         self._storage: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self._storage_latency: defaultdict[tuple[str, str], _Histogram] = defaultdict(_Histogram)
         self._deletes: defaultdict[str, int] = defaultdict(int)
+        self._lookups: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._lookup_latency: defaultdict[str, _Histogram] = defaultdict(
+            lambda: _Histogram(LOOKUP_BUCKETS, _LOOKUP_LABELS)
+        )
         self._outcome_labels: dict[str, str] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -72,6 +88,11 @@ class Metrics:
     def storage_operation(self, backend: str, operation: str, outcome: str, seconds: float) -> None:
         self._storage[backend, operation, outcome] += 1
         self._storage_latency[backend, operation].observe(seconds)
+
+    def directory_lookup(self, lookup: str, outcome: str, seconds: float) -> None:
+        """A lookup the directory's server was asked (a cache miss), from ask to answer."""
+        self._lookups[lookup, outcome] += 1
+        self._lookup_latency[lookup].observe(seconds)
 
     def add_reading(
         self,
@@ -137,6 +158,23 @@ class Metrics:
         for outcome, count in self._deletes.items():
             deletes.add_metric([outcome], count)
         yield deletes
+        lookups = CounterMetricFamily(
+            "gateway_directory_lookups",
+            "Lookups the directory's database was asked (cache misses)",
+            labels=["lookup", "outcome"],
+        )
+        for pair, count in self._lookups.items():
+            lookups.add_metric(list(pair), count)
+        yield lookups
+        lookup_latency = HistogramMetricFamily(
+            "gateway_directory_lookup_duration_seconds",
+            "Time from asking the directory's database to its answer, the wait to join a "
+            "query included",
+            labels=["lookup"],
+        )
+        for lookup, hist in self._lookup_latency.items():
+            lookup_latency.add_metric([lookup], hist.buckets(), hist.sum)
+        yield lookup_latency
 
 
 METRICS = web.AppKey("metrics", Metrics)
