@@ -18,6 +18,10 @@ import yaml
 from aiohttp.test_utils import TestClient
 from jose import jwt
 
+from gateway.config import PostgresDirectoryConfig
+from gateway.directory.cache import CachedDirectory
+from gateway.directory.postgres import PostgresDirectory
+
 from .conftest import StartGateway, postgres_directory
 from .servers import PlatformDatabase, PostgresServer, RedisServer, TcpRelay
 from .support import (
@@ -284,9 +288,6 @@ async def test_concurrent_cold_lookups_ride_one_query_and_each_gets_its_own_answ
     backups = {org: new_backup_id() for org in live}
     for org, bid in backups.items():
         local_harness.put(location_for(org, bid))
-    waiting = """SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = $1 AND application_name = 'backup-gateway'
-                    AND wait_event_type = 'Lock'"""
     async with platform_db.locked("systems"):
         answers = asyncio.gather(
             *(
@@ -298,11 +299,11 @@ async def test_concurrent_cold_lookups_ride_one_query_and_each_gets_its_own_answ
             )
         )
         deadline = time.monotonic() + 5
-        while await platform_db.fetchval(waiting, platform_db.name) == 0:
+        while await _waiting_queries(platform_db) == 0:
             assert time.monotonic() < deadline, "no lookup reached the database"
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)  # the other requests' lookups have been asked by now
-        assert await platform_db.fetchval(waiting, platform_db.name) == 1
+        assert await _waiting_queries(platform_db) == 1
     statuses = [r.status for r in await answers]
     assert statuses == [200] * len(backups)
     assert not any(local_harness.exists(location_for(o, b)) for o, b in backups.items())
@@ -312,6 +313,51 @@ async def test_concurrent_cold_lookups_ride_one_query_and_each_gets_its_own_answ
     assert f'gateway_directory_lookups_total{{lookup="system",outcome="found"}} {n}.0' in metrics
     assert f'gateway_directory_lookup_duration_seconds_count{{lookup="system"}} {n}.0' in metrics
     assert '_duration_seconds_bucket{le="0.25",lookup="system"} 0.0' in metrics
+
+
+async def _waiting_queries(database: PlatformDatabase) -> int:
+    return int(
+        await database.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+            " AND application_name = 'backup-gateway' AND wait_event_type = 'Lock'",
+            database.name,
+        )
+    )
+
+
+@pytest.mark.parametrize("cache_seconds", [0, 5])
+async def test_a_lookup_whose_caller_goes_away_still_answers_the_others(
+    platform_db: PlatformDatabase, cache_seconds: float
+) -> None:
+    # The directory as the gateway builds it (cache over PostgreSQL), against the real
+    # server: the first asker of a key is cancelled while its query waits on a lock; the
+    # others waiting for that key, and for another key in the same query, get their answers.
+    config = PostgresDirectoryConfig(
+        dsn=platform_db.dsn, owner_organization_id="org_owner", cache_seconds=cache_seconds
+    )
+    directory = CachedDirectory(PostgresDirectory(config), cache_seconds)
+    await directory.start()
+    try:
+        async with platform_db.locked("systems"):
+            first = asyncio.ensure_future(directory.system("sys_c1"))
+            again = asyncio.ensure_future(directory.system("sys_c1"))
+            other = asyncio.ensure_future(directory.system("sys_c2"))
+            deadline = time.monotonic() + 5
+            while await _waiting_queries(platform_db) == 0:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            first.cancel()
+            await asyncio.sleep(0.1)
+        answers = await asyncio.wait_for(asyncio.gather(again, other), 5)
+        assert [(s.id, s.organization_id) for s in answers if s is not None] == [
+            ("sys_c1", "org_c1"),
+            ("sys_c2", "org_c2"),
+        ]
+        assert first.cancelled()
+        found = await directory.system("sys_c1")
+        assert found is not None and found.id == "sys_c1"
+    finally:
+        await directory.close()
 
 
 async def test_a_database_that_goes_away_is_503_and_unready_then_recovers(

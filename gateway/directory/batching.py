@@ -24,62 +24,60 @@ AskMany = Callable[[list[str]], Awaitable[Mapping[str, V]]]
 
 
 class BatchedLookup(Generic[V]):
-    """`get(key)` answers `ask_many(keys)[key]` (None when absent), asked with other keys."""
+    """`get(key)` answers `ask_many(keys)[key]` (None when absent), asked with other keys.
+
+    Every turn of the event loop a lookup waits is a turn behind every other ready request:
+    under load that, not the query, is most of a lookup's time. So each caller waits on a
+    future of its own (set directly, no shield in between), and a batch's task collects
+    its keys and asks in the same step."""
 
     def __init__(self, ask_many: AskMany[V], queries_in_flight: int) -> None:
         self._ask_many = ask_many
         self._limit = max(1, queries_in_flight)
-        self._waiting: dict[str, asyncio.Future[V | None]] = {}
-        self._in_flight = 0
-        self._flush_scheduled = False
+        self._waiting: dict[str, list[asyncio.Future[V | None]]] = {}
+        self._in_flight = 0  # batch tasks started, collecting or asking
+        self._collecting = False  # a started batch task has not taken its keys yet
         self._queries: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     async def get(self, key: str) -> V | None:
-        answer = self._waiting.get(key)
-        if answer is None:
-            answer = asyncio.get_running_loop().create_future()
-            answer.add_done_callback(_retrieve)
-            self._waiting[key] = answer
-            self._schedule()
-        return await asyncio.shield(answer)
+        answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(answer)
+        self._start()
+        # A caller that goes away cancels its own future only; the batch goes on.
+        return await answer
 
-    def _schedule(self) -> None:
-        if self._flush_scheduled or not self._waiting or self._in_flight >= self._limit:
-            return
-        # the next turn of the loop: the lookups of every request ready in this one join
-        self._flush_scheduled = True
-        asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        while self._waiting and self._in_flight < self._limit:
-            keys = list(self._waiting)[:MAX_KEYS_PER_QUERY]
-            batch = {key: self._waiting.pop(key) for key in keys}
+    def _start(self) -> None:
+        # A new batch task only when there is room: the keys that arrive meanwhile wait for
+        # it (its first step runs at the next turn of the loop) or for the next free one.
+        if self._waiting and self._in_flight < self._limit and not self._collecting:
             self._in_flight += 1
-            query = asyncio.ensure_future(self._ask(batch))
+            self._collecting = True
+            query = asyncio.ensure_future(self._ask())
             self._queries.add(query)
             query.add_done_callback(self._queries.discard)
 
-    async def _ask(self, batch: dict[str, asyncio.Future[V | None]]) -> None:
+    async def _ask(self) -> None:
+        self._collecting = False
+        keys = list(self._waiting)[:MAX_KEYS_PER_QUERY]
+        batch = {key: self._waiting.pop(key) for key in keys}
         try:
-            answers = await self._ask_many(list(batch))
+            answers = await self._ask_many(keys)
         except BaseException as exc:  # every waiter gets the failure, even a cancellation
             failure = exc if isinstance(exc, Exception) else RuntimeError("lookup stopped")
-            for answer in batch.values():
-                if not answer.done():
-                    answer.set_exception(failure)
+            for waiter in _pending(batch):
+                waiter.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
         else:
-            for key, answer in batch.items():
-                if not answer.done():
-                    answer.set_result(answers.get(key))
+            for key, waiters in batch.items():
+                found = answers.get(key)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(found)
         finally:
             self._in_flight -= 1
-            self._schedule()
+            self._start()
 
 
-def _retrieve(answer: asyncio.Future[Any]) -> None:
-    """Mark a failure as seen: every caller of that key may have gone."""
-    if not answer.cancelled():
-        answer.exception()
+def _pending(batch: dict[str, list[asyncio.Future[Any]]]) -> list[asyncio.Future[Any]]:
+    return [w for waiters in batch.values() for w in waiters if not w.done()]

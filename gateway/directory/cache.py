@@ -2,8 +2,9 @@
 
 An answer (found or not found) is reused for at most `seconds`; past that it is asked
 again. Concurrent misses for one key share one question, so a burst of requests for a cold
-system costs one query, not one each. Failures are never cached and never hidden: the
-caller gets DirectoryUnavailable, not the previous answer.
+system costs one query, not one each; a caller that goes away mid-question does not take
+the others' answer with it. Failures are never cached and never hidden: the caller gets
+DirectoryUnavailable, not the previous answer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class _TtlCache(Generic[V]):
         self._seconds = seconds
         self._clock = clock
         self._entries: dict[str, tuple[float, V | None]] = {}  # key -> (expires, answer)
-        self._asking: dict[str, asyncio.Future[V | None]] = {}  # questions in flight
+        # questions in flight: key -> the futures of those who wait for its answer
+        self._asking: dict[str, list[asyncio.Future[V | None]]] = {}
+        self._handed_over: set[asyncio.Task[V | None]] = set()
 
     async def get(self, key: str, ask: Callable[[str], Awaitable[V | None]]) -> V | None:
         entry = self._entries.get(key)
@@ -33,32 +36,65 @@ class _TtlCache(Generic[V]):
             if entry[0] > self._clock():
                 return entry[1]
             del self._entries[key]
-        question = self._asking.get(key)
-        if question is None:
-            # Its own task: a caller that goes away does not cancel the others' question.
-            question = asyncio.ensure_future(self._ask(key, ask))
-            question.add_done_callback(_retrieve)
-            self._asking[key] = question
-        return await asyncio.shield(question)
+        waiting = self._asking.get(key)
+        if waiting is not None:
+            answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+            waiting.append(answer)
+            return await answer
+        # The first caller asks in its own task (no task of its own to start, no shield to
+        # pass: each is a turn of the loop behind every ready request, under load).
+        waiting = self._asking[key] = []
+        try:
+            return await self._ask(key, ask, waiting)
+        except asyncio.CancelledError:
+            # It went away: the question goes on, in a task, for those who wait for it.
+            if any(not w.done() for w in waiting):
+                task = asyncio.ensure_future(self._ask(key, ask, waiting))
+                self._handed_over.add(task)
+                task.add_done_callback(self._handed_over.discard)
+                task.add_done_callback(_retrieve)
+            elif self._asking.get(key) is waiting:
+                del self._asking[key]
+            raise
 
     def clear(self) -> None:
         self._entries.clear()
 
-    async def _ask(self, key: str, ask: Callable[[str], Awaitable[V | None]]) -> V | None:
+    async def _ask(
+        self,
+        key: str,
+        ask: Callable[[str], Awaitable[V | None]],
+        waiting: list[asyncio.Future[V | None]],
+    ) -> V | None:
         asked_at = self._clock()  # the age counts from when the question was asked
         try:
             answer = await ask(key)
-        finally:
-            del self._asking[key]
+        except asyncio.CancelledError:
+            raise  # still asked: get() hands the question over
+        except BaseException as exc:
+            self._done_asking(key, waiting)
+            failure = exc if isinstance(exc, Exception) else RuntimeError("lookup stopped")
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_exception(failure)
+            raise
+        self._done_asking(key, waiting)
         if self._seconds > 0:
             if len(self._entries) >= MAX_ENTRIES:
                 del self._entries[next(iter(self._entries))]  # the oldest insertion
             self._entries[key] = (asked_at + self._seconds, answer)
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(answer)
         return answer
+
+    def _done_asking(self, key: str, waiting: list[asyncio.Future[V | None]]) -> None:
+        if self._asking.get(key) is waiting:
+            del self._asking[key]
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a failed question's exception as seen: its askers may all have gone."""
+    """Mark a handed-over question's failure as seen: its askers get it themselves."""
     if not task.cancelled():
         task.exception()
 
