@@ -474,6 +474,7 @@ def row_gateway(
     count: Any,
     after_seed: Any = None,
     pace_ms: float | None = None,
+    after_load: Any = None,
 ) -> Row:
     port = free_port()
     config = gateway_config(work, port, storage)
@@ -498,6 +499,8 @@ def row_gateway(
         meter = CpuMeter.start(server.proc.pid)
         result = run_load(port, ids, token, c, seconds, tool, pace_ms)
         cpu = meter.stop(result["requests"])
+        if after_load is not None:
+            after_load(port)  # the gateway still runs: its /metrics, its state
     finally:
         rss = server.stop()
     gone = before - count()
