@@ -105,6 +105,7 @@ class PostgresDirectory(Directory):
         self._timeout = config.statement_timeout_seconds
         self._pool: asyncpg.Pool | None = None
         self._metrics: Metrics | None = None
+        self._releasing: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
         # as many queries in flight as the pool has connections; the rest wait together
         in_flight = config.pool_size
         self._systems = BatchedLookup(self._systems_by_id, in_flight)
@@ -136,21 +137,42 @@ class PostgresDirectory(Directory):
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
+            if self._releasing:
+                await asyncio.wait(self._releasing, timeout=5)
             try:
                 await asyncio.wait_for(pool.close(), 5)
             except (TimeoutError, *_UNAVAILABLE):
                 pool.terminate()
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise DirectoryUnavailable("directory not started")
         try:
-            # one bound for the pool wait and the query together
+            # One bound for the pool wait and the query together. No timeout of asyncpg's
+            # own for the wait: it would run the wait in a task of its own, a turn of the
+            # event loop more for every lookup under load.
             async with asyncio.timeout(self._timeout + 1):
-                async with self._pool.acquire(timeout=self._timeout) as connection:
-                    return list(await connection.fetch(query, *args))
+                connection = await pool.acquire()
+                try:
+                    rows = await connection.fetch(query, *args)
+                finally:
+                    # The answer does not wait for the connection to go back: asyncpg's
+                    # release is a shielded task, two more turns of the loop.
+                    self._release_soon(pool, connection)
         except _UNAVAILABLE as exc:
             raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+        return list(rows)
+
+    def _release_soon(self, pool: asyncpg.Pool, connection: Any) -> None:
+        release = asyncio.ensure_future(pool.release(connection))
+        self._releasing.add(release)
+        release.add_done_callback(self._released)
+
+    def _released(self, release: asyncio.Task[None]) -> None:
+        self._releasing.discard(release)
+        if not release.cancelled() and (exc := release.exception()) is not None:
+            log.warning("postgres: a connection was not returned to the pool: %r", exc)
 
     async def system(self, system_id: str) -> System | None:
         if not SAFE_COMPONENT.fullmatch(system_id):
