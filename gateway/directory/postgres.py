@@ -101,7 +101,7 @@ class PostgresDirectory(Directory):
         assert config.dsn is not None and config.owner_organization_id is not None
         self._config = config
         self._owner = Organization(id=config.owner_organization_id, role="owner")
-        # the pool waits this long for a connection, a query this long for its answer
+        # a query's answer (the server's statement_timeout); + 1 s: with the pool wait
         self._timeout = config.statement_timeout_seconds
         self._pool: asyncpg.Pool | None = None
         self._metrics: Metrics | None = None
