@@ -130,6 +130,21 @@ CASES = [
         "deleted must be true or false",
     ),
     ("unknown key", lambda d: d["systems"][0].update(sytem_key="typo"), "unknown key 'sytem_key'"),
+    # hostile input #6: on a case-insensitive disk these would share a tenant's folder
+    (
+        "system key differing only in case",
+        lambda d: d["systems"].append(
+            {"id": "sys_x", "system_key": "key-c1", "organization_id": "org_c2"}
+        ),
+        "system sys_x: system_key differs from KEY-C1 only in case",
+    ),
+    (
+        "organization id differing only in case",
+        lambda d: d["organizations"].append(
+            {"id": "ORG_C1", "role": "customer", "parent": "org_r2"}
+        ),
+        "organization ORG_C1: id differs from org_c1 only in case",
+    ),
 ]
 
 
