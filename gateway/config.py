@@ -89,6 +89,8 @@ class PostgresDirectoryConfig:
     # connections per gateway process, readiness probes included
     pool_size: int = 4
     statement_timeout_seconds: float = 2.0
+    # how often the names that differ only in case are looked for (a scan of the tables)
+    case_scan_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -310,7 +312,7 @@ def _validate_platform(config: Config) -> None:
             )
         if pg.pool_size < 1:
             raise ConfigError("directory.postgres.pool_size", "must be at least 1")
-        for name in ("cache_seconds", "statement_timeout_seconds"):
+        for name in ("cache_seconds", "statement_timeout_seconds", "case_scan_seconds"):
             value = getattr(pg, name)
             if not 0 <= value < math.inf or (name != "cache_seconds" and value == 0):
                 raise ConfigError(f"directory.postgres.{name}", "must be a finite number > 0")

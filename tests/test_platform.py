@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from jose import jwt
 
 from gateway.config import PostgresDirectoryConfig
+from gateway.directory import DIRECTORY as DIRECTORY_KEY
 from gateway.directory.cache import CachedDirectory
 from gateway.directory.postgres import PostgresDirectory
 
@@ -52,9 +53,14 @@ async def pg_gateway(
     database: PlatformDatabase,
     **settings: Any,
 ) -> TestClient:
-    return await start_gateway(
+    client = await start_gateway(
         harness.storage(), directory=postgres_directory(database, **settings)
     )
+    # as a load balancer would: traffic once ready (its first case scan has answered), so a
+    # test's lock on a table holds back only what the test means it to; on a connection of
+    # its own, so the test's requests all start alike (none on a kept-alive one)
+    assert (await client.get("/readyz", headers={"Connection": "close"})).status == 200
+    return client
 
 
 async def test_a_delete_is_authorized_from_the_database(
@@ -186,14 +192,21 @@ async def test_a_system_whose_folders_collide_in_case_is_never_served(
     refused: str,
 ) -> None:
     # On a case-insensitive disk the two would share a folder: one tenant's caller would
-    # reach the other's backups (hostile input #6). Neither is served: 404, logged.
-    client = await pg_gateway(start_gateway, local_harness, platform_db, cache_seconds=0)
+    # reach the other's backups (hostile input #6). Neither is served: 404, logged, within
+    # case_scan_seconds (a scan in the background: the platform has no index on lower()).
+    client = await pg_gateway(
+        start_gateway, local_harness, platform_db, cache_seconds=0, case_scan_seconds=0.5
+    )
     bid = new_backup_id()
     local_harness.put(location_for("org_c1", bid))
     assert (
         await client.get("/api/systems/sys_c1/backups", headers=bearer(token_for("org_c1")))
     ).status == 200
     await platform_db.execute(colliding_row)
+    inserted = time.monotonic()
+    while (await list_as(client, "org_owner")).status == 200:
+        assert time.monotonic() - inserted < 0.5 + 1, "still served past case_scan_seconds"
+        await asyncio.sleep(0.05)
     for caller in ("org_c1", "org_owner"):
         resp = await client.delete(
             f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token_for(caller))
@@ -209,9 +222,78 @@ async def test_a_system_whose_folders_collide_in_case_is_never_served(
     assert local_harness.exists(location_for("org_c1", bid))
     assert backups_of(local_harness) == [bid]
     assert f"system sys_c1 refused: its {refused} differs from another only in case" in caplog.text
+    assert "case scan: " in caplog.text  # the scan that found it says so once
+    metrics = await (await client.get("/metrics")).text()
+    assert "gateway_directory_case_twins 1.0" in metrics
     await platform_db.execute("DELETE FROM systems WHERE id = 'sys_twin'")
     await platform_db.execute("DELETE FROM resellers WHERE id = 'row-twin'")
-    assert (await delete_as(client, bid)).status == 200  # served again once it is unique
+    removed = time.monotonic()
+    while (await list_as(client, "org_owner")).status != 200:  # served again once unique
+        assert time.monotonic() - removed < 0.5 + 1, "still refused past case_scan_seconds"
+        await asyncio.sleep(0.05)
+    assert (await delete_as(client, bid)).status == 200
+
+
+async def list_as(client: TestClient, caller: str, system_id: str = "sys_c1") -> Any:
+    resp = await client.get(f"/api/systems/{system_id}/backups", headers=bearer(token_for(caller)))
+    await resp.read()
+    return resp
+
+
+async def test_a_reload_looks_for_twins_in_case_at_once(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    # SIGHUP (reload_now, which its handler calls) does not wait for the next scan.
+    client = await pg_gateway(
+        start_gateway, local_harness, platform_db, cache_seconds=0, case_scan_seconds=3600
+    )
+    assert (await list_as(client, "org_owner")).status == 200
+    await platform_db.execute(
+        "INSERT INTO systems (id, name, organization_id, system_key, registered_at)"
+        " VALUES ('sys_twin', 'twin', 'org_c2', 'Key-c1', now())"
+    )
+    assert (await list_as(client, "org_owner")).status == 200  # the next scan is an hour away
+    client.app[DIRECTORY_KEY].reload_now()
+    reloaded = time.monotonic()
+    while (await list_as(client, "org_owner")).status == 200:
+        assert time.monotonic() - reloaded < 1, "a reload did not scan"
+        await asyncio.sleep(0.02)
+    assert (await list_as(client, "org_owner")).status == 404
+
+
+async def test_systems_are_not_served_unchecked_when_the_scan_cannot_answer(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    # The scan reads the organization tables; the Owner's lookups read only systems. With
+    # distributors locked the scans time out: past twice case_scan_seconds the last one is
+    # not trusted, and lookups are 503 (and /readyz says why), never served unchecked.
+    client = await pg_gateway(
+        start_gateway,
+        local_harness,
+        platform_db,
+        cache_seconds=0,
+        case_scan_seconds=0.5,
+        statement_timeout_seconds=0.5,
+    )
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    assert (await list_as(client, "org_owner")).status == 200
+    async with platform_db.locked("distributors"):
+        await asyncio.sleep(2 * 0.5 + 0.5)
+        started = time.monotonic()
+        resp = await delete_as(client, bid, org="org_owner")
+        assert (resp.status, (await resp.json())["message"]) == (503, "directory unavailable")
+        assert time.monotonic() - started < 2 * (0.5 + 1) + 0.5
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        assert "directory" in await ready.text()
+    assert local_harness.exists(location_for("org_c1", bid))
+    deadline = time.monotonic() + 0.5 + 1 + 1
+    while (resp := await delete_as(client, bid, org="org_owner")).status == 503:  # recovers
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert resp.status == 200
+    assert not local_harness.exists(location_for("org_c1", bid))
 
 
 async def test_a_slow_database_is_503_within_a_bound_then_recovers(
@@ -338,6 +420,7 @@ async def test_a_lookup_whose_caller_goes_away_still_answers_the_others(
     directory = CachedDirectory(PostgresDirectory(config), cache_seconds)
     await directory.start()
     try:
+        await directory.check_ready()  # its first case scan has answered
         async with platform_db.locked("systems"):
             first = asyncio.ensure_future(directory.system("sys_c1"))
             again = asyncio.ensure_future(directory.system("sys_c1"))

@@ -29,49 +29,42 @@ from ..config import PostgresDirectoryConfig
 from ..telemetry.metrics import Metrics
 from .base import SAFE_COMPONENT, Directory, DirectoryUnavailable, Organization, System
 from .batching import BatchedLookup
+from .case_twins import CaseTwins, CaseTwinScanner
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 # Each query answers many lookups at once (batching.py): its parameter is a text[] of them.
-# A system is served only if its folder names are its own on a case-insensitive disk too
-# (hostile input #6): no other system's key, and no other organization's logto_id (any of
-# the three tables, deleted or not, or the Owner's, $2), equals its own but for case. The
-# platform has no index on lower(...): each query scans those columns once for its batch.
 _SYSTEMS = """
-WITH found AS (
-  SELECT s.id, s.organization_id, s.system_key AS raw_key,
-         CASE WHEN s.registered_at IS NOT NULL THEN s.system_key END AS system_key,
-         s.deleted_at IS NOT NULL AS deleted,
-         s.suspended_at IS NOT NULL AS suspended,
-         s.system_secret_public, s.system_secret_sha256
-    FROM systems s
-   WHERE {where}
-),
-keys_in_case AS (
-  SELECT lower(system_key) AS folded
-    FROM systems
-   WHERE lower(system_key) IN (SELECT lower(raw_key) FROM found)
-   GROUP BY 1 HAVING count(DISTINCT system_key) > 1
-),
-organizations_in_case AS (
-  SELECT lower(logto_id) AS folded
-    FROM (SELECT logto_id FROM distributors UNION SELECT logto_id FROM resellers
-          UNION SELECT logto_id FROM customers UNION SELECT $2::text) AS o(logto_id)
-   WHERE lower(logto_id) IN (SELECT lower(organization_id) FROM found)
-   GROUP BY 1 HAVING count(DISTINCT logto_id) > 1
-)
-SELECT found.*,
-       lower(raw_key) IN (SELECT folded FROM keys_in_case) AS key_in_case,
-       lower(organization_id) IN (SELECT folded FROM organizations_in_case)
-         AS organization_in_case
-  FROM found
+SELECT id, organization_id, system_key AS raw_key,
+       CASE WHEN registered_at IS NOT NULL THEN system_key END AS system_key,
+       deleted_at IS NOT NULL AS deleted,
+       suspended_at IS NOT NULL AS suspended,
+       system_secret_public, system_secret_sha256
+  FROM systems
+ WHERE {where}
 """
-_SYSTEMS_BY_ID = _SYSTEMS.format(where="s.id = ANY($1::text[])")
+_SYSTEMS_BY_ID = _SYSTEMS.format(where="id = ANY($1::text[])")
 # the unique partial index on system_key (WHERE system_key IS NOT NULL)
 _SYSTEMS_BY_KEY = _SYSTEMS.format(
-    where="s.system_key = ANY($1::text[]) AND s.registered_at IS NOT NULL"
+    where="system_key = ANY($1::text[]) AND registered_at IS NOT NULL"
 )
+# Names that differ from another only in case (case_twins.py): every system key, and every
+# organization's logto_id in the three tables (deleted or not) and the Owner's ($1). A
+# whole-table scan, so it runs in the background, never per lookup. COLLATE "C": an ASCII
+# lower(), exact for the only names ever served (SAFE_COMPONENT), and 3x faster than the
+# database's own collation; system_key is unique, so two rows that fold alike are twins.
+_CASE_TWINS = """
+SELECT 'system_key' AS kind, lower(system_key COLLATE "C") AS folded
+  FROM systems WHERE system_key IS NOT NULL
+ GROUP BY 2 HAVING count(*) > 1
+UNION ALL
+SELECT 'organization_id', lower(logto_id COLLATE "C")
+  FROM (SELECT logto_id FROM distributors UNION ALL SELECT logto_id FROM resellers
+        UNION ALL SELECT logto_id FROM customers UNION ALL SELECT $1::text) AS o(logto_id)
+ WHERE logto_id IS NOT NULL
+ GROUP BY 2 HAVING min(logto_id COLLATE "C") <> max(logto_id COLLATE "C")
+"""
 # One row per live organization with that logto_id; more than one is a data error.
 _ORGANIZATIONS = """
 SELECT logto_id, 'distributor' AS role, custom_data->>'createdBy' AS parent
@@ -111,6 +104,9 @@ class PostgresDirectory(Directory):
         self._systems = BatchedLookup(self._systems_by_id, in_flight)
         self._keys = BatchedLookup(self._systems_by_key, in_flight)
         self._organizations = BatchedLookup(self._organizations_by_id, in_flight)
+        self._case_twins = CaseTwinScanner(
+            self._scan_case_twins, config.case_scan_seconds, self._scanned
+        )
 
     async def start(self) -> None:
         # min_size=0: start-up never connects; a database that is down makes the
@@ -133,8 +129,10 @@ class PostgresDirectory(Directory):
                 "default_transaction_read_only": "on",
             },
         )
+        self._case_twins.start()
 
     async def close(self) -> None:
+        await self._case_twins.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             if self._releasing:
@@ -211,14 +209,40 @@ class PostgresDirectory(Directory):
 
     def export_metrics(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        metrics.add_reading(
+            "gauge",
+            "gateway_directory_case_twins",
+            "Folder names (system keys, organization ids) that differ from another only in "
+            "case, in the latest scan: their systems are refused",
+            self._case_twins.twins_found,
+        )
+        metrics.add_reading(
+            "gauge",
+            "gateway_directory_case_scan_age_seconds",
+            "Seconds since the latest case scan that answered",
+            self._case_twins.age,
+        )
+
+    async def _checked_rows(
+        self, query: str, keys: list[str]
+    ) -> tuple[CaseTwins, list[asyncpg.Record]]:
+        # One bound for both: a trusted case scan (only ever a wait at start-up, or once
+        # scans have failed for a while) and the query.
+        try:
+            async with asyncio.timeout(self._timeout + 1):
+                return await self._case_twins.current(), await self._fetch(query, keys)
+        except TimeoutError:
+            raise DirectoryUnavailable("postgres: no case scan within the bound") from None
 
     async def _systems_by_id(self, ids: list[str]) -> dict[str, System]:
-        rows = await self._fetch(_SYSTEMS_BY_ID, ids, self._owner.id)
-        return {system.id: system for system in map(_system, rows) if system is not None}
+        twins, rows = await self._checked_rows(_SYSTEMS_BY_ID, ids)
+        systems = ((row["id"], _system(row, twins)) for row in rows)
+        return {system_id: system for system_id, system in systems if system is not None}
 
     async def _systems_by_key(self, keys: list[str]) -> dict[str, System]:
-        rows = await self._fetch(_SYSTEMS_BY_KEY, keys, self._owner.id)
-        return {row["raw_key"]: system for row in rows if (system := _system(row)) is not None}
+        twins, rows = await self._checked_rows(_SYSTEMS_BY_KEY, keys)
+        systems = ((row["raw_key"], _system(row, twins)) for row in rows)
+        return {key: system for key, system in systems if system is not None}
 
     async def _organizations_by_id(self, ids: list[str]) -> dict[str, Organization]:
         live: dict[str, list[asyncpg.Record]] = {}
@@ -239,9 +263,49 @@ class PostgresDirectory(Directory):
 
     async def check_ready(self) -> None:
         await self._fetch("SELECT 1")
+        try:
+            async with asyncio.timeout(self._timeout + 1):
+                await self._case_twins.current()
+        except TimeoutError:
+            raise DirectoryUnavailable("postgres: no recent case scan") from None
+
+    def reload_now(self) -> None:
+        self._case_twins.rescan_now()
+
+    async def _scan_case_twins(self) -> CaseTwins:
+        # A connection of its own, outside the pool: the scan never takes a lookup's
+        # connection, and it may take longer than a lookup (up to the time between scans).
+        timeout = max(self._config.case_scan_seconds, self._timeout)
+        try:
+            async with asyncio.timeout(timeout + 1):
+                connection = await asyncpg.connect(
+                    self._config.dsn,
+                    timeout=self._timeout,
+                    server_settings={
+                        "application_name": "backup-gateway case scan",
+                        "statement_timeout": str(int(timeout * 1000)),
+                        "default_transaction_read_only": "on",
+                    },
+                )
+                try:
+                    rows = await connection.fetch(_CASE_TWINS, self._owner.id)
+                except BaseException:
+                    connection.terminate()
+                    raise
+                await connection.close(timeout=self._timeout)
+        except _UNAVAILABLE as exc:
+            raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+        folded: dict[str, set[str]] = {"system_key": set(), "organization_id": set()}
+        for row in rows:
+            folded[row["kind"]].add(row["folded"])
+        return CaseTwins(frozenset(folded["system_key"]), frozenset(folded["organization_id"]))
+
+    def _scanned(self, outcome: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.directory_lookup("case_scan", outcome, seconds)
 
 
-def _system(row: asyncpg.Record) -> System | None:
+def _system(row: asyncpg.Record, twins: CaseTwins) -> System | None:
     system_id = row["id"]
     org_id, key = row["organization_id"], row["system_key"]
     unsafe = [
@@ -252,15 +316,16 @@ def _system(row: asyncpg.Record) -> System | None:
     if unsafe:
         log.error("system %s refused: its %s is not a safe path component", system_id, unsafe[0])
         return None
-    for name in ("organization", "key"):
-        if row[f"{name}_in_case"]:
-            log.error(
-                "system %s refused: its %s differs from another only in case "
-                "(one folder on a case-insensitive disk)",
-                system_id,
-                "organization_id" if name == "organization" else "system_key",
-            )
-            return None
+    # the raw key: an unregistered system's key still names its folder once registered
+    refused = twins.refuses(org_id, row["raw_key"])
+    if refused is not None:
+        log.error(
+            "system %s refused: its %s differs from another only in case "
+            "(one folder on a case-insensitive disk)",
+            system_id,
+            refused,
+        )
+        return None
     return System(
         id=system_id,
         organization_id=org_id,
