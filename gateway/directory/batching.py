@@ -4,8 +4,8 @@ A pool of a few connections limits how many queries are in flight; one query per
 makes every request beyond that wait for a connection, one lookup at a time, so under load
 the pool, not the database, sets the pace (DESIGN.md §7, docs/benchmarks.md). Here the keys
 asked while the queries in flight run wait together, and the next free query asks for all
-of them at once (`= ANY($1)`): at low load a lookup goes out at the next turn of the loop,
-alone; at high load each query carries many.
+of them at once (`= ANY($1)`): with nothing in flight a lookup goes out at once, alone, from
+the caller's own task; at high load each query carries many.
 
 Failures reach every lookup of the failed query and are never kept; a caller that goes
 away does not cancel the others' query.
@@ -40,6 +40,17 @@ class BatchedLookup(Generic[V]):
         self._queries: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     async def get(self, key: str) -> V | None:
+        if not self._waiting and self._in_flight == 0:
+            # Nothing in flight and no one waiting: ask at once, in the caller's own
+            # task (no batch task to start, no future to wake: two turns of the loop fewer).
+            # Only its own key rides in it: its cancellation fails no one else.
+            self._in_flight += 1
+            try:
+                answers = await self._ask_many([key])
+            finally:
+                self._in_flight -= 1
+                self._start()
+            return answers.get(key)
         answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(answer)
         self._start()

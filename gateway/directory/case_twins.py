@@ -87,10 +87,15 @@ class CaseTwinScanner:
         latest = self._latest
         return 0 if latest is None else len(latest.system_keys) + len(latest.organization_ids)
 
+    def trusted(self) -> CaseTwins | None:
+        """The latest scan, if it is recent enough to trust."""
+        latest = self._latest
+        return latest if latest is not None and self.age() <= 2 * self._every else None
+
     async def current(self) -> CaseTwins:
         """The latest scan, if it is recent enough to trust; else the next one's."""
-        latest = self._latest
-        if latest is not None and self.age() <= 2 * self._every:
+        latest = self.trusted()
+        if latest is not None:
             return latest
         if self._task is None:
             raise DirectoryUnavailable("case scan not running")

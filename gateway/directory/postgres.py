@@ -226,13 +226,14 @@ class PostgresDirectory(Directory):
     async def _checked_rows(
         self, query: str, keys: list[str]
     ) -> tuple[CaseTwins, list[asyncpg.Record]]:
-        # One bound for both: a trusted case scan (only ever a wait at start-up, or once
-        # scans have failed for a while) and the query.
-        try:
-            async with asyncio.timeout(self._timeout + 1):
-                return await self._case_twins.current(), await self._fetch(query, keys)
-        except TimeoutError:
-            raise DirectoryUnavailable("postgres: no case scan within the bound") from None
+        twins = self._case_twins.trusted()
+        if twins is None:  # only at start-up, or once scans have failed for a while
+            try:
+                async with asyncio.timeout(self._timeout + 1):
+                    twins = await self._case_twins.current()
+            except TimeoutError:
+                raise DirectoryUnavailable("postgres: no case scan within the bound") from None
+        return twins, await self._fetch(query, keys)
 
     async def _systems_by_id(self, ids: list[str]) -> dict[str, System]:
         twins, rows = await self._checked_rows(_SYSTEMS_BY_ID, ids)
