@@ -274,8 +274,9 @@ def main() -> int:
             f"against {file_row.p50_ms:.2f} ms ({added50:+.2f}), p99 {cold_row.p99_ms:.2f} "
             f"against {file_row.p99_ms:.2f} ms ({added99:+.2f}; target <= 2 ms)"
         )
-    median = statistics.median(added)
-    print(f"cold lookup alone: the turns' p99 differences, median {median:+.2f} ms")
+    if added:
+        median = statistics.median(added)
+        print(f"cold lookup alone: the turns' p99 differences, median {median:+.2f} ms")
     for name, (count, p50, p99) in lookups.items():
         print(
             f"{name}: {count} lookups asked the database; their own time (from the gateway's "
