@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -262,8 +263,12 @@ async def test_a_reload_looks_for_twins_in_case_at_once(
 
 
 async def test_systems_are_not_served_unchecked_when_the_scan_cannot_answer(
-    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+    start_gateway: StartGateway,
+    local_harness: LocalHarness,
+    platform_db: PlatformDatabase,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.directory.case_twins")
     # The scan reads the organization tables; the Owner's lookups read only systems. With
     # distributors locked the scans time out: past twice case_scan_seconds the last one is
     # not trusted, and lookups are 503 (and /readyz says why), never served unchecked.
@@ -294,6 +299,9 @@ async def test_systems_are_not_served_unchecked_when_the_scan_cannot_answer(
         await asyncio.sleep(0.1)
     assert resp.status == 200
     assert not local_harness.exists(location_for("org_c1", bid))
+    # the outage's several failed scans are one warning, and its end one line
+    assert caplog.text.count("case scan failed") == 1, caplog.text
+    assert "case scan answers again" in caplog.text
 
 
 async def test_a_slow_database_is_503_within_a_bound_then_recovers(

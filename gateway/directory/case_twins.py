@@ -42,7 +42,10 @@ class CaseTwins:
 
 
 Scan = Callable[[], Awaitable[CaseTwins]]
-RETRY_SECONDS = 1.0  # after a failed scan: a database that returns is checked again soon
+# After a failed scan the next comes after 1 s, then 2, 4, ... up to `every`: a database
+# that returns is checked again soon, one that stays away is not asked every second (a
+# lookup that needs a scan asks for one at once either way).
+FIRST_RETRY_SECONDS = 1.0
 
 
 class CaseTwinScanner:
@@ -105,20 +108,34 @@ class CaseTwinScanner:
         return await waiter
 
     async def _scan_forever(self) -> None:
+        retry, failing = FIRST_RETRY_SECONDS, False
         while True:
             self._wake.clear()
             waiting, self._waiting = self._waiting, []
             started = self._clock()
             try:
                 twins = await self._scan()
-            except DirectoryUnavailable as exc:
+            except Exception as exc:
                 self._report("unavailable", started)
-                log.warning("case scan failed: %s", exc)
+                if not failing:  # once per outage, not once per retry
+                    if isinstance(exc, DirectoryUnavailable):
+                        log.warning("case scan failed (systems served while it is recent): %s", exc)
+                    else:
+                        log.exception("case scan failed")
+                failure = (
+                    exc
+                    if isinstance(exc, DirectoryUnavailable)
+                    else DirectoryUnavailable(f"case scan: {type(exc).__name__}")
+                )
                 for waiter in waiting:
                     if not waiter.done():
-                        waiter.set_exception(exc)
-                pause = min(self._every, RETRY_SECONDS)
+                        waiter.set_exception(failure)
+                pause = min(self._every, retry)
+                retry, failing = min(2 * retry, max(self._every, FIRST_RETRY_SECONDS)), True
             else:
+                if failing:
+                    log.info("case scan answers again")
+                retry, failing = FIRST_RETRY_SECONDS, False
                 found = twins.system_keys or twins.organization_ids
                 self._report("found" if found else "not_found", started)
                 self._announce(twins)
