@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
+
+from .waiters import answer_all, fail_all
 
 V = TypeVar("V")
 MAX_KEYS_PER_QUERY = 256  # a bound on one query's parameter and on its answer's size
@@ -74,21 +76,12 @@ class BatchedLookup(Generic[V]):
         try:
             answers = await self._ask_many(keys)
         except BaseException as exc:  # every waiter gets the failure, even a cancellation
-            failure = exc if isinstance(exc, Exception) else RuntimeError("lookup stopped")
-            for waiter in _pending(batch):
-                waiter.set_exception(failure)
+            fail_all((w for waiters in batch.values() for w in waiters), exc)
             if not isinstance(exc, Exception):
                 raise
         else:
             for key, waiters in batch.items():
-                found = answers.get(key)
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(found)
+                answer_all(waiters, answers.get(key))
         finally:
             self._in_flight -= 1
             self._start()
-
-
-def _pending(batch: dict[str, list[asyncio.Future[Any]]]) -> list[asyncio.Future[Any]]:
-    return [w for waiters in batch.values() for w in waiters if not w.done()]

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from ..telemetry.metrics import Metrics
 from .base import Directory, Organization, System
+from .waiters import answer_all, fail_all
 
 V = TypeVar("V")
 MAX_ENTRIES = 100_000  # a bound on memory, far above a platform's systems in use at once
@@ -73,19 +74,14 @@ class _TtlCache(Generic[V]):
             raise  # still asked: get() hands the question over
         except BaseException as exc:
             self._done_asking(key, waiting)
-            failure = exc if isinstance(exc, Exception) else RuntimeError("lookup stopped")
-            for waiter in waiting:
-                if not waiter.done():
-                    waiter.set_exception(failure)
+            fail_all(waiting, exc)
             raise
         self._done_asking(key, waiting)
         if self._seconds > 0:
             if len(self._entries) >= MAX_ENTRIES:
                 del self._entries[next(iter(self._entries))]  # the oldest insertion
             self._entries[key] = (asked_at + self._seconds, answer)
-        for waiter in waiting:
-            if not waiter.done():
-                waiter.set_result(answer)
+        answer_all(waiting, answer)
         return answer
 
     def _done_asking(self, key: str, waiting: list[asyncio.Future[V | None]]) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .base import DirectoryUnavailable
+from .waiters import answer_all, fail_all
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,7 @@ class CaseTwinScanner:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for waiter in self._waiting:
-            if not waiter.done():
-                waiter.set_exception(DirectoryUnavailable("case scan stopped"))
+        fail_all(self._waiting, DirectoryUnavailable("case scan stopped"))
 
     def rescan_now(self) -> None:
         self._wake.set()
@@ -127,9 +126,7 @@ class CaseTwinScanner:
                     if isinstance(exc, DirectoryUnavailable)
                     else DirectoryUnavailable(f"case scan: {type(exc).__name__}")
                 )
-                for waiter in waiting:
-                    if not waiter.done():
-                        waiter.set_exception(failure)
+                fail_all(waiting, failure)
                 pause = min(self._every, retry)
                 retry, failing = min(2 * retry, max(self._every, FIRST_RETRY_SECONDS)), True
             else:
@@ -140,9 +137,7 @@ class CaseTwinScanner:
                 self._report("found" if found else "not_found", started)
                 self._announce(twins)
                 self._latest, self._scanned_at = twins, started
-                for waiter in waiting:
-                    if not waiter.done():
-                        waiter.set_result(twins)
+                answer_all(waiting, twins)
                 pause = self._every
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
