@@ -8,7 +8,9 @@ of them at once (`= ANY($1)`): with nothing in flight a lookup goes out at once,
 the caller's own task; at high load each query carries many.
 
 Failures reach every lookup of the failed query and are never kept; a caller that goes
-away does not cancel the others' query.
+away does not cancel the others' query. A lookup that waits for a query to take it waits
+at most `wait_seconds` (then TimeoutError); one that goes out at once is bounded by
+`ask_many`'s own bound: one timer, not two, on the path an unloaded lookup takes.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ class BatchedLookup(Generic[V]):
     future of its own (set directly, no shield in between), and a batch's task collects
     its keys and asks in the same step."""
 
-    def __init__(self, ask_many: AskMany[V], queries_in_flight: int) -> None:
+    def __init__(self, ask_many: AskMany[V], queries_in_flight: int, wait_seconds: float) -> None:
         self._ask_many = ask_many
         self._limit = max(1, queries_in_flight)
+        self._wait_seconds = wait_seconds
         self._waiting: dict[str, list[asyncio.Future[V | None]]] = {}
         self._in_flight = 0  # batch tasks started, collecting or asking
         self._collecting = False  # a started batch task has not taken its keys yet
@@ -56,8 +59,10 @@ class BatchedLookup(Generic[V]):
         answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(answer)
         self._start()
-        # A caller that goes away cancels its own future only; the batch goes on.
-        return await answer
+        # A caller that goes away (or waits past the bound) cancels its own future only;
+        # the batch goes on for the others.
+        async with asyncio.timeout(self._wait_seconds):
+            return await answer
 
     def _start(self) -> None:
         # A new batch task only when there is room: the keys that arrive meanwhile wait for

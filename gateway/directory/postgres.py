@@ -99,11 +99,12 @@ class PostgresDirectory(Directory):
         self._pool: asyncpg.Pool | None = None
         self._metrics: Metrics | None = None
         self._releasing: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
-        # as many queries in flight as the pool has connections; the rest wait together
-        in_flight = config.pool_size
-        self._systems = BatchedLookup(self._systems_by_id, in_flight)
-        self._keys = BatchedLookup(self._systems_by_key, in_flight)
-        self._organizations = BatchedLookup(self._organizations_by_id, in_flight)
+        # As many queries in flight as the pool has connections; the rest wait together, for
+        # at most a query's bound (the one they wait for) and then their own.
+        in_flight, wait = config.pool_size, 2 * (self._timeout + 1)
+        self._systems = BatchedLookup(self._systems_by_id, in_flight, wait)
+        self._keys = BatchedLookup(self._systems_by_key, in_flight, wait)
+        self._organizations = BatchedLookup(self._organizations_by_id, in_flight, wait)
         self._case_twins = CaseTwinScanner(
             self._scan_case_twins, config.case_scan_seconds, self._scanned
         )
@@ -116,7 +117,8 @@ class PostgresDirectory(Directory):
             min_size=0,
             max_size=self._config.pool_size,
             timeout=self._timeout,  # connect
-            command_timeout=self._timeout + 0.5,  # the client's own bound, past the server's
+            # No command_timeout: _fetch's own bound covers the query (a second timer on
+            # every query otherwise); the server's statement_timeout comes first anyway.
             max_inactive_connection_lifetime=60,
             # asyncpg's default reset on release is a round trip of its own (advisory
             # unlocks, CLOSE ALL, UNLISTEN, RESET ALL) on every lookup: these connections
@@ -147,9 +149,9 @@ class PostgresDirectory(Directory):
         if pool is None:
             raise DirectoryUnavailable("directory not started")
         try:
-            # One bound for the pool wait and the query together. No timeout of asyncpg's
-            # own for the wait: it would run the wait in a task of its own, a turn of the
-            # event loop more for every lookup under load.
+            # One bound for the pool wait and the query together, the client's own past
+            # the server's statement_timeout. No timeout of asyncpg's own for the wait: it
+            # would run the wait in a task of its own, a turn of the loop more per lookup.
             async with asyncio.timeout(self._timeout + 1):
                 connection = await pool.acquire()
                 try:
@@ -193,9 +195,9 @@ class PostgresDirectory(Directory):
         started = time.perf_counter()
         outcome = "unavailable"
         try:
-            # the wait for a query to join is bounded too, not only the query itself
-            async with asyncio.timeout(2 * (self._timeout + 1)):
-                answer = await lookup.get(key)
+            # bounded: by _fetch's bound (and the case scan's) when it goes out at once, by
+            # the batcher's when it waits for a query to take it
+            answer = await lookup.get(key)
             outcome = "not_found" if answer is None else "found"
             return answer
         except TimeoutError:
