@@ -8,7 +8,8 @@
 
 Prints req/s, p50, p99, non-2xx, peak RSS (summed over the gateway's processes: workers
 and their local I/O processes), the server's CPU time per request (same processes) and
-how busy the whole machine was during the load, and the ratios b/a and d/c, then checks
+how busy the whole machine was during the load and how much of its vCPU time the host
+took for something else meanwhile (steal: "stolen"), and the ratios b/a and d/c, then checks
 that the objects gone equal the 200s. The full run adds (b) with backups written back to
 disk before the run, like real ones: on a disk that discards freed blocks their unlinks
 cost more.
@@ -69,6 +70,7 @@ class Row:
     seeded: int = -1  # objects in storage before the load
     cpu_us_per_request: float = 0.0  # the server's processes, all threads; 0: not measured
     machine_cores_busy: float = 0.0  # every process on the machine, the load tool included
+    machine_stolen: float = 0.0  # share of the machine's vCPU time its host ran something else
 
     @property
     def rps(self) -> float:
@@ -116,6 +118,13 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_stolen_seconds() -> float:
+    """vCPU time the host gave to something else while this machine wanted it (steal), so far:
+    on a shared host, the moments no process of the row ran at all."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_busy_seconds() -> float:
     """CPU time all cores spent running anything (not idle, not waiting on I/O), so far."""
     with open("/proc/stat") as f:
@@ -130,20 +139,30 @@ class CpuMeter:
     pids: list[int]
     server: float
     machine: float
+    stolen: float
     wall: float
 
     @classmethod
     def start(cls, pid: int) -> CpuMeter:
         pids = process_tree(pid)
-        return cls(pids, tree_cpu_seconds(pids), machine_busy_seconds(), time.monotonic())
+        return cls(
+            pids,
+            tree_cpu_seconds(pids),
+            machine_busy_seconds(),
+            machine_stolen_seconds(),
+            time.monotonic(),
+        )
 
     def stop(self, requests: int) -> dict[str, float]:
         server = tree_cpu_seconds(self.pids) - self.server
         machine = machine_busy_seconds() - self.machine
+        stolen = machine_stolen_seconds() - self.stolen
         wall = time.monotonic() - self.wall
+        cores = os.cpu_count() or 1
         return {
             "cpu_us_per_request": 1e6 * server / requests if requests else 0.0,
             "machine_cores_busy": machine / wall if wall else 0.0,
+            "machine_stolen": stolen / (wall * cores) if wall else 0.0,
         }
 
 
@@ -461,6 +480,77 @@ def row_bare(work: Path, c: int, seconds: float, tool: str, ids: Path) -> Row:
     )
 
 
+@dataclass
+class ServingRow:
+    """One row's gateway, seeded and ready: load it (alone, or beside another), then finish()."""
+
+    name: str
+    work: Path
+    workers: int
+    concurrency: int
+    count: Any
+    before: int
+    server: Process
+    port: int
+    ids: Path
+    token: str
+
+    def finish(self, result: dict[str, Any], cpu: dict[str, float], after_load: Any = None) -> Row:
+        try:
+            if after_load is not None:
+                after_load(self.port)  # the gateway still runs: its /metrics, its state
+        finally:
+            rss = self.server.stop()
+        return Row(
+            self.name,
+            self.workers,
+            self.concurrency,
+            peak_rss_mb=rss,
+            ok200=result["requests"] - result["non2xx"],
+            gone=self.before - self.count(),
+            server_200=server_200s(self.server.log),
+            seeded=self.before,
+            **result,
+            **cpu,
+        )
+
+
+def serve_row(
+    name: str,
+    work: Path,
+    storage: dict[str, Any],
+    c: int,
+    workers: int,
+    systems: int,
+    backups: int,
+    count: Any,
+    after_seed: Any = None,
+) -> ServingRow:
+    port = free_port()
+    config = gateway_config(work, port, storage)
+    ids = work / "ids.txt"
+    # The rows before left dirty data (their undeleted seeds): flush it now, so that its
+    # writeback does not land in the middle of this row.
+    os.sync()
+    seed(config, systems, backups, ids)
+    if after_seed is not None:
+        after_seed()
+    before = count()
+    server = Process(
+        [str(BIN / "backup-gateway"), "serve", "--config", str(config), "--workers", str(workers)],
+        work / "gateway.log",
+    )
+    try:
+        wait_port(port, server.proc)
+        wait_ready(port, server.proc)
+        time.sleep(0.5 if workers > 1 else 0)
+        token = owner_token(config)
+    except BaseException:
+        server.stop()
+        raise
+    return ServingRow(name, work, workers, c, count, before, server, port, ids, token)
+
+
 def row_gateway(
     name: str,
     work: Path,
@@ -476,46 +566,15 @@ def row_gateway(
     pace_ms: float | None = None,
     after_load: Any = None,
 ) -> Row:
-    port = free_port()
-    config = gateway_config(work, port, storage)
-    ids = work / "ids.txt"
-    # The rows before left dirty data (their undeleted seeds): flush it now, so that its
-    # writeback does not land in the middle of this row.
-    os.sync()
-    seed(config, systems, backups, ids)
-    if after_seed is not None:
-        after_seed()
-    before = count()
-    log = work / "gateway.log"
-    server = Process(
-        [str(BIN / "backup-gateway"), "serve", "--config", str(config), "--workers", str(workers)],
-        log,
-    )
+    serving = serve_row(name, work, storage, c, workers, systems, backups, count, after_seed)
     try:
-        wait_port(port, server.proc)
-        wait_ready(port, server.proc)
-        time.sleep(0.5 if workers > 1 else 0)
-        token = owner_token(config)
-        meter = CpuMeter.start(server.proc.pid)
-        result = run_load(port, ids, token, c, seconds, tool, pace_ms)
+        meter = CpuMeter.start(serving.server.proc.pid)
+        result = run_load(serving.port, serving.ids, serving.token, c, seconds, tool, pace_ms)
         cpu = meter.stop(result["requests"])
-        if after_load is not None:
-            after_load(port)  # the gateway still runs: its /metrics, its state
-    finally:
-        rss = server.stop()
-    gone = before - count()
-    return Row(
-        name,
-        workers,
-        c,
-        peak_rss_mb=rss,
-        ok200=result["requests"] - result["non2xx"],
-        gone=gone,
-        server_200=server_200s(log),
-        seeded=before,
-        **result,
-        **cpu,
-    )
+    except BaseException:
+        serving.server.stop()
+        raise
+    return serving.finish(result, cpu, after_load)
 
 
 def row_raw_s3(
@@ -573,6 +632,7 @@ def print_table(rows: list[Row]) -> None:
     print(
         f"{'row':<24}{'workers':>8}{'conns':>7}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'non-2xx':>9}{'RSS MB':>8}{'200s':>8}{'gone':>8}{'CPU us/req':>11}{'cores':>7}"
+        f"{'stolen':>8}"
     )
     for r in rows:
         measured = r.cpu_us_per_request > 0
@@ -582,6 +642,7 @@ def print_table(rows: list[Row]) -> None:
             f"{(r.gone if r.gone >= 0 else ''):>8}"
             f"{(f'{r.cpu_us_per_request:.0f}' if measured else ''):>11}"
             f"{(f'{r.machine_cores_busy:.2f}' if measured else ''):>7}"
+            f"{(f'{r.machine_stolen:.0%}' if measured else ''):>8}"
         )
 
 
