@@ -45,6 +45,12 @@ def main() -> None:
         default="file",
         help="postgres-cold: the tests' PostgreSQL as the directory, cache_seconds 0",
     )
+    parser.add_argument(
+        "--platform-systems",
+        type=int,
+        default=200_000,
+        help="postgres-cold: other tenants' systems in its tables, as bench/platform_rows.py",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
     port = bench.free_port()
@@ -71,7 +77,8 @@ def main() -> None:
         from tests.servers import PostgresServer, RedisServer
 
         servers += [PostgresServer(), RedisServer()]
-        use_platform(work, servers[0], servers[1], {"postgres": {"cache_seconds": 0}})
+        platform = {"postgres": {"cache_seconds": 0}}
+        use_platform(work, servers[0], servers[1], platform, args.platform_systems)
     server = bench.Process(
         [str(bench.BIN / "backup-gateway"), "serve", "--config", str(config)], work / "gateway.log"
     )
