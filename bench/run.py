@@ -118,18 +118,23 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_cpu_seconds() -> list[float]:
+    """/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal, ...
+    summed over all CPUs, in seconds so far."""
+    with open("/proc/stat") as f:
+        return [int(t) / os.sysconf("SC_CLK_TCK") for t in f.readline().split()[1:]]
+
+
 def machine_stolen_seconds() -> float:
     """vCPU time the host gave to something else while this machine wanted it (steal), so far:
     on a shared host, the moments no process of the row ran at all."""
-    with open("/proc/stat") as f:
-        return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    return _machine_cpu_seconds()[7]
 
 
 def machine_busy_seconds() -> float:
     """CPU time all cores spent running anything (not idle, not waiting on I/O), so far."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq = _machine_cpu_seconds()[:7]
+    return user + nice + system + irq + softirq
 
 
 @dataclass
