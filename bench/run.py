@@ -379,6 +379,10 @@ def seed(config: Path, systems: int, backups: int, ids: Path) -> None:
 
 
 def owner_token(config: Path) -> str:
+    return org_token(config, "org_owner", "owner")
+
+
+def org_token(config: Path, organization_id: str, role: str) -> str:
     return subprocess.run(
         [
             str(BIN / "backup-gateway"),
@@ -386,9 +390,9 @@ def owner_token(config: Path) -> str:
             "--config",
             str(config),
             "--org",
-            "org_owner",
+            organization_id,
             "--role",
-            "owner",
+            role,
             "--ttl",
             "7200",
         ],
