@@ -211,6 +211,23 @@ class PlatformDatabase:
         finally:
             await connection.close()
 
+    async def generic_plan(self, query: str, argument: str) -> str:
+        """EXPLAIN of `query`'s generic plan (as a prepared statement runs after its fifth
+        execution, whatever the argument), its one text[] parameter set to `argument`."""
+        connection = await _connect(self.server.dsn(self.name, "postgres"))
+        try:
+            await connection.execute("SET plan_cache_mode = force_generic_plan")
+            await connection.execute(f"PREPARE asked(text[]) AS {query}")
+            # EXPLAIN EXECUTE takes no parameters: the server quotes the literal (%L)
+            explain = await connection.fetchval(
+                "SELECT format('EXPLAIN (COSTS OFF) EXECUTE asked(ARRAY[%L])', $1::text)",
+                argument,
+            )
+            rows = await connection.fetch(explain)
+            return "\n".join(row[0] for row in rows)
+        finally:
+            await connection.close()
+
     async def load(self, directory: dict[str, Any]) -> None:
         connection = await _connect(self.server.dsn(self.name, "postgres"))
         try:

@@ -21,6 +21,7 @@ from jose import jwt
 
 from gateway.config import PostgresDirectoryConfig
 from gateway.directory import DIRECTORY as DIRECTORY_KEY
+from gateway.directory import postgres as postgres_queries
 from gateway.directory.cache import CachedDirectory
 from gateway.directory.postgres import PostgresDirectory
 
@@ -75,22 +76,38 @@ async def test_a_delete_is_authorized_from_the_database(
     assert not local_harness.exists(location_for("org_c1", bid))
 
 
+@pytest.mark.parametrize(
+    ("table", "deleted", "caller"),
+    [
+        ("customers", "org_c1", "org_r1"),  # the system's own organization
+        ("resellers", "org_r1", "org_d1"),  # the reseller a distributor reaches it through
+    ],
+)
 async def test_soft_deleting_an_organization_refuses_within_cache_seconds(
-    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+    start_gateway: StartGateway,
+    local_harness: LocalHarness,
+    platform_db: PlatformDatabase,
+    table: str,
+    deleted: str,
+    caller: str,
 ) -> None:
     """After `UPDATE customers SET deleted_at = now()`, its reseller's deletes are refused
-    within cache_seconds + 1 s; until then the cached allow may stand, never longer."""
+    within cache_seconds + 1 s; until then the cached allow may stand, never longer. So
+    with a reseller and its distributor."""
     client = await pg_gateway(start_gateway, local_harness, platform_db, cache_seconds=1)
     first = new_backup_id()
     local_harness.put(location_for("org_c1", first))
-    assert (await delete_as(client, first, "sys_c1", "org_r1")).status == 200  # cached now
-    await platform_db.execute("UPDATE customers SET deleted_at = now() WHERE logto_id = 'org_c1'")
+    assert (await delete_as(client, first, "sys_c1", caller)).status == 200  # cached now
+    await platform_db.execute(
+        f"UPDATE {table} SET deleted_at = now() WHERE logto_id = $1",  # noqa: S608 (a test's table)
+        deleted,
+    )
     changed = time.monotonic()
     refused_after = None
     while time.monotonic() - changed < 3.0:
         bid = new_backup_id()
         local_harness.put(location_for("org_c1", bid))
-        resp = await delete_as(client, bid, "sys_c1", "org_r1")
+        resp = await delete_as(client, bid, "sys_c1", caller)
         if resp.status == 403:
             refused_after = time.monotonic() - changed
             assert local_harness.exists(location_for("org_c1", bid))
@@ -389,12 +406,8 @@ async def test_concurrent_cold_lookups_ride_one_query_and_each_gets_its_own_answ
                 for org, bid in backups.items()
             )
         )
-        deadline = time.monotonic() + 5
-        while await _waiting_queries(platform_db) == 0:
-            assert time.monotonic() < deadline, "no lookup reached the database"
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)  # the other requests' lookups have been asked by now
-        assert await _waiting_queries(platform_db) == 2
+        # the other requests' lookups have been asked by then
+        assert await _waiting_queries_once_settled(platform_db) == 2
     statuses = [r.status for r in await answers]
     assert statuses == [200] * len(backups)
     assert not any(local_harness.exists(location_for(o, b)) for o, b in backups.items())
@@ -404,6 +417,102 @@ async def test_concurrent_cold_lookups_ride_one_query_and_each_gets_its_own_answ
     assert f'gateway_directory_lookups_total{{lookup="system",outcome="found"}} {n}.0' in metrics
     assert f'gateway_directory_lookup_duration_seconds_count{{lookup="system"}} {n}.0' in metrics
     assert '_duration_seconds_bucket{le="0.25",lookup="system"} 0.0' in metrics
+
+
+async def test_a_distributors_cold_request_asks_the_database_in_two_round_trips(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    # A distributor on its reseller's customer needs four answers: the system, its own
+    # organization, the system's and the reseller between. The first two are asked at once
+    # (both wait on the locks together), the last two in one query.
+    client = await pg_gateway(start_gateway, local_harness, platform_db, cache_seconds=0)
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    async with platform_db.locked("systems, distributors"):
+        answer = asyncio.ensure_future(delete_as(client, bid, "sys_c1", "org_d1"))
+        # the caller's organization has been asked by then
+        assert await _waiting_queries_once_settled(platform_db) == 2
+    resp = await answer
+    assert resp.status == 200, await resp.text()
+    assert not local_harness.exists(location_for("org_c1", bid))
+    metrics = await (await client.get("/metrics")).text()
+    # one lookup each: not one organization lookup per level of the tree
+    for lookup in ("system", "organization", "organization_and_parent"):
+        found = f'gateway_directory_lookups_total{{lookup="{lookup}",outcome="found"}} 1.0'
+        assert found in metrics, (lookup, metrics)
+
+
+async def test_a_missing_system_is_404_while_the_callers_organization_cannot_answer(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    # The caller's organization is asked beside the system, but only a found system waits
+    # for its answer: "system not found" stays a 404, not the other lookup's 503.
+    client = await pg_gateway(
+        start_gateway, local_harness, platform_db, cache_seconds=0, statement_timeout_seconds=0.5
+    )
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    async with platform_db.locked("distributors"):
+        missing = await delete_as(client, bid, "sys_nowhere", "org_d1")
+        assert (missing.status, await missing.json()) == (
+            404,
+            {"code": 404, "message": "system not found", "data": {}},
+        )
+        found = await delete_as(client, bid, "sys_c1", "org_d1")
+        assert (found.status, (await found.json())["message"]) == (503, "directory unavailable")
+    assert local_harness.exists(location_for("org_c1", bid))
+    assert (await delete_as(client, bid, "sys_c1", "org_d1")).status == 200  # recovered
+
+
+# Other tenants beside the test directory, enough that a table scan costs the planner more
+# than an index probe: a platform's shape, at a test's size.
+_OTHER_TENANTS = [
+    """INSERT INTO distributors (id, logto_id, name, custom_data)
+       SELECT 'pad-d' || g, 'pad_d' || g, 'd', '{"createdBy": "org_owner"}'
+         FROM generate_series(1, 500) g""",
+    """INSERT INTO resellers (id, logto_id, name, custom_data)
+       SELECT 'pad-r' || g, 'pad_r' || g, 'r', jsonb_build_object('createdBy', 'pad_d' || g % 500)
+         FROM generate_series(1, 5000) g""",
+    """INSERT INTO customers (id, logto_id, name, custom_data)
+       SELECT 'pad-c' || g, 'pad_c' || g, 'c', jsonb_build_object('createdBy', 'pad_r' || g % 5000)
+         FROM generate_series(1, 20000) g""",
+    """INSERT INTO systems (id, name, organization_id, system_key, registered_at)
+       SELECT 'pad-s' || g, 's', 'pad_c' || g % 20000, 'PAD-' || g, now()
+         FROM generate_series(1, 50000) g""",
+    "ANALYZE",
+]
+
+
+@pytest.mark.parametrize(
+    ("query", "argument"),
+    [
+        (postgres_queries._SYSTEMS_BY_ID, "pad-s17"),
+        (postgres_queries._SYSTEMS_BY_KEY, "PAD-17"),
+        (postgres_queries._ORGANIZATIONS, "pad_c17"),
+        (postgres_queries._ORGANIZATIONS_AND_PARENTS, "pad_c17"),
+    ],
+    ids=["systems by id", "systems by key", "organizations", "organizations and creators"],
+)
+async def test_every_lookup_is_answered_from_the_platforms_indexes(
+    platform_db: PlatformDatabase, query: str, argument: str
+) -> None:
+    # A lookup that scanned a table would cost a platform's size on every cold request:
+    # each query's generic plan (what a prepared statement settles on) probes indexes only.
+    for statement in _OTHER_TENANTS:
+        await platform_db.execute(statement)
+    plan = await platform_db.generic_plan(query, argument)
+    assert "Seq Scan" not in plan, plan
+    assert "Index" in plan, plan
+
+
+async def _waiting_queries_once_settled(database: PlatformDatabase) -> int:
+    """The gateway's queries waiting on a lock, once one does and a moment has passed."""
+    deadline = time.monotonic() + 5
+    while await _waiting_queries(database) == 0:
+        assert time.monotonic() < deadline, "no lookup reached the database"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    return await _waiting_queries(database)
 
 
 async def _waiting_queries(database: PlatformDatabase) -> int:

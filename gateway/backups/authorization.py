@@ -21,11 +21,14 @@ async def authorized_system(request: web.Request, system_id: str) -> System:
     """The live system the caller may act on (404 system not found / 403 access denied),
     or 503 when the directory cannot answer (never a stale allow)."""
     directory = request.app[DIRECTORY]
+    caller = request[PRINCIPAL]
     try:
-        system = await directory.system(system_id)
+        # The caller's organization is asked with the system, not after it (one round trip
+        # to a database, not two); its answer matters only once the system is found.
+        system, acting = await directory.system_and_organization(system_id, caller.organization_id)
         if system is None or system.deleted:
             raise ApiError(404, "system not found")
-        allowed = await may_act_on(directory, request[PRINCIPAL], system)
+        allowed = await may_act_on(directory, caller, acting, system)
     except DirectoryUnavailable as exc:
         log.warning("directory unavailable: %s", exc)
         raise directory_unavailable() from None
@@ -34,14 +37,19 @@ async def authorized_system(request: web.Request, system_id: str) -> System:
     return system
 
 
-async def may_act_on(directory: Directory, caller: Principal, system: System) -> bool:
-    acting = await directory.organization(caller.organization_id)
+async def may_act_on(
+    directory: Directory, caller: Principal, acting: Organization | None, system: System
+) -> bool:
+    """May `caller`, of the organization `acting` (as the directory answers it), act on
+    `system`?"""
     # The token's role claim must agree with the directory: a stale or forged claim never widens.
     if acting is None or acting.deleted or acting.role != caller.org_role:
         return False
     if acting.role == "owner":
         return True
-    target = await directory.organization(system.organization_id)
+    # the system's organization and its creator together: a distributor reaches its
+    # resellers' customers through the reseller
+    target, creator = await directory.organization_and_parent(system.organization_id)
     if target is None or target.deleted:
         return False
     if target.id == acting.id:
@@ -51,9 +59,10 @@ async def may_act_on(directory: Directory, caller: Principal, system: System) ->
     if target.parent == acting.id:
         return _created_by(acting, target)
     if acting.role == "distributor" and target.role == "customer" and target.parent is not None:
-        reseller = await directory.organization(target.parent)
+        reseller = creator
         return (
             reseller is not None
+            and reseller.id == target.parent
             and not reseller.deleted
             and reseller.role == "reseller"
             and reseller.parent == acting.id

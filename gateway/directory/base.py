@@ -68,6 +68,33 @@ class Directory(abc.ABC):
         """The registered system with that key (deleted or not: the caller decides), for
         the appliance's own credentials."""
 
+    async def organization_and_parent(
+        self, organization_id: str
+    ) -> tuple[Organization | None, Organization | None]:
+        """The organization and the one that created it, each as `organization` answers
+        it (None: not found, or no parent); a directory that asks a server asks for both
+        in one query."""
+        organization = await self.organization(organization_id)
+        if organization is None or organization.parent is None:
+            return organization, None
+        return organization, await self.organization(organization.parent)
+
+    async def system_and_organization(
+        self, system_id: str, organization_id: str
+    ) -> tuple[System | None, Organization | None]:
+        """A system and an organization, as `system` and `organization` answer them; the
+        organization is None when the system is not found or deleted (its answer does not
+        matter then). A directory that asks a server asks both at once."""
+        system = await self.system(system_id)
+        if system is None or system.deleted:
+            return system, None
+        return system, await self.organization(organization_id)
+
+    def local_organization(self, organization_id: str) -> Organization | None:
+        """The organization when this directory knows it without asking anyone (the Owner,
+        from the config), else None: a cache need not ask it in a task of its own."""
+        return None
+
     async def start(self) -> None:
         """Acquire what the directory needs to answer (pools, reload tasks); no I/O needed."""
 

@@ -3,8 +3,9 @@
 An answer (found or not found) is reused for at most `seconds`; past that it is asked
 again. Concurrent misses for one key share one question, so a burst of requests for a cold
 system costs one query, not one each; a caller that goes away mid-question does not take
-the others' answer with it. Failures are never cached and never hidden: the caller gets
-DirectoryUnavailable, not the previous answer.
+the others' answer with it. A cold system and a cold organization asked together go out at
+once. Failures are never cached and never hidden: the caller gets DirectoryUnavailable, not
+the previous answer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .base import Directory, Organization, System
 from .waiters import answer_all, fail_all
 
 V = TypeVar("V")
+_Lineage = tuple[Organization | None, Organization | None]  # organization_and_parent's answer
 MAX_ENTRIES = 100_000  # a bound on memory, far above a platform's systems in use at once
 
 
@@ -30,6 +32,13 @@ class _TtlCache(Generic[V]):
         # questions in flight: key -> the futures of those who wait for its answer
         self._asking: dict[str, list[asyncio.Future[V | None]]] = {}
         self._handed_over: set[asyncio.Task[V | None]] = set()
+
+    def peek(self, key: str) -> tuple[bool, V | None]:
+        """(True, the answer) when a fresh answer is held, else (False, None); asks nothing."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > self._clock():
+            return True, entry[1]
+        return False, None
 
     async def get(self, key: str, ask: Callable[[str], Awaitable[V | None]]) -> V | None:
         entry = self._entries.get(key)
@@ -103,12 +112,56 @@ class CachedDirectory(Directory):
         self._systems: _TtlCache[System] = _TtlCache(seconds, clock)
         self._organizations: _TtlCache[Organization] = _TtlCache(seconds, clock)
         self._keys: _TtlCache[System] = _TtlCache(seconds, clock)
+        self._lineages: _TtlCache[_Lineage] = _TtlCache(seconds, clock)
+        # lookups asked beside another whose answer made them moot: they finish, unawaited
+        self._unawaited: set[asyncio.Task[Organization | None]] = set()
 
     async def system(self, system_id: str) -> System | None:
         return await self._systems.get(system_id, self.inner.system)
 
     async def organization(self, organization_id: str) -> Organization | None:
         return await self._organizations.get(organization_id, self.inner.organization)
+
+    async def organization_and_parent(self, organization_id: str) -> _Lineage:
+        lineage = await self._lineages.get(organization_id, self.inner.organization_and_parent)
+        return (None, None) if lineage is None else lineage
+
+    async def system_and_organization(
+        self, system_id: str, organization_id: str
+    ) -> tuple[System | None, Organization | None]:
+        # Two cold questions go out at once (one round trip, not two); a task of its own
+        # for the organization only then: it is a turn of the loop, and most answers are
+        # held or known (the Owner).
+        known, organization = self._organizations.peek(organization_id)
+        if not known and (organization := self.inner.local_organization(organization_id)):
+            known = True
+        held, system = self._systems.peek(system_id)
+        if known or held:
+            if not held:
+                system = await self.system(system_id)
+            if system is None or system.deleted:
+                return system, None
+            if not known:
+                organization = await self.organization(organization_id)
+            return system, organization
+        asking = asyncio.ensure_future(self.organization(organization_id))
+        try:
+            system = await self.system(system_id)
+        except BaseException:
+            self._leave(asking)
+            raise
+        if system is None or system.deleted:
+            self._leave(asking)  # not cancelled: that would cancel its query, a round trip
+            return system, None
+        return system, await asking
+
+    def local_organization(self, organization_id: str) -> Organization | None:
+        return self.inner.local_organization(organization_id)
+
+    def _leave(self, task: asyncio.Task[Organization | None]) -> None:
+        self._unawaited.add(task)
+        task.add_done_callback(self._unawaited.discard)
+        task.add_done_callback(_retrieve)
 
     async def system_by_key(self, system_key: str) -> System | None:
         return await self._keys.get(system_key, self.inner.system_by_key)
@@ -117,6 +170,8 @@ class CachedDirectory(Directory):
         await self.inner.start()
 
     async def close(self) -> None:
+        if self._unawaited:  # bounded by the lookups' own bound
+            await asyncio.wait(self._unawaited, timeout=5)
         await self.inner.close()
 
     async def check_ready(self) -> None:
@@ -126,6 +181,7 @@ class CachedDirectory(Directory):
         self._systems.clear()
         self._organizations.clear()
         self._keys.clear()
+        self._lineages.clear()
         self.inner.reload_now()
 
     def export_metrics(self, metrics: Metrics) -> None:

@@ -66,16 +66,31 @@ SELECT 'organization_id', lower(logto_id COLLATE "C")
  GROUP BY 2 HAVING min(logto_id COLLATE "C") <> max(logto_id COLLATE "C")
 """
 # One row per live organization with that logto_id; more than one is a data error.
-_ORGANIZATIONS = """
+_LIVE_ORGANIZATIONS = """
 SELECT logto_id, 'distributor' AS role, custom_data->>'createdBy' AS parent
-  FROM distributors WHERE logto_id = ANY($1::text[]) AND deleted_at IS NULL
+  FROM distributors WHERE logto_id {match} AND deleted_at IS NULL
 UNION ALL
 SELECT logto_id, 'reseller', custom_data->>'createdBy'
-  FROM resellers WHERE logto_id = ANY($1::text[]) AND deleted_at IS NULL
+  FROM resellers WHERE logto_id {match} AND deleted_at IS NULL
 UNION ALL
 SELECT logto_id, 'customer', custom_data->>'createdBy'
-  FROM customers WHERE logto_id = ANY($1::text[]) AND deleted_at IS NULL
+  FROM customers WHERE logto_id {match} AND deleted_at IS NULL
 """
+_ORGANIZATIONS = _LIVE_ORGANIZATIONS.format(match="= ANY($1::text[])")
+# The asked organizations and those that created them, in one round trip (a distributor's
+# request on its reseller's customer needs both). The creators by LATERAL: an index probe per
+# asked row, whatever the planner guesses of the asked rows (a semi-join scanned the tables).
+# UNION, not UNION ALL: an organization asked and also another's creator is one row, not a
+# live duplicate.
+_ORGANIZATIONS_AND_PARENTS = """
+WITH asked AS ({asked})
+SELECT * FROM asked
+UNION
+SELECT creator.* FROM asked CROSS JOIN LATERAL ({creator}) AS creator
+""".format(
+    asked=_ORGANIZATIONS,
+    creator=_LIVE_ORGANIZATIONS.format(match="= asked.parent"),
+)
 _UNAVAILABLE = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -105,6 +120,7 @@ class PostgresDirectory(Directory):
         self._systems = BatchedLookup(self._systems_by_id, in_flight, wait)
         self._keys = BatchedLookup(self._systems_by_key, in_flight, wait)
         self._organizations = BatchedLookup(self._organizations_by_id, in_flight, wait)
+        self._lineages = BatchedLookup(self._organizations_and_parents_by_id, in_flight, wait)
         self._case_twins = CaseTwinScanner(
             self._scan_case_twins, config.case_scan_seconds, self._scanned
         )
@@ -191,6 +207,19 @@ class PostgresDirectory(Directory):
             return None
         return await self._one("organization", self._organizations, organization_id)
 
+    async def organization_and_parent(
+        self, organization_id: str
+    ) -> tuple[Organization | None, Organization | None]:
+        if organization_id == self._owner.id:
+            return self._owner, None
+        if not SAFE_COMPONENT.fullmatch(organization_id):
+            return None, None
+        lineage = await self._one("organization_and_parent", self._lineages, organization_id)
+        return (None, None) if lineage is None else lineage
+
+    def local_organization(self, organization_id: str) -> Organization | None:
+        return self._owner if organization_id == self._owner.id else None
+
     async def _one(self, name: str, lookup: BatchedLookup[V], key: str) -> V | None:
         started = time.perf_counter()
         outcome = "unavailable"
@@ -248,21 +277,26 @@ class PostgresDirectory(Directory):
         return {key: system for key, system in systems if system is not None}
 
     async def _organizations_by_id(self, ids: list[str]) -> dict[str, Organization]:
-        live: dict[str, list[asyncpg.Record]] = {}
-        for row in await self._fetch(_ORGANIZATIONS, ids):
-            live.setdefault(row["logto_id"], []).append(row)
-        found = {}
-        for organization_id, rows in live.items():
-            if len(rows) > 1:
-                log.error(
-                    "organization %s refused: live in %d organization tables",
-                    organization_id,
-                    len(rows),
-                )
+        return _live_organizations(await self._fetch(_ORGANIZATIONS, ids))
+
+    async def _organizations_and_parents_by_id(
+        self, ids: list[str]
+    ) -> dict[str, tuple[Organization, Organization | None]]:
+        found = _live_organizations(await self._fetch(_ORGANIZATIONS_AND_PARENTS, ids))
+        lineages = {}
+        for organization_id in ids:
+            organization = found.get(organization_id)
+            if organization is None:
                 continue
-            role, parent = rows[0]["role"], rows[0]["parent"]
-            found[organization_id] = Organization(id=organization_id, role=role, parent=parent)
-        return found
+            parent = organization.parent
+            if parent is None or not SAFE_COMPONENT.fullmatch(parent):
+                creator = None  # as organization() answers for such an id
+            elif parent == self._owner.id:
+                creator = self._owner  # in no table: from the config
+            else:
+                creator = found.get(parent)
+            lineages[organization_id] = (organization, creator)
+        return lineages
 
     async def check_ready(self) -> None:
         await self._fetch("SELECT 1")
@@ -338,3 +372,22 @@ def _system(row: asyncpg.Record, twins: CaseTwins) -> System | None:
         secret_public=row["system_secret_public"],
         secret_sha256=row["system_secret_sha256"],
     )
+
+
+def _live_organizations(rows: list[asyncpg.Record]) -> dict[str, Organization]:
+    """The organizations of these rows by id; one live in two tables is a data error: refused."""
+    live: dict[str, list[asyncpg.Record]] = {}
+    for row in rows:
+        live.setdefault(row["logto_id"], []).append(row)
+    found = {}
+    for organization_id, same_id in live.items():
+        if len(same_id) > 1:
+            log.error(
+                "organization %s refused: live in %d organization tables",
+                organization_id,
+                len(same_id),
+            )
+            continue
+        role, parent = same_id[0]["role"], same_id[0]["parent"]
+        found[organization_id] = Organization(id=organization_id, role=role, parent=parent)
+    return found
