@@ -10,7 +10,7 @@ import logging
 
 from aiohttp import web
 
-from ..directory import DIRECTORY, Directory, DirectoryUnavailable, Organization, System
+from ..directory import DIRECTORY, DirectoryUnavailable, Organization, System, SystemInTree
 from ..http.errors import ApiError, directory_unavailable
 from ..identity.principal import PRINCIPAL, Principal
 
@@ -23,34 +23,42 @@ async def authorized_system(request: web.Request, system_id: str) -> System:
     directory = request.app[DIRECTORY]
     caller = request[PRINCIPAL]
     try:
-        # The caller's organization is asked with the system, not after it (one round trip
-        # to a database, not two); its answer matters only once the system is found.
-        system, acting = await directory.system_and_organization(system_id, caller.organization_id)
-        if system is None or system.deleted:
-            raise ApiError(404, "system not found")
-        allowed = await may_act_on(directory, caller, acting, system)
+        # One round trip to a database at most: the caller's organization is asked beside
+        # the system, and for any caller but the Owner the system comes with its
+        # organization and that one's creator. The claim only picks the questions: the
+        # answer decides (a claim the directory does not bear out is refused below).
+        tree: SystemInTree | None = None
+        if caller.org_role == "owner":
+            system, acting = await directory.system_and_organization(
+                system_id, caller.organization_id
+            )
+        else:
+            tree, acting = await directory.system_in_tree_and_organization(
+                system_id, caller.organization_id
+            )
+            system = None if tree is None else tree.system
     except DirectoryUnavailable as exc:
         log.warning("directory unavailable: %s", exc)
         raise directory_unavailable() from None
-    if not allowed:
+    if system is None or system.deleted:
+        raise ApiError(404, "system not found")
+    if not may_act_on(caller, acting, tree):
         raise ApiError(403, "access denied to system")
     return system
 
 
-async def may_act_on(
-    directory: Directory, caller: Principal, acting: Organization | None, system: System
-) -> bool:
-    """May `caller`, of the organization `acting` (as the directory answers it), act on
-    `system`?"""
+def may_act_on(caller: Principal, acting: Organization | None, tree: SystemInTree | None) -> bool:
+    """May `caller`, of the organization `acting` (as the directory answers it), act on the
+    system? `tree`: the system in its tree (None: not asked, for the Owner's claim)."""
     # The token's role claim must agree with the directory: a stale or forged claim never widens.
     if acting is None or acting.deleted or acting.role != caller.org_role:
         return False
     if acting.role == "owner":
         return True
-    # the system's organization and its creator together: a distributor reaches its
-    # resellers' customers through the reseller
-    target, creator = await directory.organization_and_parent(system.organization_id)
-    if target is None or target.deleted:
+    if tree is None:
+        return False  # never for a live claim other than the Owner's: nothing to decide on
+    target, creator = tree.organization, tree.creator
+    if target is None or target.deleted or target.id != tree.system.organization_id:
         return False
     if target.id == acting.id:
         return True

@@ -19,6 +19,7 @@ from .base import (
     DirectoryUnavailable,
     Organization,
     System,
+    SystemInTree,
 )
 from .cache import CachedDirectory
 from .file import FileDirectory, InMemoryDirectory, load_file_directory, parse_directory
@@ -54,6 +55,7 @@ __all__ = [
     "InMemoryDirectory",
     "Organization",
     "System",
+    "SystemInTree",
     "create_directory",
     "load_file_directory",
     "parse_directory",

@@ -41,6 +41,17 @@ class System:
     secret_sha256: str | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class SystemInTree:
+    """A system, its organization and the organization that created that one: what deciding
+    on a caller other than the Owner takes. Each organization as `Directory.organization`
+    answers it (None: not found, or no creator)."""
+
+    system: System
+    organization: Organization | None
+    creator: Organization | None
+
+
 class DirectoryError(Exception):
     """The directory cannot be loaded; the message names the entry and the problem."""
 
@@ -68,27 +79,39 @@ class Directory(abc.ABC):
         """The registered system with that key (deleted or not: the caller decides), for
         the appliance's own credentials."""
 
-    async def organization_and_parent(
-        self, organization_id: str
-    ) -> tuple[Organization | None, Organization | None]:
-        """The organization and the one that created it, each as `organization` answers
-        it (None: not found, or no parent); a directory that asks a server asks for both
-        in one query."""
-        organization = await self.organization(organization_id)
-        if organization is None or organization.parent is None:
-            return organization, None
-        return organization, await self.organization(organization.parent)
+    async def system_in_tree(self, system_id: str) -> SystemInTree | None:
+        """The system (None when not found) with its organization and the one that created
+        that, each as `organization` answers it; a directory that asks a server asks for
+        all three in one query."""
+        system = await self.system(system_id)
+        if system is None:
+            return None
+        organization = await self.organization(system.organization_id)
+        creator = None
+        if organization is not None and organization.parent is not None:
+            creator = await self.organization(organization.parent)
+        return SystemInTree(system, organization, creator)
 
     async def system_and_organization(
         self, system_id: str, organization_id: str
     ) -> tuple[System | None, Organization | None]:
-        """A system and an organization, as `system` and `organization` answer them; the
-        organization is None when the system is not found or deleted (its answer does not
-        matter then). A directory that asks a server asks both at once."""
+        """`system(system_id)` and `organization(organization_id)`; the organization is
+        None when the system is not found or deleted (its answer does not matter then). A
+        directory that asks a server asks both at once."""
         system = await self.system(system_id)
         if system is None or system.deleted:
             return system, None
         return system, await self.organization(organization_id)
+
+    async def system_in_tree_and_organization(
+        self, system_id: str, organization_id: str
+    ) -> tuple[SystemInTree | None, Organization | None]:
+        """`system_in_tree(system_id)` and `organization(organization_id)`, as
+        `system_and_organization` answers its two."""
+        tree = await self.system_in_tree(system_id)
+        if tree is None or tree.system.deleted:
+            return tree, None
+        return tree, await self.organization(organization_id)
 
     def local_organization(self, organization_id: str) -> Organization | None:
         """The organization when this directory knows it without asking anyone (the Owner,

@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from ..telemetry.metrics import Metrics
-from .base import Directory, Organization, System
+from .base import Directory, Organization, System, SystemInTree
 from .waiters import answer_all, fail_all
 
 V = TypeVar("V")
-_Lineage = tuple[Organization | None, Organization | None]  # organization_and_parent's answer
 MAX_ENTRIES = 100_000  # a bound on memory, far above a platform's systems in use at once
 
 
@@ -112,7 +111,7 @@ class CachedDirectory(Directory):
         self._systems: _TtlCache[System] = _TtlCache(seconds, clock)
         self._organizations: _TtlCache[Organization] = _TtlCache(seconds, clock)
         self._keys: _TtlCache[System] = _TtlCache(seconds, clock)
-        self._lineages: _TtlCache[_Lineage] = _TtlCache(seconds, clock)
+        self._trees: _TtlCache[SystemInTree] = _TtlCache(seconds, clock)
         # lookups asked beside another whose answer made them moot: they finish, unawaited
         self._unawaited: set[asyncio.Task[Organization | None]] = set()
 
@@ -122,38 +121,57 @@ class CachedDirectory(Directory):
     async def organization(self, organization_id: str) -> Organization | None:
         return await self._organizations.get(organization_id, self.inner.organization)
 
-    async def organization_and_parent(self, organization_id: str) -> _Lineage:
-        lineage = await self._lineages.get(organization_id, self.inner.organization_and_parent)
-        return (None, None) if lineage is None else lineage
+    async def system_in_tree(self, system_id: str) -> SystemInTree | None:
+        return await self._trees.get(system_id, self.inner.system_in_tree)
 
     async def system_and_organization(
         self, system_id: str, organization_id: str
     ) -> tuple[System | None, Organization | None]:
-        # Two cold questions go out at once (one round trip, not two); a task of its own
-        # for the organization only then: it is a turn of the loop, and most answers are
-        # held or known (the Owner).
+        return await self._beside_organization(
+            self._systems, system_id, self.inner.system, _live_system, organization_id
+        )
+
+    async def system_in_tree_and_organization(
+        self, system_id: str, organization_id: str
+    ) -> tuple[SystemInTree | None, Organization | None]:
+        return await self._beside_organization(
+            self._trees, system_id, self.inner.system_in_tree, _live_tree, organization_id
+        )
+
+    async def _beside_organization(
+        self,
+        cache: _TtlCache[V],
+        key: str,
+        ask: Callable[[str], Awaitable[V | None]],
+        found: Callable[[V | None], bool],
+        organization_id: str,
+    ) -> tuple[V | None, Organization | None]:
+        """`cache`'s answer for `key` and the organization's, that one only when `found`.
+        Two cold questions go out at once (one round trip, not two); a task of its own for
+        the organization only then: a task is a turn of the loop, and most answers are held
+        or known (the Owner)."""
         known, organization = self._organizations.peek(organization_id)
         if not known and (organization := self.inner.local_organization(organization_id)):
             known = True
-        held, system = self._systems.peek(system_id)
+        held, answer = cache.peek(key)
         if known or held:
             if not held:
-                system = await self.system(system_id)
-            if system is None or system.deleted:
-                return system, None
+                answer = await cache.get(key, ask)
+            if not found(answer):
+                return answer, None
             if not known:
                 organization = await self.organization(organization_id)
-            return system, organization
+            return answer, organization
         asking = asyncio.ensure_future(self.organization(organization_id))
         try:
-            system = await self.system(system_id)
+            answer = await cache.get(key, ask)
         except BaseException:
             self._leave(asking)
             raise
-        if system is None or system.deleted:
+        if not found(answer):
             self._leave(asking)  # not cancelled: that would cancel its query, a round trip
-            return system, None
-        return system, await asking
+            return answer, None
+        return answer, await asking
 
     def local_organization(self, organization_id: str) -> Organization | None:
         return self.inner.local_organization(organization_id)
@@ -181,8 +199,16 @@ class CachedDirectory(Directory):
         self._systems.clear()
         self._organizations.clear()
         self._keys.clear()
-        self._lineages.clear()
+        self._trees.clear()
         self.inner.reload_now()
 
     def export_metrics(self, metrics: Metrics) -> None:
         self.inner.export_metrics(metrics)
+
+
+def _live_system(system: System | None) -> bool:
+    return system is not None and not system.deleted
+
+
+def _live_tree(tree: SystemInTree | None) -> bool:
+    return tree is not None and not tree.system.deleted

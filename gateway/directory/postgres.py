@@ -27,7 +27,14 @@ import asyncpg
 
 from ..config import PostgresDirectoryConfig
 from ..telemetry.metrics import Metrics
-from .base import SAFE_COMPONENT, Directory, DirectoryUnavailable, Organization, System
+from .base import (
+    SAFE_COMPONENT,
+    Directory,
+    DirectoryUnavailable,
+    Organization,
+    System,
+    SystemInTree,
+)
 from .batching import BatchedLookup
 from .case_twins import CaseTwins, CaseTwinScanner
 
@@ -40,14 +47,14 @@ SELECT id, organization_id, system_key AS raw_key,
        CASE WHEN registered_at IS NOT NULL THEN system_key END AS system_key,
        deleted_at IS NOT NULL AS deleted,
        suspended_at IS NOT NULL AS suspended,
-       system_secret_public, system_secret_sha256
-  FROM systems
+       system_secret_public, system_secret_sha256{columns}
+  FROM systems AS s{joins}
  WHERE {where}
 """
-_SYSTEMS_BY_ID = _SYSTEMS.format(where="id = ANY($1::text[])")
+_SYSTEMS_BY_ID = _SYSTEMS.format(columns="", joins="", where="id = ANY($1::text[])")
 # the unique partial index on system_key (WHERE system_key IS NOT NULL)
 _SYSTEMS_BY_KEY = _SYSTEMS.format(
-    where="system_key = ANY($1::text[]) AND registered_at IS NOT NULL"
+    columns="", joins="", where="system_key = ANY($1::text[]) AND registered_at IS NOT NULL"
 )
 # Names that differ from another only in case (case_twins.py): every system key, and every
 # organization's logto_id in the three tables (deleted or not) and the Owner's ($1). A
@@ -77,19 +84,21 @@ SELECT logto_id, 'customer', custom_data->>'createdBy'
   FROM customers WHERE logto_id {match} AND deleted_at IS NULL
 """
 _ORGANIZATIONS = _LIVE_ORGANIZATIONS.format(match="= ANY($1::text[])")
-# The asked organizations and those that created them, in one round trip (a distributor's
-# request on its reseller's customer needs both). The creators by LATERAL: an index probe per
-# asked row, whatever the planner guesses of the asked rows (a semi-join scanned the tables).
-# UNION, not UNION ALL: an organization asked and also another's creator is one row, not a
-# live duplicate.
-_ORGANIZATIONS_AND_PARENTS = """
-WITH asked AS ({asked})
-SELECT * FROM asked
-UNION
-SELECT creator.* FROM asked CROSS JOIN LATERAL ({creator}) AS creator
-""".format(
-    asked=_ORGANIZATIONS,
-    creator=_LIVE_ORGANIZATIONS.format(match="= asked.parent"),
+# A system with its organization and the one that created that (what deciding on a caller
+# other than the Owner takes), in one round trip. By LATERAL: an index probe per system and
+# level, whatever the planner guesses of the rows before. An organization live in two
+# tables gives two rows: a data error, refused as `_live_organizations` refuses it.
+_SYSTEMS_IN_TREE = _SYSTEMS.format(
+    columns=""",
+       o.role AS organization_role, o.parent AS organization_parent,
+       c.logto_id AS creator_id, c.role AS creator_role, c.parent AS creator_parent""",
+    joins="""
+  LEFT JOIN LATERAL ({organization}) AS o ON true
+  LEFT JOIN LATERAL ({creator}) AS c ON true""".format(
+        organization=_LIVE_ORGANIZATIONS.format(match="= s.organization_id"),
+        creator=_LIVE_ORGANIZATIONS.format(match="= o.parent"),
+    ),
+    where="s.id = ANY($1::text[])",
 )
 _UNAVAILABLE = (
     asyncpg.PostgresError,
@@ -120,7 +129,7 @@ class PostgresDirectory(Directory):
         self._systems = BatchedLookup(self._systems_by_id, in_flight, wait)
         self._keys = BatchedLookup(self._systems_by_key, in_flight, wait)
         self._organizations = BatchedLookup(self._organizations_by_id, in_flight, wait)
-        self._lineages = BatchedLookup(self._organizations_and_parents_by_id, in_flight, wait)
+        self._trees = BatchedLookup(self._systems_in_tree_by_id, in_flight, wait)
         self._case_twins = CaseTwinScanner(
             self._scan_case_twins, config.case_scan_seconds, self._scanned
         )
@@ -207,15 +216,10 @@ class PostgresDirectory(Directory):
             return None
         return await self._one("organization", self._organizations, organization_id)
 
-    async def organization_and_parent(
-        self, organization_id: str
-    ) -> tuple[Organization | None, Organization | None]:
-        if organization_id == self._owner.id:
-            return self._owner, None
-        if not SAFE_COMPONENT.fullmatch(organization_id):
-            return None, None
-        lineage = await self._one("organization_and_parent", self._lineages, organization_id)
-        return (None, None) if lineage is None else lineage
+    async def system_in_tree(self, system_id: str) -> SystemInTree | None:
+        if not SAFE_COMPONENT.fullmatch(system_id):
+            return None
+        return await self._one("system_in_tree", self._trees, system_id)
 
     def local_organization(self, organization_id: str) -> Organization | None:
         return self._owner if organization_id == self._owner.id else None
@@ -279,24 +283,36 @@ class PostgresDirectory(Directory):
     async def _organizations_by_id(self, ids: list[str]) -> dict[str, Organization]:
         return _live_organizations(await self._fetch(_ORGANIZATIONS, ids))
 
-    async def _organizations_and_parents_by_id(
-        self, ids: list[str]
-    ) -> dict[str, tuple[Organization, Organization | None]]:
-        found = _live_organizations(await self._fetch(_ORGANIZATIONS_AND_PARENTS, ids))
-        lineages = {}
-        for organization_id in ids:
-            organization = found.get(organization_id)
-            if organization is None:
-                continue
-            parent = organization.parent
-            if parent is None or not SAFE_COMPONENT.fullmatch(parent):
-                creator = None  # as organization() answers for such an id
-            elif parent == self._owner.id:
-                creator = self._owner  # in no table: from the config
-            else:
-                creator = found.get(parent)
-            lineages[organization_id] = (organization, creator)
-        return lineages
+    async def _systems_in_tree_by_id(self, ids: list[str]) -> dict[str, SystemInTree]:
+        twins, rows = await self._checked_rows(_SYSTEMS_IN_TREE, ids)
+        by_system: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_system.setdefault(row["id"], []).append(row)
+        trees = {}
+        for system_id, same_system in by_system.items():
+            system = _system(same_system[0], twins)
+            if system is not None:
+                organization, creator = self._tree_of(system.organization_id, same_system)
+                trees[system_id] = SystemInTree(system, organization, creator)
+        return trees
+
+    def _tree_of(
+        self, organization_id: str, rows: list[asyncpg.Record]
+    ) -> tuple[Organization | None, Organization | None]:
+        """The system's organization and its creator, from the rows of one system."""
+        if organization_id == self._owner.id:
+            return self._owner, None  # in no table: from the config
+        organization = _only_one(
+            organization_id,
+            {(r["organization_role"], r["organization_parent"]) for r in rows},
+        )
+        parent = None if organization is None else organization.parent
+        if parent is None or not SAFE_COMPONENT.fullmatch(parent):
+            return organization, None  # as organization() answers for such an id
+        if parent == self._owner.id:
+            return organization, self._owner
+        creator = _only_one(parent, {(r["creator_role"], r["creator_parent"]) for r in rows})
+        return organization, creator
 
     async def check_ready(self) -> None:
         await self._fetch("SELECT 1")
@@ -375,19 +391,29 @@ def _system(row: asyncpg.Record, twins: CaseTwins) -> System | None:
 
 
 def _live_organizations(rows: list[asyncpg.Record]) -> dict[str, Organization]:
-    """The organizations of these rows by id; one live in two tables is a data error: refused."""
-    live: dict[str, list[asyncpg.Record]] = {}
+    """The organizations of these rows by id (one row each, or refused by `_only_one`)."""
+    live: dict[str, set[tuple[str | None, str | None]]] = {}
     for row in rows:
-        live.setdefault(row["logto_id"], []).append(row)
-    found = {}
-    for organization_id, same_id in live.items():
-        if len(same_id) > 1:
-            log.error(
-                "organization %s refused: live in %d organization tables",
-                organization_id,
-                len(same_id),
-            )
-            continue
-        role, parent = same_id[0]["role"], same_id[0]["parent"]
-        found[organization_id] = Organization(id=organization_id, role=role, parent=parent)
-    return found
+        live.setdefault(row["logto_id"], set()).add((row["role"], row["parent"]))
+    found = ((i, _only_one(i, variants)) for i, variants in live.items())
+    return {i: organization for i, organization in found if organization is not None}
+
+
+def _only_one(
+    organization_id: str, variants: set[tuple[str | None, str | None]]
+) -> Organization | None:
+    """The organization of its (role, parent) rows; none (a role of None: a join that found
+    nothing) is not found, and more than one is a data error: refused."""
+    variants.discard((None, None))
+    if len(variants) > 1:
+        log.error(
+            "organization %s refused: live in %d organization tables",
+            organization_id,
+            len(variants),
+        )
+        return None
+    if not variants:
+        return None
+    role, parent = variants.pop()
+    assert role is not None  # a live row's role is its table's
+    return Organization(id=organization_id, role=role, parent=parent)
