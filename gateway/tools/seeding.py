@@ -100,6 +100,9 @@ def _seed_local_share(
             _write(path + SIDECAR_SUFFIX, sidecar)
 
 
+SEED_PUTS_IN_FLIGHT = 32
+
+
 async def _seed_s3(config: Config, plan: list[tuple[SeededSystem, list[str]]], data: bytes):
     from storage_backends import s3
 
@@ -126,8 +129,12 @@ async def _seed_s3(config: Config, plan: list[tuple[SeededSystem, list[str]]], d
                 },
             )
 
+    # Not one worker per pooled connection (the bench's pool is 256): a test server such as
+    # moto's listens with a backlog of 128, and the connects beyond it time out (seen: 2
+    # seeds in 15 failed so). A few dozen puts in flight are all one server takes anyway.
+    workers = min(config.storage.s3.max_pool_connections, SEED_PUTS_IN_FLIGHT)
     try:
-        await asyncio.gather(*(worker() for _ in range(config.storage.s3.max_pool_connections)))
+        await asyncio.gather(*(worker() for _ in range(workers)))
     finally:
         await store.close()
 
