@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from collections import deque
 
-from locust import FastHttpUser, task  # type: ignore[import-not-found]
-from locust.exception import StopUser  # type: ignore[import-not-found]
+from locust import FastHttpUser, task
+from locust.exception import StopUser
 
 with open(os.environ.get("IDS_FILE", "ids.txt"), encoding="ascii") as ids_file:
     PATHS = deque(

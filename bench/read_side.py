@@ -59,7 +59,7 @@ def wrk_get(port: int, path: str, token: str, c: int, seconds: float) -> dict[st
     return wrk_script(LUA, {"GET_PATH": path, "TOKEN": token}, port, c, seconds)
 
 
-def row(name: str, result: dict[str, Any], cpu: dict[str, float] | None = None) -> dict[str, Any]:
+def row(name: str, result: dict[str, Any], cpu: bench.CpuReading | None = None) -> dict[str, Any]:
     return {"name": name, **result, **(cpu or {})}
 
 
@@ -350,17 +350,17 @@ def main() -> int:
     print_rows(rows)
     by = {r["name"]: r for r in rows}
     if "a bare aiohttp GET (same JSON)" in by:
-        a = by["a bare aiohttp GET (same JSON)"]
-        local = by["l gateway list, local (10 backups)"]
-        s3 = by["l gateway list, s3 [seaweedfs] (10 backups)"]
-        raw = by["c aiobotocore list+10 heads [seaweedfs]"]
-        d = by["d gateway s3 delete [seaweedfs]"]
-        print(f"list local / bare = {local['rps'] / a['rps']:.3f} (target >= 0.25)")
-        print(f"list s3 / raw list+heads = {s3['rps'] / raw['rps']:.3f}")
+        bare_row = by["a bare aiohttp GET (same JSON)"]
+        local_row = by["l gateway list, local (10 backups)"]
+        s3_row = by["l gateway list, s3 [seaweedfs] (10 backups)"]
+        raw_row = by["c aiobotocore list+10 heads [seaweedfs]"]
+        delete_row = by["d gateway s3 delete [seaweedfs]"]
+        print(f"list local / bare = {local_row['rps'] / bare_row['rps']:.3f} (target >= 0.25)")
+        print(f"list s3 / raw list+heads = {s3_row['rps'] / raw_row['rps']:.3f}")
         print(
-            f"s3 CPU per list {s3['cpu_us_per_request']:.0f} us = "
-            f"{s3['cpu_us_per_request'] / d['cpu_us_per_request']:.2f} x a delete's "
-            f"{d['cpu_us_per_request']:.0f} (target <= 5)"
+            f"s3 CPU per list {s3_row['cpu_us_per_request']:.0f} us = "
+            f"{s3_row['cpu_us_per_request'] / delete_row['cpu_us_per_request']:.2f} x a "
+            f"delete's {delete_row['cpu_us_per_request']:.0f} (target <= 5)"
         )
     many = [r for r in rows if r["name"].startswith("download 10 MB")]
     if len(many) == 2:

@@ -65,7 +65,7 @@ class SplitMeter(bench.CpuMeter):
         meter.writes = disk_writes()
         return meter
 
-    def stop(self, requests: int) -> dict[str, float]:
+    def stop(self, requests: int) -> bench.CpuReading:
         parts = []
         for pid, (role, user, system) in cpu_by_process(self.pids).items():
             _, user0, system0 = self.before.get(pid, (role, 0, 0))

@@ -39,7 +39,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import yaml
 
@@ -137,6 +137,14 @@ def machine_busy_seconds() -> float:
     return user + nice + system + irq + softirq
 
 
+class CpuReading(TypedDict):
+    """What a CpuMeter read over a row: the server's CPU a request, the machine's."""
+
+    cpu_us_per_request: float
+    machine_cores_busy: float
+    machine_stolen: float
+
+
 @dataclass
 class CpuMeter:
     """CPU spent by a server's process tree, and by the machine, over one load run."""
@@ -158,7 +166,7 @@ class CpuMeter:
             time.monotonic(),
         )
 
-    def stop(self, requests: int) -> dict[str, float]:
+    def stop(self, requests: int) -> CpuReading:
         server = tree_cpu_seconds(self.pids) - self.server
         machine = machine_busy_seconds() - self.machine
         stolen = machine_stolen_seconds() - self.stolen
@@ -360,7 +368,7 @@ def gateway_config(work: Path, port: int, storage: dict[str, Any]) -> Path:
 
 
 def seed(config: Path, systems: int, backups: int, ids: Path) -> None:
-    subprocess.run(
+    seeded = subprocess.run(
         [
             str(BIN / "backup-gateway"),
             "seed",
@@ -373,9 +381,12 @@ def seed(config: Path, systems: int, backups: int, ids: Path) -> None:
             "--ids-out",
             str(ids),
         ],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if seeded.returncode != 0:  # say why: its output is captured
+        sys.stderr.write(seeded.stderr[-4000:])
+        seeded.check_returncode()
 
 
 def owner_token(config: Path) -> str:
@@ -504,7 +515,7 @@ class ServingRow:
     ids: Path
     token: str
 
-    def finish(self, result: dict[str, Any], cpu: dict[str, float], after_load: Any = None) -> Row:
+    def finish(self, result: dict[str, Any], cpu: CpuReading, after_load: Any = None) -> Row:
         try:
             if after_load is not None:
                 after_load(self.port)  # the gateway still runs: its /metrics, its state
