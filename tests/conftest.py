@@ -50,7 +50,7 @@ def s3_server(request: pytest.FixtureRequest) -> S3Server:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL 18 server with the platform's schema as a template database."""
-    server = PostgresServer()
+    server = PostgresServer(track_statements=True)
     yield server
     server.stop()
 

