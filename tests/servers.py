@@ -226,17 +226,22 @@ class PlatformDatabase:
         finally:
             await connection.close()
 
-    async def generic_plan(self, query: str, argument: str) -> str:
-        """EXPLAIN of `query`'s generic plan (as a prepared statement runs after its fifth
-        execution, whatever the argument), its one text[] parameter set to `argument`."""
+    async def generic_plan(self, query: str, *arguments: str) -> str:
+        """EXPLAIN of `query`'s generic plan (what the gateway's connections run: they
+        plan once, whatever the arguments), its text[] parameters each set to an array of
+        one of `arguments`."""
         connection = await _connect(self.server.dsn(self.name, "postgres"))
         try:
             await connection.execute("SET plan_cache_mode = force_generic_plan")
-            await connection.execute(f"PREPARE asked(text[]) AS {query}")
-            # EXPLAIN EXECUTE takes no parameters: the server quotes the literal (%L)
+            types = ", ".join(["text[]"] * len(arguments))
+            await connection.execute(f"PREPARE asked({types}) AS {query}")
+            # EXPLAIN EXECUTE takes no parameters: the server quotes the literals (%L)
+            placeholders = ", ".join(["ARRAY[%L]"] * len(arguments))
             explain = await connection.fetchval(
-                "SELECT format('EXPLAIN (COSTS OFF) EXECUTE asked(ARRAY[%L])', $1::text)",
-                argument,
+                f"SELECT format('EXPLAIN (COSTS OFF) EXECUTE asked({placeholders})', "
+                + ", ".join(f"${i + 1}::text" for i in range(len(arguments)))
+                + ")",
+                *arguments,
             )
             rows = await connection.fetch(explain)
             return "\n".join(row[0] for row in rows)

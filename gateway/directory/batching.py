@@ -16,18 +16,19 @@ at most `wait_seconds` (then TimeoutError); one that goes out at once is bounded
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Generic, TypeVar
 
 from .waiters import answer_all, fail_all
 
+K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 MAX_KEYS_PER_QUERY = 256  # a bound on one query's parameter and on its answer's size
 
-AskMany = Callable[[list[str]], Awaitable[Mapping[str, V]]]
+AskMany = Callable[[list[K]], Awaitable[Mapping[K, V]]]
 
 
-class BatchedLookup(Generic[V]):
+class BatchedLookup(Generic[K, V]):
     """`get(key)` answers `ask_many(keys)[key]` (None when absent), asked with other keys.
 
     Every turn of the event loop a lookup waits is a turn behind every other ready request:
@@ -35,16 +36,18 @@ class BatchedLookup(Generic[V]):
     future of its own (set directly, no shield in between), and a batch's task collects
     its keys and asks in the same step."""
 
-    def __init__(self, ask_many: AskMany[V], queries_in_flight: int, wait_seconds: float) -> None:
+    def __init__(
+        self, ask_many: AskMany[K, V], queries_in_flight: int, wait_seconds: float
+    ) -> None:
         self._ask_many = ask_many
         self._limit = max(1, queries_in_flight)
         self._wait_seconds = wait_seconds
-        self._waiting: dict[str, list[asyncio.Future[V | None]]] = {}
+        self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
         self._in_flight = 0  # batch tasks started, collecting or asking
         self._collecting = False  # a started batch task has not taken its keys yet
         self._queries: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
-    async def get(self, key: str) -> V | None:
+    async def get(self, key: K) -> V | None:
         if not self._waiting and self._in_flight == 0:
             # Nothing in flight and no one waiting: ask at once, in the caller's own
             # task (no batch task to start, no future to wake: two turns of the loop fewer).

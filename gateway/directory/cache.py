@@ -20,6 +20,9 @@ from .base import Directory, Organization, System, SystemInTree
 from .waiters import answer_all, fail_all
 
 V = TypeVar("V")
+# asks for a key's answer and an organization's together: (answer, the organization's
+# answer when the first is found, else None)
+AskBoth = Callable[[str, str], Awaitable[tuple[V | None, Organization | None]]]
 MAX_ENTRIES = 100_000  # a bound on memory, far above a platform's systems in use at once
 
 
@@ -69,6 +72,16 @@ class _TtlCache(Generic[V]):
     def clear(self) -> None:
         self._entries.clear()
 
+    def now(self) -> float:
+        return self._clock()
+
+    def put(self, key: str, answer: V | None, asked_at: float) -> None:
+        """Hold an answer asked at `asked_at` (its age counts from then)."""
+        if self._seconds > 0:
+            if len(self._entries) >= MAX_ENTRIES:
+                del self._entries[next(iter(self._entries))]  # the oldest insertion
+            self._entries[key] = (asked_at + self._seconds, answer)
+
     async def _ask(
         self,
         key: str,
@@ -85,10 +98,7 @@ class _TtlCache(Generic[V]):
             fail_all(waiting, exc)
             raise
         self._done_asking(key, waiting)
-        if self._seconds > 0:
-            if len(self._entries) >= MAX_ENTRIES:
-                del self._entries[next(iter(self._entries))]  # the oldest insertion
-            self._entries[key] = (asked_at + self._seconds, answer)
+        self.put(key, answer, asked_at)
         answer_all(waiting, answer)
         return answer
 
@@ -135,7 +145,12 @@ class CachedDirectory(Directory):
         self, system_id: str, organization_id: str
     ) -> tuple[SystemInTree | None, Organization | None]:
         return await self._beside_organization(
-            self._trees, system_id, self.inner.system_in_tree, _live_tree, organization_id
+            self._trees,
+            system_id,
+            self.inner.system_in_tree,
+            _live_tree,
+            organization_id,
+            self.inner.system_in_tree_and_organization,
         )
 
     async def _beside_organization(
@@ -145,11 +160,13 @@ class CachedDirectory(Directory):
         ask: Callable[[str], Awaitable[V | None]],
         found: Callable[[V | None], bool],
         organization_id: str,
+        ask_both: AskBoth[V] | None = None,
     ) -> tuple[V | None, Organization | None]:
         """`cache`'s answer for `key` and the organization's, that one only when `found`.
-        Two cold questions go out at once (one round trip, not two); a task of its own for
-        the organization only then: a task is a turn of the loop, and most answers are held
-        or known (the Owner)."""
+        Two cold questions go out at once (one round trip, not two): as one question when
+        the directory can (`ask_both`), else in a task of its own for the organization, and
+        only then: a task is a turn of the loop, and most answers are held or known (the
+        Owner)."""
         known, organization = self._organizations.peek(organization_id)
         if not known and (organization := self.inner.local_organization(organization_id)):
             known = True
@@ -162,6 +179,8 @@ class CachedDirectory(Directory):
             if not known:
                 organization = await self.organization(organization_id)
             return answer, organization
+        if ask_both is not None:
+            return await self._both_at_once(cache, key, found, organization_id, ask_both)
         asking = asyncio.ensure_future(self.organization(organization_id))
         try:
             answer = await cache.get(key, ask)
@@ -172,6 +191,34 @@ class CachedDirectory(Directory):
             self._leave(asking)  # not cancelled: that would cancel its query, a round trip
             return answer, None
         return answer, await asking
+
+    async def _both_at_once(
+        self,
+        cache: _TtlCache[V],
+        key: str,
+        found: Callable[[V | None], bool],
+        organization_id: str,
+        ask_both: AskBoth[V],
+    ) -> tuple[V | None, Organization | None]:
+        """As `_beside_organization`, both cold, in one question; each answer is held as
+        if asked alone. Concurrent misses for `key` still share one question: one that
+        waited for another caller's asks for its own organization after it."""
+        ours: list[Organization | None] = []
+
+        async def ask(asked: str) -> V | None:
+            asked_at = self._organizations.now()
+            answer, organization = await ask_both(asked, organization_id)
+            if found(answer):  # else the organization was not asked: nothing to hold
+                self._organizations.put(organization_id, organization, asked_at)
+                ours.append(organization)
+            return answer
+
+        answer = await cache.get(key, ask)
+        if not found(answer):
+            return answer, None
+        if ours:
+            return answer, ours[0]
+        return answer, await self.organization(organization_id)
 
     def local_organization(self, organization_id: str) -> Organization | None:
         return self.inner.local_organization(organization_id)
