@@ -840,6 +840,30 @@ async def test_a_revoked_token_is_401_within_cache_seconds_even_when_cached(
     assert local_harness.exists(location_for("org_c1", bid))
 
 
+async def test_requests_with_one_token_share_one_revocation_lookup(
+    start_gateway: StartGateway, local_harness: LocalHarness, redis_server: RedisServer
+) -> None:
+    # Were each request to ask for itself, every request in flight when the answer ages
+    # out would ask Redis the same question (at 3,000 req/s: 64 lookups each second, each
+    # waiting on the others for the client's connections).
+    client = await start_gateway(
+        local_harness.storage(), **revocation_sections(redis_server, cache_seconds=5)
+    )
+    headers = bearer(token_for("org_c1"))
+    backups = [new_backup_id() for _ in range(20)]
+    for bid in backups:
+        local_harness.put(location_for("org_c1", bid))
+    admin = redis_server.client(0)
+    admin.config_resetstat()
+    admin.execute_command("CLIENT", "PAUSE", "300", "ALL")  # all 20 arrive before the answer
+    answers = await asyncio.gather(
+        *(client.delete(f"/api/systems/sys_c1/backups/{bid}", headers=headers) for bid in backups)
+    )
+    assert [r.status for r in answers] == [200] * len(backups)
+    assert not any(local_harness.exists(location_for("org_c1", bid)) for bid in backups)
+    assert admin.info("commandstats")["cmdstat_exists"]["calls"] == 1
+
+
 @pytest.mark.parametrize("which", ["id", "logto_id"])
 async def test_every_token_of_a_revoked_user_is_401(
     start_gateway: StartGateway, local_harness: LocalHarness, redis_server: RedisServer, which: str
