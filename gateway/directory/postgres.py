@@ -169,8 +169,8 @@ class PostgresDirectory(Directory):
                 "application_name": "backup-gateway",
                 "statement_timeout": str(int(self._timeout * 1000)),
                 "default_transaction_read_only": "on",
-                # Every lookup query is a prepared statement whose one parameter is an
-                # array: left to itself the server finds a plan for one element cheaper
+                # Every lookup query is a prepared statement whose parameters are
+                # arrays: left to itself the server finds a plan for one element cheaper
                 # than the generic one and plans every execution anew (0.26 ms of its CPU
                 # on a cold tree lookup whose execution takes 0.09 ms). The generic plans
                 # probe the platform's indexes (tested), so plan once per connection.
