@@ -235,15 +235,12 @@ class PlatformDatabase:
             await connection.execute("SET plan_cache_mode = force_generic_plan")
             types = ", ".join(["text[]"] * len(arguments))
             await connection.execute(f"PREPARE asked({types}) AS {query}")
-            # EXPLAIN EXECUTE takes no parameters: the server quotes the literals (%L)
-            placeholders = ", ".join(["ARRAY[%L]"] * len(arguments))
-            explain = await connection.fetchval(
-                f"SELECT format('EXPLAIN (COSTS OFF) EXECUTE asked({placeholders})', "
-                + ", ".join(f"${i + 1}::text" for i in range(len(arguments)))
-                + ")",
-                *arguments,
-            )
-            rows = await connection.fetch(explain)
+            # EXPLAIN EXECUTE takes no parameters: the server quotes the literals
+            arrays = [
+                f"ARRAY[{await connection.fetchval('SELECT quote_literal($1::text)', a)}]"
+                for a in arguments
+            ]
+            rows = await connection.fetch(f"EXPLAIN (COSTS OFF) EXECUTE asked({', '.join(arrays)})")
             return "\n".join(row[0] for row in rows)
         finally:
             await connection.close()
