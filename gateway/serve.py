@@ -28,6 +28,11 @@ from .telemetry.metrics import METRICS
 
 log = logging.getLogger("gateway")
 
+# The signals that stop a server. A worker is born with them blocked (a mask survives the
+# exec of a spawned interpreter) and unblocks them once its handlers are installed, so a
+# SIGTERM sent in between waits for the handler instead of killing the worker half-started.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
 
 class GuardedRunner(web.AppRunner):
     """An AppRunner whose sites accept connections through a ConnectionGuard."""
@@ -64,6 +69,9 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     loop.add_signal_handler(signal.SIGHUP, app[DIRECTORY].reload_now)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A worker started by _run_workers has these blocked until now; one that arrived in
+    # between is delivered here, to the handlers just installed.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         site = web.TCPSite(
             runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=1024
@@ -112,16 +120,22 @@ def _run_workers(config_path: Path, workers: int) -> int:
     never becomes a fork loop. SIGTERM and SIGINT stop them all; SIGHUP is forwarded."""
     context = multiprocessing.get_context("spawn")
     stopping = False
+    children: dict[int, Any] = {}
 
-    def start(slot: int) -> Any:
+    def start(slot: int) -> None:
         child = context.Process(
             target=_worker_main, args=(str(config_path),), name=f"worker-{slot}"
         )
-        child.start()
-        child.started_at = time.monotonic()  # type: ignore[attr-defined]
-        return child
-
-    children: dict[int, Any] = {slot: start(slot) for slot in range(workers)}
+        # Blocked here, the signals are inherited blocked by the child, and one that reaches
+        # this process meanwhile is handled only once the child is in `children`, where
+        # `forward` finds it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            child.start()
+            child.started_at = time.monotonic()  # type: ignore[attr-defined]
+            children[slot] = child
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -131,9 +145,12 @@ def _run_workers(config_path: Path, workers: int) -> int:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signum)
 
+    # Installed before the first worker starts: a stop at any moment reaches every worker.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
+    for slot in range(workers):
+        start(slot)
     exit_codes: list[int] = []
     while children:
         multiprocessing.connection.wait([c.sentinel for c in children.values()], timeout=1)
@@ -143,7 +160,10 @@ def _run_workers(config_path: Path, workers: int) -> int:
             child.join()
             del children[slot]
             if stopping:
-                exit_codes.append(child.exitcode or 0)
+                # A worker ended by the stop's own signal (it came before its handlers, or
+                # a second one during its shutdown) stopped as asked: that is a clean exit.
+                ended_by_stop = child.exitcode in (-signal.SIGTERM, -signal.SIGINT)
+                exit_codes.append(0 if ended_by_stop else child.exitcode or 0)
                 continue
             log.warning(
                 "worker %s (pid %s) exited with %s; starting a new one",
@@ -157,5 +177,5 @@ def _run_workers(config_path: Path, workers: int) -> int:
             if time.monotonic() - child.started_at < RESTART_PAUSE_SECONDS:
                 time.sleep(RESTART_PAUSE_SECONDS)
             if not stopping:
-                children[slot] = start(slot)
+                start(slot)
     return 0 if all(code == 0 for code in exit_codes) else 1

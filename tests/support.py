@@ -12,11 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +359,11 @@ FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: injecte
 
 
 def serve_gateway(
-    config: Path, *args: str, open_files: int | None = None, env: dict[str, str] | None = None
+    config: Path,
+    *args: str,
+    open_files: int | None = None,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
 ) -> subprocess.Popen[str]:
     """`python -m gateway serve --config CONFIG [ARGS]` as a real process, output captured.
 
@@ -377,7 +382,66 @@ def serve_gateway(
         text=True,
         preexec_fn=limit if open_files is not None else None,
         env={**os.environ, **env} if env else None,
+        start_new_session=new_session,  # its own process group, for a signal to all of it
     )
+
+
+class OutputWatcher:
+    """Reads a process's output on a thread as it comes, so a test can wait for a line (a log
+    record) instead of sleeping; `text()` is everything read so far, `wait_closed()` all."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._proc = proc
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def lines(self) -> list[str]:
+        with self._changed:
+            return list(self._lines)
+
+    def text(self) -> str:
+        return "".join(self.lines())
+
+    def records(self) -> list[dict[str, Any]]:
+        """The JSON log records read so far."""
+        return [json.loads(line) for line in self.lines() if line.startswith("{")]
+
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float = 30.0
+    ) -> Any:
+        """Wait until `predicate(records)` is truthy and return its value; fail, with the
+        output so far, when the process's output ends or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = predicate(
+                    [json.loads(line) for line in self._lines if line.startswith("{")]
+                )
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
+                    raise AssertionError(
+                        f"not seen in the output (closed={self._closed}):\n" + "".join(self._lines)
+                    )
+                self._changed.wait(left)
+
+    def wait_closed(self, timeout: float = 30.0) -> str:
+        self._thread.join(timeout)
+        return self.text()
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None):

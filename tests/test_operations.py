@@ -24,6 +24,7 @@ from .conftest import S3Server, StartGateway
 from .faultproxy import FaultProxy
 from .support import (
     LocalHarness,
+    OutputWatcher,
     S3Harness,
     bearer,
     free_port,
@@ -406,29 +407,36 @@ def _workers_of(pid: int) -> set[int]:
     return found
 
 
+def _listening(records: list[dict[str, Any]]) -> set[int]:
+    return {r["pid"] for r in records if r["msg"].startswith("listening on")}
+
+
+def _wait_for_workers(proc: subprocess.Popen[str], count: int, without: int = 0) -> set[int]:
+    """Wait until `proc` has `count` worker processes, none of them `without`."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = _workers_of(proc.pid)
+        if len(now) == count and without not in now:
+            return now
+        assert proc.poll() is None, proc.returncode
+        time.sleep(0.02)  # a poll of /proc: there is no event to wait on
+    raise AssertionError(f"workers of {proc.pid}: {_workers_of(proc.pid)}")
+
+
 def test_a_killed_worker_is_logged_and_replaced(tmp_path: Path) -> None:
     port = free_port()
     storage = {"backend": "local", "local": {"root": str(tmp_path / "backups")}}
     config = write_config(tmp_path, port, storage)
     proc = serve_gateway(config, "--workers", "2")
+    output = OutputWatcher(proc)
     try:
-        wait_for_port(port, proc=proc)
-        deadline = time.monotonic() + 10
-        while len(_workers_of(proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        before = _workers_of(proc.pid)
-        assert len(before) == 2
+        before = output.wait_for(lambda rs: len(_listening(rs)) == 2 and _listening(rs))
+        assert before == _workers_of(proc.pid)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            now = _workers_of(proc.pid)
-            if len(now) == 2 and victim not in now:
-                break
-            time.sleep(0.1)
-        after = _workers_of(proc.pid)
-        assert len(after) == 2 and victim not in after, after
-        time.sleep(1.5)  # the new worker starts
+        after = _wait_for_workers(proc, 2, without=victim)
+        replacement = (after - before).pop()
+        output.wait_for(lambda rs: replacement in _listening(rs))
         import urllib.request
 
         for _ in range(50):
@@ -436,14 +444,43 @@ def test_a_killed_worker_is_logged_and_replaced(tmp_path: Path) -> None:
                 assert r.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    out = output.wait_closed()
     assert proc.returncode == 0, out
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    records = output.records()
     replaced = [r for r in records if "starting a new one" in r["msg"]]
     assert len(replaced) == 1 and replaced[0]["level"] == "warning"
     assert replaced[0]["pid"] == proc.pid and replaced[0]["worker_pid"] == victim
     # every worker that ever ran, the replacement included, was one of these
-    assert {r["pid"] for r in records if r["msg"].startswith("listening on")} <= before | after
+    assert _listening(records) <= before | after
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_a_stop_during_a_worker_restart_is_a_clean_exit(tmp_path: Path, round_: int) -> None:
+    """systemctl stop sends SIGTERM to every process of the service at once. One that reaches
+    a replacement worker before its handlers exist must not kill it: the stop is clean."""
+    port = free_port()
+    storage = {"backend": "local", "local": {"root": str(tmp_path / "backups")}}
+    config = write_config(tmp_path, port, storage)
+    proc = serve_gateway(config, "--workers", "2", new_session=True)
+    output = OutputWatcher(proc)
+    try:
+        before = output.wait_for(lambda rs: len(_listening(rs)) == 2 and _listening(rs))
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        after = _wait_for_workers(proc, 2, without=victim)
+        replacement = (after - before).pop()
+        # the replacement exists but is still starting: the whole group is told to stop
+        assert replacement not in _listening(output.records())
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = output.wait_closed()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
 
 
 def test_gunicorn_app_factory(tmp_path: Path) -> None:
