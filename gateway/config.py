@@ -131,12 +131,60 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class UsageCounterConfig:
+    """Drop the platform's per-organization usage counter in Redis after a change (§7)."""
+
+    enabled: bool = False
+    db: int = 1
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    # download URLs (S3) and links (local disk) are valid this long; at most 900
+    ttl_seconds: int = 300
+    # the local links' HMAC key (not the token secret), created 0600 on first run
+    link_secret_file: Path = Path("data/link.secret")
+    # a local download gets request_timeout_seconds plus its size at this rate, then is cut
+    min_rate_bytes_per_second: int = 65536
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Uploads (DESIGN.md §9): limits refused before the body, and what retention keeps.
+    0 = no limit."""
+
+    max_upload_bytes: int = 2 * 1024**3
+    max_backups_per_system: int = 10
+    max_bytes_per_system: int = 500 * 1024**2
+    max_bytes_per_organization: int = 100 * 1024**3
+    uploads_per_minute: int = 6
+    uploads_per_hour: int = 60
+    # the Redis DB of the platform's rate keys and retention locks (redis.url set)
+    redis_db: int = 1
+    # a body must arrive within request_timeout_seconds plus its size at this rate
+    min_rate_bytes_per_second: int = 65536
+    # failed appliance logins per client address and system key, a minute, before a 429
+    failed_logins_per_minute: int = 20
+
+
+@dataclass(frozen=True)
+class StorageSection(StorageConfig):
+    """The `storage:` section: the backend's own settings (`storage_backends.StorageConfig`,
+    all `create_store` reads) and the gateway's settings about backups, which no backend
+    reads: download links, uploads and retention, the platform's usage counter."""
+
+    usage_counter: UsageCounterConfig = field(default_factory=UsageCounterConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    storage: StorageSection = field(default_factory=StorageSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

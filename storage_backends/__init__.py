@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from . import s3
@@ -40,12 +39,10 @@ __all__ = [
     "BackupNotFound",
     "BackupStore",
     "DeleteOutcomeUnknown",
-    "DownloadConfig",
     "InsufficientStorage",
     "LocalConfig",
     "NewBackup",
     "OpenedBackup",
-    "RetentionConfig",
     "S3Config",
     "StagedBackup",
     "StorageConfig",
@@ -55,59 +52,21 @@ __all__ = [
     "SystemFolder",
     "UploadBody",
     "UploadIncomplete",
-    "UsageCounterConfig",
     "create_store",
     "refused_at_start",
 ]
 
 
 @dataclass(frozen=True)
-class UsageCounterConfig:
-    """Drop the platform's per-organization usage counter in Redis after a change (§7)."""
-
-    enabled: bool = False
-    db: int = 1
-
-
-@dataclass(frozen=True)
-class DownloadConfig:
-    # download URLs (S3) and links (local disk) are valid this long; at most 900
-    ttl_seconds: int = 300
-    # the local links' HMAC key (not the token secret), created 0600 on first run
-    link_secret_file: Path = Path("data/link.secret")
-    # a local download gets request_timeout_seconds plus its size at this rate, then is cut
-    min_rate_bytes_per_second: int = 65536
-
-
-@dataclass(frozen=True)
-class RetentionConfig:
-    """Uploads (DESIGN.md §9): limits refused before the body, and what retention keeps.
-    0 = no limit."""
-
-    max_upload_bytes: int = 2 * 1024**3
-    max_backups_per_system: int = 10
-    max_bytes_per_system: int = 500 * 1024**2
-    max_bytes_per_organization: int = 100 * 1024**3
-    uploads_per_minute: int = 6
-    uploads_per_hour: int = 60
-    # the Redis DB of the platform's rate keys and retention locks (redis.url set)
-    redis_db: int = 1
-    # a body must arrive within request_timeout_seconds plus its size at this rate
-    min_rate_bytes_per_second: int = 65536
-    # failed appliance logins per client address and system key, a minute, before a 429
-    failed_logins_per_minute: int = 20
-
-
-@dataclass(frozen=True)
 class StorageConfig:
+    """Which backend serves, and its settings: what `create_store` needs, nothing more (the
+    gateway's own storage settings extend this in `gateway.config`)."""
+
     backend: Literal["local", "s3", "none"] = "local"
     # No storage operation (retries included) takes longer than this; past it, a 502.
     operation_timeout_seconds: float = 10.0
     local: LocalConfig = field(default_factory=LocalConfig)
     s3: S3Config = field(default_factory=S3Config)
-    usage_counter: UsageCounterConfig = field(default_factory=UsageCounterConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 BACKENDS: dict[str, Callable[[StorageConfig], BackupStore]] = {

@@ -22,10 +22,11 @@ from storage_backends import (
     BackupInfo,
     BackupNotFound,
     BackupStore,
-    RetentionConfig,
     StorageError,
     SystemFolder,
 )
+
+from ..config import RetentionConfig
 
 log = logging.getLogger(__name__)
 
