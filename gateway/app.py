@@ -19,6 +19,7 @@ from .config import CONFIG, Config
 from .directory import DIRECTORY, Directory, create_directory
 from .http.authentication import PROTECTED_ROUTES, authenticate
 from .http.backpressure import STORAGE_GATE, StorageGate
+from .http.client_address import forwarded_client, trusted_networks
 from .http.deadlines import DEADLINES, RequestDeadlines
 from .http.middlewares import deadline, error_envelope, request_context
 from .identity.revocation import REVOCATION, RevocationChecker
@@ -39,7 +40,13 @@ def create_app(
     clients (storage, database pool, Redis) are made in cleanup_ctx and contact nothing at
     start-up: a server that is down makes the gateway unready, it does not stop it."""
     app = web.Application(
-        middlewares=[request_context, error_envelope, deadline, authenticate],
+        middlewares=[
+            forwarded_client(trusted_networks(config.server.trusted_proxies)),
+            request_context,
+            error_envelope,
+            deadline,
+            authenticate,
+        ],
         handler_args={
             "max_line_size": config.server.max_line_size,
             "max_field_size": config.server.max_field_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -22,6 +23,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 )
 MIN_SECRET_BYTES = 32
+# a clock-skew allowance, not a grace period: beyond five minutes an expired token lives on
+MAX_LEEWAY_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class ServerConfig:
     keepalive_timeout_seconds: float = 15.0
     # connections open at once per process; beyond it new ones are reset at accept
     max_connections: int = 4096
+    # load balancers whose X-Forwarded-For names the client (addresses or networks);
+    # from any other peer the header is ignored
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -266,8 +272,15 @@ def validate(config: Config) -> None:
             raise ConfigError("auth.public_key_file", "required for public-key algorithms")
         if auth.secret is not None or auth.secret_file is not None:
             raise ConfigError("auth.secret", "not used with public-key algorithms")
-    if auth.leeway_seconds < 0:
-        raise ConfigError("auth.leeway_seconds", "must not be negative")
+    if not 0 <= auth.leeway_seconds <= MAX_LEEWAY_SECONDS:
+        raise ConfigError(
+            "auth.leeway_seconds", f"must be between 0 and {MAX_LEEWAY_SECONDS} seconds"
+        )
+    try:
+        for entry in server.trusted_proxies:
+            ipaddress.ip_network(entry.strip(), strict=False)
+    except ValueError as exc:
+        raise ConfigError("server.trusted_proxies", str(exc)) from None
 
     _validate_platform(config)
 

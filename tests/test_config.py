@@ -120,6 +120,10 @@ def test_double_dollar_is_still_a_literal_dollar() -> None:
         ({"auth": {"algorithms": [], "secret": SECRET}}, "auth.algorithms: must list"),
         ({"auth": {"algorithms": "HS256", "secret": SECRET}}, "auth.algorithms: expected a list"),
         ({"logging": {"level": "LOUD"}}, "logging.level: must be one of"),
+        # hostile input, round 3: a leeway of 10^12 s accepted a token ten years expired
+        ({"auth": {"secret": SECRET, "leeway_seconds": 10**12}}, "auth.leeway_seconds: must be"),
+        ({"auth": {"secret": SECRET, "leeway_seconds": 301}}, "auth.leeway_seconds: must be"),
+        ({"server": {"trusted_proxies": ["lb.example"]}}, "server.trusted_proxies:"),
     ],
 )
 def test_bad_values_are_named(raw: dict[str, Any], message: str) -> None:

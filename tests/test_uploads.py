@@ -254,11 +254,15 @@ async def test_repeated_failures_from_one_address_are_throttled(
     for _ in range(3):
         resp, _ = await upload(client, b"x", secret="my_a.b")
         assert resp.status == 401
-    resp, body = await upload(client, b"x")  # even the right secret waits now
+    resp, body = await upload(client, b"x", secret="my_a.b")  # failures beyond the limit
     assert resp.status == 429
     assert body["message"] == "too many failed authentication attempts"
     assert 1 <= int(resp.headers["Retry-After"]) <= 60
     assert backups_of(local_harness) == []
+    # the brake bounds failures; it never refuses the appliance's own, correct secret
+    resp, body = await upload(client, b"x")
+    assert resp.status == 201, body
+    assert backups_of(local_harness) == [body["data"]["id"]]
     # another appliance behind the same address is not held up by those failures
     other = await upload(client, b"x", key="KEY-C1B", secret=APPLIANCE_SECRETS["sys_c1b"])
     assert other[0].status == 201

@@ -8,7 +8,7 @@ for itself. A refused upload counts too, as the platform's does: a caller that i
 `Retry-After` stays refused until the window turns.
 
 Failed appliance logins are counted per client address, key named and minute, in this
-process.
+process; only failures are braked, never a correct credential.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ class UploadRates:
 
 
 class FailedLogins:
-    """Failed appliance logins per attempt key (address and system key) and minute; past
-    the limit, 429."""
+    """Failed appliance logins per attempt key (address and system key) and minute; a
+    failure beyond the limit is answered 429 instead of 401. Only failures are counted and
+    braked: a correct credential is never refused, however many others failed."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._limit = per_minute
@@ -107,19 +108,15 @@ class FailedLogins:
             self._window = window
             self._failures = {}
 
-    def retry_after(self, address: str) -> int | None:
-        """None when this attempt key may try; else the seconds until it may again."""
+    def failed(self, address: str) -> int | None:
+        """Count one failure; None while within the limit, else the seconds until the
+        minute turns and this attempt key's count starts again."""
         if not self._limit:
             return None
-        self._turn()
-        if self._failures.get(address, 0) < self._limit:
-            return None
-        return max(1, math.ceil(60 - self._clock() % 60))
-
-    def failed(self, address: str) -> None:
-        if not self._limit:
-            return
         self._turn()
         if len(self._failures) >= MAX_TRACKED_ADDRESSES and address not in self._failures:
-            return  # bounded memory: a flood of addresses is not tracked one by one
-        self._failures[address] = self._failures.get(address, 0) + 1
+            return None  # bounded memory: a flood of addresses is not tracked one by one
+        count = self._failures[address] = self._failures.get(address, 0) + 1
+        if count <= self._limit:
+            return None
+        return max(1, math.ceil(60 - self._clock() % 60))

@@ -128,15 +128,6 @@ async def _appliance(request: web.Request) -> System:
     """The live, registered, unsuspended system whose credentials these are (401 else)."""
     app = request.app
     credentials = basic_credentials(request)
-    # Failures count per client address and key named: guessing one system's secret is
-    # braked, while appliances behind one proxy address keep their own counts.
-    attempt = f"{request.remote or ''} {credentials.system_key if credentials else ''}"
-    failures = app[FAILED_LOGINS]
-    wait = failures.retry_after(attempt)
-    if wait is not None:
-        raise ApiError(
-            429, "too many failed authentication attempts", None, {"Retry-After": str(wait)}
-        )
     system = None
     if credentials is not None:
         try:
@@ -149,10 +140,19 @@ async def _appliance(request: web.Request) -> System:
         system.secret_sha256 if system else None,
         credentials.secret if credentials else "",
     )
-    if not matches or system is None or system.deleted or system.suspended:
-        failures.failed(attempt)
-        raise ApiError(401, "invalid system credentials", None, CHALLENGE)
-    return system
+    if matches and system is not None and not system.deleted and not system.suspended:
+        # The brake is asked only after a failure: a correct credential is never refused,
+        # whoever else failed from the same address (a NAT, the load balancer) with its key.
+        return system
+    # Failures count per client address and key named: guessing one system's secret is
+    # braked, while appliances behind one proxy address keep their own counts.
+    attempt = f"{request.remote or ''} {credentials.system_key if credentials else ''}"
+    wait = app[FAILED_LOGINS].failed(attempt)
+    if wait is not None:
+        raise ApiError(
+            429, "too many failed authentication attempts", None, {"Retry-After": str(wait)}
+        )
+    raise ApiError(401, "invalid system credentials", None, CHALLENGE)
 
 
 def _checked_size(request: web.Request) -> int:
@@ -199,7 +199,8 @@ def _new_backup(request: web.Request, system: System, size: int) -> NewBackup:
         size=size,
         filename=sanitized(last_part)[:MAX_FILENAME] or f"backup-{uuid}",
         mimetype=request.content_type if given else DEFAULT_MIMETYPE,
-        uploader_ip=request.remote or "",  # the peer, never a forwarded header
+        # the client: the peer, or what a trusted proxy forwarded (http.client_address)
+        uploader_ip=request.remote or "",
         uploaded_at=now,
     )
 

@@ -89,6 +89,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                     "method": request.method,
                     "route": route,
                     "status": status,
+                    "client": request.remote,
                     "latency_ms": round(elapsed * 1000, 3),
                     "user_id": principal.user_id if principal else None,
                     "organization_id": principal.organization_id if principal else None,
