@@ -80,7 +80,7 @@ SYSTEMS: list[dict[str, Any]] = [
 # and the public part and salted hash the directory holds.
 APPLIANCE_SECRETS: dict[str, str] = {}
 for _system in SYSTEMS:
-    if _system["id"] in ("sys_c1", "sys_c1b", "sys_c2", "sys_deleted"):
+    if _system["id"] in ("sys_c1", "sys_c1b", "sys_c2", "sys_deleted", "sys_c_gone"):
         _made = new_secret()
         APPLIANCE_SECRETS[_system["id"]] = _made.secret
         _system["system_secret_public"] = _made.public

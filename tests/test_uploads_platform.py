@@ -56,6 +56,19 @@ async def test_the_database_directory_provides_the_credentials(
     assert len(backups_of(local_harness)) == 1
 
 
+async def test_a_soft_deleted_organizations_appliances_may_not_upload(
+    start_gateway: StartGateway, local_harness: LocalHarness, directory_section: dict[str, Any]
+) -> None:
+    """The system is live and its secret right, but its organization is soft-deleted."""
+    client = await start_gateway(local_harness.storage(), directory=directory_section)
+    resp, body = await upload(
+        client, b"x", key="KEY-C-GONE", secret=APPLIANCE_SECRETS["sys_c_gone"]
+    )
+    assert resp.status == 401 and body["message"] == "invalid system credentials"
+    assert resp.headers["WWW-Authenticate"] == 'Basic realm="System Authentication"'
+    assert [k for k in local_harness.keys() if "KEY-C-GONE" in k] == []
+
+
 async def test_rates_are_shared_through_the_platforms_redis_keys(
     start_gateway: StartGateway, local_harness: LocalHarness, redis: RedisServer
 ) -> None:

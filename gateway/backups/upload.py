@@ -141,9 +141,12 @@ async def _appliance(request: web.Request) -> System:
         credentials.secret if credentials else "",
     )
     if matches and system is not None and not system.deleted and not system.suspended:
-        # The brake is asked only after a failure: a correct credential is never refused,
-        # whoever else failed from the same address (a NAT, the load balancer) with its key.
-        return system
+        # A soft-deleted organization's appliances are refused too (asked only once the
+        # secret matched: the answer costs an unknown key nothing it could time).
+        if await _organization_live(app, system.organization_id):
+            # The brake is asked only after a failure: a correct credential is never
+            # refused, whoever else failed from the same address (a NAT, the balancer).
+            return system
     # Failures count per client address and key named: guessing one system's secret is
     # braked, while appliances behind one proxy address keep their own counts.
     attempt = f"{request.remote or ''} {credentials.system_key if credentials else ''}"
@@ -153,6 +156,15 @@ async def _appliance(request: web.Request) -> System:
             429, "too many failed authentication attempts", None, {"Retry-After": str(wait)}
         )
     raise ApiError(401, "invalid system credentials", None, CHALLENGE)
+
+
+async def _organization_live(app: web.Application, organization_id: str) -> bool:
+    try:
+        organization = await app[DIRECTORY].organization(organization_id)
+    except DirectoryUnavailable as exc:
+        log.warning("directory unavailable: %s", exc)
+        raise directory_unavailable() from None
+    return organization is not None and not organization.deleted
 
 
 def _checked_size(request: web.Request) -> int:
