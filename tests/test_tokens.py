@@ -250,6 +250,25 @@ async def test_leeway_accepts_slightly_expired(
     assert not local_harness.exists(location_for("org_c1", bid))
 
 
+@pytest.mark.parametrize("role", ["", "Janitor"])
+async def test_a_role_the_platform_does_not_know_reaches_nothing(
+    local_gateway: TestClient, local_harness: LocalHarness, role: str
+) -> None:
+    """A signed token whose org_role is empty or unknown is well formed: 403 at step 4,
+    after the system's own 404, as the platform answers; never a 401."""
+    bid = new_backup_id()
+    local_harness.put(location_for("org_c1", bid))
+    token = hs256(user_claims(org_role=role))
+    resp = await local_gateway.delete(f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token))
+    assert (resp.status, await resp.json()) == (
+        403,
+        {"code": 403, "message": "access denied to system", "data": {}},
+    )
+    assert local_harness.exists(location_for("org_c1", bid))
+    resp = await local_gateway.delete(f"/api/systems/sys_nope/backups/{bid}", headers=bearer(token))
+    assert resp.status == 404 and (await resp.json())["message"] == "system not found"
+
+
 # ---- issuer and audience
 
 

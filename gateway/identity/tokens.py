@@ -210,7 +210,9 @@ class TokenVerifier:
             raise InvalidToken("user.logto_id is not a string")
         if not isinstance(org_id, str) or not org_id:
             raise InvalidToken("user.organization_id missing")
-        if not isinstance(role, str) or not role:
+        # An empty role is well formed (DESIGN.md §3): its caller reaches nothing, a 403 at
+        # the hierarchy step as the platform answers, never a 401.
+        if not isinstance(role, str):
             raise InvalidToken("user.org_role missing")
         if username is not None and not isinstance(username, str):
             raise InvalidToken("user.username is not a string")
