@@ -72,7 +72,9 @@ def create_app(
         table = [r for r in table if r.name != "metrics"]
     app[PROTECTED_ROUTES] = routes.install(app, table)
     app[API_DOCUMENT] = render(config.server.base_path)
-    if config.storage.backend == "local":  # S3 presigns its own URLs: no key needed there
+    # Made here, started in cleanup_ctx: constructing a store contacts nothing.
+    app[STORE] = create_store(config.storage)
+    if app[STORE].capabilities.serves_bytes:  # links to this gateway: a presigning store needs none
         app[LINKS] = LinkSigner(
             config.storage.download.link_secret_file, config.storage.download.ttl_seconds
         )
@@ -94,9 +96,8 @@ async def _directory(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
-    store = create_store(app[CONFIG].storage)
+    store = app[STORE]
     await store.start()
-    app[STORE] = store
     yield
     await store.close()
 

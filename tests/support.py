@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import resource
@@ -17,9 +19,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import botocore.session
 import yaml
@@ -444,7 +446,60 @@ class OutputWatcher:
         return self.text()
 
 
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None):
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T], what: str, timeout: float = 30.0, every: float = 0.02
+) -> T:
+    """Poll `condition`, for a state that no event announces (a file, a key, /proc), until
+    it is truthy; return its value. Fails, naming `what`, once `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        time.sleep(every)
+    return found
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[T] | T],
+    what: str,
+    timeout: float = 30.0,
+    every: float = 0.02,
+) -> T:
+    """`wait_until` on the event loop, which goes on serving between polls: `condition`
+    may be a probe to await (a request, a query) or a plain check."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = condition()
+        found = cast(T, await probe if inspect.isawaitable(probe) else probe)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        await asyncio.sleep(every)
+
+
+def metric_value(text: str, sample: str) -> float:
+    """The value of `sample` (a name and its labels as /metrics writes them) in a scrape's
+    text; 0 when absent (a counter not yet incremented)."""
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
+async def scrape(client: Any, sample: str) -> float:
+    """One sample of the in-process gateway's /metrics (an aiohttp TestClient)."""
+    resp = await client.get("/metrics")
+    return metric_value(await resp.text(), sample)
+
+
+def wait_for_port(
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:

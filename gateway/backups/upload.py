@@ -188,8 +188,8 @@ async def _admit(request: web.Request, system: System, size: int) -> None:
     if wait is not None:
         raise ApiError(429, "too many uploads", None, {"Retry-After": str(wait)})
     store = app[STORE]
-    if store.name == "none":
-        raise storage_error(StorageNotConfigured("none"), "store backup")
+    if not store.capabilities.stores_uploads:
+        raise storage_error(StorageNotConfigured(store.name), "store backup")
     limit = app[CONFIG].storage.retention.max_bytes_per_organization
     if limit:
         used = await run_storage(
