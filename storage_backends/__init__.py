@@ -15,6 +15,7 @@ from .base import (
     NewBackup,
     OpenedBackup,
     StagedBackup,
+    StoreCapabilities,
     SystemFolder,
     UploadBody,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "StorageError",
     "StorageNotConfigured",
     "StorageUnavailable",
+    "StoreCapabilities",
     "SystemFolder",
     "UploadBody",
     "UploadIncomplete",

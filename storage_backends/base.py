@@ -1,4 +1,5 @@
-"""The one storage interface the HTTP handlers use, and the value that names a backup."""
+"""The one storage interface the HTTP handlers use, what a backend can do, and the values
+that name and describe a backup."""
 
 from __future__ import annotations
 
@@ -113,10 +114,27 @@ class StagedBackup(abc.ABC):
         """Remove what staging left; never raises (failures are logged)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoreCapabilities:
+    """What a backend can do, declared once on its class. The gateway (and the tests) branch
+    on these, never on a backend's name; an operation a backend does not declare is never
+    called on it."""
+
+    # stage_upload/commit keep an upload (False: the backend stores nothing, a 503)
+    stores_uploads: bool
+    # presigned_url hands out a URL the client fetches the bytes from, not from the gateway
+    presigns: bool
+    # open_backup gives a descriptor the gateway streams itself (local download links)
+    serves_bytes: bool
+    # the gateway can stream a backup's bytes to an appliance restoring it (DESIGN.md §10)
+    streams_restore: bool
+
+
 class BackupStore(abc.ABC):
     """An async backup store. Implementations raise only `storage_backends.errors` types."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # the registry's name, for logs and metrics: never to branch on
+    capabilities: ClassVar[StoreCapabilities]
 
     async def start(self) -> None:
         """Acquire process-wide resources (clients, thread pools). Must not contact storage."""
@@ -146,14 +164,14 @@ class BackupStore(abc.ABC):
 
     async def presigned_url(
         self, location: BackupLocation, download_name: str, ttl_seconds: int
-    ) -> str | None:
-        """A URL the client fetches the bytes from, saved as `download_name`, or None when
-        the backend has none and the gateway serves the bytes itself (`open_backup`)."""
-        return None
+    ) -> str:
+        """A URL the client fetches the bytes from, saved as `download_name`, valid at most
+        `ttl_seconds`. Only when `capabilities.presigns`."""
+        raise NotImplementedError(f"{self.name} does not presign")
 
     async def open_backup(self, location: BackupLocation) -> OpenedBackup:
-        """Open a backup to stream it (backends without presigned URLs)."""
-        raise NotImplementedError
+        """Open a backup for the gateway to stream. Only when `capabilities.serves_bytes`."""
+        raise NotImplementedError(f"{self.name} does not serve bytes")
 
     @abc.abstractmethod
     async def stage_upload(self, backup: NewBackup, body: UploadBody) -> StagedBackup:

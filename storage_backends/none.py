@@ -8,6 +8,7 @@ from .base import (
     BackupStore,
     NewBackup,
     StagedBackup,
+    StoreCapabilities,
     SystemFolder,
     UploadBody,
 )
@@ -16,6 +17,9 @@ from .errors import StorageNotConfigured
 
 class NoStorage(BackupStore):
     name = "none"
+    capabilities = StoreCapabilities(
+        stores_uploads=False, presigns=False, serves_bytes=False, streams_restore=False
+    )
 
     async def delete(self, location: BackupLocation) -> None:
         raise StorageNotConfigured("backup storage not configured")

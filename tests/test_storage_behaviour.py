@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import urllib.request
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from gateway.backups.storage import STORE
+
 from .conftest import Harness, StartGateway
-from .support import delete_as, location_for, new_backup_id
+from .support import bearer, delete_as, location_for, new_backup_id, token_for
 
 
 async def gateway_for(start_gateway: StartGateway, harness: Harness) -> TestClient:
@@ -132,3 +136,45 @@ async def test_readyz_is_ready_with_reachable_storage(
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert (await resp.json())["data"]["checks"] == {"directory": "ok", "storage": "ok"}
+
+
+async def test_a_download_goes_the_way_the_store_declares(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    """A presigning store hands out its own URL; a store whose bytes the gateway serves, a
+    link to this gateway. Either way the URL gives the backup's bytes."""
+    client = await gateway_for(start_gateway, harness)
+    can = client.app[STORE].capabilities
+    assert can.stores_uploads and can.presigns != can.serves_bytes
+    bid = new_backup_id()
+    data = os.urandom(2048)
+    harness.put_backup(location_for("org_c1", bid), data, "b.tar.gz")
+    resp = await client.get(
+        f"/api/systems/sys_c1/backups/{bid}/download", headers=bearer(token_for("org_c1"))
+    )
+    url = (await resp.json())["data"]["download_url"]
+    assert url.startswith("/api/backups/content/") == can.serves_bytes
+    if can.serves_bytes:
+        assert await (await client.get(url)).read() == data
+    else:
+
+        def fetch() -> bytes:
+            with urllib.request.urlopen(url, timeout=10) as answer:  # no credentials
+                body: bytes = answer.read()
+                return body
+
+        assert await asyncio.to_thread(fetch) == data
+
+
+async def test_a_store_that_keeps_nothing_declares_nothing(start_gateway: StartGateway) -> None:
+    """The `none` backend: no capability, so no route reaches an operation (the upload's
+    503 is tests/test_uploads.py's)."""
+    client = await start_gateway({"backend": "none"})
+    can = client.app[STORE].capabilities
+    assert not (can.stores_uploads or can.presigns or can.serves_bytes or can.streams_restore)
+    resp = await client.get(
+        f"/api/systems/sys_c1/backups/{new_backup_id()}/download",
+        headers=bearer(token_for("org_c1")),
+    )
+    body = await resp.json()
+    assert (resp.status, body["message"]) == (503, "backup storage not configured")

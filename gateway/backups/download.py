@@ -51,18 +51,18 @@ async def download_url(request: web.Request) -> web.Response:
     ttl = config.storage.download.ttl_seconds
     name = download_name(info.filename, info.id, info.uploaded_at)
 
-    async def presign(target: BackupLocation) -> str | None:
+    async def presign(target: BackupLocation) -> str:
         return await store.presigned_url(target, name, ttl)
 
-    url = await run_storage(request, "presign", presign, location, failure)
-    if url is None:
+    if store.capabilities.presigns:
+        url = await run_storage(request, "presign", presign, location, failure)
+        expires_at = int(time.time()) + ttl
+        kind = "presigned_url"
+    else:  # the gateway serves the bytes itself (serve_content), behind a signed link
         link, expires_at = app[LINKS].issue(system.id, location, ttl)
         base = "" if config.server.base_path == "/" else config.server.base_path
         url = f"{config.server.public_url}{base}{CONTENT_PATH}{link}"
         kind = "link"
-    else:
-        expires_at = int(time.time()) + ttl
-        kind = "presigned_url"
     record_download_issued(request, system.id, backup_id, kind, expires_at)
     return envelope(200, "download URL issued", {"download_url": url, "expires_in_seconds": ttl})
 

@@ -41,6 +41,7 @@ from ..base import (
     NewBackup,
     OpenedBackup,
     StagedBackup,
+    StoreCapabilities,
     SystemFolder,
     UploadBody,
 )
@@ -159,6 +160,10 @@ class GroupCommit:
 
 class LocalBackupStore(BackupStore):
     name = "local"
+    # the gateway streams a descriptor for download links and for restores
+    capabilities = StoreCapabilities(
+        stores_uploads=True, presigns=False, serves_bytes=True, streams_restore=True
+    )
 
     def __init__(self, config: LocalConfig, operation_timeout: float) -> None:
         self._config = config

@@ -35,6 +35,7 @@ from ..base import (
     BackupStore,
     NewBackup,
     StagedBackup,
+    StoreCapabilities,
     SystemFolder,
     UploadBody,
 )
@@ -76,6 +77,11 @@ def _http_status(exc: ClientError) -> int:
 
 class S3BackupStore(BackupStore):
     name = "s3"
+    # clients fetch the bytes from the store itself; a restore streamed through the gateway
+    # comes with its route
+    capabilities = StoreCapabilities(
+        stores_uploads=True, presigns=True, serves_bytes=False, streams_restore=False
+    )
 
     def __init__(self, config: S3Config, operation_timeout: float) -> None:
         self._config = config
@@ -232,7 +238,7 @@ class S3BackupStore(BackupStore):
 
     async def presigned_url(
         self, location: BackupLocation, download_name: str, ttl_seconds: int
-    ) -> str | None:
+    ) -> str:
         ttl = ttl_seconds
         # Never valid beyond temporary credentials: botocore keeps their expiry here.
         expiry = getattr(self._credentials, "_expiry_time", None)
