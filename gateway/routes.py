@@ -14,15 +14,29 @@ from .operations import api_document, health
 
 
 @dataclass(frozen=True)
+class Public:
+    """A route without a bearer token, on purpose: `instead` says what stands in for one."""
+
+    instead: str
+
+
+@dataclass(frozen=True)
 class Route:
     method: str
     path: str
     handler: Handler
     name: str
-    permission: str | None = None  # None: public, no token needed
+    # every route says who may call it: the token permission it needs, or Public(why not)
+    permission: str | Public
     own_deadline: bool = False  # bounds its own time instead of server.request_timeout_seconds
     # answers `Expect: 100-continue` itself, once its checks passed (else: aiohttp, at once)
     own_continue: bool = False
+
+
+LINK = Public("the signed link is the capability")
+DOCUMENT = Public("the API's own description")
+PROBE = Public("a load balancer's probe; says nothing about any backup")
+SCRAPE = Public("metrics.bearer_token, checked by the handler when set")
 
 
 def routes(base_path: str) -> list[Route]:
@@ -34,19 +48,20 @@ def routes(base_path: str) -> list[Route]:
         # Reads need read:systems, changes manage:systems (the platform's rule); GET and
         # DELETE of one path are different routes with different permissions.
         Route("GET", backups, listing.list_backups, "list_backups", READ_SYSTEMS),
-        # The appliance's own Basic credentials, checked by the handler: no token.
         Route(
             "POST",
             base + "/systems/backups",
             upload.upload_backup,
             "upload_backup",
+            Public("the appliance's own Basic credentials, checked by the handler"),
             own_deadline=True,
             own_continue=True,
         ),
         Route("GET", backup + "/download", download.download_url, "download_url", READ_SYSTEMS),
-        # The signed link is the capability: no token.
-        Route("GET", content, download.serve_content, "backup_content", own_deadline=True),
-        Route("HEAD", content, download.serve_content, "backup_content_head", own_deadline=True),
+        Route("GET", content, download.serve_content, "backup_content", LINK, own_deadline=True),
+        Route(
+            "HEAD", content, download.serve_content, "backup_content_head", LINK, own_deadline=True
+        ),
         Route("DELETE", backup, delete.delete_backup, "delete_backup", MANAGE_SYSTEMS),
         # The seed page documents the delete under .../download: same handler.
         Route(
@@ -56,10 +71,10 @@ def routes(base_path: str) -> list[Route]:
             "delete_backup_download",
             MANAGE_SYSTEMS,
         ),
-        Route("GET", base + "/openapi.yaml", api_document.openapi, "openapi"),
-        Route("GET", "/healthz", health.healthz, "healthz"),
-        Route("GET", "/readyz", health.readyz, "readyz"),
-        Route("GET", "/metrics", health.metrics, "metrics"),
+        Route("GET", base + "/openapi.yaml", api_document.openapi, "openapi", DOCUMENT),
+        Route("GET", "/healthz", health.healthz, "healthz", PROBE),
+        Route("GET", "/readyz", health.readyz, "readyz", PROBE),
+        Route("GET", "/metrics", health.metrics, "metrics", SCRAPE),
     ]
 
 
@@ -74,7 +89,7 @@ def install(app: web.Application, table: list[Route]) -> dict[str, str]:
             expect_handler=_continue_later if route.own_continue else None,
         )
     app[OWN_DEADLINE_ROUTES] = frozenset(r.name for r in table if r.own_deadline)
-    return {r.name: r.permission for r in table if r.permission is not None}
+    return {r.name: r.permission for r in table if not isinstance(r.permission, Public)}
 
 
 async def _continue_later(request: web.Request) -> None:
