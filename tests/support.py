@@ -426,12 +426,23 @@ class OutputWatcher:
     ) -> Any:
         """Wait until `predicate(records)` is truthy and return its value; fail, with the
         output so far, when the process's output ends or `timeout` passes first."""
+        return self._wait(
+            lambda lines: predicate([json.loads(line) for line in lines if line.startswith("{")]),
+            timeout,
+        )
+
+    def wait_for_line(self, fragment: str, timeout: float = 30.0) -> str:
+        """Wait until a line (of any log format) holding `fragment` is read; return it."""
+        found: str = self._wait(
+            lambda lines: next((line for line in lines if fragment in line), None), timeout
+        )
+        return found
+
+    def _wait(self, predicate: Callable[[list[str]], Any], timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                found = predicate(
-                    [json.loads(line) for line in self._lines if line.startswith("{")]
-                )
+                found = predicate(self._lines)
                 if found:
                     return found
                 left = deadline - time.monotonic()

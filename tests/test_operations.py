@@ -27,6 +27,7 @@ from .support import (
     OutputWatcher,
     S3Harness,
     bearer,
+    eventually,
     free_port,
     http,
     location_for,
@@ -35,6 +36,7 @@ from .support import (
     serve_gateway,
     token_for,
     wait_for_port,
+    wait_until,
     write_config,
 )
 from .support import (
@@ -222,7 +224,8 @@ async def test_request_lines_written_straight_to_the_json_handler(
         bid = new_backup_id()
         local_harness.put(location_for("org_c1", bid))
         assert (await delete(local_gateway, bid)).status == 200
-        await asyncio.sleep(0)  # the handler writes a loop iteration's lines together
+        # the handler writes a loop iteration's lines together, at the end of it
+        await eventually(lambda: '"gateway.audit"' in out.getvalue(), "the audit line")
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
@@ -306,7 +309,8 @@ async def test_stalled_storage_is_504_at_the_request_deadline(
     # The store was asked: the gateway cannot know what the store did with the request,
     # so it never says "failed" (here the stalled store had applied nothing).
     assert await resp.json() == {"code": 504, "message": "delete outcome unknown", "data": {}}
-    assert time.monotonic() - started < 3
+    # the request deadline (1 s) answered it, not the read timeout (30 s)
+    assert 1 - 0.1 <= time.monotonic() - started < 1 + 5
     assert harness.exists(location_for("org_c1", bid))
     audit = [r.fields for r in caplog.records if r.name == "gateway.audit"]
     assert audit[-1]["outcome"] == "delete outcome unknown" and audit[-1]["decision"] == "allow"
@@ -359,7 +363,8 @@ async def test_sigterm_lets_an_in_flight_delete_finish(
                     headers=bearer(token_for("org_c1")),
                 )
             )
-            await asyncio.sleep(0.3)
+            # in flight: the gateway has asked the store (each answer takes 0.5 s)
+            await eventually(lambda: proxy.faults.requests >= 1, "the delete at the store")
             proc.send_signal(signal.SIGTERM)
             resp = await pending
             assert resp.status == 200
@@ -377,9 +382,9 @@ def test_two_workers_share_one_port(tmp_path: Path) -> None:
     storage = {"backend": "local", "local": {"root": str(tmp_path / "backups")}}
     config = write_config(tmp_path, port, storage)
     proc = serve_gateway(config, "--workers", "2")
+    output = OutputWatcher(proc)
     try:
-        wait_for_port(port, proc=proc)
-        time.sleep(1)  # let the second worker bind too
+        output.wait_for(lambda rs: len(_listening(rs)) == 2)  # both workers bound
         import urllib.request
 
         for _ in range(100):
@@ -387,10 +392,11 @@ def test_two_workers_share_one_port(tmp_path: Path) -> None:
                 assert r.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    out = output.wait_closed()
     assert proc.returncode == 0, out
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    listening = {r["pid"] for r in records if r["msg"].startswith("listening on")}
+    records = output.records()
+    listening = _listening(records)
     serving = {r["pid"] for r in records if r.get("route") == "/healthz"}
     assert len(listening) == 2
     assert len(serving) == 2, "the kernel spread 100 connections over both workers"
@@ -412,15 +418,15 @@ def _listening(records: list[dict[str, Any]]) -> set[int]:
 
 
 def _wait_for_workers(proc: subprocess.Popen[str], count: int, without: int = 0) -> set[int]:
-    """Wait until `proc` has `count` worker processes, none of them `without`."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        now = _workers_of(proc.pid)
-        if len(now) == count and without not in now:
-            return now
+    """Wait until `proc` has `count` worker processes, none of them `without` (a poll of
+    /proc: there is no event to wait on)."""
+
+    def workers() -> set[int]:
         assert proc.poll() is None, proc.returncode
-        time.sleep(0.02)  # a poll of /proc: there is no event to wait on
-    raise AssertionError(f"workers of {proc.pid}: {_workers_of(proc.pid)}")
+        now = _workers_of(proc.pid)
+        return now if len(now) == count and without not in now else set()
+
+    return wait_until(workers, f"{count} workers of {proc.pid}, {without} not among them")
 
 
 def test_a_killed_worker_is_logged_and_replaced(tmp_path: Path) -> None:
@@ -532,14 +538,16 @@ def test_the_io_process_logs_in_the_gateways_format(tmp_path: Path, log_format: 
     storage = {"backend": "local", "local": {"root": str(root), "io": "process"}}
     config = write_config(tmp_path, port, storage, logging={"format": log_format})
     proc = serve_gateway(config)
+    output = OutputWatcher(proc)
     try:
         wait_for_port(port, proc=proc)
         url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
         assert http("DELETE", url, token_for("org_c1"))[0] == 200
-        time.sleep(0.5)
+        output.wait_for_line("sidecar of")
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    out = output.wait_closed()
     lines = [line for line in out.splitlines() if "sidecar of" in line]
     assert len(lines) == 1, out
     if log_format == "json":
