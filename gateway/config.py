@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from aiohttp import web
 
 from storage_backends import StorageConfig
 
-from .config_loader import ConfigError, build, interpolate
+from .config_loader import ConfigError, YamlFileError, build, interpolate, read_yaml_file
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -203,17 +202,11 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     """Read, interpolate, type and validate a config file. Raises ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_yaml_file(path)
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except RecursionError:
-        raise ConfigError("", f"{path} is nested too deeply") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("", f"{path} is not valid YAML{where}") from None
+    except YamlFileError as exc:
+        raise ConfigError("", str(exc)) from None
     return config_from_mapping(raw, path.resolve().parent, environ)
 
 

@@ -14,7 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+import yaml
+
 T = TypeVar("T")
+
+# Deeper than any config or directory needs; a parser's recursion never gets near it.
+MAX_YAML_DEPTH = 64
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$")
 # Settings that switch a check off when empty: an empty value here is refused, never "unset".
@@ -37,6 +42,45 @@ class ConfigError(Exception):
         super().__init__(f"{field}: {problem}" if field else problem)
         self.field = field
         self.problem = problem
+
+
+class YamlFileError(Exception):
+    """A YAML file that cannot be read as data, said in one line naming it and where."""
+
+
+def read_yaml_file(path: Path) -> Any:
+    """The file's YAML, parsed safely. YamlFileError for bytes that are not UTF-8, nesting
+    deeper than MAX_YAML_DEPTH or invalid YAML, each with the line and column; OSError as
+    the file system raises it."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise YamlFileError(
+            f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} at line {line}, column {column}"
+        ) from None
+    try:
+        # The event stream comes from a loop, not recursion: depth is measured before the
+        # constructor, which recurses, ever sees the nesting.
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                mark = event.start_mark
+                if depth > MAX_YAML_DEPTH and mark is not None:
+                    raise YamlFileError(
+                        f"{path} is nested too deeply (over {MAX_YAML_DEPTH} levels) at line "
+                        f"{mark.line + 1}, column {mark.column + 1}"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise YamlFileError(f"{path} is not valid YAML{where}") from None
 
 
 class _FromEnvironment(str):

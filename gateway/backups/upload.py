@@ -140,13 +140,13 @@ async def _appliance(request: web.Request) -> System:
         system.secret_sha256 if system else None,
         credentials.secret if credentials else "",
     )
-    if matches and system is not None and not system.deleted and not system.suspended:
-        # A soft-deleted organization's appliances are refused too (asked only once the
-        # secret matched: the answer costs an unknown key nothing it could time).
-        if await _organization_live(app, system.organization_id):
-            # The brake is asked only after a failure: a correct credential is never
-            # refused, whoever else failed from the same address (a NAT, the balancer).
-            return system
+    # A soft-deleted organization's appliances are refused too (asked only once the secret
+    # matched: the answer costs an unknown key nothing it could time). The brake is asked
+    # only after a failure: a correct credential is never refused, whoever else failed
+    # from the same address (a NAT, the load balancer).
+    live = matches and system is not None and not system.deleted and not system.suspended
+    if live and system is not None and await _organization_live(app, system.organization_id):
+        return system
     # Failures count per client address and key named: guessing one system's secret is
     # braked, while appliances behind one proxy address keep their own counts.
     attempt = f"{request.remote or ''} {credentials.system_key if credentials else ''}"

@@ -17,8 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config_loader import YamlFileError, read_yaml_file
 from ..telemetry.metrics import Metrics
 from .base import (
     ALLOWED_PARENT_ROLES,
@@ -26,6 +25,7 @@ from .base import (
     SAFE_COMPONENT,
     Directory,
     DirectoryError,
+    DirectoryUnavailable,
     Organization,
     System,
 )
@@ -115,7 +115,22 @@ class FileDirectory(Directory):
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
             self._wake.clear()
-            await self.check_for_change()
+            try:
+                await self.check_for_change()
+            except Exception as exc:
+                # Whatever a version of the file does to the loader, the last good directory
+                # stays in service and the next good version is still applied.
+                self.reload_failures += 1
+                log.error(
+                    "directory not reloaded, the last good one stays in service: %s: %s",
+                    type(exc).__name__,
+                    exc,
+                )
+
+    async def check_ready(self) -> None:
+        """Unready when the reload task is not running: changes would never be applied."""
+        if self._task is not None and self._task.done():
+            raise DirectoryUnavailable("the directory file's reload task is not running")
 
     async def check_for_change(self) -> bool:
         """Reload when the file changed; True when a new version went into service."""
@@ -155,13 +170,11 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
 
 def load_file_directory(path: Path) -> InMemoryDirectory:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml_file(path)
     except OSError as exc:
         raise DirectoryError(f"cannot read directory file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise DirectoryError(f"directory file {path} is not valid YAML{where}") from None
+    except YamlFileError as exc:
+        raise DirectoryError(f"directory file {exc}") from None
     return parse_directory(raw)
 
 
