@@ -508,6 +508,11 @@ async def scrape(client: Any, sample: str) -> float:
     return metric_value(await resp.text(), sample)
 
 
+async def scraped_is(client: Any, sample: str, value: float) -> bool:
+    """Whether the in-process gateway's /metrics shows `sample` at `value` now."""
+    return await scrape(client, sample) == value
+
+
 def wait_for_port(
     port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None
 ) -> None:

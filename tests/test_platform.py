@@ -50,7 +50,7 @@ from .support import (
     location_for,
     make_config,
     new_backup_id,
-    scrape,
+    scraped_is,
     serve_gateway,
     system_id_of,
     token_for,
@@ -286,11 +286,7 @@ async def twins_seen(client: TestClient, count: int, what: str) -> None:
     lookups check against that scan from then on). Scans run every case_scan_seconds; the
     bound is a loaded machine's, not the contract's."""
     sample = "gateway_directory_case_twins"
-    await eventually(lambda: _scraped_is(client, sample, count), what, timeout=10)
-
-
-async def _scraped_is(client: TestClient, sample: str, value: float) -> bool:
-    return await scrape(client, sample) == value
+    await eventually(lambda: scraped_is(client, sample, count), what, timeout=10)
 
 
 async def _status_is(client: TestClient, path: str, status: int) -> bool:
@@ -649,7 +645,7 @@ async def _waiting_queries_once_asked(
     """The gateway's queries waiting on a lock, once all `requests` are being handled (its
     in-flight gauge, which counts the scrape's own request too) and one query waits."""
     await eventually(
-        lambda: _scraped_is(client, "gateway_http_requests_in_flight", requests + 1),
+        lambda: scraped_is(client, "gateway_http_requests_in_flight", requests + 1),
         f"{requests} requests in the gateway",
     )
     await eventually(lambda: _waiting_queries(database), "a lookup waiting on the lock")
@@ -988,7 +984,7 @@ async def test_usage_counter_failure_never_changes_the_answer(
     assert (await delete_as(client, bid)).status == 200
     assert not local_harness.exists(location_for("org_c1", bid))
     failures = "gateway_usage_counter_failures_total"
-    await eventually(lambda: _scraped_is(client, failures, 1), "the drop's failure counted")
+    await eventually(lambda: scraped_is(client, failures, 1), "the drop's failure counted")
     metrics = await (await client.get("/metrics")).text()
     assert re.search(r"^gateway_usage_counter_failures_total 1\.0$", metrics, re.M), metrics
 
