@@ -17,6 +17,7 @@ from aiohttp import web
 from .app import create_app
 from .config import Config, load_config
 from .directory import DIRECTORY
+from .http.aiohttp_internals import WrappedRunner
 from .http.connections import (
     ConnectionGuard,
     QuietLoopErrors,
@@ -34,19 +35,6 @@ log = logging.getLogger("gateway")
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
-class GuardedRunner(web.AppRunner):
-    """An AppRunner whose sites accept connections through a ConnectionGuard."""
-
-    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.guard = guard
-
-    @property
-    def server(self) -> Any:  # the sites hand this factory to loop.create_server()
-        inner = super().server
-        return None if inner is None else self.guard.wrap(inner)
-
-
 async def serve_async(config: Config, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(QuietLoopErrors())
@@ -57,9 +45,9 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     )
     app = create_app(config)
     guard.export(app[METRICS])
-    runner = GuardedRunner(
+    runner = WrappedRunner(
         app,
-        guard,
+        guard.wrap,  # every connection is admitted (or refused) by the guard
         access_log=None,  # ours, with route templates and user ids, is in request_context
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_grace_seconds,

@@ -32,6 +32,7 @@ from storage_backends.ids import new_uuid7, upload_extension
 
 from ..config import CONFIG
 from ..directory import DIRECTORY, DirectoryUnavailable, System
+from ..http.aiohttp_internals import requests_queued_behind, send_continue
 from ..http.envelope import envelope
 from ..http.errors import ApiError, directory_unavailable, storage_error
 from ..identity.appliance import CHALLENGE, basic_credentials, secret_matches
@@ -120,8 +121,7 @@ async def _continue(request: web.Request) -> None:
     if expect.strip().lower() != "100-continue":
         raise ApiError(417, "expectation failed")
     if request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer proper has not started
+        await send_continue(request)
 
 
 async def _appliance(request: web.Request) -> System:
@@ -232,7 +232,9 @@ async def _store(request: web.Request, system: System, size: int) -> BackupInfo:
             stage = functools.partial(store.stage_upload, backup)
             body = _RequestBody(request, size)
             staged = await run_storage(request, "upload", stage, body, "store backup")
-            if _more_bytes_follow(request):
+            # RFC 9112 §9.3.2: clients do not pipeline after a POST, so whatever follows an
+            # upload on its connection is taken as the rest of a body longer than announced.
+            if requests_queued_behind(request):
                 raise storage_error(UploadIncomplete("more bytes than announced"), "store backup")
             await run_storage(request, "commit", _commit, staged, "store backup")
             committed = True
@@ -249,14 +251,6 @@ async def _store(request: web.Request, system: System, size: int) -> BackupInfo:
 
 async def _commit(staged: StagedBackup) -> None:
     await staged.commit()
-
-
-def _more_bytes_follow(request: web.Request) -> bool:
-    """Bytes after the announced body, already received and parsed as a next request.
-
-    RFC 9112 §9.3.2: clients do not pipeline after a POST, so whatever follows an upload
-    on its connection is taken as the rest of a body longer than announced."""
-    return bool(getattr(request.protocol, "_messages", None))
 
 
 async def _apply_retention(request: web.Request, system: System, keep: str) -> None:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..config import LoggingConfig
+from .logging_internals import skip_caller_lookup
 
 access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
@@ -224,7 +225,7 @@ def configure_logging(config: LoggingConfig) -> None:
     # to find the caller's file and line (the logging HOWTO's "Optimization" section).
     logging.logThreads = False
     logging.logMultiprocessing = False
-    logging._srcfile = None
+    skip_caller_lookup()
     handler = LoopBufferedHandler(sys.stdout)
     # the local I/O process (storage_backends, which cannot import this) writes its lines
     # in the same format: it reads the format from its environment

@@ -41,6 +41,7 @@ from ..base import (
 )
 from ..errors import BackupNotFound, InsufficientStorage, StorageUnavailable, UploadIncomplete
 from ..ids import normalize_backup_id
+from .botocore_internals import credentials_expiry
 from .settings import S3Config
 from .signed import Answer, SignedRequests
 
@@ -240,9 +241,9 @@ class S3BackupStore(BackupStore):
         self, location: BackupLocation, download_name: str, ttl_seconds: int
     ) -> str:
         ttl = ttl_seconds
-        # Never valid beyond temporary credentials: botocore keeps their expiry here.
-        expiry = getattr(self._credentials, "_expiry_time", None)
-        if isinstance(expiry, datetime):
+        # Never valid beyond temporary credentials.
+        expiry = credentials_expiry(self._credentials)
+        if expiry is not None:
             ttl = max(1, min(ttl, int((expiry - datetime.now(UTC)).total_seconds())))
         url: str = await self._presigner.generate_presigned_url(
             "get_object",

@@ -1,0 +1,141 @@
+"""Each use of a library's internals, against the real library: these fail when aiohttp,
+logging or botocore change underneath the gateway (the modules named `*_internals`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from botocore.credentials import Credentials, RefreshableCredentials
+
+from gateway.http.aiohttp_internals import WrappedRunner, requests_queued_behind, send_continue
+from gateway.telemetry.logging_internals import skip_caller_lookup
+from storage_backends.s3.botocore_internals import credentials_expiry
+
+from .support import free_port
+
+
+async def _exchange(server: TestServer, raw: bytes) -> bytes:
+    """Send `raw` in one write; everything the server answers until it closes."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(raw)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def _post(body: bytes, extra: bytes = b"") -> bytes:
+    head = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n" % len(body)
+    return head + extra + b"\r\n" + body
+
+
+async def test_an_error_still_answers_after_a_100_continue() -> None:
+    """aiohttp refuses to answer an error once `writer.output_size` says the answer began."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await send_continue(request)
+        await request.read()
+        raise RuntimeError("a failure after the interim answer")
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    async with TestServer(app) as server:
+        answer = await _exchange(server, _post(b"abc", b"Connection: close\r\n"))
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 500 ")
+
+
+@pytest.mark.parametrize(
+    ("follows", "queued"), [(b"", False), (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", True)]
+)
+async def test_a_request_sent_behind_a_body_is_seen(follows: bytes, queued: bool) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        response = web.Response(text=f"queued={requests_queued_behind(request)}")
+        response.force_close()  # one answer, then the connection ends
+        return response
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    app.router.add_get("/", handler)
+    async with TestServer(app) as server:
+        answer = await _exchange(server, _post(b"abc") + follows)
+    assert f"queued={queued}".encode() in answer
+
+
+async def test_a_wrapped_runner_hands_its_sites_the_wrapped_factory() -> None:
+    wrapped: list[object] = []
+
+    def wrap(factory: Any) -> Any:
+        def made() -> asyncio.Protocol:
+            wrapped.append(factory)
+            protocol: asyncio.Protocol = factory()
+            return protocol
+
+        return made
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = WrappedRunner(app, wrap, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert len(wrapped) == 1  # the connection was made by the wrapped factory
+
+
+@pytest.fixture
+def caller_lookup_restored() -> Iterator[None]:
+    saved = logging._srcfile
+    yield
+    logging._srcfile = saved
+
+
+def test_records_skip_the_caller_lookup(caller_lookup_restored: None) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("tests.library_internals")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("with the lookup")
+        skip_caller_lookup()
+        logger.warning("without it")
+    finally:
+        logger.removeHandler(handler)
+    assert records[0].pathname == __file__
+    assert (records[1].pathname, records[1].lineno) == ("(unknown file)", 0)
+
+
+def test_temporary_credentials_say_when_they_expire() -> None:
+    expiry = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=20)
+    temporary = RefreshableCredentials.create_from_metadata(
+        {
+            "access_key": "AKIDEXAMPLE",
+            "secret_key": "secret",
+            "token": "token",
+            "expiry_time": expiry.isoformat(),
+        },
+        refresh_using=lambda: {},
+        method="assume-role",
+    )
+    assert credentials_expiry(temporary) == expiry
+    assert credentials_expiry(Credentials("AKIDEXAMPLE", "secret")) is None
