@@ -22,12 +22,15 @@ from .servers import RedisServer
 from .support import (
     APPLIANCE_SECRETS,
     LocalHarness,
+    OutputWatcher,
     S3Harness,
+    eventually,
     free_port,
     mounted_tmpfs,
     serve_gateway,
     stop_process,
     wait_for_port,
+    wait_until,
     write_config,
 )
 from .test_uploads import KEY, backups_of, head_for, upload
@@ -99,12 +102,10 @@ async def test_an_upload_and_its_prunes_drop_the_usage_counter(
     usage = redis.client(1)
     usage.set("backup:org_usage:org_c1", "123")
     assert (await upload(client, b"x"))[0].status == 201
-    await asyncio.sleep(0.3)
-    assert not usage.exists("backup:org_usage:org_c1")
+    await eventually(lambda: not usage.exists("backup:org_usage:org_c1"), "the upload's drop")
     usage.set("backup:org_usage:org_c1", "123")
     assert (await upload(client, b"y"))[0].status == 201  # stores one, prunes one
-    await asyncio.sleep(0.3)
-    assert not usage.exists("backup:org_usage:org_c1")
+    await eventually(lambda: not usage.exists("backup:org_usage:org_c1"), "the prune's drop")
     assert len(backups_of(local_harness)) == 1
     assert not redis.client(1).exists(f"backup:retention:{KEY}")  # released
 
@@ -141,7 +142,7 @@ async def test_a_full_disk_is_507_and_leaves_nothing(
         assert resp.status == 507
         assert body == {"code": 507, "message": "insufficient storage", "data": {}}
         assert resp.headers["Connection"] == "close"
-        await asyncio.sleep(0.3)
+        await eventually(lambda: not _leftovers(harness), "the refused upload's files removed")
         assert backups_of(harness) == [kept]
         assert [k for k in harness.keys() if ".upload" in k] == []
         assert (await upload(client, b"x" * 1000))[0].status == 201  # room again
@@ -158,6 +159,13 @@ def _gateway(tmp_path: Path, storage: dict[str, Any], **extra: Any) -> tuple[Any
     return proc, port
 
 
+def _leftovers(harness: LocalHarness | S3Harness) -> list[str]:
+    return [k for k in harness.keys() if ".upload" in k]
+
+
+SWEPT = "files left by interrupted uploads"  # the start-up sweep's line, when it removed any
+
+
 def _send_head(port: int, size: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(head_for(size))
@@ -169,19 +177,16 @@ def test_a_crash_mid_upload_leaves_nothing_visible_and_start_up_sweeps(tmp_path:
     proc, port = _gateway(tmp_path, harness.storage())
     sock = _send_head(port, 100_000_000)
     sock.sendall(os.urandom(8_000_000))
-    time.sleep(0.5)
-    hidden = [k for k in harness.keys() if "/.upload-" in k]
-    assert hidden, "the upload was being written"
+    wait_until(lambda: [k for k in harness.keys() if "/.upload-" in k], "the upload being written")
     proc.kill()  # SIGKILL: no cleanup runs
     proc.wait()
     sock.close()
     assert backups_of(harness) == []  # nothing visible
     proc, port = _gateway(tmp_path, harness.storage())
+    output = OutputWatcher(proc)
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and [k for k in harness.keys() if ".upload" in k]:
-            time.sleep(0.1)
-        assert [k for k in harness.keys() if ".upload" in k] == []
+        output.wait_for(lambda rs: any(SWEPT in r["msg"] for r in rs))
+        assert _leftovers(harness) == []
         assert backups_of(harness) == []
     finally:
         stop_process(proc)
@@ -194,11 +199,16 @@ def test_a_live_upload_of_another_process_is_never_swept(tmp_path: Path) -> None
     sock = _send_head(port, 20_000_000)
     try:
         sock.sendall(os.urandom(5_000_000))
-        time.sleep(0.3)
+        [live] = wait_until(
+            lambda: [k for k in harness.keys() if k.endswith(".partial")], "the upload's file"
+        )
+        # a dead upload's file beside it: the sweep's removal of it says the sweep has run
+        harness.put_key(live.replace("/.upload-", "/.upload-dead-"), b"left by a crash")
         # a second gateway on the same root starts (and sweeps) while the upload runs
         (tmp_path / "second").mkdir()
         second, _ = _gateway(tmp_path / "second", harness.storage())
-        time.sleep(1.0)
+        OutputWatcher(second).wait_for(lambda rs: any(SWEPT in r["msg"] for r in rs))
+        assert live in harness.keys()
         sock.sendall(os.urandom(15_000_000))
         answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
@@ -283,15 +293,17 @@ async def test_a_part_cut_short_leaves_no_parts_behind(
     reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
     writer.write(head_for(12 * 1024**2) + os.urandom(7 * 1024**2))
     await writer.drain()
-    await asyncio.sleep(0.5)
+
+    def multipart_uploads() -> list[Any]:
+        listed = harness.client.list_multipart_uploads(Bucket=harness.bucket)
+        return list(listed.get("Uploads", []))
+
+    await eventually(multipart_uploads, "the upload going up in parts")
     writer.transport.abort()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        uploads = harness.client.list_multipart_uploads(Bucket=harness.bucket).get("Uploads", [])
-        if not uploads and not harness.keys():
-            break
-        await asyncio.sleep(0.1)
-    assert harness.client.list_multipart_uploads(Bucket=harness.bucket).get("Uploads", []) == []
+    await eventually(
+        lambda: not multipart_uploads() and not harness.keys(), "the cut upload's parts aborted"
+    )
+    assert multipart_uploads() == []
     assert harness.keys() == set()
     del reader
 
