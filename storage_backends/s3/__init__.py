@@ -1,7 +1,8 @@
 """The `s3` backend: any S3-compatible store, through aiobotocore.
 
 Its modules are private to it: `settings` (the config section, importable without
-aiobotocore) and `store`. From outside, import this package only; `create_store` imports
+aiobotocore), `store`, and the store's parts by concern: `listing`, `uploads`, `errors`,
+`signed`, `botocore_internals`. From outside, import this package only; `create_store` imports
 aiobotocore on first use, so a gateway that reads a config or runs local storage never
 loads it. Its modules may import `storage_backends.base` and `storage_backends.errors`.
 """

@@ -1,0 +1,217 @@
+"""Uploads to S3: the body streamed to a staging key (one PUT, or parts above the
+threshold) with its sha256 on the way, then copied into place with its metadata, so a
+backup appears whole, checksum and all. What a failure or a crash leaves under the
+staging prefix is removed, or cleared by a lifecycle rule on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+from ..base import BackupInfo, NewBackup, StagedBackup, UploadBody
+from ..errors import BackupNotFound, InsufficientStorage, StorageUnavailable, UploadIncomplete
+from .errors import STORE_FAILURES, reason, require_ok
+from .settings import S3Config
+from .signed import Answer, SignedRequests
+
+log = logging.getLogger(__name__)
+
+# Uploads are staged under this prefix (never a system's folder, so never listed or counted)
+# and copied into place with their metadata: a lifecycle rule on it clears what a crash left.
+STAGING_PREFIX = ".uploads/"
+STREAM_CHUNK_BYTES = 1024 * 1024
+# a store's answer to a PUT, a part or a CopyObject may take this long per byte it persists,
+# beyond the read (or operation) timeout
+PERSIST_SECONDS_PER_BYTE = 1 / (20 * 1024**2)
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Any) -> None:
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)  # a reference, so the task is not collected half-way
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+class Uploads:
+    """The store's upload side, on the store's own client and signed requests."""
+
+    def __init__(
+        self,
+        config: S3Config,
+        operation_timeout: float,
+        client: Any,
+        signed: SignedRequests,
+        require_bucket: Callable[[], Awaitable[None]],
+        delete_key: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self._config = config
+        self._timeout = operation_timeout
+        self._client = client
+        self._signed = signed
+        self._require_bucket = require_bucket
+        self._delete_key = delete_key  # BackupNotFound when absent
+
+    async def stage(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
+        """Stream the body to a staging key; `final` is where `commit` copies it."""
+        staging = f"{self._config.prefix}{STAGING_PREFIX}{secrets.token_hex(16)}"
+        digest = hashlib.sha256()
+        signed = self._signed
+        cfg = self._config
+        feed = _Feed(body, digest)
+        upload_id: str | None = None
+        step = "put_object"
+        try:
+            # Some stores (SeaweedFS) create a missing bucket on PutObject: the gateway never
+            # creates buckets, and a missing one is a 502 here as on every other route.
+            step = "head_bucket"
+            await self._require_bucket()
+            step = "put_object"
+            if backup.size <= cfg.multipart_threshold_bytes:
+                answer = await signed.put_stream(
+                    staging,
+                    backup.size,
+                    feed.chunks(backup.size),
+                    read_seconds=self._answer_seconds(backup.size),
+                )
+                require_ok(answer, step)
+            else:
+                step = "create_multipart_upload"
+                created = await self._client.create_multipart_upload(Bucket=cfg.bucket, Key=staging)
+                upload_id = created["UploadId"]
+                parts = []
+                remaining = backup.size
+                number = 0
+                step = "upload_part"
+                while remaining:
+                    number += 1
+                    size = min(cfg.multipart_part_bytes, remaining)
+                    answer = await signed.put_stream(
+                        staging,
+                        size,
+                        feed.chunks(size),
+                        {"partNumber": str(number), "uploadId": upload_id},
+                        read_seconds=self._answer_seconds(size),
+                    )
+                    require_ok(answer, step)
+                    etag = next((v for k, v in answer.headers.items() if k.lower() == "etag"), "")
+                    parts.append({"PartNumber": number, "ETag": etag})
+                    remaining -= size
+                step = "complete_multipart_upload"
+                await self._client.complete_multipart_upload(
+                    Bucket=cfg.bucket,
+                    Key=staging,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+                upload_id = None
+        except BaseException as exc:
+            # never awaited here: the caller may be cancelled (deadline, client gone)
+            _background(self.remove(staging, upload_id))
+            if feed.error is not None:
+                raise feed.error from None  # the client's body, not the store, failed
+            if isinstance(exc, InsufficientStorage):
+                raise
+            if isinstance(exc, STORE_FAILURES):
+                log.warning("s3 %s of an upload failed: %s; nothing was stored", step, reason(exc))
+                raise StorageUnavailable(reason(exc)) from None
+            raise
+        return _StagedS3(self, staging, final, backup.info(digest.hexdigest()), backup.uploader_ip)
+
+    def _answer_seconds(self, size: int) -> float:
+        """How long a store may take to answer once it has `size` new bytes to persist."""
+        return self._config.read_timeout_seconds + size * PERSIST_SECONDS_PER_BYTE
+
+    async def remove(self, staging: str, upload_id: str | None) -> None:
+        """Best effort: a staging key (or multipart upload) nobody will commit."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if upload_id is not None:
+                    await self._client.abort_multipart_upload(
+                        Bucket=self._config.bucket, Key=staging, UploadId=upload_id
+                    )
+                with contextlib.suppress(BackupNotFound):  # never written: nothing to remove
+                    await self._delete_key(staging)
+        except (TimeoutError, *STORE_FAILURES) as exc:
+            log.warning(
+                "s3 staging key not removed (a lifecycle rule on %s clears it): %s",
+                STAGING_PREFIX,
+                reason(exc),
+            )
+
+    async def copy_into_place(self, staging: str, final: str, info: BackupInfo, ip: str) -> None:
+        """CopyObject with the metadata: the backup appears whole, checksum and all."""
+        headers = {
+            "x-amz-metadata-directive": "REPLACE",
+            "Content-Type": info.mimetype,
+            # S3 metadata is ASCII: the filename goes percent-encoded, read back decoded
+            "x-amz-meta-filename": quote(info.filename, safe=""),
+            "x-amz-meta-sha256": info.sha256,
+            "x-amz-meta-uploader-ip": ip,
+            "x-amz-meta-uploaded-at": info.uploaded_at.isoformat(timespec="milliseconds"),
+        }
+        seconds = self._timeout + info.size * PERSIST_SECONDS_PER_BYTE
+        answer = await self._signed.copy(staging, final, headers, seconds)
+
+        # a long copy may answer 200 and report its failure in the body
+        if b"<Error>" in answer.body:
+            answer = Answer(500 if answer.status == 200 else answer.status, {}, answer.body)
+        require_ok(answer, "copy_object")
+
+
+class _Feed:
+    """The request body as an S3 request body: hashed on the way. A failure of the body
+    itself (cut short, client gone) is kept, since the HTTP client reports it as its own
+    connection error."""
+
+    def __init__(self, body: UploadBody, digest: Any) -> None:
+        self._body = body
+        self._digest = digest
+        self.error: UploadIncomplete | None = None
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        remaining = size
+        while remaining:
+            try:
+                data = await self._body.read(min(remaining, STREAM_CHUNK_BYTES))
+            except UploadIncomplete as exc:
+                self.error = exc
+                raise
+            self._digest.update(data)
+            remaining -= len(data)
+            yield data
+
+
+class _StagedS3(StagedBackup):
+    def __init__(self, uploads: Uploads, staging: str, final: str, info: BackupInfo, ip: str):
+        super().__init__(info)
+        self._uploads = uploads
+        self._staging = staging
+        self._final = final
+        self._ip = ip
+
+    async def commit(self) -> None:
+        uploads = self._uploads
+        try:
+            await uploads.copy_into_place(self._staging, self._final, self.info, self._ip)
+        except (TimeoutError, *STORE_FAILURES) as exc:
+            # A copy whose answer was lost may have landed: the new id is nobody's yet, so
+            # remove it rather than leave an upload the caller was told failed.
+            log.warning("s3 copy_object of an upload failed: %s; removing it", reason(exc))
+            _background(uploads.remove(self._final, None))
+            _background(uploads.remove(self._staging, None))
+            raise StorageUnavailable(reason(exc)) from None
+        except BaseException:
+            _background(uploads.remove(self._staging, None))
+            raise
+        # before the answer, so a 201 leaves exactly the backup (a failure here is logged)
+        await uploads.remove(self._staging, None)
+
+    async def discard(self) -> None:
+        await self._uploads.remove(self._staging, None)
