@@ -30,8 +30,8 @@ import run as bench
 
 from gateway.config import load_config
 from gateway.identity.tokens import mint_token
-from gateway.tools.seeding import new_uuid7
 from storage_backends import BackupLocation
+from storage_backends.ids import new_uuid7
 
 CUSTOMERS = [f"org_cust_{i:06d}" for i in range(4)]
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from storage_backends import BackupLocation
+from storage_backends.ids import new_uuid7
 from storage_backends.local import SIDECAR_SUFFIX, mark_root
 
 from ..config import Config
@@ -51,16 +51,6 @@ def seed_directory(systems: list[SeededSystem]) -> dict[str, list[dict[str, obje
             for s in systems
         ],
     }
-
-
-def new_uuid7(counter: int) -> str:
-    """A UUIDv7: 48-bit millisecond time, then random bits (and a counter for uniqueness)."""
-    ms = int(time.time() * 1000)
-    rand = uuid.uuid4().int
-    rand_a = counter & 0xFFF
-    rand_b = rand & ((1 << 62) - 1)
-    value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
-    return str(uuid.UUID(int=value))
 
 
 def _sidecar(backup_id: str, data: bytes) -> bytes:
@@ -145,7 +135,9 @@ def seed(
     """Write the directory file and systems*backups backups. Returns (count, seconds)."""
     started = time.perf_counter()
     plan_systems = seeded_systems(systems)
-    counter = 0
+    # One millisecond apart, ending now: the ids sort in the order they were made (as
+    # retention reads them), and none is from the future.
+    counter = int(time.time() * 1000) - systems * backups
     plan: list[tuple[SeededSystem, list[str]]] = []
     for system in plan_systems:
         ids = []
