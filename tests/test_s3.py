@@ -15,7 +15,6 @@ real S3 implementation). Where they differ:
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -31,6 +30,7 @@ from .conftest import S3Server, StartGateway
 from .support import (
     MotoServer,
     S3Harness,
+    eventually,
     free_port,
     location_for,
     new_backup_id,
@@ -321,15 +321,15 @@ async def test_frozen_server_is_bounded_502_then_recovers(
             resp = await delete(client, bid)
             elapsed = time.monotonic() - started
             await assert_bad_gateway(resp, "frozen")
-            assert elapsed < 3 + 1.5, elapsed
+            assert elapsed < 3 + 5, elapsed  # the operation timeout; a loaded machine's margin
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)
-        # the same process recovers without a restart
-        for _ in range(20):
+
+        async def answered() -> Any:  # the same process recovers without a restart
             resp = await delete(client, bid)
-            if resp.status != 502:
-                break
-            await asyncio.sleep(0.25)
+            return resp if resp.status != 502 else None
+
+        resp = await eventually(answered, "a delete answered once the server thaws")
         assert resp.status in (200, 404)
         assert not h.exists(location_for("org_c1", bid))
     finally:
