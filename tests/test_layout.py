@@ -21,7 +21,8 @@ SOURCES = ("gateway", "storage_backends")
 ALLOWED: dict[str, set[str]] = {
     "storage_backends": set(),
     "config": {"storage_backends"},
-    "telemetry": {"config"},
+    # the log format is storage_backends.log_format, shared with the local I/O process
+    "telemetry": {"config", "storage_backends"},
     "identity": {"config", "telemetry"},
     "directory": {"config", "telemetry"},
     "http": {"config", "telemetry", "identity", "storage_backends"},

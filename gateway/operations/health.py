@@ -30,21 +30,33 @@ PROBE_TIMEOUT = 3.0
 
 async def readyz(request: web.Request) -> web.Response:
     probes = request.app[READINESS]
-    outcomes = await asyncio.gather(*(_probe(p) for p in probes.values()))
+    outcomes = await asyncio.gather(*(_probe(name, p) for name, p in probes.items()))
     checks = dict(zip(probes, outcomes, strict=True))
     if all(v == "ok" for v in checks.values()):
         return envelope(200, "ready", {"checks": checks})
     return envelope(503, "not ready", {"checks": checks})
 
 
-async def _probe(probe: Callable[[], Awaitable[None]]) -> str:
+async def _probe(name: str, probe: Callable[[], Awaitable[None]]) -> str:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             await probe()
     except Exception as exc:  # any failure means not ready; the cause goes to the log
-        log.warning("readiness probe failed: %s", type(exc).__name__)
+        log.warning("readiness probe %s failed: %s", name, cause_of(exc))
         return "unavailable"
     return "ok"
+
+
+def cause_of(exc: BaseException) -> str:
+    """`Type: message`, and what it was raised from, for the log (never for an answer: the
+    body says only "unavailable")."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 3:
+        text = str(seen)
+        parts.append(f"{type(seen).__name__}: {text}" if text else type(seen).__name__)
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return "; from ".join(parts)
 
 
 async def metrics(request: web.Request) -> web.Response:

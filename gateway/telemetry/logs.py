@@ -1,94 +1,24 @@
-"""JSON-lines logging on stdout; access and audit records carry their fields as `extra`."""
+"""Logging on stdout in the one format of `storage_backends.log_format` (JSON lines or
+text); access and audit records carry their fields as `extra`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
 import sys
 import threading
-import time
 from typing import Any
+
+from storage_backends.log_format import LOG_FORMAT_ENV, JsonFormatter, TextFormatter
 
 from ..config import LoggingConfig
 from .logging_internals import skip_caller_lookup
 
 access_log = logging.getLogger("gateway.access")
 audit_log = logging.getLogger("gateway.audit")
-
-
-_PID = os.getpid()
-
-
-def _new_pid() -> None:
-    global _PID
-    _PID = os.getpid()
-
-
-os.register_at_fork(after_in_child=_new_pid)
-
-
-class JsonFormatter(logging.Formatter):
-    _second = -1
-    _second_text = ""
-    # one encoder for every line: json.dumps(..., separators=...) builds a new one per call
-    _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
-    def _timestamp(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:  # strftime once a second, not once a line
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = self.entry(
-            record.created, record.levelname.lower(), record.name, record.getMessage()
-        )
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return self._encode(entry)
-
-    def entry(self, created: float, level: str, logger: str, message: str) -> dict[str, Any]:
-        return {
-            "ts": self._timestamp(created),
-            "level": level,
-            "logger": logger,
-            "pid": _PID,
-            "msg": message,
-        }
-
-    def info_line(self, logger: str, message: str, fields: dict[str, Any]) -> str:
-        """The line `format` would write for an INFO record with these fields."""
-        entry = self.entry(time.time(), "info", logger, message)
-        entry.update(fields)
-        return self._encode(entry)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _escape_controls(text: str) -> str:
-    """CR, LF and every other control character as an escape: a percent-encoded newline in
-    a URL must not start a forged log line."""
-    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = getattr(record, "fields", None)
-        if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        # a traceback keeps its own lines; everything before it is one line
-        head, sep, trace = line.partition("\nTraceback (most recent call last):")
-        return _escape_controls(head) + sep + trace
 
 
 class LoopBufferedHandler(logging.StreamHandler):
@@ -227,13 +157,10 @@ def configure_logging(config: LoggingConfig) -> None:
     logging.logMultiprocessing = False
     skip_caller_lookup()
     handler = LoopBufferedHandler(sys.stdout)
-    # the local I/O process (storage_backends, which cannot import this) writes its lines
-    # in the same format: it reads the format from its environment
-    os.environ["BACKUP_GATEWAY_IO_LOG_FORMAT"] = config.format
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    # the local I/O process writes its lines with the same formatters: it reads which
+    # from its environment
+    os.environ[LOG_FORMAT_ENV] = config.format
+    handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)

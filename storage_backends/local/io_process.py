@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import queue
@@ -47,7 +46,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +53,7 @@ from typing import TypeVar
 
 from ..base import BackupLocation, SystemFolder
 from ..errors import BackupNotFound, StorageUnavailable
+from ..log_format import LOG_FORMAT_ENV, JsonFormatter, TextFormatter
 from .fs import (
     SymlinkRefused,
     check_root_sync,
@@ -299,39 +298,15 @@ def _read_requests(
 
 # BrokenPipe/ConnectionReset: the gateway went away; nobody is left to answer.
 _GONE = (BrokenPipeError, ConnectionResetError)
-LOG_FORMAT_ENV = "BACKUP_GATEWAY_IO_LOG_FORMAT"  # set by the gateway: json | text
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-class _LogLines(logging.Formatter):
-    """One line per record on the gateway's stdout, in the gateway's format: the JSON keys
-    of its own lines (`process: local-io` added), or text with control characters escaped."""
-
-    def __init__(self, as_json: bool) -> None:
-        super().__init__()
-        self._json = as_json
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        when += f".{int(record.msecs):03d}Z"
-        if self._json:
-            entry = {
-                "ts": when,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "pid": os.getpid(),
-                "msg": message,
-                "process": "local-io",
-            }
-            return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-        safe = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
-        return f"{when} {record.levelname} {record.name} [local-io] {safe}"
 
 
 def _configure_logging() -> None:
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(_LogLines(os.environ.get(LOG_FORMAT_ENV, "json") != "text"))
+    # the gateway's own layout, with this process named (`process: local-io`)
+    text = os.environ.get(LOG_FORMAT_ENV, "json") == "text"
+    handler.setFormatter(
+        TextFormatter(process="local-io") if text else JsonFormatter(process="local-io")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
