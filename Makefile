@@ -27,7 +27,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy gateway storage_backends bench
+	$(BIN)/mypy gateway storage_backends bench tests
 
 ## make audit: known advisories against the installed set; fails on any not in audit-ignores.txt,
 ## and on a package it could not audit (--strict: an unreachable database is not a pass)

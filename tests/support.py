@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 import os
 import resource
 import signal
@@ -21,7 +22,7 @@ import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, overload
 
 import botocore.session
 import yaml
@@ -324,6 +325,12 @@ def s3_settings(endpoint: str, bucket: str, prefix: str = "", **extra: Any) -> d
 # --------------------------------------------------------------------------- servers
 
 
+def fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields a gateway log record carries (its `fields` extra)."""
+    fields: dict[str, Any] = record.__dict__["fields"]
+    return fields
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -473,18 +480,23 @@ def wait_until(
     return found
 
 
+@overload
 async def eventually(
-    condition: Callable[[], Awaitable[T] | T],
-    what: str,
-    timeout: float = 30.0,
-    every: float = 0.02,
-) -> T:
+    condition: Callable[[], Awaitable[T]], what: str, timeout: float = ..., every: float = ...
+) -> T: ...
+@overload
+async def eventually(
+    condition: Callable[[], T], what: str, timeout: float = ..., every: float = ...
+) -> T: ...
+async def eventually(
+    condition: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.02
+) -> Any:
     """`wait_until` on the event loop, which goes on serving between polls: `condition`
     may be a probe to await (a request, a query) or a plain check."""
     deadline = time.monotonic() + timeout
     while True:
         probe = condition()
-        found = cast(T, await probe if inspect.isawaitable(probe) else probe)
+        found = await probe if inspect.isawaitable(probe) else probe
         if found:
             return found
         if time.monotonic() > deadline:

@@ -201,14 +201,13 @@ async def test_over_the_connection_cap_new_connections_are_reset(tmp_path: Path)
         await only_the_asking_connection_is_open(gw)
         async with opened(gw.port, 20) as held:
             # accepted by the gateway, all 20 (not only queued by the kernel)
+
+            def accepted() -> set[int]:
+                found = server_sockets(gw.port, held)
+                return found if len(found) == 20 == len(held_by(gw.proc.pid, found)) else set()
+
             inodes = await asyncio.to_thread(
-                wait_until,
-                lambda: (
-                    (found := server_sockets(gw.port, held)) == held_by(gw.proc.pid, found)
-                    and len(found) == 20
-                    and found
-                ),
-                "the gateway holding the 20 connections",
+                wait_until, accepted, "the gateway holding the 20 connections"
             )
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")

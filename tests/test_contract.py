@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.directory import Directory
+from gateway.directory import Directory, Organization, System
 
 from .support import (
     LocalHarness,
@@ -257,13 +257,13 @@ async def test_wrong_method_is_405_envelope_with_allow(
 
 
 class ExplodingDirectory(Directory):
-    async def system(self, system_id: str):  # type: ignore[no-untyped-def]
+    async def system(self, system_id: str) -> System | None:
         raise RuntimeError("directory exploded with internal detail /etc/shadow")
 
-    async def organization(self, organization_id: str):  # type: ignore[no-untyped-def]
+    async def organization(self, organization_id: str) -> Organization | None:
         raise RuntimeError("boom")
 
-    async def system_by_key(self, system_key: str):  # type: ignore[no-untyped-def]
+    async def system_by_key(self, system_key: str) -> System | None:
         raise RuntimeError("boom")
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,7 +69,11 @@ def test_the_reload_survives_any_bad_version_and_applies_the_next_good_one(
         for count, bad in enumerate((LATIN_1, DEEP), start=1):
             _replace(directory, bad)
             proc.send_signal(signal.SIGHUP)
-            output.wait_for(lambda rs, n=count: sum(refused in r["msg"] for r in rs) == n)
+
+            def seen(records: list[dict[str, Any]], n: int = count) -> bool:
+                return sum(refused in r["msg"] for r in records) == n
+
+            output.wait_for(seen)
             assert _metric(port, "gateway_directory_reload_failures_total") == count
             assert http("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200
         lines = [r["msg"] for r in output.records() if refused in r["msg"]]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, TestServer
 from botocore.credentials import Credentials, RefreshableCredentials
 
 from gateway.http.aiohttp_internals import WrappedRunner, requests_queued_behind, send_continue
@@ -21,7 +21,7 @@ from storage_backends.s3.botocore_internals import credentials_expiry
 from .support import free_port
 
 
-async def _exchange(server: TestServer, raw: bytes) -> bytes:
+async def _exchange(server: BaseTestServer, raw: bytes) -> bytes:
     """Send `raw` in one write; everything the server answers until it closes."""
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(raw)
@@ -110,8 +110,12 @@ def caller_lookup_restored() -> Iterator[None]:
 
 def test_records_skip_the_caller_lookup(caller_lookup_restored: None) -> None:
     records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
     logger = logging.getLogger("tests.library_internals")
     logger.addHandler(handler)
     logger.propagate = False

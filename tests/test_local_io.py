@@ -293,14 +293,15 @@ async def test_requests_failed_with_a_lost_process_never_reach_the_next_one(
         with pytest.raises(StorageUnavailable):
             await pending
 
-        def respawned() -> asyncio.Future[tuple[bytes, bytes]] | None:
+        async def respawned() -> tuple[bytes, bytes] | None:
             try:  # refused until a second after the last start
-                return io.request(f"D org_c1 {loc.system_key} {later}".encode())
+                pending = io.request(f"D org_c1 {loc.system_key} {later}".encode())
             except StorageUnavailable:
                 return None
+            return await pending
 
-        code, _ = await eventually(respawned, "a request that respawns the process")
-        assert code == b"ok"
+        answer = await eventually(respawned, "a request that respawns the process")
+        assert answer is not None and answer[0] == b"ok"
         assert local_harness.exists(location_for("org_c1", doomed))
         assert not local_harness.exists(location_for("org_c1", later))
     finally:

@@ -28,6 +28,7 @@ from .support import (
     S3Harness,
     bearer,
     eventually,
+    fields_of,
     free_port,
     http,
     location_for,
@@ -167,8 +168,8 @@ async def test_access_and_audit_lines(
         )
         await delete(local_gateway, new_backup_id(), sid="sys_c2")
     assert resp.status == 200
-    access = [r.fields for r in caplog.records if r.name == "gateway.access"]
-    audit = [r.fields for r in caplog.records if r.name == "gateway.audit"]
+    access = [fields_of(r) for r in caplog.records if r.name == "gateway.access"]
+    audit = [fields_of(r) for r in caplog.records if r.name == "gateway.audit"]
     assert access[0] == {
         "request_id": "req-42",
         "method": "DELETE",
@@ -312,7 +313,7 @@ async def test_stalled_storage_is_504_at_the_request_deadline(
     # the request deadline (1 s) answered it, not the read timeout (30 s)
     assert 1 - 0.1 <= time.monotonic() - started < 1 + 5
     assert harness.exists(location_for("org_c1", bid))
-    audit = [r.fields for r in caplog.records if r.name == "gateway.audit"]
+    audit = [fields_of(r) for r in caplog.records if r.name == "gateway.audit"]
     assert audit[-1]["outcome"] == "delete outcome unknown" and audit[-1]["decision"] == "allow"
 
 

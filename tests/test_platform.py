@@ -419,7 +419,9 @@ async def test_an_exhausted_pool_is_503_not_a_hang(
             )
             for org, bid in backups.items()
         ]
-        *answers, (uploaded, body) = await asyncio.gather(*deletes, upload(client, b"backup"))
+        answers, (uploaded, body) = await asyncio.gather(
+            asyncio.gather(*deletes), upload(client, b"backup")
+        )
         elapsed = time.monotonic() - started
     assert [r.status for r in answers] == [503] * 4
     assert {(await r.json())["message"] for r in answers} == {"directory unavailable"}

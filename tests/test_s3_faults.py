@@ -45,7 +45,7 @@ async def timed_delete(client: TestClient, bid: str) -> tuple[Any, float]:
     return resp, time.monotonic() - started
 
 
-FAULTS = {
+FAULTS: dict[str, dict[str, Any]] = {
     "delay beyond read timeout": {"delay": 2.5},
     "drop": {"drop": True},
     "reset mid-response": {"reset_after_bytes": 20},
