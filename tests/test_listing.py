@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+
+from storage_backends.ids import new_uuid7
 
 from .conftest import Harness, StartGateway
 from .support import (
@@ -93,7 +96,10 @@ async def test_at_most_max_list_items_newest_first_counting_them_all(
     start_gateway: StartGateway, harness: Harness
 ) -> None:
     client = await start_gateway(harness.storage(), limits={"max_list_items": 2})
-    ids = [new_backup_id() for _ in range(5)]
+    # a millisecond apart, as uploads are: the store keeps the largest ids (UUIDv7), which
+    # are then ordered by uploaded_at
+    now = int(time.time() * 1000)
+    ids = [new_uuid7(now - 5 + n) + ".tar.gz" for n in range(5)]
     for n, bid in enumerate(ids):
         harness.put_backup(location_for("org_c1", bid), b"y" * 100, "b.tar.gz",
                            uploaded_at=f"2026-11-01T00:00:0{n}Z")  # fmt: skip

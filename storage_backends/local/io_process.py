@@ -11,6 +11,8 @@ Protocol, over a Unix stream socket, one ASCII line per message:
 
     request   "<seq> D <organization_id> <system_key> <backup_id>\\n"   delete
               "<seq> L <organization_id> <system_key>\\n"               list a folder
+              "<seq> N <organization_id> <system_key> <limit>\\n"       its newest, totals
+              "<seq> E <organization_id> <system_key>\\n"               its ids and sizes
               "<seq> R\\n"                                              readiness probe
     answer    "<seq> <code> <detail>\\n"   code: ok | missing | symlink | failed
               (a listing's detail is its entries as one line of JSON)
@@ -25,8 +27,13 @@ folder they touched is fsynced once (several folders at once, from a few threads
 their deletes are answered. The fsync rounds run in a committer thread, one after
 another; requests that arrive during a round are read and unlinked meanwhile and join the
 next round, so an fsync always starts after the unlinks it covers. Answers that need no
-fsync (missing, symlink, failed, listings, readiness) go out at once, never behind any
-folder's fsync.
+fsync (missing, symlink, failed, readiness) go out at once, never behind any folder's
+fsync. Listings run in their own threads (a folder of a million backups takes seconds to
+scan): deletes are read, unlinked and answered meanwhile, and a listing gives up at the
+operation timeout rather than scan on for an answer nobody waits for.
+
+Nothing a request or the disk holds makes this process exit: an unexpected error in one
+request is logged and answered `failed`; the process serves on.
 
 The process ignores SIGINT and SIGTERM (it starts with them blocked, so there is no
 window): a service manager signals the whole group, and the gateway still needs this
@@ -46,8 +53,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -57,15 +65,24 @@ from ..log_format import LOG_FORMAT_ENV, JsonFormatter, TextFormatter
 from .fs import (
     SymlinkRefused,
     check_root_sync,
+    encode_entries,
     encode_listing,
+    encode_newest,
     fsync_folder,
+    list_entries,
     list_folder,
+    list_newest,
     open_root,
     unlink_backup,
 )
 
+log = logging.getLogger("storage_backends.local.io_process")
+
 _COMPONENT = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _READ_SIZE = 1 << 18
+_LIMIT = re.compile(rb"[0-9]{1,9}")
+# listings at once: a few tenants' big folders may scan together, deletes go on beside them
+LIST_THREADS = 2
 A = TypeVar("A")
 R = TypeVar("R")
 
@@ -91,13 +108,24 @@ _Unlinked = dict[tuple[str, str], list[tuple[bytes, int]]]
 class Batch:
     """One round: unlink everything asked, fsync each touched folder once, answer."""
 
-    def __init__(self, root: Path, fsync: bool, threads: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fsync: bool,
+        threads: int,
+        timeout: float = 10.0,
+        send: Callable[[list[bytes]], None] | None = None,
+    ) -> None:
         self._root = root
         self._fsync = fsync
         self._threads = threads
+        self._timeout = timeout
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="fsync") if threads > 1 else None
         )
+        # listings answer from their own threads, through `send`
+        self._send = send
+        self._listers = ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="list")
 
     def unlink(self, lines: Iterable[bytes]) -> tuple[list[bytes], _Unlinked]:
         """The round's first half: answers that need no fsync (probes, listings, missing,
@@ -110,8 +138,8 @@ class Batch:
             if op == b"R":
                 early.append(self._probe(seq))
                 continue
-            if op == b"L":
-                early.append(self._list(seq, args))
+            if op in (b"L", b"N", b"E"):
+                self._list_later(seq, op, args, early)
                 continue
             location = _location(args.split(b" ")) if op == b"D" else None
             if location is None:
@@ -155,16 +183,52 @@ class Batch:
         parts = [items[i : i + share] for i in range(0, len(items), share)]
         return [r for part in self._pool.map(functools.partial(_each, work), parts) for r in part]
 
-    def _list(self, seq: bytes, args: bytes) -> bytes:
-        folder = _folder(args.split(b" "))
+    def close(self) -> None:
+        self._listers.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _list_later(self, seq: bytes, op: bytes, args: bytes, early: list[bytes]) -> None:
+        """Run a listing in a lister thread, answered when done; without `send` (a caller
+        that only wants this round's answers) at once, in `early`."""
+        deadline = time.monotonic() + self._timeout
+        if self._send is None:
+            early.append(self._list(seq, op, args, deadline))
+            return
+        job = self._listers.submit(self._list, seq, op, args, deadline)
+        job.add_done_callback(self._answer_listing)
+
+    def _answer_listing(self, job: Future[bytes]) -> None:
+        assert self._send is not None
+        with contextlib.suppress(*_GONE):  # the gateway went away: nobody to answer
+            self._send([job.result()])
+
+    def _list(self, seq: bytes, op: bytes, args: bytes, deadline: float) -> bytes:
+        parts = args.split(b" ")
+        limit = 0
+        if op == b"N":
+            if len(parts) != 3 or not _LIMIT.fullmatch(parts[2]):
+                return seq + b" failed malformed request\n"
+            limit = int(parts.pop())
+        folder = _folder(parts)
         if folder is None:
             return seq + b" failed malformed request\n"
         try:
-            return seq + b" ok " + encode_listing(list_folder(self._root, folder)) + b"\n"
+            if op == b"N":
+                answer = encode_newest(list_newest(self._root, folder, limit, deadline))
+            elif op == b"E":
+                answer = encode_entries(list_entries(self._root, folder, deadline))
+            else:
+                answer = encode_listing(list_folder(self._root, folder, deadline))
+            return seq + b" ok " + answer + b"\n"
         except SymlinkRefused:
             return seq + b" symlink -\n"
         except StorageUnavailable as exc:
             return seq + b" failed " + _detail(str(exc)) + b"\n"
+        except Exception:
+            # whatever a folder holds, this process serves on (and the bug is in the log)
+            log.exception("listing %s/%s failed", folder.organization_id, folder.system_key)
+            return seq + b" failed listing failed unexpectedly\n"
 
     def _probe(self, seq: bytes) -> bytes:
         try:
@@ -209,6 +273,10 @@ def _unlink_one(root_fd: int, request: tuple[bytes, BackupLocation]) -> int | by
         return seq + b" missing -\n"
     except StorageUnavailable as exc:
         return seq + b" failed " + _detail(str(exc)) + b"\n"
+    except Exception:
+        # whatever the disk holds, this process serves on (and the bug is in the log)
+        log.exception("delete of %s failed", location.relative_key)
+        return seq + b" failed delete failed unexpectedly\n"
 
 
 def _each(work: Callable[[A], R], items: list[A]) -> list[R]:
@@ -223,12 +291,13 @@ def _detail(text: str) -> bytes:
     return text.encode("ascii", "replace").replace(b"\n", b" ") or b"-"
 
 
-def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
+def serve(
+    sock: socket.socket, root: Path, fsync: bool, threads: int, timeout: float = 10.0
+) -> None:
     """Read requests and answer what needs no fsync at once; a committer thread runs the
     fsync rounds one after another and answers their deletes. Requests that arrive while
     a round runs are unlinked meanwhile and join the next round together: every fsync
     still starts after the unlinks it covers."""
-    batch = Batch(root, fsync, threads)
     sending = threading.Lock()
     rounds: queue.SimpleQueue[_Unlinked | None] = queue.SimpleQueue()
 
@@ -236,6 +305,8 @@ def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
         if answers:
             with sending:
                 sock.sendall(b"".join(answers))
+
+    batch = Batch(root, fsync, threads, timeout, send)
 
     def committer() -> None:
         with contextlib.suppress(*_GONE):
@@ -263,6 +334,7 @@ def serve(sock: socket.socket, root: Path, fsync: bool, threads: int) -> None:
     finally:
         rounds.put(None)  # the rounds queued so far still run and are answered
         worker.join()
+        batch.close()  # and the listings under way (each ends by its deadline)
 
 
 def _read_requests(
@@ -316,12 +388,13 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     _configure_logging()
     fd, root, fsync, threads = int(args[0]), Path(args[1]), args[2] == "1", int(args[3])
+    timeout = float(args[4]) if len(args) > 4 else 10.0  # listings give up after it
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     # The gateway spawned us with both blocked; one that arrived meanwhile is now dropped.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     with socket.socket(fileno=fd) as sock, contextlib.suppress(*_GONE):
-        serve(sock, root, fsync, threads)
+        serve(sock, root, fsync, threads, timeout)
 
 
 if __name__ == "__main__":
