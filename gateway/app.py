@@ -9,6 +9,7 @@ from aiohttp import web
 from storage_backends import create_store
 
 from . import routes
+from .backups.download import OPEN_BACKUPS, OpenBackups
 from .backups.links import LINKS, LinkSigner
 from .backups.rates import FailedLogins, UploadRates
 from .backups.retention import Retention
@@ -78,6 +79,8 @@ def create_app(
         app[LINKS] = LinkSigner(
             config.storage.download.link_secret_file, config.storage.download.ttl_seconds
         )
+        app[OPEN_BACKUPS] = OpenBackups(config.storage.download)
+        app[OPEN_BACKUPS].export(app[METRICS])
     probes: dict[str, Callable[[], Awaitable[None]]] = {
         "directory": lambda: app[DIRECTORY].check_ready(),
         "storage": lambda: app[STORE].check_ready(),

@@ -151,6 +151,13 @@ class DownloadConfig:
     link_secret_file: Path = Path("data/link.secret")
     # a local download gets request_timeout_seconds plus its size at this rate, then is cut
     min_rate_bytes_per_second: int = 65536
+    # local downloads served at once per process, each holding an open backup file (a
+    # descriptor beside its connection's); beyond it a 503 with Retry-After. The connection
+    # cap is kept below the open-files limit minus these.
+    max_open_backups: int = 256
+    # of those, at most this many for one organization: one that never reads cannot hold
+    # every other tenant's downloads off
+    max_open_backups_per_organization: int = 32
 
 
 @dataclass(frozen=True)
@@ -288,6 +295,13 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.download.ttl_seconds", "must be between 1 and 900")
     if download.min_rate_bytes_per_second < 1:
         raise ConfigError("storage.download.min_rate_bytes_per_second", "must be at least 1")
+    if download.max_open_backups < 1:
+        raise ConfigError("storage.download.max_open_backups", "must be at least 1")
+    if not 1 <= download.max_open_backups_per_organization <= download.max_open_backups:
+        raise ConfigError(
+            "storage.download.max_open_backups_per_organization",
+            "must be between 1 and storage.download.max_open_backups",
+        )
     if config.limits.max_list_items < 1:
         raise ConfigError("limits.max_list_items", "must be at least 1")
 

@@ -40,7 +40,10 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     loop.set_exception_handler(QuietLoopErrors())
     open_files = raise_open_files_limit()
     guard = ConnectionGuard(
-        connection_cap(config.server.max_connections, open_files),
+        # each local download holds a backup's descriptor too: those are kept free
+        connection_cap(
+            config.server.max_connections, open_files, config.storage.download.max_open_backups
+        ),
         config.server.request_head_timeout_seconds,
     )
     app = create_app(config)

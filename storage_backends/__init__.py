@@ -9,9 +9,7 @@ from typing import Literal
 from . import s3
 from .base import (
     DEFAULT_MIMETYPE,
-    BackupEntry,
     BackupInfo,
-    BackupListing,
     BackupLocation,
     BackupStore,
     NewBackup,
@@ -37,9 +35,7 @@ from .s3 import S3Config
 __all__ = [
     "BACKENDS",
     "DEFAULT_MIMETYPE",
-    "BackupEntry",
     "BackupInfo",
-    "BackupListing",
     "BackupLocation",
     "BackupNotFound",
     "BackupStore",

@@ -373,15 +373,17 @@ def serve_gateway(
     open_files: int | None = None,
     env: dict[str, str] | None = None,
     new_session: bool = False,
+    hard_open_files: bool = False,
 ) -> subprocess.Popen[str]:
     """`python -m gateway serve --config CONFIG [ARGS]` as a real process, output captured.
 
     `open_files` starts it with that soft RLIMIT_NOFILE (the hard limit unchanged), as a
-    service manager's default of 1,024 would."""
+    service manager's default of 1,024 would; with `hard_open_files` the hard limit too,
+    so the gateway cannot raise it (a host whose hard limit is 1,024)."""
 
     def limit() -> None:
         if open_files is not None:
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            hard = open_files if hard_open_files else resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
 
     return subprocess.Popen(

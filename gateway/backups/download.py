@@ -20,11 +20,12 @@ from aiohttp import web
 
 from storage_backends import BackupLocation, OpenedBackup
 
-from ..config import CONFIG
+from ..config import CONFIG, DownloadConfig
 from ..directory import DIRECTORY, DirectoryUnavailable
 from ..http.envelope import envelope
 from ..http.errors import ApiError, directory_unavailable
 from ..http.middlewares import REQUEST_ID
+from ..telemetry.metrics import Metrics
 from .audit import record_download_issued, record_download_served
 from .authorization import authorized_system
 from .links import LINKS, InvalidLink
@@ -35,6 +36,57 @@ from .storage import STORE, run_storage
 log = logging.getLogger(__name__)
 
 CONTENT_PATH = "/backups/content/"
+# a slot is usually free again within a slow download's budget; a client retries after this
+RETRY_AFTER_SECONDS = 5
+
+
+class OpenBackups:
+    """How many local downloads hold an open backup: in all, and per organization.
+
+    A download that never reads holds its connection's descriptor and its file's until its
+    budget runs out; without a bound of their own, 800 of them exhausted 1,024 open files
+    and every other request failed. Beyond either bound a download is refused (503) before
+    anything is opened."""
+
+    def __init__(self, config: DownloadConfig) -> None:
+        self.limit = config.max_open_backups
+        self.per_organization = config.max_open_backups_per_organization
+        self.open = 0
+        self.refused = 0
+        self._by_org: dict[str, int] = {}
+
+    def take(self, organization_id: str) -> bool:
+        held = self._by_org.get(organization_id, 0)
+        if self.open >= self.limit or held >= self.per_organization:
+            self.refused += 1
+            return False
+        self.open += 1
+        self._by_org[organization_id] = held + 1
+        return True
+
+    def give_back(self, organization_id: str) -> None:
+        self.open -= 1
+        held = self._by_org.pop(organization_id) - 1
+        if held:
+            self._by_org[organization_id] = held
+
+    def export(self, metrics: Metrics) -> None:
+        metrics.add_reading(
+            "gauge",
+            "gateway_open_backups",
+            "Backups held open by local downloads",
+            lambda: self.open,
+        )
+        metrics.add_reading(
+            "counter",
+            "gateway_open_backups_refused",
+            "Local downloads refused (503): over storage.download.max_open_backups or its "
+            "per-organization share",
+            lambda: self.refused,
+        )
+
+
+OPEN_BACKUPS = web.AppKey("open_backups", OpenBackups)
 
 
 async def download_url(request: web.Request) -> web.Response:
@@ -96,14 +148,28 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
     ):
         raise _refused()  # deleted or reassigned since the link was issued: its links die
     outcome = "internal server error"
+    slots = app[OPEN_BACKUPS]
+    organization = location.organization_id
     try:
-        opened = await run_storage(request, "open", app[STORE].open_backup, location, "read backup")
+        if not slots.take(organization):
+            # Closed after the answer: a refused client keeps no connection slot either.
+            raise ApiError(
+                503,
+                "too many downloads in progress, retry later",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"},
+            )
         try:
-            response = await _send(request, opened)
-            outcome = f"{response.status}"
-            return response
+            opened = await run_storage(
+                request, "open", app[STORE].open_backup, location, "read backup"
+            )
+            try:
+                response = await _send(request, opened)
+                outcome = f"{response.status}"
+                return response
+            finally:
+                opened.close()
         finally:
-            opened.close()
+            slots.give_back(organization)
     except ApiError as exc:
         outcome = exc.message
         raise

@@ -9,7 +9,9 @@ hour. Here every accepted connection is wrapped before aiohttp's protocol sees i
   keep-alive timer (`server.keepalive_timeout_seconds`) closes idle and half-sent ones;
 - beyond `server.max_connections` open at once, a new connection is reset at once, before
   aiohttp makes a handler or a task for it;
-- the open-files limit is raised to its hard limit at start, and the cap kept below it;
+- the open-files limit is raised to its hard limit at start, and the cap kept below it,
+  less the descriptors open backups may hold (`storage.download.max_open_backups`: a
+  download holds its connection's and its file's);
 - asyncio's "socket.accept() out of system resource" (and any other loop error) is logged
   at most once a second per message, with a count of what was left out: asyncio logs one
   error per failed accept(), up to the listen backlog at every tick.
@@ -47,15 +49,18 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def connection_cap(configured: int, open_files: int) -> int:
-    """The cap in force: the configured one, kept below the descriptors this process has."""
-    usable = max(1, open_files - RESERVED_FDS)
+def connection_cap(configured: int, open_files: int, open_backups: int = 0) -> int:
+    """The cap in force: the configured one, kept below the descriptors this process has
+    once the reserve and the `open_backups` that downloads may hold are set aside."""
+    usable = max(1, open_files - RESERVED_FDS - open_backups)
     if configured > usable:
         log.warning(
-            "server.max_connections %d lowered to %d: the open-files limit is %d",
+            "server.max_connections %d lowered to %d: the open-files limit is %d, "
+            "of which %d are kept for open backups",
             configured,
             usable,
             open_files,
+            open_backups,
         )
         return usable
     return configured

@@ -121,7 +121,10 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except ApiError as exc:
-        return envelope(exc.status, exc.message, exc.data, exc.headers)
+        answer = envelope(exc.status, exc.message, exc.data, exc.headers)
+        if exc.headers.get("Connection") == "close":
+            answer.force_close()  # the header alone would not end a keep-alive connection
+        return answer
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

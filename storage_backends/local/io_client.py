@@ -34,8 +34,7 @@ Answer = tuple[bytes, bytes]  # (code, detail)
 
 class LocalIoProcess:
     def __init__(self, root: Path, fsync: bool, threads: int, timeout: float) -> None:
-        # the timeout too: a listing there gives up when nobody waits for its answer any more
-        self._args = [str(root), "1" if fsync else "0", str(threads), repr(timeout)]
+        self._args = [str(root), "1" if fsync else "0", str(threads)]
         self._timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
