@@ -9,7 +9,9 @@ from typing import Literal
 from . import s3
 from .base import (
     DEFAULT_MIMETYPE,
+    BackupEntry,
     BackupInfo,
+    BackupListing,
     BackupLocation,
     BackupStore,
     NewBackup,
@@ -35,7 +37,9 @@ from .s3 import S3Config
 __all__ = [
     "BACKENDS",
     "DEFAULT_MIMETYPE",
+    "BackupEntry",
     "BackupInfo",
+    "BackupListing",
     "BackupLocation",
     "BackupNotFound",
     "BackupStore",

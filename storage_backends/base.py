@@ -54,6 +54,27 @@ class BackupInfo:
     uploaded_at: datetime  # aware, UTC
 
 
+@dataclass(frozen=True, slots=True)
+class BackupEntry:
+    """What a listing knows of a backup without reading its metadata: its id and size."""
+
+    id: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackupListing:
+    """The newest backups of a system, described, and the count and bytes of all of them."""
+
+    backups: list[BackupInfo]  # the largest ids (UUIDv7: the newest), in no particular order
+    count: int
+    total_bytes: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.count > len(self.backups)
+
+
 @dataclass(slots=True)
 class OpenedBackup:
     """An open backup to stream: the caller owns `fd` and must close it."""
@@ -157,6 +178,23 @@ class BackupStore(abc.ABC):
         Only real backups: names that are backup ids (never sidecars, temporary files or
         other keys). A backup that disappears while listing is left out; any other failure
         raises StorageUnavailable — never a partial list."""
+
+    async def list_newest(self, folder: SystemFolder, limit: int) -> BackupListing:
+        """The `limit` backups with the largest ids (UUIDv7: the newest) described, and the
+        count and bytes of every backup of the system. Only those returned are described
+        (a sidecar read, a HEAD): a folder of a million backups costs a scan of its names
+        and sizes, in memory that grows with `limit`, not with the folder. Errors as
+        `list_backups`.
+
+        This default describes everything; a backend overrides it to describe less."""
+        every = await self.list_backups(folder)
+        every.sort(key=lambda b: b.id, reverse=True)
+        return BackupListing(every[:limit], len(every), sum(b.size for b in every))
+
+    async def list_entries(self, folder: SystemFolder) -> list[BackupEntry]:
+        """Every backup's id and size, no metadata read (what retention chooses from;
+        `describe` then tells about the chosen ones). Errors as `list_backups`."""
+        return [BackupEntry(b.id, b.size) for b in await self.list_backups(folder)]
 
     @abc.abstractmethod
     async def describe(self, location: BackupLocation) -> BackupInfo:

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from storage_backends import BackupInfo, SystemFolder
+from storage_backends import BackupInfo, BackupListing, SystemFolder
 
 from ..config import CONFIG
 from ..http.envelope import envelope
@@ -37,20 +37,28 @@ def item(info: BackupInfo) -> dict[str, Any]:
 async def list_backups(request: web.Request) -> web.Response:
     system = await authorized_system(request, request.match_info["id"])
     store = request.app[STORE]
+    limit = request.app[CONFIG].limits.max_list_items
     if system.system_key is None:
-        backups: list[BackupInfo] = []  # not registered: nothing uploaded, whatever the backend
+        # not registered: nothing uploaded, whatever the backend
+        listing = BackupListing([], 0, 0)
     else:
         folder = SystemFolder(system.organization_id, system.system_key)
-        backups = await run_storage(request, "list", store.list_backups, folder, "list backups")
-    backups.sort(key=lambda b: (b.uploaded_at, b.id), reverse=True)
-    limit = request.app[CONFIG].limits.max_list_items
+
+        async def newest(target: SystemFolder) -> BackupListing:
+            # only the returned backups are described; the totals come from the scan
+            return await store.list_newest(target, limit)
+
+        listing = await run_storage(request, "list", newest, folder, "list backups")
+    # The store chose the `limit` largest ids (UUIDv7: the newest); they are shown in the
+    # contract's order, which looks at uploaded_at first.
+    backups = sorted(listing.backups, key=lambda b: (b.uploaded_at, b.id), reverse=True)
     return envelope(
         200,
         "backups retrieved successfully",
         {
             "backups": [item(b) for b in backups[:limit]],
-            "quota_used_bytes": sum(b.size for b in backups),
-            "slots_used": len(backups),
-            "truncated": len(backups) > limit,
+            "quota_used_bytes": listing.total_bytes,
+            "slots_used": listing.count,
+            "truncated": listing.truncated,
         },
     )

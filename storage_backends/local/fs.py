@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import json
 import logging
 import os
 import re
 import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..base import DEFAULT_MIMETYPE, BackupInfo, BackupLocation, OpenedBackup, SystemFolder
+from ..base import (
+    DEFAULT_MIMETYPE,
+    BackupEntry,
+    BackupInfo,
+    BackupListing,
+    BackupLocation,
+    OpenedBackup,
+    SystemFolder,
+)
 from ..errors import BackupNotFound, StorageError, StorageUnavailable
 from ..ids import normalize_backup_id
 
@@ -224,43 +237,135 @@ def check_root_sync(root: Path) -> None:
 
 # --------------------------------------------------------------------------- reading
 
+# Sidecar text is anyone's: a field is taken only when it is something the gateway could
+# have written, else it reads as its default (DESIGN.md §8). Times outside these bounds
+# overflow somewhere between here and the response (astimezone, strftime's %Y, a float's
+# round trip), so they are defaults too.
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+_MAX_TIME_TEXT = 64
+_MAX_FILENAME = 1024
+# control characters and lone surrogates: the latter cannot be encoded as UTF-8 at all
+_UNFIT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# each backup whose sidecar was read as defaults is named in a warning once per process;
+# the most recent ones are remembered, so a folder of hostile sidecars cannot grow this
+_WARNED_MAX = 4096
+_warned: OrderedDict[str, None] = OrderedDict()
+_warned_lock = threading.Lock()
+# a listing looks at the clock this often (entries), to give up at its deadline
+_CLOCK_EVERY = 4096
 
-def list_folder(root: Path, folder: SystemFolder) -> list[BackupInfo]:
-    """Every backup in a system's folder: data files named with a canonical backup id.
 
-    A folder that does not exist lists empty; one reached through a symlink raises
-    SymlinkRefused (the caller lists it empty, with a warning). A backup that vanishes
-    while listing is left out."""
+def _warn_once(place: str, problems: list[str]) -> None:
+    with _warned_lock:
+        if place in _warned:
+            _warned.move_to_end(place)
+            return
+        _warned[place] = None
+        if len(_warned) > _WARNED_MAX:
+            _warned.popitem(last=False)
+    log.warning("sidecar of %s read as defaults: %s", place, ", ".join(problems))
+
+
+def _open_folder_or_none(root_fd: int, folder: SystemFolder) -> int | None:
+    """The folder's fd; None when it does not exist (it lists empty). SymlinkRefused when it
+    is reached through a symlink (the caller lists it empty, with a warning)."""
+    try:
+        return open_system_folder(root_fd, folder)
+    except SymlinkRefused:
+        raise  # a BackupNotFound too, but not an empty folder
+    except BackupNotFound:
+        return None
+
+
+Chosen = list[tuple[str, os.stat_result]]
+
+
+def _scan(key_fd: int, keep: int | None, deadline: float | None) -> tuple[Chosen, int, int]:
+    """One pass over the folder's names: (the `keep` backups with the largest ids, or all
+    of them when None; how many backups there are; their bytes).
+
+    Backup ids are UUIDv7, so the largest names are the newest backups. Only the kept
+    ones are held (a heap), so memory does not grow with the folder; each backup costs one
+    fstatat on the folder's fd (its size, and that it is a regular file), no sidecar read.
+    """
+    kept: Chosen = []
+    count = total = seen = 0
+    with os.scandir(key_fd) as entries:
+        for entry in entries:
+            seen += 1
+            if deadline is not None and seen % _CLOCK_EVERY == 0 and time.monotonic() > deadline:
+                # never a partial list: the caller answers 502, and no thread scans on
+                raise StorageUnavailable("listing did not finish within the operation timeout")
+            name = entry.name
+            if name.endswith(SIDECAR_SUFFIX) or normalize_backup_id(name) != name:
+                continue  # sidecars, temporary files, anything else
+            try:
+                st = entry.stat(follow_symlinks=False)  # fstatat(key_fd, name, NOFOLLOW)
+            except FileNotFoundError:
+                continue  # deleted while we listed
+            if not stat.S_ISREG(st.st_mode):
+                continue  # a symlink (never followed), a FIFO, a folder: not a backup
+            count += 1
+            total += st.st_size
+            if keep is None:
+                kept.append((name, st))
+            elif len(kept) < keep:
+                heapq.heappush(kept, (name, st))
+            elif name > kept[0][0]:
+                heapq.heapreplace(kept, (name, st))
+    return kept, count, total
+
+
+def _scan_folder(
+    root: Path, folder: SystemFolder, keep: int | None, deadline: float | None, describe: bool
+) -> tuple[list[BackupInfo], list[BackupEntry], int, int]:
     root_fd = open_root(root)
     try:
+        key_fd = _open_folder_or_none(root_fd, folder)
+        if key_fd is None:
+            return [], [], 0, 0
         try:
-            key_fd = open_system_folder(root_fd, folder)
-        except SymlinkRefused:
-            raise  # a BackupNotFound too, but not an empty folder
-        except BackupNotFound:
-            return []
-        try:
-            found = []
-            with os.scandir(key_fd) as entries:
-                for entry in entries:
-                    name = entry.name
-                    if normalize_backup_id(name) != name:
-                        continue  # sidecars, temporary files, anything else
-                    try:
-                        st = os.stat(name, dir_fd=key_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # deleted while we listed
-                    if stat.S_ISLNK(st.st_mode):
-                        continue  # never followed, never listed
-                    if stat.S_ISREG(st.st_mode):
-                        found.append(_info(name, st, _read_sidecar(key_fd, name)))
-            return found
+            kept, count, total = _scan(key_fd, keep, deadline)
+            if not describe:
+                return [], [BackupEntry(name, st.st_size) for name, st in kept], count, total
+            place = _describe_place(folder)
+            infos = [
+                _info(name, st, _read_sidecar(key_fd, name), place + name) for name, st in kept
+            ]
+            return infos, [], count, total
         finally:
             os.close(key_fd)
     except OSError as exc:
         raise StorageUnavailable(f"{_describe_place(folder)}: {exc.strerror}") from None
     finally:
         os.close(root_fd)
+
+
+def list_newest(
+    root: Path, folder: SystemFolder, limit: int, deadline: float | None = None
+) -> BackupListing:
+    """The `limit` newest backups (largest ids) described, and the count and bytes of all.
+
+    A folder that does not exist lists empty; one reached through a symlink raises
+    SymlinkRefused. A backup that vanishes while listing is left out. Past `deadline`
+    (time.monotonic()) StorageUnavailable, never a partial answer."""
+    infos, _, count, total = _scan_folder(root, folder, max(0, limit), deadline, describe=True)
+    return BackupListing(infos, count, total)
+
+
+def list_entries(
+    root: Path, folder: SystemFolder, deadline: float | None = None
+) -> list[BackupEntry]:
+    """Every backup's id and size, no sidecar read (as `list_newest` for the rest)."""
+    return _scan_folder(root, folder, None, deadline, describe=False)[1]
+
+
+def list_folder(
+    root: Path, folder: SystemFolder, deadline: float | None = None
+) -> list[BackupInfo]:
+    """Every backup described (a sidecar read each); as `list_newest` for the rest."""
+    return _scan_folder(root, folder, None, deadline, describe=True)[0]
 
 
 def describe_backup(root: Path, location: BackupLocation) -> BackupInfo:
@@ -272,25 +377,33 @@ def describe_backup(root: Path, location: BackupLocation) -> BackupInfo:
 
 
 def open_backup(root: Path, location: BackupLocation) -> OpenedBackup:
-    """Open the data file read-only through the symlink-refusing walk; never by path."""
+    """Open the data file read-only through the symlink-refusing walk; never by path.
+
+    O_NONBLOCK: a FIFO named like a backup would otherwise block the open until a writer
+    came, holding the reading thread for good. Only a regular file is a backup; for one,
+    the flag changes nothing, and it is cleared before the descriptor is handed on."""
     root_fd = open_root(root)
     key_fd = -1
     try:
         key_fd = open_system_folder(root_fd, location)
         name = location.backup_id
         try:
-            fd = os.open(name, _FILE_FLAGS, dir_fd=key_fd)
+            fd = os.open(name, _FILE_FLAGS | os.O_NONBLOCK, dir_fd=key_fd)
         except FileNotFoundError:
             raise BackupNotFound(location.relative_key) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise SymlinkRefused(location.relative_key) from None
+            if exc.errno in (errno.ENXIO, errno.EISDIR):
+                raise BackupNotFound(location.relative_key) from None  # a socket, a folder
             raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise BackupNotFound(location.relative_key)
-            return OpenedBackup(fd, _info(name, st, _read_sidecar(key_fd, name)))
+            os.set_blocking(fd, True)
+            sidecar = _read_sidecar(key_fd, name)
+            return OpenedBackup(fd, _info(name, st, sidecar, location.relative_key))
         except BaseException:
             os.close(fd)
             raise
@@ -304,66 +417,138 @@ def open_backup(root: Path, location: BackupLocation) -> OpenedBackup:
         os.close(root_fd)
 
 
-def _read_sidecar(key_fd: int, backup_id: str) -> dict[str, Any]:
-    """The sidecar's fields, {} when it is missing, unreadable as JSON, or odd."""
+Sidecar = tuple[dict[str, Any], str | None]  # (its fields, why it was not read, if it was not)
+
+
+def _read_sidecar(key_fd: int, backup_id: str) -> Sidecar:
+    """The sidecar's fields; ({}, None) when there is none, ({}, why) when it is unreadable
+    as a JSON object: too large, not a regular file, not UTF-8, not JSON, nested too deep."""
     try:
         fd = os.open(backup_id + SIDECAR_SUFFIX, _FILE_FLAGS | os.O_NONBLOCK, dir_fd=key_fd)
-    except OSError:
-        return {}  # missing, or a symlink (ELOOP): no metadata
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, f"cannot be opened ({exc.strerror})"  # a symlink (ELOOP), a socket
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > SIDECAR_MAX_BYTES:
-            return {}
+        if not stat.S_ISREG(st.st_mode):
+            return {}, "not a regular file"
+        if st.st_size > SIDECAR_MAX_BYTES:
+            return {}, f"over {SIDECAR_MAX_BYTES} bytes"
         raw = os.read(fd, SIDECAR_MAX_BYTES + 1)
     finally:
         os.close(fd)
     try:
         value = json.loads(raw)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    except RecursionError:
+        return {}, "nested too deeply"
+    except ValueError:  # UnicodeDecodeError is one
+        return {}, "not JSON in UTF-8"
+    if not isinstance(value, dict):
+        return {}, "not a JSON object"
+    return value, None
 
 
-def _info(backup_id: str, st: os.stat_result, sidecar: dict[str, Any]) -> BackupInfo:
-    filename = sidecar.get("filename")
-    sha256 = sidecar.get("sha256")
-    mimetype = sidecar.get("mimetype")
+def _info(name: str, st: os.stat_result, sidecar: Sidecar, place: str) -> BackupInfo:
+    """A backup's entry from its stat and sidecar: each sidecar field that is not what the
+    gateway writes reads as its default, and the backup is named in a warning once."""
+    fields, unread = sidecar
+    problems = [f"sidecar {unread}"] if unread else []
+
+    def field(key: str, fit: Callable[[Any], bool]) -> Any:
+        value = fields.get(key)
+        if value is None and key not in fields:
+            return None  # absent: the default, nothing to report
+        if fit(value):
+            return value
+        problems.append(key)
+        return None
+
+    filename = field("filename", _fit_filename)
+    sha256 = field("sha256", lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None)
+    mimetype = field(
+        "mimetype", lambda v: isinstance(v, str) and _MIMETYPE.fullmatch(v) is not None
+    )
+    uploaded_at = _uploaded_at(fields.get("uploaded_at"))
+    if uploaded_at is None and "uploaded_at" in fields:
+        problems.append("uploaded_at")
+    if problems:
+        _warn_once(place, problems)
     return BackupInfo(
-        id=backup_id,
+        id=name,
         size=st.st_size,
-        filename=filename if isinstance(filename, str) and 0 < len(filename) <= 1024 else backup_id,
-        sha256=sha256 if isinstance(sha256, str) and _SHA256.fullmatch(sha256) else "",
-        mimetype=mimetype
-        if isinstance(mimetype, str) and _MIMETYPE.fullmatch(mimetype)
-        else DEFAULT_MIMETYPE,
-        uploaded_at=_uploaded_at(sidecar.get("uploaded_at"), st.st_mtime),
+        filename=filename or name,
+        sha256=sha256 or "",
+        mimetype=mimetype or DEFAULT_MIMETYPE,
+        uploaded_at=uploaded_at or _mtime(st),
     )
 
 
-def _uploaded_at(value: Any, mtime: float) -> datetime:
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            parsed = None
-        if parsed is not None and parsed.tzinfo is not None:
-            return parsed.astimezone(UTC)
-    return datetime.fromtimestamp(mtime, UTC)
+def _fit_filename(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_FILENAME
+        and _UNFIT_TEXT.search(value) is None
+    )
+
+
+def _uploaded_at(value: Any) -> datetime | None:
+    """An aware ISO 8601 time between 1970 and 9999 (in UTC), else None."""
+    if not isinstance(value, str) or len(value) > _MAX_TIME_TEXT:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            return None
+        when = parsed.astimezone(UTC)  # OverflowError: 9999-12-31T23:59:59-12:00
+    except (ValueError, OverflowError):
+        return None
+    return when if _EARLIEST <= when <= _LATEST else None
+
+
+def _mtime(st: os.stat_result) -> datetime:
+    """The data file's mtime, held to the times a listing can show (anyone may set it to
+    anything with utimensat)."""
+    seconds = min(max(st.st_mtime, _EARLIEST.timestamp()), _LATEST.timestamp())
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _encode_info(i: BackupInfo) -> list[Any]:
+    # the time as ISO text: exact, where a float's round trip may land past year 9999
+    return [i.id, i.size, i.filename, i.sha256, i.mimetype, i.uploaded_at.isoformat()]
+
+
+def _decode_info(row: list[Any]) -> BackupInfo:
+    backup_id, size, name, sha, mime, when = row
+    return BackupInfo(backup_id, size, name, sha, mime, datetime.fromisoformat(when))
 
 
 def encode_listing(infos: list[BackupInfo]) -> bytes:
-    """A listing as one line of JSON (no newline in it), for the I/O process's answer."""
-    rows = [
-        [i.id, i.size, i.filename, i.sha256, i.mimetype, i.uploaded_at.timestamp()] for i in infos
-    ]
-    return json.dumps(rows, separators=(",", ":")).encode("utf-8")
+    """A listing as one line of JSON (no newline in it), for the I/O process's answer.
+    ensure_ascii (the default): whatever a name holds travels as escapes."""
+    return json.dumps([_encode_info(i) for i in infos], separators=(",", ":")).encode()
 
 
 def decode_listing(line: bytes) -> list[BackupInfo]:
-    return [
-        BackupInfo(b, size, name, sha, mime, datetime.fromtimestamp(ts, UTC))
-        for b, size, name, sha, mime, ts in json.loads(line)
-    ]
+    return [_decode_info(row) for row in json.loads(line)]
+
+
+def encode_newest(listing: BackupListing) -> bytes:
+    rows = [_encode_info(i) for i in listing.backups]
+    return json.dumps([listing.count, listing.total_bytes, rows], separators=(",", ":")).encode()
+
+
+def decode_newest(line: bytes) -> BackupListing:
+    count, total, rows = json.loads(line)
+    return BackupListing([_decode_info(row) for row in rows], count, total)
+
+
+def encode_entries(entries: list[BackupEntry]) -> bytes:
+    return json.dumps([[e.id, e.size] for e in entries], separators=(",", ":")).encode()
+
+
+def decode_entries(line: bytes) -> list[BackupEntry]:
+    return [BackupEntry(backup_id, size) for backup_id, size in json.loads(line)]
 
 
 def folds_case(root: Path) -> bool:

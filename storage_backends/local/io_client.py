@@ -34,7 +34,8 @@ Answer = tuple[bytes, bytes]  # (code, detail)
 
 class LocalIoProcess:
     def __init__(self, root: Path, fsync: bool, threads: int, timeout: float) -> None:
-        self._args = [str(root), "1" if fsync else "0", str(threads)]
+        # the timeout too: a listing there gives up when nobody waits for its answer any more
+        self._args = [str(root), "1" if fsync else "0", str(threads), repr(timeout)]
         self._timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None

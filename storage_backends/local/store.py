@@ -13,8 +13,10 @@ Where the syscalls run (`io`):
   disk) on the event loop and the fsync rounds in a thread pool. No extra process, at
   the price of the loop waiting on the disk and of GIL hand-offs with the pool threads.
 
-A listing goes where the mode sends deletes: to the I/O process (one request, the entries
-back as a line of JSON) or onto the loop (inline). Describing and opening a backup run in
+A listing goes to the I/O process (one request, the answer back as a line of JSON) or,
+inline, to two lister threads: never onto the loop, where scanning a folder of a million
+backups (seconds) would stall every other request. It scans names and sizes and describes
+only the backups it returns. Describing and opening a backup run in
 a small thread pool of the gateway process in both modes: an open file descriptor must end
 up in this process to be streamed from. Each is bounded by
 `storage.operation_timeout_seconds`; a read stuck on a hung disk costs its thread, and
@@ -28,14 +30,17 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from ..base import (
+    BackupEntry,
     BackupInfo,
+    BackupListing,
     BackupLocation,
     BackupStore,
     NewBackup,
@@ -56,10 +61,14 @@ from .fs import (
     UNMARKED,
     SymlinkRefused,
     check_root_sync,
+    decode_entries,
     decode_listing,
+    decode_newest,
     describe_backup,
     fsync_folder,
+    list_entries,
     list_folder,
+    list_newest,
     mark_root,
     open_backup,
     open_root,
@@ -173,6 +182,7 @@ class LocalBackupStore(BackupStore):
         self._commits: GroupCommit | None = None
         self._io: LocalIoProcess | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._listers: ThreadPoolExecutor | None = None  # inline listings
         self._writers: ThreadPoolExecutor | None = None
 
     @property
@@ -196,6 +206,8 @@ class LocalBackupStore(BackupStore):
         self._executor = ThreadPoolExecutor(
             max_workers=self._config.threads, thread_name_prefix="local-store"
         )
+        # their own threads: a big folder's scan never holds up a download's open
+        self._listers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="local-list")
         self._commits = GroupCommit(self._executor, self._config.threads)
 
     async def close(self) -> None:
@@ -206,6 +218,9 @@ class LocalBackupStore(BackupStore):
         if self._readers is not None:
             self._readers.shutdown(wait=False, cancel_futures=True)
             self._readers = None
+        if self._listers is not None:
+            self._listers.shutdown(wait=False, cancel_futures=True)
+            self._listers = None
         if self._io is not None:
             await self._io.close()
             self._io = None
@@ -301,25 +316,73 @@ class LocalBackupStore(BackupStore):
         except StorageUnavailable as exc:
             log.warning("local storage read failed: %s", exc)
             raise
+        except StorageError:
+            raise
+        except Exception:
+            # whatever a file or sidecar holds is a 502 for that request, never a 500
+            log.exception("local storage read failed unexpectedly")
+            raise StorageUnavailable("local storage read failed") from None
 
-    async def list_backups(self, folder: SystemFolder) -> list[BackupInfo]:
+    async def _listing(
+        self,
+        folder: SystemFolder,
+        op: bytes,
+        inline: Callable[[Path, SystemFolder, float], T],
+        decode: Callable[[bytes], T],
+        suffix: bytes = b"",
+    ) -> T:
+        """One listing: in the I/O process (`op`), or inline in a lister thread — never on
+        the loop, where a big folder's scan would stall every other request. Either gives
+        up at the operation timeout; a symlinked folder raises SymlinkRefused."""
+        place = f"{folder.organization_id}/{folder.system_key}/"
         try:
             if self._io is None:
-                # inline: metadata syscalls on the loop, as its deletes do (~0.3 ms for ten)
-                return list_folder(self._root, folder)
-            message = b"L %s %s" % (folder.organization_id.encode(), folder.system_key.encode())
+                deadline = time.monotonic() + self._timeout
+                loop = asyncio.get_running_loop()
+                job = loop.run_in_executor(self._listers, inline, self._root, folder, deadline)
+                return await self._bounded(job)
+            message = b"%s %s %s%s" % (
+                op,
+                folder.organization_id.encode(),
+                folder.system_key.encode(),
+                suffix,
+            )
             code, detail = await self._io.request(message)
             if code == b"ok":
-                return decode_listing(detail)
+                return decode(detail)
             if code == b"symlink":
-                raise SymlinkRefused(f"{folder.organization_id}/{folder.system_key}/")
+                raise SymlinkRefused(place)
             raise StorageUnavailable(detail.decode("ascii", "replace"))
-        except SymlinkRefused as exc:
-            log.warning("refused a symlink under the backup root at %s; listed empty", exc)
-            return []
+        except SymlinkRefused:
+            log.warning("refused a symlink under the backup root at %s; listed empty", place)
+            raise
         except StorageUnavailable as exc:
             log.warning("local storage read failed: %s", exc)
             raise
+
+    async def list_backups(self, folder: SystemFolder) -> list[BackupInfo]:
+        try:
+            return await self._listing(folder, b"L", list_folder, decode_listing)
+        except SymlinkRefused:
+            return []
+
+    async def list_newest(self, folder: SystemFolder, limit: int) -> BackupListing:
+        try:
+            return await self._listing(
+                folder,
+                b"N",
+                functools.partial(_newest_inline, limit),
+                decode_newest,
+                suffix=b" %d" % limit,
+            )
+        except SymlinkRefused:
+            return BackupListing([], 0, 0)
+
+    async def list_entries(self, folder: SystemFolder) -> list[BackupEntry]:
+        try:
+            return await self._listing(folder, b"E", list_entries, decode_entries)
+        except SymlinkRefused:
+            return []
 
     async def describe(self, location: BackupLocation) -> BackupInfo:
         info: BackupInfo = await self._read(describe_backup, self._root, location)
@@ -435,6 +498,10 @@ class _StagedLocal(StagedBackup):
             await self._store._write_step(self._upload.discard)
         except (StorageError, RuntimeError) as exc:
             log.warning("upload leftovers not removed now: %s", exc)
+
+
+def _newest_inline(limit: int, root: Path, folder: SystemFolder, deadline: float) -> BackupListing:
+    return list_newest(root, folder, limit, deadline)
 
 
 def _log_failure(job: Any) -> None:
