@@ -29,6 +29,7 @@ from .support import (
     LocalHarness,
     OutputWatcher,
     bearer,
+    eventually,
     free_port,
     location_for,
     new_backup_id,
@@ -55,7 +56,8 @@ HOSTILE_SIDECARS: dict[str, bytes] = {
 
 
 class Gateway:
-    def __init__(self, port: int, harness: LocalHarness, output: OutputWatcher) -> None:
+    def __init__(self, port: int, harness: LocalHarness, output: OutputWatcher, pid: int) -> None:
+        self.pid = pid
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.harness = harness
@@ -64,7 +66,11 @@ class Gateway:
 
 @contextlib.contextmanager
 def gateway(
-    tmp_path: Path, open_files: int | None = None, io: str = "process", **settings: Any
+    tmp_path: Path,
+    open_files: int | None = None,
+    io: str = "process",
+    hard_open_files: bool = False,
+    **settings: Any,
 ) -> Iterator[Gateway]:
     port = free_port()
     harness = LocalHarness(tmp_path / "backups", io=io)
@@ -72,11 +78,11 @@ def gateway(
     config = write_config(
         tmp_path, port, {**harness.storage(), **storage}, logging={"level": "INFO"}, **settings
     )
-    proc = serve_gateway(config, open_files=open_files)
+    proc = serve_gateway(config, open_files=open_files, hard_open_files=hard_open_files)
     output = OutputWatcher(proc)
     try:
         wait_for_port(port, proc=proc)
-        yield Gateway(port, harness, output)
+        yield Gateway(port, harness, output, proc.pid)
     finally:
         stop_process(proc)
         output.wait_closed()
@@ -301,3 +307,78 @@ async def test_a_big_folder_lists_its_newest_with_totals_and_stalls_no_one(
                 assert data["quota_used_bytes"] == sum(sizes.values())
                 assert data["truncated"] is True
         assert "local I/O process" not in gw.output.text()
+
+
+async def status_of(port: int, path: str) -> tuple[str, str, asyncio.StreamWriter | None]:
+    """One download that never reads its body: ("200"/"503"/..., its Retry-After, the
+    writer to close later), or ("reset", "", None) when refused at accept."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")  # the head only: the body is never read
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return "reset", "", None
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return lines[0].split(" ")[1], headers.get("Retry-After", ""), writer
+
+
+async def test_downloads_that_never_read_hold_only_their_share_of_descriptors(
+    tmp_path: Path,
+) -> None:
+    """800 downloads that never read, at 1,024 open files (hard): each held its connection's
+    descriptor and its file's, the gateway ran out, and every other tenant's request failed.
+    Now open backups have their own bound (32 for one organization) beyond which a download
+    is a 503 with Retry-After and its connection closed, and the connection cap leaves room
+    for them."""
+    with gateway(tmp_path, open_files=1024, hard_open_files=True) as gw:
+        big = new_backup_id()
+        gw.harness.put_backup(location_for("org_c1", big), os.urandom(16 << 20), "big.tar.gz")
+        theirs, doomed = new_backup_id(), new_backup_id()
+        gw.harness.put_backup(location_for("org_c2", theirs), b"their bytes", "t.tar.gz")
+        gw.harness.put(location_for("org_c2", doomed))
+        async with aiohttp.ClientSession() as session:
+            status, body = await get_json(
+                session, f"{gw.url}/api/systems/sys_c1/backups/{big}/download"
+            )
+            assert status == 200
+            link = body["data"]["download_url"]
+            async with asyncio.timeout(60):
+                attack = await asyncio.gather(*[status_of(gw.port, link) for _ in range(800)])
+            try:
+                statuses = collections.Counter(s for s, _, _ in attack)
+                assert statuses["200"] == 32, statuses
+                assert set(statuses) <= {"200", "503", "reset"}, statuses
+                assert {r for s, r, _ in attack if s == "503"} == {"5"}
+                # the gateway holds its 32 open backups and stays within its descriptors
+                assert len(os.listdir(f"/proc/{gw.pid}/fd")) < 1024 - 64
+                # and another tenant is served as usual
+                timeout = aiohttp.ClientTimeout(total=10)
+                status, body = await get_json(
+                    session, f"{gw.url}/api/systems/sys_c2/backups/{theirs}/download", "org_c2"
+                )
+                assert status == 200, body
+                async with session.get(gw.url + body["data"]["download_url"], timeout=timeout) as r:
+                    assert r.status == 200
+                    assert await r.read() == b"their bytes"
+                status, body = await get_json(
+                    session, f"{gw.url}/api/systems/sys_c2/backups", "org_c2"
+                )
+                assert status == 200 and body["data"]["slots_used"] == 2
+                async with session.delete(
+                    f"{gw.url}/api/systems/sys_c2/backups/{doomed}",
+                    headers=bearer(token_for("org_c2")),
+                    timeout=timeout,
+                ) as r:
+                    assert r.status == 200
+                assert not gw.harness.exists(location_for("org_c2", doomed))
+            finally:
+                for _, _, writer in attack:
+                    if writer is not None:
+                        writer.close()
+
+            async def released() -> bool:
+                async with session.get(f"{gw.url}/metrics") as r:
+                    return "\ngateway_open_backups 0.0\n" in await r.text()
+
+            await eventually(released, "the held backups closed once their clients left")
