@@ -6,15 +6,12 @@ organizations are cut out of the tree: nothing is reached through them.
 
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 
-from ..directory import DIRECTORY, DirectoryUnavailable, Organization, System, SystemInTree
-from ..http.errors import ApiError, directory_unavailable
+from ..directory import DIRECTORY, Organization, System, SystemInTree
+from ..http.errors import ApiError
 from ..identity.principal import PRINCIPAL, Principal
-
-log = logging.getLogger(__name__)
+from .directory_answer import directory_or_503
 
 
 async def authorized_system(request: web.Request, system_id: str) -> System:
@@ -22,7 +19,7 @@ async def authorized_system(request: web.Request, system_id: str) -> System:
     or 503 when the directory cannot answer (never a stale allow)."""
     directory = request.app[DIRECTORY]
     caller = request[PRINCIPAL]
-    try:
+    with directory_or_503():
         # One round trip to a database at most: the caller's organization is asked beside
         # the system, and for any caller but the Owner the system comes with its
         # organization and that one's creator. The claim only picks the questions: the
@@ -37,9 +34,6 @@ async def authorized_system(request: web.Request, system_id: str) -> System:
                 system_id, caller.organization_id
             )
             system = None if tree is None else tree.system
-    except DirectoryUnavailable as exc:
-        log.warning("directory unavailable: %s", exc)
-        raise directory_unavailable() from None
     if system is None or system.deleted:
         raise ApiError(404, "system not found")
     if not may_act_on(caller, acting, tree):

@@ -21,13 +21,14 @@ from aiohttp import web
 from storage_backends import BackupLocation, OpenedBackup
 
 from ..config import CONFIG, DownloadConfig
-from ..directory import DIRECTORY, DirectoryUnavailable
+from ..directory import DIRECTORY
 from ..http.envelope import envelope
-from ..http.errors import ApiError, directory_unavailable
+from ..http.errors import ApiError
 from ..http.middlewares import REQUEST_ID
 from ..telemetry.metrics import Metrics
 from .audit import record_download_issued, record_download_served
 from .authorization import authorized_system
+from .directory_answer import directory_or_503
 from .links import LINKS, InvalidLink
 from .names import download_name
 from .params import requested_backup_id
@@ -134,11 +135,8 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
     except InvalidLink as exc:
         log.debug("download link refused: %s", exc)
         raise _refused() from None
-    try:
+    with directory_or_503():
         system = await app[DIRECTORY].system(link.system_id)
-    except DirectoryUnavailable as exc:
-        log.warning("directory unavailable: %s", exc)
-        raise directory_unavailable() from None
     location = link.location
     if (
         system is None

@@ -31,12 +31,13 @@ from storage_backends import (
 from storage_backends.ids import new_uuid7, upload_extension
 
 from ..config import CONFIG
-from ..directory import DIRECTORY, DirectoryUnavailable, System
+from ..directory import DIRECTORY, System
 from ..http.aiohttp_internals import requests_queued_behind, send_continue
 from ..http.envelope import envelope
-from ..http.errors import ApiError, directory_unavailable, storage_error
+from ..http.errors import ApiError, storage_error
 from ..identity.appliance import CHALLENGE, basic_credentials, secret_matches
 from .audit import record_prune, record_upload
+from .directory_answer import directory_or_503
 from .listing import item
 from .names import sanitized
 from .rates import FailedLogins, UploadRates
@@ -130,11 +131,8 @@ async def _appliance(request: web.Request) -> System:
     credentials = basic_credentials(request)
     system = None
     if credentials is not None:
-        try:
+        with directory_or_503():
             system = await app[DIRECTORY].system_by_key(credentials.system_key)
-        except DirectoryUnavailable as exc:
-            log.warning("directory unavailable: %s", exc)
-            raise directory_unavailable() from None
     matches = secret_matches(
         system.secret_public if system else None,
         system.secret_sha256 if system else None,
@@ -159,11 +157,8 @@ async def _appliance(request: web.Request) -> System:
 
 
 async def _organization_live(app: web.Application, organization_id: str) -> bool:
-    try:
+    with directory_or_503():
         organization = await app[DIRECTORY].organization(organization_id)
-    except DirectoryUnavailable as exc:
-        log.warning("directory unavailable: %s", exc)
-        raise directory_unavailable() from None
     return organization is not None and not organization.deleted
 
 
