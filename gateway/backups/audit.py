@@ -13,59 +13,59 @@ from ..telemetry.metrics import METRICS
 from .storage import STORE
 
 
-def _caller(request: web.Request) -> dict[str, str]:
-    principal = request[PRINCIPAL]
-    return {
-        "request_id": request[REQUEST_ID],
-        "user_id": principal.user_id,
-        "organization_id": principal.organization_id,
-        "org_role": principal.org_role,
-    }
+def _record(
+    request: web.Request,
+    message: str,
+    fields: dict[str, object],
+    *,
+    caller: bool = False,
+    backend: bool = True,
+) -> None:
+    """The one way an audit line is built: the request id, the caller (when a token named
+    one), the record's own fields, then the storage backend that acted."""
+    line: dict[str, object] = {"request_id": request[REQUEST_ID]}
+    if caller:
+        principal = request[PRINCIPAL]
+        line["user_id"] = principal.user_id
+        line["organization_id"] = principal.organization_id
+        line["org_role"] = principal.org_role
+    line.update(fields)
+    if backend:
+        line["storage_backend"] = request.app[STORE].name
+    log_info(audit_log, message, line)
 
 
 def record_delete(
     request: web.Request, system_id: str, backup_id: str, decision: str, outcome: str
 ) -> None:
     request.app[METRICS].delete_decided(outcome)
-    log_info(
-        audit_log,
+    _record(
+        request,
         "backup delete",
-        {
-            **_caller(request),
-            "system_id": system_id,
-            "backup_id": backup_id,
-            "decision": decision,
-            "outcome": outcome,
-            "storage_backend": request.app[STORE].name,
-        },
+        {"system_id": system_id, "backup_id": backup_id, "decision": decision, "outcome": outcome},
+        caller=True,
     )
 
 
 def record_download_issued(
     request: web.Request, system_id: str, backup_id: str, kind: str, expires_at: int
 ) -> None:
-    log_info(
-        audit_log,
+    _record(
+        request,
         "backup download issued",
-        {
-            **_caller(request),
-            "system_id": system_id,
-            "backup_id": backup_id,
-            "kind": kind,  # presigned_url | link
-            "expires_at": expires_at,
-            "storage_backend": request.app[STORE].name,
-        },
+        # kind: presigned_url | link
+        {"system_id": system_id, "backup_id": backup_id, "kind": kind, "expires_at": expires_at},
+        caller=True,
     )
 
 
 def record_download_served(
     request: web.Request, system_id: str, backup_id: str, expires_at: int, outcome: str
 ) -> None:
-    log_info(
-        audit_log,
+    _record(
+        request,
         "backup download served",
         {
-            "request_id": request[REQUEST_ID],
             "system_id": system_id,
             "backup_id": backup_id,
             "link_expires_at": expires_at,
@@ -73,6 +73,7 @@ def record_download_served(
             "method": request.method,
             "outcome": outcome,
         },
+        backend=False,  # only local disk serves links
     )
 
 
@@ -84,17 +85,15 @@ def record_upload(
     backup: dict[str, object] | None = None,
 ) -> None:
     """One line per upload that named a system (its credentials, right or wrong)."""
-    log_info(
-        audit_log,
+    _record(
+        request,
         "backup upload",
         {
-            "request_id": request[REQUEST_ID],
             "system_key": system_key,
             "system_id": system_id,
             "peer": request.remote,
             "outcome": outcome,
             **(backup or {}),
-            "storage_backend": request.app[STORE].name,
         },
     )
 
@@ -102,15 +101,8 @@ def record_upload(
 def record_prune(
     request: web.Request, system_id: str, backup_id: str, size: int, outcome: str
 ) -> None:
-    log_info(
-        audit_log,
+    _record(
+        request,
         "backup prune",
-        {
-            "request_id": request[REQUEST_ID],
-            "system_id": system_id,
-            "backup_id": backup_id,
-            "size": size,
-            "outcome": outcome,
-            "storage_backend": request.app[STORE].name,
-        },
+        {"system_id": system_id, "backup_id": backup_id, "size": size, "outcome": outcome},
     )
