@@ -31,7 +31,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,10 @@ from typing import Any, TypedDict
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# the tests' own helpers, one copy of each: a free port, waiting for it, an S3 client
+from tests.support import free_port, s3_client, wait_for_port  # noqa: E402
+
 PY = sys.executable
 BIN = Path(PY).parent
 BARE_AGAIN = "a bare aiohttp, again"
@@ -77,23 +80,8 @@ class Row:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} not listening")
+    wait_for_port(port, timeout, proc)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -343,7 +331,6 @@ def moto(work: Path) -> tuple[Process, str]:
 
 def seaweedfs() -> Any:
     """The real S3 server of the tests (SeaweedFS), started the same way."""
-    sys.path.insert(0, str(REPO))
     from tests.servers import SeaweedServer
 
     return SeaweedServer()
@@ -441,31 +428,15 @@ def write_bare_ids(path: Path) -> Path:
 
 
 def count_s3(endpoint: str, bucket: str) -> int:
-    import botocore.session
-
-    client = botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_KEY,
-    )
     total = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+    pages = s3_client(endpoint, S3_KEY, S3_KEY).get_paginator("list_objects_v2")
+    for page in pages.paginate(Bucket=bucket):
         total += page.get("KeyCount", 0)
     return total
 
 
 def make_bucket(endpoint: str, bucket: str) -> None:
-    import botocore.session
-
-    botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_KEY,
-    ).create_bucket(Bucket=bucket)
+    s3_client(endpoint, S3_KEY, S3_KEY).create_bucket(Bucket=bucket)
 
 
 def server_200s(log: Path) -> int:
