@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import re
+import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,9 +27,12 @@ import pytest
 
 from storage_backends.ids import new_uuid7
 
+from .conftest import StartGateway
 from .support import (
     LocalHarness,
+    MotoServer,
     OutputWatcher,
+    S3Harness,
     bearer,
     eventually,
     free_port,
@@ -382,3 +387,41 @@ async def test_downloads_that_never_read_hold_only_their_share_of_descriptors(
                     return "\ngateway_open_backups 0.0\n" in await r.text()
 
             await eventually(released, "the held backups closed once their clients left")
+
+
+async def test_hostile_object_metadata_on_s3_reads_as_defaults(
+    start_gateway: StartGateway, moto_server: MotoServer
+) -> None:
+    """An object's x-amz-meta-uploaded-at of 9999-12-31T23:59:59-12:00 (past year 9999 in
+    UTC) made its system's list and its download URL 500s."""
+    harness = S3Harness(moto_server.endpoint, f"bkt-{uuid.uuid4().hex[:12]}")
+    client = await start_gateway(harness.storage(), limits={"max_list_items": 2})
+    now = int(time.time() * 1000)
+    hostile = new_uuid7(now) + ".tar.gz"  # the newest: its metadata is read for the list
+    harness.put_key(
+        location_for("org_c1", hostile).relative_key,
+        b"hostile",
+        {"uploaded-at": "9999-12-31T23:59:59-12:00", "filename": "%00%1b[2J", "sha256": "zz"},
+    )
+    plain = [new_uuid7(now - 3 + n) + ".tar.gz" for n in range(3)]
+    for bid in plain:
+        harness.put_backup(location_for("org_c1", bid), b"plain", "p.tar.gz")
+    resp = await client.get("/api/systems/sys_c1/backups", headers=bearer(token_for("org_c1")))
+    assert resp.status == 200, await resp.text()
+    data = (await resp.json())["data"]
+    # totals come from the listing; only the two newest were described
+    assert (data["slots_used"], data["quota_used_bytes"], data["truncated"]) == (4, 22, True)
+    assert len(data["backups"]) == 2
+    assert {b["id"] for b in data["backups"]} == {hostile, plain[2]}
+    [shown] = [b for b in data["backups"] if b["id"] == hostile]
+    assert (shown["filename"], shown["sha256"]) == (hostile, "")
+    assert shown["uploaded_at"].endswith("Z")
+    resp = await client.get(
+        f"/api/systems/sys_c1/backups/{hostile}/download", headers=bearer(token_for("org_c1"))
+    )
+    assert resp.status == 200, await resp.text()
+    resp = await client.get(
+        f"/api/systems/sys_c1/backups/{hostile}/download", headers=bearer(token_for("org_c1"))
+    )
+    assert resp.status == 200
+    assert harness.exists(location_for("org_c1", hostile))

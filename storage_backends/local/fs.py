@@ -15,9 +15,7 @@ import logging
 import os
 import re
 import stat
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +32,7 @@ from ..base import (
 )
 from ..errors import BackupNotFound, StorageError, StorageUnavailable
 from ..ids import normalize_backup_id
+from ..metadata import EARLIEST, LATEST, fit_filename, parse_time, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -237,34 +236,8 @@ def check_root_sync(root: Path) -> None:
 
 # --------------------------------------------------------------------------- reading
 
-# Sidecar text is anyone's: a field is taken only when it is something the gateway could
-# have written, else it reads as its default (DESIGN.md §8). Times outside these bounds
-# overflow somewhere between here and the response (astimezone, strftime's %Y, a float's
-# round trip), so they are defaults too.
-_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-_LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
-_MAX_TIME_TEXT = 64
-_MAX_FILENAME = 1024
-# control characters and lone surrogates: the latter cannot be encoded as UTF-8 at all
-_UNFIT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-# each backup whose sidecar was read as defaults is named in a warning once per process;
-# the most recent ones are remembered, so a folder of hostile sidecars cannot grow this
-_WARNED_MAX = 4096
-_warned: OrderedDict[str, None] = OrderedDict()
-_warned_lock = threading.Lock()
 # a listing looks at the clock this often (entries), to give up at its deadline
 _CLOCK_EVERY = 4096
-
-
-def _warn_once(place: str, problems: list[str]) -> None:
-    with _warned_lock:
-        if place in _warned:
-            _warned.move_to_end(place)
-            return
-        _warned[place] = None
-        if len(_warned) > _WARNED_MAX:
-            _warned.popitem(last=False)
-    log.warning("sidecar of %s read as defaults: %s", place, ", ".join(problems))
 
 
 def _open_folder_or_none(root_fd: int, folder: SystemFolder) -> int | None:
@@ -464,16 +437,16 @@ def _info(name: str, st: os.stat_result, sidecar: Sidecar, place: str) -> Backup
         problems.append(key)
         return None
 
-    filename = field("filename", _fit_filename)
+    filename = field("filename", fit_filename)
     sha256 = field("sha256", lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None)
     mimetype = field(
         "mimetype", lambda v: isinstance(v, str) and _MIMETYPE.fullmatch(v) is not None
     )
-    uploaded_at = _uploaded_at(fields.get("uploaded_at"))
+    uploaded_at = parse_time(fields.get("uploaded_at"))
     if uploaded_at is None and "uploaded_at" in fields:
         problems.append("uploaded_at")
     if problems:
-        _warn_once(place, problems)
+        warn_once(log, "sidecar", place, problems)
     return BackupInfo(
         id=name,
         size=st.st_size,
@@ -484,32 +457,10 @@ def _info(name: str, st: os.stat_result, sidecar: Sidecar, place: str) -> Backup
     )
 
 
-def _fit_filename(value: Any) -> bool:
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= _MAX_FILENAME
-        and _UNFIT_TEXT.search(value) is None
-    )
-
-
-def _uploaded_at(value: Any) -> datetime | None:
-    """An aware ISO 8601 time between 1970 and 9999 (in UTC), else None."""
-    if not isinstance(value, str) or len(value) > _MAX_TIME_TEXT:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-        if parsed.tzinfo is None:
-            return None
-        when = parsed.astimezone(UTC)  # OverflowError: 9999-12-31T23:59:59-12:00
-    except (ValueError, OverflowError):
-        return None
-    return when if _EARLIEST <= when <= _LATEST else None
-
-
 def _mtime(st: os.stat_result) -> datetime:
     """The data file's mtime, held to the times a listing can show (anyone may set it to
     anything with utimensat)."""
-    seconds = min(max(st.st_mtime, _EARLIEST.timestamp()), _LATEST.timestamp())
+    seconds = min(max(st.st_mtime, EARLIEST.timestamp()), LATEST.timestamp())
     return datetime.fromtimestamp(seconds, UTC)
 
 

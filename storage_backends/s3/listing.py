@@ -3,42 +3,57 @@ object's HeadObject headers (the metadata an upload wrote, x-amz-meta-*)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from urllib.parse import unquote
 from xml.etree import ElementTree
 
 from ..base import DEFAULT_MIMETYPE, BackupInfo
 from ..errors import StorageUnavailable
+from ..metadata import fit_filename, held_in_range, parse_time, warn_once
+
+log = logging.getLogger(__name__)
 
 _SHA256_CHARS = frozenset("0123456789abcdef")
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
 def info_from_headers(
-    backup_id: str, size: int, modified: datetime, headers: dict[str, str]
+    backup_id: str, size: int, modified: datetime, headers: dict[str, str], place: str = ""
 ) -> BackupInfo:
-    """A listing entry from an object's HeadObject headers (x-amz-meta-*, Content-Type)."""
+    """A listing entry from an object's HeadObject headers (x-amz-meta-*, Content-Type).
+
+    Whoever can write to the bucket writes these: a value the gateway would not have
+    written reads as its default (the uploaded-at as the object's Last-Modified), and the
+    object (`place`) is named in a warning once."""
     lower = {k.lower(): v for k, v in headers.items()}
+    problems = []
     filename = unquote(lower.get("x-amz-meta-filename", ""))
+    if filename and not fit_filename(filename):
+        problems.append("filename")
+        filename = ""
     sha256 = lower.get("x-amz-meta-sha256", "")
+    if sha256 and not (len(sha256) == 64 and set(sha256) <= _SHA256_CHARS):
+        problems.append("sha256")
+        sha256 = ""
+    mimetype = lower.get("content-type", "")
+    if mimetype and not fit_filename(mimetype):  # printable text, as a filename
+        problems.append("content-type")
+        mimetype = ""
     uploaded = lower.get("x-amz-meta-uploaded-at", "")
+    uploaded_at = parse_time(uploaded) if uploaded else None
+    if uploaded and uploaded_at is None:
+        problems.append("uploaded-at")  # e.g. 9999-12-31T23:59:59-12:00: past year 9999 in UTC
+    if problems:
+        warn_once(log, "metadata", place or backup_id, problems)
     return BackupInfo(
         id=backup_id,
         size=size,
-        filename=filename if 0 < len(filename) <= 1024 else backup_id,
-        sha256=sha256 if len(sha256) == 64 and set(sha256) <= _SHA256_CHARS else "",
-        mimetype=lower.get("content-type") or DEFAULT_MIMETYPE,
-        uploaded_at=_uploaded_at(uploaded, modified),
+        filename=filename or backup_id,
+        sha256=sha256,
+        mimetype=mimetype or DEFAULT_MIMETYPE,
+        uploaded_at=uploaded_at or held_in_range(modified),
     )
-
-
-def _uploaded_at(value: str, modified: datetime) -> datetime:
-    """The gateway's own upload time (milliseconds), else the object's Last-Modified."""
-    try:
-        parsed = datetime.fromisoformat(value) if value else None
-    except ValueError:
-        parsed = None
-    return parsed.astimezone(UTC) if parsed is not None and parsed.tzinfo else modified
 
 
 def list_page(body: bytes) -> tuple[list[tuple[str, int, datetime]], str | None]:

@@ -13,6 +13,7 @@ write the current one.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -25,7 +26,9 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from ..base import (
+    BackupEntry,
     BackupInfo,
+    BackupListing,
     BackupLocation,
     BackupStore,
     NewBackup,
@@ -42,6 +45,8 @@ from .listing import info_from_headers, list_page
 from .settings import S3Config
 from .signed import Answer, SignedRequests
 from .uploads import Uploads
+
+_Listed = tuple[str, int, datetime]  # a backup's name, size and Last-Modified
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +167,35 @@ class S3BackupStore(BackupStore):
         result: list[BackupInfo] = await self._guarded(progress, self._list(folder, progress))
         return result
 
+    async def list_newest(self, folder: SystemFolder, limit: int) -> BackupListing:
+        progress = Progress("list_objects_v2")
+        result: BackupListing = await self._guarded(progress, self._newest(folder, limit, progress))
+        return result
+
+    async def list_entries(self, folder: SystemFolder) -> list[BackupEntry]:
+        progress = Progress("list_objects_v2")
+        listed: list[_Listed] = await self._guarded(progress, self._keys(folder, progress))
+        return [BackupEntry(name, size) for name, size, _ in listed]
+
+    async def _newest(self, folder: SystemFolder, limit: int, progress: Progress) -> BackupListing:
+        """Count and bytes from the listing itself; a HEAD only for the `limit` largest ids
+        (UUIDv7: the newest), never one per object (10,000 HEADs took the whole timeout)."""
+        listed = await self._keys(folder, progress)
+        chosen = heapq.nlargest(limit, listed)
+        described = await self._describe_listed(self.folder_prefix(folder), chosen, progress)
+        # one deleted between the listing and its HEAD is left out, and out of the totals
+        gone = {name for name, _, _ in chosen} - {info.id for info in described}
+        kept = [entry for entry in listed if entry[0] not in gone]
+        return BackupListing(described, len(kept), sum(size for _, size, _ in kept))
+
     async def _list(self, folder: SystemFolder, progress: Progress) -> list[BackupInfo]:
+        listed = await self._keys(folder, progress)
+        return await self._describe_listed(self.folder_prefix(folder), listed, progress)
+
+    async def _keys(self, folder: SystemFolder, progress: Progress) -> list[_Listed]:
+        """(name, size, last modified) of every backup id directly under the folder."""
         prefix = self.folder_prefix(folder)
-        listed: list[tuple[str, int, datetime]] = []
+        listed: list[_Listed] = []
         continuation: str | None = None
         while True:
             page = await self._signed_requests().list_page(prefix, continuation)
@@ -177,7 +208,12 @@ class S3BackupStore(BackupStore):
                     listed.append((name, size, modified))
             if continuation is None:
                 break
-        # The metadata is the object's: one HeadObject each, a few at a time.
+        return listed
+
+    async def _describe_listed(
+        self, prefix: str, listed: list[_Listed], progress: Progress
+    ) -> list[BackupInfo]:
+        """The metadata is the object's: one HeadObject each, a few at a time."""
         progress.step = "head_object"
         gate = asyncio.Semaphore(HEADS_AT_ONCE)
 
@@ -188,7 +224,9 @@ class S3BackupStore(BackupStore):
                 return None  # deleted while we listed
             if head.status != 200:
                 raise StorageUnavailable(f"HTTP {head.status}")
-            return info_from_headers(name, size, modified.astimezone(UTC), head.headers)
+            return info_from_headers(
+                name, size, modified.astimezone(UTC), head.headers, prefix + name
+            )
 
         found = await asyncio.gather(*(described(*entry) for entry in listed))
         return [info for info in found if info is not None]
@@ -218,7 +256,8 @@ class S3BackupStore(BackupStore):
             size = int(head.headers["Content-Length"])
         except (KeyError, TypeError, ValueError):
             raise StorageUnavailable("HeadObject answer without Last-Modified or size") from None
-        return info_from_headers(location.backup_id, size, modified, head.headers)
+        key = self.key_for(location)
+        return info_from_headers(location.backup_id, size, modified, head.headers, key)
 
     async def presigned_url(
         self, location: BackupLocation, download_name: str, ttl_seconds: int
