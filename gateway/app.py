@@ -14,7 +14,9 @@ from .backups.links import LINKS, LinkSigner
 from .backups.rates import FailedLogins, UploadRates
 from .backups.retention import Retention
 from .backups.storage import STORE
-from .backups.upload import FAILED_LOGINS, RETENTION, UPLOAD_RATES
+from .backups.system_lock import SystemLocks
+from .backups.upload import FAILED_LOGINS, RESERVATIONS, RETENTION, SYSTEM_LOCKS, UPLOAD_RATES
+from .backups.upload_room import Reservations
 from .backups.usage import USAGE_COUNTER, UsageCounter
 from .config import CONFIG, Config
 from .directory import DIRECTORY, Directory, create_directory
@@ -87,6 +89,7 @@ def create_app(
     }
     app[READINESS] = probes
     app[FAILED_LOGINS] = FailedLogins(config.storage.retention.failed_logins_per_minute)
+    app[RESERVATIONS] = Reservations()
     app.cleanup_ctx.extend([_directory, _storage, _redis])
     return app
 
@@ -127,8 +130,15 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     app[UPLOAD_RATES] = UploadRates(
         retention.uploads_per_minute, retention.uploads_per_hour, uploads_db
     )
-    app[RETENTION] = Retention(retention, uploads_db)
+    app[SYSTEM_LOCKS] = locks = SystemLocks(app[STORE], uploads_db)
+    usage = app.get(USAGE_COUNTER)
+    app[RETENTION] = Retention(
+        retention, app[STORE], locks, pruned=usage.changed if usage is not None else None
+    )
+    app[RETENTION].export_metrics(app[METRICS])
+    app[RETENTION].start_sweeping()
     yield
+    await app[RETENTION].close()
     if uploads_db is not None:
         await uploads_db.aclose()
     if REVOCATION in app:

@@ -162,12 +162,18 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class RetentionConfig:
-    """Uploads (DESIGN.md §9): limits refused before the body, and what retention keeps.
-    0 = no limit."""
+    """Uploads (DESIGN.md §9): limits refused before the body, and what retention keeps
+    (§11). 0 = no limit; a keep rule at 0 is off, and with all four off nothing is pruned."""
 
     max_upload_bytes: int = 2 * 1024**3
-    max_backups_per_system: int = 10
+    # the newest N backups; the newest of each of the newest N UTC days, ISO weeks, months
+    keep_last: int = 3
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 6
+    # the backups kept (with a new one) may never exceed it: an upload is refused instead
     max_bytes_per_system: int = 500 * 1024**2
+    max_protected_per_system: int = 5
     max_bytes_per_organization: int = 100 * 1024**3
     uploads_per_minute: int = 6
     uploads_per_hour: int = 60
@@ -177,6 +183,17 @@ class RetentionConfig:
     min_rate_bytes_per_second: int = 65536
     # failed appliance logins per client address and system key, a minute, before a 429
     failed_logins_per_minute: int = 20
+    # every system's backups are pruned this often too (and at start-up), catching up on
+    # prunes that failed or were skipped after an upload
+    sweep_seconds: float = 3600.0
+    # one pruning run (after an upload, or one system's in a sweep) stops after this long;
+    # what is left is pruned by the next run
+    prune_seconds: float = 60.0
+    # the platform lets appliances delete their backups; a stolen credential then can too
+    appliance_can_delete: bool = False
+    require_digest: bool = False
+    # an upload whose digest equals a backup stored this recently is not stored again
+    duplicate_window_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -221,9 +238,28 @@ def config_from_mapping(
     raw: object, base_dir: Path, environ: Mapping[str, str] | None = None
 ) -> Config:
     data = interpolate(raw, os.environ if environ is None else environ)
+    _refuse_replaced_keys(data)
     config = build(Config, data, base_dir)
     validate(config)
     return config
+
+
+# Keys of an earlier contract whose meaning changed: named with what replaced them.
+_REPLACED = {
+    ("storage", "retention", "max_backups_per_system"): (
+        "replaced by keep_last (with keep_daily, keep_weekly and keep_monthly): retention "
+        "now keeps history instead of pruning the oldest"
+    ),
+}
+
+
+def _refuse_replaced_keys(data: object) -> None:
+    for path, why in _REPLACED.items():
+        node = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            raise ConfigError(".".join(path), why)
 
 
 def validate(config: Config) -> None:
@@ -324,6 +360,12 @@ def validate(config: Config) -> None:
                 "set both access_key_id and secret_access_key, or neither",
             )
     _validate_uploads(config)
+    if storage.backend == "s3" and server.workers > 1 and not config.redis.url:
+        # workers share a local disk's folder locks, never a bucket's: one pruner per system
+        # across processes needs Redis's lock (DESIGN.md §11)
+        raise ConfigError(
+            "server.workers", "above 1 with the s3 backend needs redis.url (the retention lock)"
+        )
     if storage.backend == "local" and storage.local.threads < 1:
         raise ConfigError("storage.local.threads", "must be at least 1")
     if config.limits.max_concurrent_storage_operations < 1:
@@ -338,8 +380,12 @@ def _validate_uploads(config: Config) -> None:
     retention, s3 = config.storage.retention, config.storage.s3
     for name in (
         "max_upload_bytes",
-        "max_backups_per_system",
+        "keep_last",
+        "keep_daily",
+        "keep_weekly",
+        "keep_monthly",
         "max_bytes_per_system",
+        "max_protected_per_system",
         "max_bytes_per_organization",
         "uploads_per_minute",
         "uploads_per_hour",
@@ -350,6 +396,16 @@ def _validate_uploads(config: Config) -> None:
             raise ConfigError(f"storage.retention.{name}", "must not be negative (0 = no limit)")
     if retention.min_rate_bytes_per_second < 1:
         raise ConfigError("storage.retention.min_rate_bytes_per_second", "must be at least 1")
+    for name in ("sweep_seconds", "prune_seconds"):
+        value = getattr(retention, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"storage.retention.{name}", "must be a positive, finite number")
+    if not math.isfinite(retention.duplicate_window_seconds) or (
+        retention.duplicate_window_seconds < 0
+    ):
+        raise ConfigError(
+            "storage.retention.duplicate_window_seconds", "must be a finite number >= 0"
+        )
     if config.storage.backend != "s3":
         return
     # an upload is staged, then copied into place with its metadata by one CopyObject

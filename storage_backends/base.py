@@ -52,6 +52,8 @@ class BackupInfo:
     sha256: str
     mimetype: str
     uploaded_at: datetime  # aware, UTC
+    # retention's mark (DESIGN.md §11): never pruned, never deleted while it holds
+    protected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,19 @@ class UploadBody(Protocol):
         ...
 
 
+class FolderLock(abc.ABC):
+    """One holder at a time across processes; acquire, then release exactly once."""
+
+    @abc.abstractmethod
+    async def acquire(self, wait_seconds: float) -> bool:
+        """Take the lock, waiting at most `wait_seconds`; False when it stayed busy.
+        StorageUnavailable when the lock cannot be made (the folder cannot be opened)."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Let it go; never raises."""
+
+
 class StagedBackup(abc.ABC):
     """An upload written in full but not visible yet: `commit` makes it a backup at once,
     `discard` removes every trace of it. Exactly one of them must be awaited."""
@@ -149,6 +164,12 @@ class StoreCapabilities:
     serves_bytes: bool
     # the gateway can stream a backup's bytes to an appliance restoring it (DESIGN.md §10)
     streams_restore: bool
+    # set_protected keeps a backup's protection with it (DESIGN.md §11)
+    keeps_state: bool = False
+    # lock_folder gives a lock that every process on this host sharing the store sees
+    locks_folders: bool = False
+    # system_folders lists every system folder that holds anything (sweeps, the fleet)
+    lists_folders: bool = False
 
 
 class BackupStore(abc.ABC):
@@ -210,6 +231,21 @@ class BackupStore(abc.ABC):
     async def open_backup(self, location: BackupLocation) -> OpenedBackup:
         """Open a backup for the gateway to stream. Only when `capabilities.serves_bytes`."""
         raise NotImplementedError(f"{self.name} does not serve bytes")
+
+    async def set_protected(self, location: BackupLocation, protected: bool) -> None:
+        """Mark the backup protected or not, durably; BackupNotFound when absent. Only when
+        `capabilities.keeps_state`. The caller holds the system's lock."""
+        raise NotImplementedError(f"{self.name} keeps no state")
+
+    async def system_folders(self) -> list[SystemFolder]:
+        """Every `{organization_id}/{system_key}/` folder in the store, whoever it belongs
+        to. Only when `capabilities.lists_folders`."""
+        raise NotImplementedError(f"{self.name} cannot list its folders")
+
+    def lock_folder(self, folder: SystemFolder) -> FolderLock:
+        """A lock on one system's folder that other processes sharing this store on this
+        host see. Only when `capabilities.locks_folders`."""
+        raise NotImplementedError(f"{self.name} has no folder locks")
 
     @abc.abstractmethod
     async def stage_upload(self, backup: NewBackup, body: UploadBody) -> StagedBackup:

@@ -44,3 +44,8 @@ def upload_extension(filename: str) -> str:
             return suffix
     last = name[name.rfind(".") :] if "." in name else ""
     return last if last in (".gpg", ".bin") else ".bin"
+
+
+def backup_unix_ms(backup_id: str) -> int:
+    """The Unix milliseconds in a well-formed backup id's UUIDv7 (the upload's own clock)."""
+    return int(backup_id[:8] + backup_id[9:13], 16)

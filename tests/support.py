@@ -165,6 +165,16 @@ async def delete_as(client: Any, bid: str, sid: str = "sys_c1", org: str = "org_
 # --------------------------------------------------------------------------- storage harnesses
 
 
+# Retention off (every keep rule at 0): what a test plants stays until the test says
+# otherwise; a test of retention gives its own `retention` section, which replaces this.
+KEEP_EVERYTHING: dict[str, Any] = {
+    "keep_last": 0,
+    "keep_daily": 0,
+    "keep_weekly": 0,
+    "keep_monthly": 0,
+}
+
+
 class LocalHarness:
     """Arrange and inspect backups on real disk."""
 
@@ -179,7 +189,7 @@ class LocalHarness:
 
     def storage(self, **extra: Any) -> dict[str, Any]:
         settings = {"root": str(self.root), "io": self.io, **extra}
-        return {"backend": "local", "local": settings}
+        return {"backend": "local", "local": settings, "retention": KEEP_EVERYTHING}
 
     def put(self, location: BackupLocation, data: bytes = b"backup", sidecar: bool = True) -> None:
         folder = self.root / location.organization_id / location.system_key
@@ -241,7 +251,7 @@ class S3Harness:
 
     def storage(self, **extra: Any) -> dict[str, Any]:
         settings = s3_settings(self.endpoint, self.bucket, self.prefix, **extra)
-        return {"backend": "s3", "s3": settings}
+        return {"backend": "s3", "s3": settings, "retention": KEEP_EVERYTHING}
 
     def put(self, location: BackupLocation, data: bytes = b"backup", sidecar: bool = True) -> None:
         # On S3 the metadata travels with the object (x-amz-meta-*), not as a sidecar key.

@@ -175,6 +175,7 @@ async def test_access_and_audit_lines(
         "method": "DELETE",
         "route": "/api/systems/{id}/backups/{backup_id}",
         "status": 200,
+        "client": "127.0.0.1",  # the peer: no trusted proxy forwarded it
         "latency_ms": access[0]["latency_ms"],
         "user_id": "u_test",
         "organization_id": "org_c1",

@@ -90,41 +90,6 @@ async def test_rates_are_shared_through_the_platforms_redis_keys(
     assert len(backups_of(local_harness)) == 3
 
 
-async def test_an_upload_and_its_prunes_drop_the_usage_counter(
-    start_gateway: StartGateway, local_harness: LocalHarness, redis: RedisServer
-) -> None:
-    storage = {
-        **local_harness.storage(),
-        "usage_counter": {"enabled": True},
-        "retention": {"max_backups_per_system": 1},
-    }
-    client = await start_gateway(storage, redis={"url": redis.url})
-    usage = redis.client(1)
-    usage.set("backup:org_usage:org_c1", "123")
-    assert (await upload(client, b"x"))[0].status == 201
-    await eventually(lambda: not usage.exists("backup:org_usage:org_c1"), "the upload's drop")
-    usage.set("backup:org_usage:org_c1", "123")
-    assert (await upload(client, b"y"))[0].status == 201  # stores one, prunes one
-    await eventually(lambda: not usage.exists("backup:org_usage:org_c1"), "the prune's drop")
-    assert len(backups_of(local_harness)) == 1
-    assert not redis.client(1).exists(f"backup:retention:{KEY}")  # released
-
-
-async def test_a_retention_lock_held_elsewhere_is_waited_for(
-    start_gateway: StartGateway, local_harness: LocalHarness, redis: RedisServer
-) -> None:
-    storage = {**local_harness.storage(), "retention": {"max_backups_per_system": 1}}
-    client = await start_gateway(storage, redis={"url": redis.url})
-    assert (await upload(client, b"a"))[0].status == 201
-    locks = redis.client(1)
-    locks.set(f"backup:retention:{KEY}", "another-process", px=1500)
-    started = time.monotonic()
-    resp, body = await upload(client, b"b")
-    assert resp.status == 201
-    assert time.monotonic() - started > 1.0  # it waited for the other pruner
-    assert backups_of(local_harness) == [body["data"]["id"]]
-
-
 # --------------------------------------------------------------------------- full disk
 
 

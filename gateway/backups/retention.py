@@ -1,11 +1,13 @@
-"""Retention after an upload (DESIGN.md §9): prune a system's oldest backups, by id.
+"""Retention (DESIGN.md §11): prune every backup the keep rules do not keep.
 
-While the system holds more than `max_backups_per_system` backups or more than
-`max_bytes_per_system` bytes, its oldest backup (UUIDv7 ids sort by time) is deleted —
-never the one just stored, which the upload's own checks already held to the byte cap.
-One pruning at a time per system: an asyncio lock in this process, and the platform's
-Redis lock `backup:retention:<system_key>` across processes when Redis is configured.
-Every prune is audited and drops the organization's usage counter.
+A pruning run holds the system's lock (`system_lock`), lists the system's backups after
+the upload that started it was committed, and deletes what `keep_rules` leaves out, oldest
+first, confirming the lock's lease before each delete. It runs after an upload's 201, in
+the background with a deadline of its own (`retention.prune_seconds`), and for every
+system by a sweep at start-up and every `retention.sweep_seconds`, which catches up on
+runs that failed, were skipped or ran out of time. A long backlog is pruned in slices,
+the lock let go between them, so an upload's commit never waits long behind it.
+Every prune is audited and drops the organization's usage counter, as a delete does.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-
-import redis.asyncio as aioredis
-from redis.exceptions import LockError, RedisError
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from storage_backends import (
     BackupInfo,
@@ -27,86 +29,245 @@ from storage_backends import (
 )
 
 from ..config import RetentionConfig
+from ..telemetry.logs import audit_log, log_info
+from ..telemetry.metrics import Metrics
+from .keep_rules import Candidate, KeepPolicy, to_prune
+from .system_lock import Lease, LockBusy, SystemLocks
 
 log = logging.getLogger(__name__)
 
-LOCK_SECONDS = 60.0  # a pruner that dies frees the Redis lock this soon
-LOCK_WAIT_SECONDS = 10.0
+SLICE_SECONDS = 2.0  # the longest the lock is held by one slice of a backlog's prunes
+
+# Told of each backup pruned: its organization, so the usage counter can be dropped.
+Pruned = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """What started a run, for its audit lines: an upload's request, or the sweep."""
+
+    request_id: str | None = None
+    system_id: str | None = None
+
+
+SWEEP = Cause()
+
+
+def policy_of(config: RetentionConfig) -> KeepPolicy:
+    return KeepPolicy(
+        last=config.keep_last,
+        daily=config.keep_daily,
+        weekly=config.keep_weekly,
+        monthly=config.keep_monthly,
+    )
 
 
 class Retention:
-    def __init__(self, config: RetentionConfig, client: aioredis.Redis | None) -> None:
-        self._max_count = config.max_backups_per_system
-        self._max_bytes = config.max_bytes_per_system
-        self._redis = client
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def _one_at_a_time(self, system_key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(system_key, (asyncio.Lock(), 0))
-        self._locks[system_key] = (lock, users + 1)
-        try:
-            async with lock:
-                shared = None
-                if self._redis is not None:
-                    shared = self._redis.lock(
-                        f"backup:retention:{system_key}",
-                        timeout=LOCK_SECONDS,
-                        blocking_timeout=LOCK_WAIT_SECONDS,
-                    )
-                    try:
-                        if not await shared.acquire():
-                            raise LockError("retention lock busy")
-                    except (RedisError, OSError) as exc:
-                        # Pruning is idempotent (deleting what is gone is a no-op): go on
-                        # under this process's lock rather than leave the system over its cap.
-                        log.warning("retention lock not taken: %s", type(exc).__name__)
-                        shared = None
-                try:
-                    yield
-                finally:
-                    if shared is not None:
-                        with contextlib.suppress(RedisError, OSError):
-                            await shared.release()
-        finally:
-            lock, users = self._locks[system_key]
-            if users == 1:
-                del self._locks[system_key]
-            else:
-                self._locks[system_key] = (lock, users - 1)
-
-    async def prune(
+    def __init__(
         self,
+        config: RetentionConfig,
         store: BackupStore,
-        folder: SystemFolder,
-        keep: str,
-        pruned: Callable[[BackupInfo, str], None],
+        locks: SystemLocks,
+        pruned: Pruned | None = None,
     ) -> None:
-        """Delete the oldest backups past the caps, never `keep`; `pruned(info, outcome)`
-        is told of each. A storage failure stops pruning (logged): the upload stands."""
-        if not self._max_count and not self._max_bytes:
+        self._policy = policy_of(config)
+        self._prune_seconds = config.prune_seconds
+        self._sweep_seconds = config.sweep_seconds
+        self._store = store
+        self._locks = locks
+        self._pruned = pruned
+        self._queued: dict[str, SystemFolder] = {}  # systems whose run is due, not started
+        self._tasks: set[asyncio.Task[Any]] = set()  # runs after uploads
+        self._sweeper: asyncio.Future[None] | None = None
+        self.runs: Counter[str] = Counter()
+        self.prunes = 0
+
+    @property
+    def policy(self) -> KeepPolicy:
+        return self._policy
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        metrics.add_labeled_reading(
+            "counter",
+            "gateway_retention_runs",
+            "Pruning runs by outcome: done, busy (another holder kept the lock), timeout, "
+            "lost_lock, failed",
+            "outcome",
+            lambda: dict(self.runs),
+        )
+        metrics.add_reading(
+            "counter",
+            "gateway_retention_prunes",
+            "Backups pruned because no keep rule keeps them",
+            lambda: self.prunes,
+        )
+
+    # ------------------------------------------------------------------ after an upload
+
+    def prune_soon(self, folder: SystemFolder, cause: Cause) -> None:
+        """Run the system's pruning in the background; one queued run per system covers
+        every upload that asked before it started listing."""
+        if not self._policy.prunes or folder.system_key in self._queued:
             return
-        async with self._one_at_a_time(folder.system_key):
-            try:
-                backups = await store.list_backups(folder)
-            except StorageError as exc:
-                log.warning("retention skipped, listing failed: %s", exc)
-                return
-            count = len(backups)
-            total = sum(b.size for b in backups)
-            for oldest in sorted((b for b in backups if b.id != keep), key=lambda b: b.id):
-                over_count = bool(self._max_count) and count > self._max_count
-                over_bytes = bool(self._max_bytes) and total > self._max_bytes
-                if not over_count and not over_bytes:
-                    break
+        self._queued[folder.system_key] = folder
+        self._spawn(self._run_queued(folder, cause))
+
+    async def _run_queued(self, folder: SystemFolder, cause: Cause) -> None:
+        outcome = await self.prune_system(folder, cause, started=self._queued)
+        if outcome == "busy":  # another holder: try once more after it, the sweep after that
+            self._queued.setdefault(folder.system_key, folder)
+            await self.prune_system(folder, cause, started=self._queued)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def settled(self) -> None:
+        """Wait for the runs after uploads in flight (the sweep goes on)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ------------------------------------------------------------------ one system
+
+    async def prune_system(
+        self,
+        folder: SystemFolder,
+        cause: Cause = SWEEP,
+        started: dict[str, SystemFolder] | None = None,
+    ) -> str:
+        """One run over one system, within `prune_seconds`; its outcome, also counted."""
+        outcome = "done"
+        try:
+            async with asyncio.timeout(self._prune_seconds):
+                if cause is SWEEP and await self._nothing_to_prune(folder):
+                    return "done"
+                while True:
+                    left = await self._one_slice(folder, cause, started)
+                    if not left:
+                        break
+        except LockBusy:
+            outcome = "busy"
+        except TimeoutError:
+            outcome = "timeout"
+        except _LostLock:
+            outcome = "lost_lock"
+        except StorageError as exc:
+            outcome = "failed"
+            log.warning("retention of %s stopped: %s", folder.system_key, exc)
+        finally:
+            if started is not None:
+                started.pop(folder.system_key, None)
+        self.runs[outcome] += 1
+        if outcome not in ("done", "busy"):
+            log.warning(
+                "retention of %s: %s, the sweep catches up",
+                folder.system_key,
+                outcome,
+                extra={"fields": {"system_key": folder.system_key, "outcome": outcome}},
+            )
+        return outcome
+
+    async def _one_slice(
+        self, folder: SystemFolder, cause: Cause, started: dict[str, SystemFolder] | None
+    ) -> bool:
+        """Prune under the lock for at most SLICE_SECONDS; True when more is left."""
+        loop = asyncio.get_running_loop()
+        async with self._locks.hold(folder, wait_seconds=self._prune_seconds) as lease:
+            if started is not None:
+                # from here on the listing sees every upload committed so far: a later one
+                # queues a run of its own
+                started.pop(folder.system_key, None)
+            # Names and sizes decide; only a backup the rules leave out is described, for
+            # its protection (protection keeps a backup, it never moves a rule's choice).
+            entries = await self._store.list_entries(folder)
+            doomed = to_prune((Candidate(e.id) for e in entries), self._policy)
+            until = loop.time() + SLICE_SECONDS
+            for backup_id in doomed:
+                if loop.time() >= until:
+                    return True
                 try:
-                    await store.delete(folder.location(oldest.id))
-                    pruned(oldest, "backup pruned")
+                    info = await self._store.describe(folder.location(backup_id))
                 except BackupNotFound:
-                    pass  # deleted meanwhile: it no longer counts
-                except StorageError as exc:
-                    pruned(oldest, "prune failed")
-                    log.warning("retention stopped, a delete failed: %s", exc)
-                    return
-                count -= 1
-                total -= oldest.size
+                    continue  # deleted meanwhile
+                if not info.protected:
+                    await self._prune_one(lease, folder, info, cause)
+        return False
+
+    async def _nothing_to_prune(self, folder: SystemFolder) -> bool:
+        """Whether the rules keep every backup, by a look without the lock: a sweep then
+        leaves the system alone (no lock taken, no lock file made)."""
+        entries = await self._store.list_entries(folder)
+        return not to_prune((Candidate(e.id) for e in entries), self._policy)
+
+    async def _prune_one(
+        self, lease: Lease, folder: SystemFolder, info: BackupInfo, cause: Cause
+    ) -> None:
+        if not await lease.still_held():
+            raise _LostLock(folder.system_key)
+        try:
+            await self._store.delete(folder.location(info.id))
+        except BackupNotFound:
+            return  # deleted meanwhile: nothing left to prune
+        except StorageError:
+            _audit_prune(cause, folder, info, "prune failed")
+            raise
+        self.prunes += 1
+        _audit_prune(cause, folder, info, "backup pruned")
+        if self._pruned is not None:
+            self._pruned(folder.organization_id)
+
+    # ------------------------------------------------------------------ every system
+
+    async def sweep_forever(self) -> None:
+        """A sweep at start-up, then every `sweep_seconds`."""
+        while True:
+            await self.sweep()
+            await asyncio.sleep(self._sweep_seconds)
+
+    def start_sweeping(self) -> None:
+        if self._policy.prunes and self._store.capabilities.lists_folders:
+            self._sweeper = asyncio.ensure_future(self.sweep_forever())
+
+    async def sweep(self) -> Counter[str]:
+        """Prune every system folder in storage once; the runs' outcomes."""
+        outcomes: Counter[str] = Counter()
+        try:
+            folders = await self._store.system_folders()
+        except StorageError as exc:
+            log.warning("retention sweep skipped, storage cannot be listed: %s", exc)
+            outcomes["failed"] += 1
+            return outcomes
+        for folder in folders:
+            outcomes[await self.prune_system(folder)] += 1
+        log.info("retention sweep done", extra={"fields": dict(outcomes)})
+        return outcomes
+
+
+class _LostLock(Exception):
+    """The lock's lease ran out under this holder: it must change nothing more."""
+
+
+def _audit_prune(cause: Cause, folder: SystemFolder, info: BackupInfo, outcome: str) -> None:
+    log_info(
+        audit_log,
+        "backup prune",
+        {
+            "request_id": cause.request_id,
+            "system_id": cause.system_id,
+            "organization_id": folder.organization_id,
+            "system_key": folder.system_key,
+            "backup_id": info.id,
+            "size": info.size,
+            "reason": "kept by no rule",
+            "outcome": outcome,
+        },
+    )

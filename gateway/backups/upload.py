@@ -1,16 +1,19 @@
-"""POST /api/systems/backups: an appliance uploads a backup (DESIGN.md §9).
+"""POST /api/systems/backups: an appliance uploads a backup (DESIGN.md §9, §11).
 
 Order: the appliance's credentials (401) → no Content-Encoding (415) → a Content-Length
-(411) → the per-upload and per-system byte caps (413) → the system's upload rate (429) →
-the organization's quota (413) → `100 Continue`, when asked for → the body, streamed into
-the store with its sha256 → 201 → retention. Every refusal closes the connection after
-its answer: an unread body is never drained, and a client that waited for `100 Continue`
-never sends it.
+(411) → not empty (400) → the per-upload and per-system byte caps (413) → the backups
+kept with it within the system's cap (413) → the system's upload rate (429) → the
+organization's quota (413) → its size reserved → `100 Continue`, when asked for → the
+body, streamed into the store with its sha256 → under the system's lock, the rules applied
+again and the commit → 201 → retention, in the background. Every refusal closes the
+connection after its answer: an unread body is never drained, and a client that waited
+for `100 Continue` never sends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -35,14 +38,17 @@ from ..directory import DIRECTORY, System
 from ..http.aiohttp_internals import requests_queued_behind, send_continue
 from ..http.envelope import envelope
 from ..http.errors import ApiError, storage_error
+from ..http.middlewares import REQUEST_ID
 from ..identity.appliance import CHALLENGE, basic_credentials, secret_matches
-from .audit import record_prune, record_upload
+from .audit import record_upload
 from .directory_answer import directory_or_503
 from .listing import item
 from .names import sanitized
 from .rates import FailedLogins, UploadRates
-from .retention import Retention
+from .retention import Cause, Retention
 from .storage import STORE, run_storage
+from .system_lock import LockBusy, SystemLocks
+from .upload_room import ORGANIZATION_FULL, SYSTEM_FULL, Reservations, kept_bytes
 from .usage import USAGE_COUNTER
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,11 @@ log = logging.getLogger(__name__)
 UPLOAD_RATES = web.AppKey("upload_rates", UploadRates)
 FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
 RETENTION = web.AppKey("retention", Retention)
+SYSTEM_LOCKS = web.AppKey("system_locks", SystemLocks)
+RESERVATIONS = web.AppKey("reservations", Reservations)
+
+# how long an upload's commit waits for its system's lock (a pruning slice holds it ~2 s)
+COMMIT_LOCK_WAIT_SECONDS = 3.0
 
 MAX_FILENAME = 255
 _MIMETYPE = re.compile(
@@ -83,12 +94,13 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
     credentials = basic_credentials(request)
     system: System | None = None
     try:
-        async with asyncio.timeout(config.server.request_timeout_seconds):
-            system = await _appliance(request)
-            size = _checked_size(request)
-            await _admit(request, system, size)
-        await _continue(request)
-        stored = await _store(request, system, size)
+        with contextlib.ExitStack() as reserved:  # the room it was given, until it ends
+            async with asyncio.timeout(config.server.request_timeout_seconds):
+                system = await _appliance(request)
+                backup = _new_backup(request, system, _checked_size(request))
+                await _admit(request, system, backup, reserved)
+            await _continue(request)
+            stored = await _store(request, system, backup)
     except TimeoutError:
         error = ApiError(504, "request timed out")
     except ApiError as exc:
@@ -101,10 +113,7 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
             )
         raise
     else:
-        await _apply_retention(request, system, stored.id)
-        usage = request.app.get(USAGE_COUNTER)
-        if usage is not None:
-            usage.changed(system.organization_id)
+        _stored_bookkeeping(request.app, system, request[REQUEST_ID])
         data = item(stored)
         record_upload(request, system.system_key or "", system.id, "backup stored", data)
         return envelope(201, "backup stored", data)
@@ -170,28 +179,60 @@ def _checked_size(request: web.Request) -> int:
     if len(lengths) != 1 or not _CONTENT_LENGTH.fullmatch(lengths[0].strip()):
         raise ApiError(411, "Content-Length required")
     size = int(lengths[0])
+    if size == 0:
+        raise ApiError(400, "empty upload")  # not a backup: it would push a real one out
     for cap in (retention.max_upload_bytes, retention.max_bytes_per_system):
         if cap and size > cap:
             raise ApiError(413, "backup too large")
     return size
 
 
-async def _admit(request: web.Request, system: System, size: int) -> None:
+async def _admit(
+    request: web.Request, system: System, backup: NewBackup, reserved: contextlib.ExitStack
+) -> None:
+    """The room checks and the rate; on passing, the upload's size is reserved."""
     app = request.app
-    assert system.system_key is not None  # found by its key
-    wait = await app[UPLOAD_RATES].admit(system.system_key)
-    if wait is not None:
-        raise ApiError(429, "too many uploads", None, {"Retry-After": str(wait)})
+    retention = app[CONFIG].storage.retention
     store = app[STORE]
     if not store.capabilities.stores_uploads:
         raise storage_error(StorageNotConfigured(store.name), "store backup")
-    limit = app[CONFIG].storage.retention.max_bytes_per_organization
+    folder = SystemFolder(backup.location.organization_id, backup.location.system_key)
+    reservations = app[RESERVATIONS]
+    policy = app[RETENTION].policy
+
+    def system_room(kept: int) -> None:
+        if kept + reservations.of_system(folder.system_key) > cap:
+            raise ApiError(413, SYSTEM_FULL)
+
+    cap = retention.max_bytes_per_system
+    kept = 0
+    if cap:
+        kept = await run_storage(
+            request,
+            "list",
+            lambda f: kept_bytes(store, f, backup.location.backup_id, backup.size, policy),
+            folder,
+            "store backup",
+        )
+        system_room(kept)
+    wait = await app[UPLOAD_RATES].admit(folder.system_key)
+    if wait is not None:
+        raise ApiError(429, "too many uploads", None, {"Retry-After": str(wait)})
+    limit = retention.max_bytes_per_organization
+    used = 0
     if limit:
         used = await run_storage(
             request, "usage", store.organization_usage, system.organization_id, "store backup"
         )
-        if used + size > limit:
-            raise ApiError(413, "organization backup quota exceeded")
+    # No await from here to the reservation: two uploads of this process never both pass
+    # on the same room.
+    if cap:
+        system_room(kept)
+    if limit and used + reservations.of_organization(system.organization_id) + backup.size > limit:
+        raise ApiError(413, ORGANIZATION_FULL)
+    reserved.enter_context(
+        reservations.held(folder.system_key, system.organization_id, backup.size)
+    )
 
 
 def _new_backup(request: web.Request, system: System, size: int) -> NewBackup:
@@ -212,51 +253,123 @@ def _new_backup(request: web.Request, system: System, size: int) -> NewBackup:
     )
 
 
-async def _store(request: web.Request, system: System, size: int) -> BackupInfo:
+async def _store(request: web.Request, system: System, backup: NewBackup) -> BackupInfo:
     config = request.app[CONFIG]
     store = request.app[STORE]
-    backup = _new_backup(request, system, size)
     seconds = (
         config.server.request_timeout_seconds
-        + size / config.storage.retention.min_rate_bytes_per_second
+        + backup.size / config.storage.retention.min_rate_bytes_per_second
     )
     staged: StagedBackup | None = None
-    committed = False
+    handed_over = False  # to a commit: from then on the commit decides what is left
     try:
         async with asyncio.timeout(seconds):
             stage = functools.partial(store.stage_upload, backup)
-            body = _RequestBody(request, size)
+            body = _RequestBody(request, backup.size)
             staged = await run_storage(request, "upload", stage, body, "store backup")
             # RFC 9112 §9.3.2: clients do not pipeline after a POST, so whatever follows an
             # upload on its connection is taken as the rest of a body longer than announced.
             if requests_queued_behind(request):
                 raise storage_error(UploadIncomplete("more bytes than announced"), "store backup")
-            await run_storage(request, "commit", _commit, staged, "store backup")
-            committed = True
-        return staged.info
     except TimeoutError:
+        _discard_later(staged)
         raise ApiError(408, "upload timed out") from None
+    except BaseException:
+        _discard_later(staged)
+        raise
+    try:
+        await _commit_if_room(request, system, staged)
+        handed_over = True
+    except _OutcomeUnknown:
+        handed_over = True
+        raise
     finally:
-        if staged is not None and not committed:
-            # never awaited here: the request may be cancelled (client gone)
-            task = asyncio.ensure_future(staged.discard())
-            _DISCARDING.add(task)
-            task.add_done_callback(_DISCARDING.discard)
+        if not handed_over:
+            _discard_later(staged)
+    return staged.info
+
+
+def _discard_later(staged: StagedBackup | None) -> None:
+    """Never awaited here: the request may be cancelled (client gone)."""
+    if staged is None:
+        return
+    task = asyncio.ensure_future(staged.discard())
+    _DISCARDING.add(task)
+    task.add_done_callback(_DISCARDING.discard)
+
+
+class _OutcomeUnknown(ApiError):
+    def __init__(self) -> None:
+        super().__init__(504, "upload outcome unknown")
+
+
+async def _commit_if_room(request: web.Request, system: System, staged: StagedBackup) -> None:
+    """Under the system's lock: the keep rules applied to what is stored now, then the
+    commit. A lock held elsewhere for longer than an upload should wait does not stop the
+    upload: it is committed after the checks before its body, and the sweep prunes."""
+    app = request.app
+    cap = app[CONFIG].storage.retention.max_bytes_per_system
+    info = staged.info
+    folder = SystemFolder(system.organization_id, info_system_key(system))
+    try:
+        async with app[SYSTEM_LOCKS].hold(folder, wait_seconds=COMMIT_LOCK_WAIT_SECONDS):
+            if cap:
+                store, policy = app[STORE], app[RETENTION].policy
+                kept = await run_storage(
+                    request,
+                    "list",
+                    lambda f: kept_bytes(store, f, info.id, info.size, policy),
+                    folder,
+                    "store backup",
+                )
+                if kept > cap:
+                    raise ApiError(413, SYSTEM_FULL)  # a race lost: this one goes, no older
+            await _commit_in_time(request, system, staged)
+    except LockBusy:
+        log.warning(
+            "system lock of %s busy: committed after the checks before its body",
+            folder.system_key,
+        )
+        await _commit_in_time(request, system, staged)
+
+
+async def _commit_in_time(request: web.Request, system: System, staged: StagedBackup) -> None:
+    """Once the commit is sent the backup may land whatever happens to this request: wait
+    for its outcome at most the store's operation time, then answer 504 `upload outcome
+    unknown`, with the bookkeeping done if it lands after all."""
+    app = request.app
+    commit = asyncio.ensure_future(run_storage(request, "commit", _commit, staged, "store backup"))
+    try:
+        await asyncio.wait_for(
+            asyncio.shield(commit), app[CONFIG].storage.operation_timeout_seconds
+        )
+    except TimeoutError:
+        request_id = request[REQUEST_ID]
+
+        def settled(done: asyncio.Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                _discard_later(staged)
+                return
+            log.info("upload %s landed after its answer", staged.info.id)
+            _stored_bookkeeping(app, system, request_id)
+
+        commit.add_done_callback(settled)
+        raise _OutcomeUnknown() from None
 
 
 async def _commit(staged: StagedBackup) -> None:
     await staged.commit()
 
 
-async def _apply_retention(request: web.Request, system: System, keep: str) -> None:
-    app = request.app
-    assert system.system_key is not None
+def info_system_key(system: System) -> str:
+    assert system.system_key is not None  # found by its key
+    return system.system_key
+
+
+def _stored_bookkeeping(app: web.Application, system: System, request_id: str) -> None:
+    """A backup landed: the usage counter dropped, retention run in the background."""
     usage = app.get(USAGE_COUNTER)
-
-    def pruned(info: BackupInfo, outcome: str) -> None:
-        record_prune(request, system.id, info.id, info.size, outcome)
-        if usage is not None and outcome == "backup pruned":
-            usage.changed(system.organization_id)
-
-    folder = SystemFolder(system.organization_id, system.system_key)
-    await app[RETENTION].prune(app[STORE], folder, keep, pruned)
+    if usage is not None:
+        usage.changed(system.organization_id)
+    folder = SystemFolder(system.organization_id, info_system_key(system))
+    app[RETENTION].prune_soon(folder, Cause(request_id, system.id))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 from aiohttp import web
@@ -71,6 +71,7 @@ class Metrics:
         self.in_flight = 0
         # numbers other parts keep themselves, read at scrape time: (kind, name, help, read)
         self._readings: list[tuple[str, str, str, Callable[[], float]]] = []
+        self._labeled: list[tuple[str, str, str, str, Callable[[], Mapping[str, float]]]] = []
         self._requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self._request_latency: defaultdict[str, _Histogram] = defaultdict(_Histogram)
         self._storage: defaultdict[tuple[str, str, str], int] = defaultdict(int)
@@ -108,6 +109,17 @@ class Metrics:
         scraped: the owner needs no reference to this object on its own hot path."""
         self._readings.append((kind, name, documentation, read))
 
+    def add_labeled_reading(
+        self,
+        kind: Literal["counter", "gauge"],
+        name: str,
+        documentation: str,
+        label: str,
+        read: Callable[[], Mapping[str, float]],
+    ) -> None:
+        """`add_reading` for a number kept per value of one label (an outcome, a state)."""
+        self._labeled.append((kind, name, documentation, label, read))
+
     def delete_decided(self, outcome: str) -> None:
         """Count a delete by its outcome message ("backup not found" -> backup_not_found)."""
         label = self._outcome_labels.get(outcome)
@@ -137,6 +149,12 @@ class Metrics:
         for kind, name, documentation, read in self._readings:
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             yield family(name, documentation, value=read())
+        for kind, name, documentation, label, read_all in self._labeled:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            labeled = family(name, documentation, labels=[label])
+            for value, number in read_all().items():
+                labeled.add_metric([value], number)
+            yield labeled
         storage = CounterMetricFamily(
             "gateway_storage_operations",
             "Storage operations",

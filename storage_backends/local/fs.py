@@ -454,6 +454,7 @@ def _info(name: str, st: os.stat_result, sidecar: Sidecar, place: str) -> Backup
         sha256=sha256 or "",
         mimetype=mimetype or DEFAULT_MIMETYPE,
         uploaded_at=uploaded_at or _mtime(st),
+        protected=fields.get("protected") is True,
     )
 
 
@@ -466,12 +467,12 @@ def _mtime(st: os.stat_result) -> datetime:
 
 def _encode_info(i: BackupInfo) -> list[Any]:
     # the time as ISO text: exact, where a float's round trip may land past year 9999
-    return [i.id, i.size, i.filename, i.sha256, i.mimetype, i.uploaded_at.isoformat()]
+    return [i.id, i.size, i.filename, i.sha256, i.mimetype, i.uploaded_at.isoformat(), i.protected]
 
 
 def _decode_info(row: list[Any]) -> BackupInfo:
-    backup_id, size, name, sha, mime, when = row
-    return BackupInfo(backup_id, size, name, sha, mime, datetime.fromisoformat(when))
+    backup_id, size, name, sha, mime, when, protected = row
+    return BackupInfo(backup_id, size, name, sha, mime, datetime.fromisoformat(when), protected)
 
 
 def encode_listing(infos: list[BackupInfo]) -> bytes:

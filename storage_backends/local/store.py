@@ -43,6 +43,7 @@ from ..base import (
     BackupListing,
     BackupLocation,
     BackupStore,
+    FolderLock,
     NewBackup,
     OpenedBackup,
     StagedBackup,
@@ -57,6 +58,7 @@ from ..errors import (
     StorageUnavailable,
     UploadIncomplete,
 )
+from . import state
 from .fs import (
     UNMARKED,
     SymlinkRefused,
@@ -171,7 +173,13 @@ class LocalBackupStore(BackupStore):
     name = "local"
     # the gateway streams a descriptor for download links and for restores
     capabilities = StoreCapabilities(
-        stores_uploads=True, presigns=False, serves_bytes=True, streams_restore=True
+        stores_uploads=True,
+        presigns=False,
+        serves_bytes=True,
+        streams_restore=True,
+        keeps_state=True,
+        locks_folders=True,
+        lists_folders=True,
     )
 
     def __init__(self, config: LocalConfig, operation_timeout: float) -> None:
@@ -454,6 +462,19 @@ class LocalBackupStore(BackupStore):
         if writing is not None and not writing.done():
             writing.cancel()  # the thread's own step still finishes first (see _write_step)
         self._writers.submit(upload.discard)
+
+    async def set_protected(self, location: BackupLocation, protected: bool) -> None:
+        try:
+            await self._write_step(state.set_protected, self._root, location, protected)
+        except SymlinkRefused as exc:
+            log.warning("refused a symlink under the backup root at %s", exc)
+            raise BackupNotFound(location.relative_key) from None
+
+    def lock_folder(self, folder: SystemFolder) -> FolderLock:
+        return state.LocalFolderLock(self._root, folder, self._write_step)
+
+    async def system_folders(self) -> list[SystemFolder]:
+        return list(await self._read(state.system_folders, self._root))
 
     async def organization_usage(self, organization_id: str) -> int:
         total: int = await self._read(organization_usage, self._root, organization_id)

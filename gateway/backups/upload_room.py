@@ -1,0 +1,76 @@
+"""Room for an upload (DESIGN.md §11): never prune to make room, never pass two on one room.
+
+Before the body: the backups that would be kept with the new one (the keep rules applied
+to what is stored plus the new one at its announced size), with the bytes of the uploads
+in flight for the system, must fit `max_bytes_per_system`; what the organization holds,
+with its uploads in flight, must fit `max_bytes_per_organization`. An upload that passes
+reserves its announced size until it ends, however it ends, so two cannot both pass on
+the same room: the check and the reservation happen with no await between them.
+
+After the body, under the system's lock, the rules are applied again to what is stored
+then: an upload that lost a race with another process is discarded (413), never an older
+kept backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+from storage_backends import BackupNotFound, BackupStore, SystemFolder
+
+from .keep_rules import Candidate, KeepPolicy, kept_by
+
+SYSTEM_FULL = "system backup quota exceeded"
+ORGANIZATION_FULL = "organization backup quota exceeded"
+
+
+async def kept_bytes(
+    store: BackupStore, folder: SystemFolder, new_id: str, new_size: int, policy: KeepPolicy
+) -> int:
+    """The bytes the rules keep of what is stored plus the new backup (every byte, when the
+    policy prunes nothing). Read from names and sizes; only the backups no rule keeps are
+    described, to count those that are protected."""
+    entries = await store.list_entries(folder)
+    sizes = {**{e.id: e.size for e in entries}, new_id: new_size}
+    if not policy.prunes:
+        return sum(sizes.values())
+    decided = kept_by((Candidate(backup_id) for backup_id in sizes), policy)
+    total = sum(sizes[backup_id] for backup_id, reasons in decided.items() if reasons)
+    for backup_id, reasons in decided.items():
+        if not reasons and backup_id != new_id:
+            with contextlib.suppress(BackupNotFound):  # gone meanwhile: it holds nothing
+                if (await store.describe(folder.location(backup_id))).protected:
+                    total += sizes[backup_id]
+    return total
+
+
+class Reservations:
+    """Bytes announced by the uploads in flight in this process, per system and per
+    organization."""
+
+    def __init__(self) -> None:
+        self._systems: Counter[str] = Counter()
+        self._organizations: Counter[str] = Counter()
+
+    def of_system(self, system_key: str) -> int:
+        return self._systems[system_key]
+
+    def of_organization(self, organization_id: str) -> int:
+        return self._organizations[organization_id]
+
+    @contextlib.contextmanager
+    def held(self, system_key: str, organization_id: str, size: int) -> Iterator[None]:
+        self._systems[system_key] += size
+        self._organizations[organization_id] += size
+        try:
+            yield
+        finally:
+            for counter, key in (
+                (self._systems, system_key),
+                (self._organizations, organization_id),
+            ):
+                counter[key] -= size
+                if counter[key] <= 0:
+                    del counter[key]
