@@ -12,10 +12,10 @@ from . import routes
 from .backups.download import OPEN_BACKUPS, OpenBackups
 from .backups.links import LINKS, LinkSigner
 from .backups.rates import FailedLogins, UploadRates
-from .backups.retention import Retention
+from .backups.retention import RETENTION, Retention
 from .backups.storage import STORE
-from .backups.system_lock import SystemLocks
-from .backups.upload import FAILED_LOGINS, RESERVATIONS, RETENTION, SYSTEM_LOCKS, UPLOAD_RATES
+from .backups.system_lock import SYSTEM_LOCKS, SystemLocks
+from .backups.upload import FAILED_LOGINS, RESERVATIONS, UPLOAD_RATES
 from .backups.upload_room import Reservations
 from .backups.usage import USAGE_COUNTER, UsageCounter
 from .config import CONFIG, Config

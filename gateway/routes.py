@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .backups import delete, download, listing, upload
+from .backups import delete, download, listing, protection, upload
 from .http.middlewares import OWN_DEADLINE_ROUTES
 from .identity.principal import MANAGE_SYSTEMS, READ_SYSTEMS
 from .operations import api_document, health
@@ -63,6 +63,13 @@ def routes(base_path: str) -> list[Route]:
             "HEAD", content, download.serve_content, "backup_content_head", LINK, own_deadline=True
         ),
         Route("DELETE", backup, delete.delete_backup, "delete_backup", MANAGE_SYSTEMS),
+        Route(
+            "PUT",
+            backup + "/protection",
+            protection.put_protection,
+            "put_protection",
+            MANAGE_SYSTEMS,
+        ),
         # The seed page documents the delete under .../download: same handler.
         Route(
             "DELETE",

@@ -122,10 +122,11 @@ class UploadBody(Protocol):
 
 
 class FolderLock(abc.ABC):
-    """One holder at a time across processes; acquire, then release exactly once."""
+    """One exclusive holder, or any number of shared ones, across processes; acquire, then
+    release exactly once."""
 
     @abc.abstractmethod
-    async def acquire(self, wait_seconds: float) -> bool:
+    async def acquire(self, wait_seconds: float, shared: bool = False) -> bool:
         """Take the lock, waiting at most `wait_seconds`; False when it stayed busy.
         StorageUnavailable when the lock cannot be made (the folder cannot be opened)."""
 

@@ -33,6 +33,7 @@ from gateway.config import Config, config_from_mapping
 from gateway.identity.appliance import new_secret
 from storage_backends import BackupLocation
 from storage_backends.local import ROOT_MARKER
+from storage_backends.local.state import LOCK_NAME as FOLDER_LOCK
 
 SECRET = "test-secret-" + "x" * 40
 ISSUER = "https://platform.example/auth"
@@ -226,10 +227,12 @@ class LocalHarness:
         return os.path.lexists(self.root / location.relative_key)
 
     def keys(self) -> set[str]:
+        """Every file under the root but the root's marker and the system folders' lock
+        files (an flock the store's processes share, DESIGN.md §11): no backup's bytes."""
         return {
             str(p.relative_to(self.root))
             for p in self.root.rglob("*")
-            if (p.is_file() or p.is_symlink()) and p.name != ROOT_MARKER
+            if (p.is_file() or p.is_symlink()) and p.name not in (ROOT_MARKER, FOLDER_LOCK)
         }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from gateway.backups.keep_rules import Candidate, KeepPolicy, backup_time, kept_by
-from gateway.backups.upload import RETENTION
+from gateway.backups.retention import RETENTION
 from storage_backends.ids import new_uuid7
 
 from .conftest import Harness, StartGateway

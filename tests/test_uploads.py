@@ -21,7 +21,6 @@ import yaml
 from aiohttp.test_utils import TestClient
 
 from gateway.backups.storage import STORE
-from storage_backends.local.state import LOCK_NAME as FOLDER_LOCK
 
 from .conftest import Harness, StartGateway
 from .support import (
@@ -63,9 +62,8 @@ async def upload(
 
 
 def stored(harness: Harness) -> set[str]:
-    """Every key/file in storage but the system folders' lock files (local disk: an flock
-    that the workers of a host share, DESIGN.md §11), which hold no backup's bytes."""
-    return {k for k in harness.keys() if not k.endswith("/" + FOLDER_LOCK)}
+    """Every key/file in storage except the ones tests arrange for other systems."""
+    return harness.keys()
 
 
 def backups_of(harness: Harness, folder: str = "org_c1/KEY-C1/") -> list[str]:
@@ -136,7 +134,8 @@ async def test_upload_is_stored_listed_and_downloadable(
     assert extra == set()
 
     listed = await client.get("/api/systems/sys_c1/backups", headers=bearer(token_for("org_c1")))
-    assert (await listed.json())["data"]["backups"] == [new]
+    # listed as the 201 said, with what retention says of it (its rules are off here)
+    assert (await listed.json())["data"]["backups"] == [{**new, "protected": False, "kept_by": []}]
     link = await client.get(
         f"/api/systems/sys_c1/backups/{new['id']}/download", headers=bearer(token_for("org_c1"))
     )

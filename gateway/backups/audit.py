@@ -47,6 +47,22 @@ def record_delete(
     )
 
 
+def record_protection(
+    request: web.Request, system_id: str, backup_id: str, protected: bool, outcome: str
+) -> None:
+    _record(
+        request,
+        "backup protection",
+        {
+            "system_id": system_id,
+            "backup_id": backup_id,
+            "protected": protected,
+            "outcome": outcome,
+        },
+        caller=True,
+    )
+
+
 def record_download_issued(
     request: web.Request, system_id: str, backup_id: str, kind: str, expires_at: int
 ) -> None:

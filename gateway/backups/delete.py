@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from storage_backends import BackupLocation
+from storage_backends import BackupLocation, SystemFolder
 
 from ..http.envelope import envelope
 from ..http.errors import DELETE_OUTCOME_UNKNOWN, ApiError
@@ -15,7 +15,30 @@ from .audit import record_delete
 from .authorization import authorized_system
 from .params import requested_backup_id
 from .storage import STORE, run_storage
+from .system_lock import system_changes
 from .usage import USAGE_COUNTER
+
+
+async def delete_unless_protected(request: web.Request, location: BackupLocation) -> None:
+    """Delete the backup unless it is protected (409 `backup is protected`, DESIGN.md
+    §11). Under the system's lock where the store keeps protection, so a protection set
+    meanwhile is never deleted through."""
+    store = request.app[STORE]
+    if not store.capabilities.keeps_state:
+        return await _delete(request, location)
+    folder = SystemFolder(location.organization_id, location.system_key)
+    async with system_changes(request, folder, shared=True):  # deletes go side by side
+        info = await run_storage(request, "describe", store.describe, location, "delete backup")
+        if info.protected:
+            raise ApiError(409, "backup is protected")
+        await _delete(request, location)
+
+
+async def _delete(request: web.Request, location: BackupLocation) -> None:
+    # From here the store may remove the backup whatever happens to this request: a
+    # deadline that strikes now does not know the outcome, and must not say "failed".
+    request[TIMEOUT_MESSAGE] = DELETE_OUTCOME_UNKNOWN
+    await run_storage(request, "delete", request.app[STORE].delete, location)
 
 
 async def delete_backup(request: web.Request) -> web.Response:
@@ -29,10 +52,7 @@ async def delete_backup(request: web.Request) -> web.Response:
             # Not registered yet: it never uploaded anything, whatever the backend.
             raise ApiError(404, "backup not found")
         location = BackupLocation(system.organization_id, system.system_key, backup_id)
-        # From here the store may remove the backup whatever happens to this request: a
-        # deadline that strikes now does not know the outcome, and must not say "failed".
-        request[TIMEOUT_MESSAGE] = outcome = DELETE_OUTCOME_UNKNOWN
-        await run_storage(request, "delete", request.app[STORE].delete, location)
+        await delete_unless_protected(request, location)
         usage = request.app.get(USAGE_COUNTER)
         if usage is not None:
             usage.changed(system.organization_id)
@@ -44,8 +64,8 @@ async def delete_backup(request: web.Request) -> web.Response:
     except asyncio.CancelledError:
         # The request deadline (504) or the client going away cut it short: before the
         # store was asked, nothing happened; after, the outcome is unknown.
-        if outcome != DELETE_OUTCOME_UNKNOWN:
-            outcome = "cancelled"
+        asked = request.get(TIMEOUT_MESSAGE) == DELETE_OUTCOME_UNKNOWN
+        outcome = DELETE_OUTCOME_UNKNOWN if asked else "cancelled"
         raise
     finally:
         record_delete(request, system_id, backup_id, decision, outcome)

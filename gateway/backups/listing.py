@@ -12,6 +12,8 @@ from storage_backends import BackupInfo, BackupListing, SystemFolder
 from ..config import CONFIG
 from ..http.envelope import envelope
 from .authorization import authorized_system
+from .keep_rules import Candidate, KeepPolicy, kept_by
+from .retention import RETENTION
 from .storage import STORE, run_storage
 
 
@@ -32,6 +34,16 @@ def item(info: BackupInfo) -> dict[str, Any]:
         "mimetype": info.mimetype,
         "uploaded_at": rfc3339(info.uploaded_at),
     }
+
+
+def listed_items(backups: list[BackupInfo], policy: KeepPolicy) -> list[dict[str, Any]]:
+    """A listing's items (DESIGN.md §8, §11): each with `protected` and `kept_by`, the
+    reasons the keep rules keep it. The rules look only at newer backups, so the newest N
+    that a listing returns are judged exactly from themselves."""
+    reasons = kept_by((Candidate(b.id, protected=b.protected) for b in backups), policy)
+    return [
+        {**item(b), "protected": b.protected, "kept_by": list(reasons[b.id])} for b in backups
+    ]
 
 
 async def list_backups(request: web.Request) -> web.Response:
@@ -56,7 +68,7 @@ async def list_backups(request: web.Request) -> web.Response:
         200,
         "backups retrieved successfully",
         {
-            "backups": [item(b) for b in backups[:limit]],
+            "backups": listed_items(backups[:limit], request.app[RETENTION].policy),
             "quota_used_bytes": listing.total_bytes,
             "slots_used": listing.count,
             "truncated": listing.truncated,

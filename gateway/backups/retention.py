@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from storage_backends import (
     BackupInfo,
     BackupNotFound,
@@ -250,6 +252,9 @@ class Retention:
             outcomes[await self.prune_system(folder)] += 1
         log.info("retention sweep done", extra={"fields": dict(outcomes)})
         return outcomes
+
+
+RETENTION = web.AppKey("retention", Retention)
 
 
 class _LostLock(Exception):

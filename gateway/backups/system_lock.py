@@ -12,7 +12,7 @@ a pruning run, a protection change, a delete. Layers, each taken in turn:
   only (more is a config error).
 
 When Redis cannot answer, the folder lock stands in where there is one; otherwise the
-holder goes on with this process's lock alone, and says so (`shared` False).
+holder goes on with this process's lock alone, and says so (`across_processes` False).
 """
 
 from __future__ import annotations
@@ -24,14 +24,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from aiohttp import web
 from redis.asyncio.lock import Lock as RedisLock
 from redis.exceptions import LockError, RedisError
 
 from storage_backends import BackupStore, FolderLock, StorageError, SystemFolder
 
+from ..http.errors import ApiError
+
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 10.0  # a holder that dies frees the Redis lock this soon
+
+
+# how long a user's change (a delete, a protection) waits for its system's lock
+CHANGE_LOCK_WAIT_SECONDS = 5.0
 
 
 class LockBusy(Exception):
@@ -43,7 +50,7 @@ class Lease:
     """A held lock. `still_held()` before each change: False means stop changing things."""
 
     system_key: str
-    shared: bool  # False: only this process's lock is held
+    across_processes: bool  # False: only this process's lock is held
     _redis_lock: RedisLock | None = field(default=None, repr=False)
 
     async def still_held(self) -> bool:
@@ -60,6 +67,40 @@ class Lease:
             return False
 
 
+class _ReadWriteLock:
+    """This process's part: any number of shared holders or one exclusive holder; a waiting
+    exclusive holder goes before shared ones that come after it, so deletes never starve
+    a pruner."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self.users = 0  # holders and waiters: the lock is dropped when none is left
+
+    async def acquire(self, shared: bool) -> None:
+        async with self._changed:
+            if shared:
+                await self._changed.wait_for(lambda: not self._writer and not self._writers_waiting)
+                self._readers += 1
+                return
+            self._writers_waiting += 1
+            try:
+                await self._changed.wait_for(lambda: not self._writer and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+
+    async def release(self, shared: bool) -> None:
+        async with self._changed:
+            if shared:
+                self._readers -= 1
+            else:
+                self._writer = False
+            self._changed.notify_all()
+
+
 class SystemLocks:
     def __init__(
         self,
@@ -70,68 +111,116 @@ class SystemLocks:
         self._store = store
         self._redis = client
         self._lease = lease_seconds
-        self._here: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._here: dict[str, _ReadWriteLock] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, folder: SystemFolder, wait_seconds: float) -> AsyncIterator[Lease]:
-        """Hold the system's lock; LockBusy when it is not had within `wait_seconds`."""
+    async def hold(
+        self, folder: SystemFolder, wait_seconds: float, shared: bool = False
+    ) -> AsyncIterator[Lease]:
+        """Hold the system's lock; LockBusy when it is not had within `wait_seconds`.
+
+        Exclusive (the default) for what decides from the whole system: a pruning run, an
+        upload's last check and commit, a protection change. Shared for a delete of one
+        backup: deletes go on side by side, and none overlaps an exclusive holder — on
+        this host. Across hosts only exclusive holders exclude each other (through Redis);
+        on S3 a bucket's Object Lock legal hold guards a protected backup itself."""
         key = folder.system_key
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
-        lock, users = self._here.get(key, (asyncio.Lock(), 0))
-        self._here[key] = (lock, users + 1)
+        lock = self._here.setdefault(key, _ReadWriteLock())
+        lock.users += 1
         try:
             try:
                 async with asyncio.timeout(wait_seconds):
-                    await lock.acquire()
+                    await lock.acquire(shared)
             except TimeoutError:
                 raise LockBusy(key) from None
             try:
                 left = max(0.0, deadline - loop.time())
-                async with self._shared(folder, left) as lease:
+                async with self._across_processes(folder, left, shared) as lease:
                     yield lease
             finally:
-                lock.release()
+                await asyncio.shield(lock.release(shared))
         finally:
-            lock, users = self._here[key]
-            if users == 1:
+            lock.users -= 1
+            if not lock.users:
                 del self._here[key]
-            else:
-                self._here[key] = (lock, users - 1)
 
     @contextlib.asynccontextmanager
-    async def _shared(self, folder: SystemFolder, wait_seconds: float) -> AsyncIterator[Lease]:
-        key = folder.system_key
-        if self._redis is not None:
-            redis_lock = self._redis.lock(
-                f"backup:retention:{key}", timeout=self._lease, blocking_timeout=wait_seconds
+    async def _across_processes(
+        self, folder: SystemFolder, wait_seconds: float, shared: bool
+    ) -> AsyncIterator[Lease]:
+        async with contextlib.AsyncExitStack() as held:
+            redis_lock = None
+            if self._redis is not None and not shared:
+                redis_lock = await held.enter_async_context(
+                    self._redis_lock(folder.system_key, wait_seconds)
+                )
+            on_host = False
+            if self._store.capabilities.locks_folders:
+                on_host = await held.enter_async_context(
+                    self._folder_lock(folder, wait_seconds, shared)
+                )
+            yield Lease(
+                folder.system_key,
+                across_processes=redis_lock is not None or on_host,
+                _redis_lock=redis_lock,
             )
-            try:
-                taken = await redis_lock.acquire()
-            except (RedisError, OSError) as exc:
-                log.warning("system lock not taken in Redis: %s", type(exc).__name__)
-            else:
-                if not taken:
-                    raise LockBusy(key)
-                try:
-                    yield Lease(key, shared=True, _redis_lock=redis_lock)
-                finally:
-                    with contextlib.suppress(LockError, RedisError, OSError):
-                        await redis_lock.release()
-                return
-        if not self._store.capabilities.locks_folders:
-            yield Lease(key, shared=False)
-            return
-        folder_lock: FolderLock = self._store.lock_folder(folder)
+
+    @contextlib.asynccontextmanager
+    async def _redis_lock(self, key: str, wait_seconds: float) -> AsyncIterator[RedisLock | None]:
+        """The lock in Redis; None when Redis cannot answer (the holder goes on without)."""
+        assert self._redis is not None
+        redis_lock = self._redis.lock(
+            f"backup:retention:{key}", timeout=self._lease, blocking_timeout=wait_seconds
+        )
         try:
-            taken = await folder_lock.acquire(wait_seconds)
-        except StorageError as exc:
-            log.warning("system folder lock not taken: %s", exc)
-            yield Lease(key, shared=False)
+            taken = await redis_lock.acquire()
+        except (RedisError, OSError) as exc:
+            log.warning("system lock not taken in Redis: %s", type(exc).__name__)
+            yield None
             return
         if not taken:
             raise LockBusy(key)
         try:
-            yield Lease(key, shared=True)
+            yield redis_lock
+        finally:
+            with contextlib.suppress(LockError, RedisError, OSError):
+                await redis_lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _folder_lock(
+        self, folder: SystemFolder, wait_seconds: float, shared: bool
+    ) -> AsyncIterator[bool]:
+        """The store's lock on the folder; False when it cannot be made (logged)."""
+        folder_lock: FolderLock = self._store.lock_folder(folder)
+        try:
+            taken = await folder_lock.acquire(wait_seconds, shared)
+        except StorageError as exc:
+            log.warning("system folder lock not taken: %s", exc)
+            yield False
+            return
+        if not taken:
+            raise LockBusy(folder.system_key)
+        try:
+            yield True
         finally:
             await folder_lock.release()
+
+
+SYSTEM_LOCKS = web.AppKey("system_locks", SystemLocks)
+
+
+@contextlib.asynccontextmanager
+async def system_changes(
+    request: web.Request, folder: SystemFolder, shared: bool = False
+) -> AsyncIterator[Lease]:
+    """Hold the system's lock for a user's change (shared for a delete, exclusive for a
+    protection): 503 with `Retry-After` when another holder keeps it longer than a request
+    should wait."""
+    locks = request.app[SYSTEM_LOCKS]
+    try:
+        async with locks.hold(folder, CHANGE_LOCK_WAIT_SECONDS, shared=shared) as lease:
+            yield lease
+    except LockBusy:
+        raise ApiError(503, "backup busy, retry later", headers={"Retry-After": "1"}) from None

@@ -45,9 +45,9 @@ from .directory_answer import directory_or_503
 from .listing import item
 from .names import sanitized
 from .rates import FailedLogins, UploadRates
-from .retention import Cause, Retention
+from .retention import RETENTION, Cause
 from .storage import STORE, run_storage
-from .system_lock import LockBusy, SystemLocks
+from .system_lock import SYSTEM_LOCKS, LockBusy
 from .upload_room import ORGANIZATION_FULL, SYSTEM_FULL, Reservations, kept_bytes
 from .usage import USAGE_COUNTER
 
@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 
 UPLOAD_RATES = web.AppKey("upload_rates", UploadRates)
 FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
-RETENTION = web.AppKey("retention", Retention)
-SYSTEM_LOCKS = web.AppKey("system_locks", SystemLocks)
 RESERVATIONS = web.AppKey("reservations", Reservations)
 
 # how long an upload's commit waits for its system's lock (a pruning slice holds it ~2 s)

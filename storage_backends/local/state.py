@@ -93,8 +93,18 @@ def _replace_sidecar(key_fd: int, backup_id: str, content: bytes) -> None:
     os.fsync(key_fd)
 
 
-def _open_lock_file(root: Path, folder: SystemFolder) -> int:
-    key_fd = open_upload_folder(root, folder)
+def _open_lock_file(root: Path, folder: SystemFolder, create: bool) -> int:
+    """The folder's lock file, -1 when the folder does not exist and `create` is False."""
+    if create:
+        key_fd = open_upload_folder(root, folder)
+    else:
+        root_fd = open_root(root)
+        try:
+            key_fd = open_system_folder(root_fd, folder)
+        except BackupNotFound:
+            return -1
+        finally:
+            os.close(root_fd)
     try:
         return os.open(LOCK_NAME, _LOCK_FLAGS, 0o640, dir_fd=key_fd)
     except OSError as exc:
@@ -115,8 +125,13 @@ class LocalFolderLock(FolderLock):
         self._run = run  # a blocking step in the store's threads, bounded in time
         self._fd = -1
 
-    async def acquire(self, wait_seconds: float) -> bool:
-        fd = await self._run(_open_lock_file, self._root, self._folder)
+    async def acquire(self, wait_seconds: float, shared: bool = False) -> bool:
+        # A shared holder (a delete) never makes the folder: where there is none, there is
+        # no backup to keep from it, and nothing to lock.
+        fd = await self._run(_open_lock_file, self._root, self._folder, not shared)
+        if fd < 0:
+            return True
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         pause = _POLL_FIRST
@@ -124,7 +139,7 @@ class LocalFolderLock(FolderLock):
             while True:
                 try:
                     # never blocks: the event loop polls, so a waiter can be cancelled
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
                     self._fd, fd = fd, -1
                     return True
                 except BlockingIOError:
