@@ -100,6 +100,9 @@ class NewBackup:
     mimetype: str
     uploader_ip: str
     uploaded_at: datetime  # aware, UTC
+    # the hex sha256 the appliance said the body has (Content-Digest), known before the
+    # body: a store may have its server check it (S3's x-amz-checksum-sha256)
+    expected_sha256: str | None = None
 
     def info(self, sha256: str) -> BackupInfo:
         return BackupInfo(
@@ -128,7 +131,8 @@ class FolderLock(abc.ABC):
     @abc.abstractmethod
     async def acquire(self, wait_seconds: float, shared: bool = False) -> bool:
         """Take the lock, waiting at most `wait_seconds`; False when it stayed busy.
-        StorageUnavailable when the lock cannot be made (the folder cannot be opened)."""
+        Shared holders exclude only an exclusive one. StorageUnavailable when the lock
+        cannot be made (the folder cannot be opened)."""
 
     @abc.abstractmethod
     async def release(self) -> None:

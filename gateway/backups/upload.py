@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
 import re
 from datetime import UTC, datetime
@@ -27,11 +28,12 @@ from storage_backends import (
     BackupInfo,
     NewBackup,
     StagedBackup,
+    StorageError,
     StorageNotConfigured,
     SystemFolder,
     UploadIncomplete,
 )
-from storage_backends.ids import new_uuid7, upload_extension
+from storage_backends.ids import backup_unix_ms, new_uuid7, upload_extension
 
 from ..config import CONFIG
 from ..directory import DIRECTORY, System
@@ -41,6 +43,7 @@ from ..http.errors import ApiError, storage_error
 from ..http.middlewares import REQUEST_ID
 from ..identity.appliance import CHALLENGE, basic_credentials, secret_matches
 from .audit import record_upload
+from .digests import InvalidDigest, requested_sha256
 from .directory_answer import directory_or_503
 from .listing import item
 from .names import sanitized
@@ -61,6 +64,7 @@ RESERVATIONS = web.AppKey("reservations", Reservations)
 COMMIT_LOCK_WAIT_SECONDS = 3.0
 
 MAX_FILENAME = 255
+DUPLICATE = "backup already stored"
 _MIMETYPE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}", re.ASCII
 )
@@ -95,10 +99,11 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
         with contextlib.ExitStack() as reserved:  # the room it was given, until it ends
             async with asyncio.timeout(config.server.request_timeout_seconds):
                 system = await _appliance(request)
-                backup = _new_backup(request, system, _checked_size(request))
+                expected = _requested_digest(request)
+                backup = _new_backup(request, system, _checked_size(request), expected)
                 await _admit(request, system, backup, reserved)
             await _continue(request)
-            stored = await _store(request, system, backup)
+            stored, new = await _store(request, system, backup)
     except TimeoutError:
         error = ApiError(504, "request timed out")
     except ApiError as exc:
@@ -111,8 +116,11 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
             )
         raise
     else:
-        _stored_bookkeeping(request.app, system, request[REQUEST_ID])
         data = item(stored)
+        if not new:  # a retry of one stored moments ago: nothing stored, nothing pruned
+            record_upload(request, system.system_key or "", system.id, DUPLICATE, data)
+            return envelope(200, DUPLICATE, data)
+        _stored_bookkeeping(request.app, system, request[REQUEST_ID])
         record_upload(request, system.system_key or "", system.id, "backup stored", data)
         return envelope(201, "backup stored", data)
     if credentials is not None:
@@ -233,7 +241,22 @@ async def _admit(
     )
 
 
-def _new_backup(request: web.Request, system: System, size: int) -> NewBackup:
+def _requested_digest(request: web.Request) -> str | None:
+    """The body's sha256 as the appliance gives it (DESIGN.md §12), checked right after
+    the credentials and before anything is read: 400 invalid / required digest."""
+    try:
+        expected = requested_sha256(request.headers)
+    except InvalidDigest as exc:
+        log.info("upload refused: %s", exc)
+        raise ApiError(400, "invalid digest") from None
+    if expected is None and request.app[CONFIG].storage.retention.require_digest:
+        raise ApiError(400, "digest required")
+    return expected
+
+
+def _new_backup(
+    request: web.Request, system: System, size: int, expected_sha256: str | None
+) -> NewBackup:
     assert system.system_key is not None
     now = datetime.now(UTC)
     last_part = _PATH_SEPARATORS.split(request.headers.get("X-Filename", ""))[-1]
@@ -248,10 +271,14 @@ def _new_backup(request: web.Request, system: System, size: int) -> NewBackup:
         # the client: the peer, or what a trusted proxy forwarded (http.client_address)
         uploader_ip=request.remote or "",
         uploaded_at=now,
+        expected_sha256=expected_sha256,
     )
 
 
-async def _store(request: web.Request, system: System, backup: NewBackup) -> BackupInfo:
+async def _store(
+    request: web.Request, system: System, backup: NewBackup
+) -> tuple[BackupInfo, bool]:
+    """The backup stored (True), or the one this upload repeats (False)."""
     config = request.app[CONFIG]
     store = request.app[STORE]
     seconds = (
@@ -276,6 +303,12 @@ async def _store(request: web.Request, system: System, backup: NewBackup) -> Bac
         _discard_later(staged)
         raise
     try:
+        if backup.expected_sha256 is not None:
+            if not hmac.compare_digest(staged.info.sha256, backup.expected_sha256):
+                raise ApiError(400, "checksum mismatch")
+            earlier = await _stored_moments_ago(request, backup)
+            if earlier is not None:
+                return earlier, False  # the finally discards what this upload staged
         await _commit_if_room(request, system, staged)
         handed_over = True
     except _OutcomeUnknown:
@@ -284,7 +317,32 @@ async def _store(request: web.Request, system: System, backup: NewBackup) -> Bac
     finally:
         if not handed_over:
             _discard_later(staged)
-    return staged.info
+    return staged.info, True
+
+
+async def _stored_moments_ago(request: web.Request, backup: NewBackup) -> BackupInfo | None:
+    """A backup of the system with the same sha256 stored within the duplicate window: an
+    appliance that lost the answer and sent again (DESIGN.md §12)."""
+    window = request.app[CONFIG].storage.retention.duplicate_window_seconds
+    if not window:
+        return None
+    store = request.app[STORE]
+    location = backup.location
+    folder = SystemFolder(location.organization_id, location.system_key)
+    since = backup_unix_ms(location.backup_id) - int(window * 1000)
+    entries = await run_storage(request, "list", store.list_entries, folder, "store backup")
+    recent = sorted(
+        (e.id for e in entries if backup_unix_ms(e.id) >= since and e.size == backup.size),
+        reverse=True,
+    )
+    for backup_id in recent:
+        try:
+            info = await store.describe(folder.location(backup_id))
+        except StorageError:
+            continue  # gone, or unreadable now: not the one to answer with
+        if info.sha256 and hmac.compare_digest(info.sha256, backup.expected_sha256 or ""):
+            return info
+    return None
 
 
 def _discard_later(staged: StagedBackup | None) -> None:

@@ -118,7 +118,7 @@ class LocalFolderLock(FolderLock):
         self,
         root: Path,
         folder: SystemFolder,
-        run: Callable[[Callable[..., Any], Any, Any], Awaitable[Any]],
+        run: Callable[..., Awaitable[Any]],
     ) -> None:
         self._root = root
         self._folder = folder

@@ -1,0 +1,135 @@
+"""Upload digests (DESIGN.md §12, RFC 9530): checked before the body, compared after it, and
+a retry within the window is not a second backup. On every backend."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from typing import Any
+
+import pytest
+
+from gateway.backups.retention import RETENTION
+
+from .conftest import Harness, StartGateway
+from .support import LocalHarness, location_for, new_backup_id
+from .test_uploads import backups_of, envelope_of, head_for, raw, upload
+
+
+def digest_of(data: bytes) -> str:
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+
+
+@pytest.mark.parametrize("header", ["Content-Digest", "Repr-Digest"])
+async def test_a_matching_digest_is_stored(
+    start_gateway: StartGateway, harness: Harness, header: str
+) -> None:
+    client = await start_gateway(harness.storage())
+    data = os.urandom(50_000)
+    resp, body = await upload(client, data, **{header: digest_of(data)})
+    assert resp.status == 201, body
+    assert body["data"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert backups_of(harness) == [body["data"]["id"]]
+
+
+async def test_members_of_other_algorithms_are_ignored(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    client = await start_gateway({**local_harness.storage(), "retention": {"require_digest": True}})
+    data = b"payload"
+    sha512 = "sha-512=:" + base64.b64encode(hashlib.sha512(data).digest()).decode() + ":"
+    resp, body = await upload(client, data, **{"Content-Digest": sha512})
+    assert (resp.status, body["message"]) == (400, "digest required")  # no sha-256: none
+    both = f"{sha512}, {digest_of(data)}"
+    resp, body = await upload(client, data, **{"Content-Digest": both})
+    assert resp.status == 201, body
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ["Content-Digest: @@@"],
+        ["Content-Digest: sha-256=notbytes"],
+        ["Content-Digest: sha-256=:" + base64.b64encode(b"x" * 31).decode() + ":"],
+        ["Content-Digest: sha-256=:not base64:"],
+        ["Content-Digest: " + digest_of(b"data"), "Repr-Digest: " + digest_of(b"other")],
+        ["Content-Digest: sha-256=(:AAAA: :BBBB:)"],
+    ],
+)
+async def test_a_malformed_digest_is_400_before_the_body(
+    start_gateway: StartGateway, local_harness: LocalHarness, headers: list[str]
+) -> None:
+    client = await start_gateway(local_harness.storage())
+    answer = await raw(client, head_for(4, "Expect: 100-continue", *headers))
+    assert b"100 Continue" not in answer
+    status, body = envelope_of(answer)
+    assert (status, body) == (400, {"code": 400, "message": "invalid digest", "data": {}})
+    assert backups_of(local_harness) == []
+
+
+async def test_a_body_that_differs_from_its_digest_stores_and_prunes_nothing(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    client = await start_gateway(
+        {
+            **harness.storage(),
+            "retention": {"keep_last": 1, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0},
+        }
+    )
+    kept = (await upload(client, b"the good one"))[1]["data"]["id"]
+    await client.app[RETENTION].settled()
+    resp, body = await upload(client, b"sent", **{"Content-Digest": digest_of(b"meant")})
+    assert (resp.status, body) == (400, {"code": 400, "message": "checksum mismatch", "data": {}})
+    await client.app[RETENTION].settled()
+    assert backups_of(harness) == [kept]
+
+
+async def test_a_digest_can_be_required(start_gateway: StartGateway, harness: Harness) -> None:
+    client = await start_gateway({**harness.storage(), "retention": {"require_digest": True}})
+    resp, body = await upload(client, b"data")
+    assert (resp.status, body["message"]) == (400, "digest required")
+    assert backups_of(harness) == []
+
+
+async def test_a_retry_within_the_window_is_not_a_second_backup(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    client = await start_gateway(
+        {
+            **harness.storage(),
+            "retention": {"keep_last": 2, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0},
+        }
+    )
+    older = (await upload(client, b"yesterday's"))[1]["data"]["id"]
+    data = os.urandom(10_000)
+    first = await upload(client, data, **{"Content-Digest": digest_of(data)})
+    assert first[0].status == 201
+    again = await upload(client, data, **{"Content-Digest": digest_of(data)})
+    assert (again[0].status, again[1]["message"]) == (200, "backup already stored")
+    assert again[1]["data"] == first[1]["data"]
+    await client.app[RETENTION].settled()
+    assert backups_of(harness) == sorted([older, first[1]["data"]["id"]])  # nothing pushed out
+
+
+async def test_outside_the_window_the_same_bytes_are_a_new_backup(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    client = await start_gateway(
+        {**local_harness.storage(), "retention": {"duplicate_window_seconds": 0}}
+    )
+    data = b"same bytes"
+    answers = [await upload(client, data, **{"Content-Digest": digest_of(data)}) for _ in "ab"]
+    assert [a[0].status for a in answers] == [201, 201]
+    assert len(backups_of(local_harness)) == 2
+
+
+async def test_a_backup_planted_without_a_sha256_is_never_a_duplicate(
+    start_gateway: StartGateway, local_harness: LocalHarness
+) -> None:
+    """A backup whose stored sha256 is unknown never answers for a retry."""
+    client = await start_gateway(local_harness.storage())
+    data: Any = b"planted"
+    local_harness.put(location_for("org_c1", new_backup_id()), data)  # sidecar without sha256
+    resp, _ = await upload(client, data, **{"Content-Digest": digest_of(data)})
+    assert resp.status == 201
