@@ -16,6 +16,8 @@ _BACKUP_ID = re.compile(
     r"(?:" + "|".join(re.escape(s) for s in SUFFIXES) + r")?",
     re.ASCII | re.IGNORECASE,
 )
+# the names the directory gives organizations and system keys: never hidden, no separators
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 MAX_LENGTH = 36 + max(map(len, SUFFIXES))
 ECHO_LIMIT = 256  # a rejected value is echoed in the 400, cut to this
 
@@ -25,6 +27,11 @@ def normalize_backup_id(value: str) -> str | None:
     if len(value) > MAX_LENGTH or not _BACKUP_ID.fullmatch(value):
         return None
     return value.lower()
+
+
+def is_folder_name(value: str) -> bool:
+    """Whether `value` can be an organization's or a system key's folder in a store."""
+    return _FOLDER_NAME.fullmatch(value) is not None
 
 
 def new_uuid7(unix_ms: int) -> str:

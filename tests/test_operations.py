@@ -23,6 +23,7 @@ from gateway.telemetry.metrics import Metrics
 from .conftest import S3Server, StartGateway
 from .faultproxy import FaultProxy
 from .support import (
+    KEEP_EVERYTHING,
     LocalHarness,
     OutputWatcher,
     S3Harness,
@@ -51,6 +52,7 @@ def proxied_harness(s3_server: S3Server, s3_harness: S3Harness, proxy: FaultProx
     return s3_harness, {
         "backend": "s3",
         "s3": s3_settings(proxy.endpoint, s3_harness.bucket, versioning="off"),
+        "retention": KEEP_EVERYTHING,  # no start-up sweep among the proxied requests
     }
 
 

@@ -14,9 +14,8 @@ from aiohttp.test_utils import TestClient
 
 from gateway.backups.retention import RETENTION
 
-from .conftest import StartGateway
+from .conftest import Harness, StartGateway
 from .support import (
-    LocalHarness,
     bearer,
     location_for,
     new_backup_id,
@@ -25,9 +24,10 @@ from .support import (
 from .test_uploads import backups_of, upload
 
 
-@pytest.fixture(params=["process", "inline"])
-def state_harness(request: pytest.FixtureRequest, tmp_path: Any) -> LocalHarness:
-    return LocalHarness(tmp_path / "backups", io=request.param)
+@pytest.fixture
+def state_harness(harness: Harness) -> Harness:
+    """Every store that keeps state: local disk in its two io modes, S3 on each server."""
+    return harness
 
 
 def url(backup_id: str, system_id: str = "sys_c1") -> str:
@@ -59,7 +59,7 @@ async def listed(client: TestClient) -> dict[str, dict[str, Any]]:
 
 
 async def test_a_protected_backup_is_never_deleted(
-    start_gateway: StartGateway, state_harness: LocalHarness
+    start_gateway: StartGateway, state_harness: Harness
 ) -> None:
     client = await start_gateway(state_harness.storage())
     bid = new_backup_id()
@@ -97,7 +97,7 @@ async def test_a_protected_backup_is_never_deleted(
 
 
 async def test_a_protected_backup_is_never_pruned(
-    start_gateway: StartGateway, state_harness: LocalHarness
+    start_gateway: StartGateway, state_harness: Harness
 ) -> None:
     client = await start_gateway(
         {
@@ -129,7 +129,7 @@ async def test_a_protected_backup_is_never_pruned(
     ],
 )
 async def test_a_body_that_is_not_the_object_is_400(
-    start_gateway: StartGateway, state_harness: LocalHarness, body: bytes
+    start_gateway: StartGateway, state_harness: Harness, body: bytes
 ) -> None:
     client = await start_gateway(state_harness.storage())
     bid = new_backup_id()
@@ -142,7 +142,7 @@ async def test_a_body_that_is_not_the_object_is_400(
 
 
 async def test_too_many_protected_is_409(
-    start_gateway: StartGateway, state_harness: LocalHarness
+    start_gateway: StartGateway, state_harness: Harness
 ) -> None:
     client = await start_gateway(
         {**state_harness.storage(), "retention": {"max_protected_per_system": 2}}
@@ -164,7 +164,7 @@ async def test_too_many_protected_is_409(
 
 
 async def test_concurrent_protections_never_pass_the_limit(
-    start_gateway: StartGateway, state_harness: LocalHarness
+    start_gateway: StartGateway, state_harness: Harness
 ) -> None:
     client = await start_gateway(
         {**state_harness.storage(), "retention": {"max_protected_per_system": 2}}
@@ -177,9 +177,7 @@ async def test_concurrent_protections_never_pass_the_limit(
     assert sum(i["protected"] for i in (await listed(client)).values()) == 2
 
 
-async def test_the_order_of_checks(
-    start_gateway: StartGateway, state_harness: LocalHarness
-) -> None:
+async def test_the_order_of_checks(start_gateway: StartGateway, state_harness: Harness) -> None:
     client = await start_gateway(state_harness.storage())
     bid = new_backup_id()
     state_harness.put(location_for("org_c1", bid))

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from .conftest import StartGateway
 from .faultproxy import FaultProxy
 from .support import (
+    KEEP_EVERYTHING,
     S3Harness,
     bearer,
     eventually,
@@ -32,7 +33,13 @@ async def gateway(
 ) -> TestClient:
     settings = s3_settings(proxy.endpoint, harness.bucket, versioning="off", **s3)
     return await start_gateway(
-        {"backend": "s3", "operation_timeout_seconds": OPERATION_TIMEOUT, "s3": settings}
+        {
+            "backend": "s3",
+            "operation_timeout_seconds": OPERATION_TIMEOUT,
+            "s3": settings,
+            # no start-up sweep among the requests the proxy counts
+            "retention": KEEP_EVERYTHING,
+        }
     )
 
 

@@ -7,12 +7,21 @@ import os
 import urllib.request
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.backups.storage import STORE
+from storage_backends import BackupNotFound, BackupStore, SystemFolder
 
 from .conftest import Harness, StartGateway
-from .support import bearer, delete_as, location_for, new_backup_id, token_for
+from .support import (
+    bearer,
+    delete_as,
+    location_for,
+    new_backup_id,
+    system_key_of,
+    token_for,
+)
 
 
 async def gateway_for(start_gateway: StartGateway, harness: Harness) -> TestClient:
@@ -178,3 +187,96 @@ async def test_a_store_that_keeps_nothing_declares_nothing(start_gateway: StartG
     )
     body = await resp.json()
     assert (resp.status, body["message"]) == (503, "backup storage not configured")
+
+
+# --------------------------------------------------------------------------- state (§11)
+
+
+def folder_of(org_id: str) -> SystemFolder:
+    return SystemFolder(org_id, system_key_of(org_id))
+
+
+async def protection_of(store: BackupStore, org_id: str) -> dict[str, bool]:
+    """What a whole listing, the newest-first listing and each description say."""
+    folder = folder_of(org_id)
+    listed = {b.id: b.protected for b in await store.list_backups(folder)}
+    newest = await store.list_newest(folder, 100)
+    assert {b.id: b.protected for b in newest.backups} == listed
+    for backup_id, protected in listed.items():
+        assert (await store.describe(folder.location(backup_id))).protected == protected
+    return listed
+
+
+async def test_protection_is_kept_with_the_backup_and_undone(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    """Set through the store (the route's checks are tests/test_protection.py's): every
+    listing says so, setting it twice changes nothing, and unprotecting leaves storage as
+    it was."""
+    client = await gateway_for(start_gateway, harness)
+    store = client.app[STORE]
+    assert store.capabilities.keeps_state
+    bid, other = new_backup_id(), new_backup_id()
+    harness.put(location_for("org_c1", bid))
+    harness.put(location_for("org_c1", other))
+    before = harness.keys()
+    for _ in range(2):
+        await store.set_protected(location_for("org_c1", bid), True)
+        assert await protection_of(store, "org_c1") == {bid: True, other: False}
+    for _ in range(2):
+        await store.set_protected(location_for("org_c1", bid), False)
+        assert await protection_of(store, "org_c1") == {bid: False, other: False}
+    assert harness.keys() == before
+
+
+async def test_protecting_an_absent_backup_is_not_found(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    client = await gateway_for(start_gateway, harness)
+    store = client.app[STORE]
+    harness.put(location_for("org_c1", new_backup_id()))
+    before = harness.keys()
+    for protected in (True, False):
+        with pytest.raises(BackupNotFound):
+            await store.set_protected(location_for("org_c1", new_backup_id()), protected)
+    assert harness.keys() == before
+
+
+async def test_a_deleted_backup_takes_its_state_with_it(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    """The store deletes what it is told to (the gateway refuses a protected backup before
+    asking it): nothing of the backup's state is left, and a backup uploaded later is not
+    protected."""
+    client = await gateway_for(start_gateway, harness)
+    store = client.app[STORE]
+    bid, other = new_backup_id(), new_backup_id()
+    harness.put(location_for("org_c1", other))
+    before = harness.keys()
+    harness.put(location_for("org_c1", bid))
+    await store.set_protected(location_for("org_c1", bid), True)
+    await store.set_protected(location_for("org_c1", other), True)
+    await store.set_protected(location_for("org_c1", other), False)
+    await store.delete(location_for("org_c1", bid))
+    assert harness.keys() == before
+    assert await protection_of(store, "org_c1") == {other: False}
+
+
+async def test_system_folders_are_the_folders_of_systems(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    """Every `{org}/{key}/` that holds a backup, whatever else the store holds beside
+    (staging, state, hidden or odd names, loose keys)."""
+    client = await gateway_for(start_gateway, harness)
+    store = client.app[STORE]
+    assert store.capabilities.lists_folders
+    bid = new_backup_id()
+    harness.put(location_for("org_c1", bid))
+    harness.put(location_for("org_c2", new_backup_id()))
+    await store.set_protected(location_for("org_c1", bid), True)
+    for odd in (".uploads/x", ".hidden/KEY/x", "org_c1/.hidden/x", "loose", "org_c2/loose"):
+        harness.put_key(odd)
+    assert sorted(await store.system_folders(), key=lambda f: f.system_key) == [
+        folder_of("org_c1"),
+        folder_of("org_c2"),
+    ]

@@ -1,16 +1,21 @@
-"""What the S3 backend reads back: a ListObjectsV2 page's XML, and a listing entry from an
-object's HeadObject headers (the metadata an upload wrote, x-amz-meta-*)."""
+"""What the S3 backend reads back: a ListObjectsV2 page's XML (and every page of a
+prefix), and a listing entry from an object's HeadObject headers (the metadata an upload
+wrote, x-amz-meta-*)."""
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 from xml.etree import ElementTree
 
 from ..base import DEFAULT_MIMETYPE, BackupInfo
 from ..errors import StorageUnavailable
 from ..metadata import fit_filename, held_in_range, parse_time, warn_once
+
+if TYPE_CHECKING:
+    from .signed import SignedRequests
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +80,20 @@ def list_page(body: bytes) -> tuple[list[tuple[str, int, datetime]], str | None]
     if truncated and not token:
         raise StorageUnavailable("truncated ListObjectsV2 answer without a continuation token")
     return entries, token
+
+
+async def every_key(
+    signed: SignedRequests, prefix: str, directly_under: bool = True
+) -> list[tuple[str, int, datetime]]:
+    """(key, size, last modified) of every key under `prefix` (or only directly under it),
+    page after page; StorageUnavailable on any answer but 200 — never a partial list."""
+    listed: list[tuple[str, int, datetime]] = []
+    continuation: str | None = None
+    while True:
+        page = await signed.list_page(prefix, continuation, directly_under)
+        if page.status != 200:
+            raise StorageUnavailable(f"HTTP {page.status}")
+        entries, continuation = list_page(page.body)
+        listed.extend(entries)
+        if continuation is None:
+            return listed

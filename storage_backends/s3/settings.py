@@ -28,3 +28,6 @@ class S3Config:
     # uploads larger than this go up in parts (S3's single PUT takes at most 5 GiB)
     multipart_threshold_bytes: int = 512 * 1024**2
     multipart_part_bytes: int = 64 * 1024**2
+    # a protected backup also carries an S3 legal hold (a bucket made with Object Lock):
+    # not even the bucket's own credentials delete it while it holds (DESIGN.md §11)
+    object_lock: bool = False

@@ -75,9 +75,14 @@ class SignedRequests:
     async def delete(self, key: str) -> Answer:
         return await self.send("DELETE", key)
 
-    async def list_page(self, prefix: str, continuation: str | None) -> Answer:
-        """One ListObjectsV2 page of the keys directly under `prefix` (its XML in `body`)."""
-        query = {"list-type": "2", "prefix": prefix, "delimiter": "/"}
+    async def list_page(
+        self, prefix: str, continuation: str | None, directly_under: bool = True
+    ) -> Answer:
+        """One ListObjectsV2 page of the keys directly under `prefix` (its XML in `body`),
+        or of every key under it when not `directly_under`."""
+        query = {"list-type": "2", "prefix": prefix}
+        if directly_under:
+            query["delimiter"] = "/"
         if continuation:
             query["continuation-token"] = continuation
         return await self.send("GET", "", query)

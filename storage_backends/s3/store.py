@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -41,12 +43,17 @@ from ..errors import BackupNotFound, StorageUnavailable
 from ..ids import normalize_backup_id
 from .botocore_internals import credentials_expiry
 from .errors import Progress, error_code, guarded
-from .listing import info_from_headers, list_page
+from .folders import folder_names, folders_of
+from .listing import every_key, info_from_headers
 from .settings import S3Config
 from .signed import Answer, SignedRequests
+from .state import BackupStates
+from .state_keys import NO_STATE, BackupState
 from .uploads import Uploads
 
 _Listed = tuple[str, int, datetime]  # a backup's name, size and Last-Modified
+A = TypeVar("A")
+B = TypeVar("B")
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,12 @@ class S3BackupStore(BackupStore):
     # clients fetch the bytes from the store itself; a restore streamed through the gateway
     # comes with its route
     capabilities = StoreCapabilities(
-        stores_uploads=True, presigns=True, serves_bytes=False, streams_restore=False
+        stores_uploads=True,
+        presigns=True,
+        serves_bytes=False,
+        streams_restore=False,
+        keeps_state=True,  # marks under {prefix}.state/ (state_keys), a legal hold too
+        lists_folders=True,
     )
 
     def __init__(self, config: S3Config, operation_timeout: float) -> None:
@@ -70,6 +82,7 @@ class S3BackupStore(BackupStore):
         self._signed: SignedRequests | None = None
         self._presigner: Any = None
         self._uploads: Uploads | None = None
+        self._states: BackupStates | None = None
         self._credentials: Any = None
         self._versioned: bool | None = {"on": True, "off": False}.get(config.versioning)
 
@@ -131,6 +144,13 @@ class S3BackupStore(BackupStore):
             lambda key: self._delete(key, Progress()),
         )
         self._presigner = self._client
+        self._states = BackupStates(
+            cfg.prefix,
+            cfg.bucket,
+            self._client,
+            self._signed,
+            lambda key: self._delete(key, Progress()),
+        )
         if cfg.presign_endpoint_url:
             self._presigner = await self._stack.enter_async_context(
                 session.create_client(
@@ -149,15 +169,32 @@ class S3BackupStore(BackupStore):
             self._signed = None
             self._uploads = None
             self._presigner = None
+            self._states = None
 
     def key_for(self, location: BackupLocation) -> str:
         # The prefix is joined exactly as written: "tenant-a/" carries its own slash.
         return self._config.prefix + location.relative_key
 
     async def delete(self, location: BackupLocation) -> None:
-        key = self.key_for(location)
         progress = Progress()
-        await self._guarded(progress, self._delete(key, progress))
+        await self._guarded(progress, self._delete_backup(location, progress))
+
+    async def _delete_backup(self, location: BackupLocation, progress: Progress) -> None:
+        """The backup, then its marks: a delete cut off between the two leaves a stale mark,
+        which makes nothing appear (a mark is read only for a listed backup), never a
+        backup without its protection. A protected backup never gets here (the gateway
+        refuses first); with Object Lock its legal hold makes the store refuse too.
+
+        The marks are listed after the delete, not beside its HEAD: a store's requests
+        come in one order (the fault tests number them)."""
+        await self._delete(self.key_for(location), progress)
+        states = self._backup_states()
+        try:
+            marks = await states.keys_of(location)
+        except StorageUnavailable as exc:
+            log.warning("s3 state of a deleted backup %s not listed: %s", location.backup_id, exc)
+            return
+        await states.drop(location, marks)
 
     def folder_prefix(self, folder: SystemFolder) -> str:
         return f"{self._config.prefix}{folder.organization_id}/{folder.system_key}/"
@@ -180,40 +217,43 @@ class S3BackupStore(BackupStore):
     async def _newest(self, folder: SystemFolder, limit: int, progress: Progress) -> BackupListing:
         """Count and bytes from the listing itself; a HEAD only for the `limit` largest ids
         (UUIDv7: the newest), never one per object (10,000 HEADs took the whole timeout)."""
-        listed = await self._keys(folder, progress)
+        listed, states = await _together(
+            self._keys(folder, progress), self._backup_states().of_system(folder)
+        )
         chosen = heapq.nlargest(limit, listed)
-        described = await self._describe_listed(self.folder_prefix(folder), chosen, progress)
+        described = await self._describe_listed(
+            self.folder_prefix(folder), chosen, states, progress
+        )
         # one deleted between the listing and its HEAD is left out, and out of the totals
         gone = {name for name, _, _ in chosen} - {info.id for info in described}
         kept = [entry for entry in listed if entry[0] not in gone]
         return BackupListing(described, len(kept), sum(size for _, size, _ in kept))
 
     async def _list(self, folder: SystemFolder, progress: Progress) -> list[BackupInfo]:
-        listed = await self._keys(folder, progress)
-        return await self._describe_listed(self.folder_prefix(folder), listed, progress)
+        listed, states = await _together(
+            self._keys(folder, progress), self._backup_states().of_system(folder)
+        )
+        return await self._describe_listed(self.folder_prefix(folder), listed, states, progress)
 
     async def _keys(self, folder: SystemFolder, progress: Progress) -> list[_Listed]:
         """(name, size, last modified) of every backup id directly under the folder."""
         prefix = self.folder_prefix(folder)
         listed: list[_Listed] = []
-        continuation: str | None = None
-        while True:
-            page = await self._signed_requests().list_page(prefix, continuation)
-            if page.status != 200:
-                raise StorageUnavailable(f"HTTP {page.status}")
-            entries, continuation = list_page(page.body)
-            for key, size, modified in entries:
-                name = key[len(prefix) :] if key.startswith(prefix) else ""
-                if normalize_backup_id(name) == name:  # directly under, and a backup id
-                    listed.append((name, size, modified))
-            if continuation is None:
-                break
+        for key, size, modified in await every_key(self._signed_requests(), prefix):
+            name = key[len(prefix) :] if key.startswith(prefix) else ""
+            if normalize_backup_id(name) == name:  # directly under, and a backup id
+                listed.append((name, size, modified))
         return listed
 
     async def _describe_listed(
-        self, prefix: str, listed: list[_Listed], progress: Progress
+        self,
+        prefix: str,
+        listed: list[_Listed],
+        states: dict[str, BackupState],
+        progress: Progress,
     ) -> list[BackupInfo]:
-        """The metadata is the object's: one HeadObject each, a few at a time."""
+        """The metadata is the object's: one HeadObject each, a few at a time; the state is
+        the system's listing of marks."""
         progress.step = "head_object"
         gate = asyncio.Semaphore(HEADS_AT_ONCE)
 
@@ -224,10 +264,11 @@ class S3BackupStore(BackupStore):
                 return None  # deleted while we listed
             if head.status != 200:
                 raise StorageUnavailable(f"HTTP {head.status}")
-            return info_from_headers(
+            info = info_from_headers(
                 name, size, modified.astimezone(UTC), head.headers, prefix + name
             )
 
+            return with_state(info, states.get(name, NO_STATE))
         found = await asyncio.gather(*(described(*entry) for entry in listed))
         return [info for info in found if info is not None]
 
@@ -251,13 +292,52 @@ class S3BackupStore(BackupStore):
 
     async def _describe(self, location: BackupLocation, progress: Progress) -> BackupInfo:
         head = await self._head_existing(self.key_for(location), progress)
+        # one after the other, so a store's requests come in one order (the fault tests
+        # number them): the HEAD says 404 before any state is read
         try:
+        progress.step = "list_objects_v2"
+        state = await self._backup_states().of_backup(location)
             modified = parsedate_to_datetime(head.headers["Last-Modified"]).astimezone(UTC)
             size = int(head.headers["Content-Length"])
         except (KeyError, TypeError, ValueError):
             raise StorageUnavailable("HeadObject answer without Last-Modified or size") from None
         key = self.key_for(location)
-        return info_from_headers(location.backup_id, size, modified, head.headers, key)
+        info = info_from_headers(location.backup_id, size, modified, head.headers, key)
+        return with_state(info, state)
+
+    async def set_protected(self, location: BackupLocation, protected: bool) -> None:
+        progress = Progress("head_object")
+        await self._guarded(progress, self._set_protected(location, protected, progress))
+
+    async def _set_protected(
+        self, location: BackupLocation, protected: bool, progress: Progress
+    ) -> None:
+        """The legal hold first, the mark (what the gateway reads back) last: a change cut
+        off part-way still reads as it was, so the caller's retry redoes both."""
+        key = self.key_for(location)
+        await self._head_existing(key, progress)
+        states = self._backup_states()
+        if self._config.object_lock:
+            progress.step = "put_object_legal_hold"
+            await states.hold(key, protected)
+        progress.step = "put_object" if protected else "delete_state"
+        await states.mark_protected(location, protected)
+
+    async def system_folders(self) -> list[SystemFolder]:
+        """Every system folder (`folders`), each listing bounded in time on its own: a
+        bucket of many organizations takes one listing each."""
+        root = self._config.prefix
+        found: list[SystemFolder] = []
+        for organization_id in await self._folder_names(root):
+            keys = await self._folder_names(f"{root}{organization_id}/")
+            found.extend(folders_of(organization_id, keys))
+        return found
+
+    async def _folder_names(self, prefix: str) -> list[str]:
+        progress = Progress("list_objects_v2")
+        work = folder_names(self._client, self._config.bucket, prefix)
+        names: list[str] = await self._guarded(progress, work)
+        return names
 
     async def presigned_url(
         self, location: BackupLocation, download_name: str, ttl_seconds: int
@@ -301,6 +381,10 @@ class S3BackupStore(BackupStore):
         return total
 
     def _signed_requests(self) -> SignedRequests:
+    def _backup_states(self) -> BackupStates:
+        assert self._states is not None, "store not started"
+        return self._states
+
         assert self._signed is not None, "store not started"
         return self._signed
 
@@ -378,3 +462,16 @@ class S3BackupStore(BackupStore):
                 raise StorageUnavailable(
                     f"{len(errors)} versions not deleted, first: {errors[0].get('Code')}"
                 )
+
+
+def with_state(info: BackupInfo, state: BackupState) -> BackupInfo:
+    return replace(info, protected=state.protected) if state.protected else info
+
+
+async def _together(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both at once, neither left running when the other fails; the first's failure wins."""
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (one, two):
+        if isinstance(result, BaseException):
+            raise result
+    return one, two  # type: ignore[return-value]
