@@ -143,7 +143,6 @@ class S3BackupStore(BackupStore):
             self._require_bucket,
             lambda key: self._delete(key, Progress()),
         )
-        self._presigner = self._client
         self._states = BackupStates(
             cfg.prefix,
             cfg.bucket,
@@ -151,6 +150,7 @@ class S3BackupStore(BackupStore):
             self._signed,
             lambda key: self._delete(key, Progress()),
         )
+        self._presigner = self._client
         if cfg.presign_endpoint_url:
             self._presigner = await self._stack.enter_async_context(
                 session.create_client(
@@ -168,8 +168,8 @@ class S3BackupStore(BackupStore):
             self._client = None
             self._signed = None
             self._uploads = None
-            self._presigner = None
             self._states = None
+            self._presigner = None
 
     def key_for(self, location: BackupLocation) -> str:
         # The prefix is joined exactly as written: "tenant-a/" carries its own slash.
@@ -267,8 +267,8 @@ class S3BackupStore(BackupStore):
             info = info_from_headers(
                 name, size, modified.astimezone(UTC), head.headers, prefix + name
             )
-
             return with_state(info, states.get(name, NO_STATE))
+
         found = await asyncio.gather(*(described(*entry) for entry in listed))
         return [info for info in found if info is not None]
 
@@ -291,12 +291,12 @@ class S3BackupStore(BackupStore):
         return head
 
     async def _describe(self, location: BackupLocation, progress: Progress) -> BackupInfo:
-        head = await self._head_existing(self.key_for(location), progress)
         # one after the other, so a store's requests come in one order (the fault tests
         # number them): the HEAD says 404 before any state is read
-        try:
+        head = await self._head_existing(self.key_for(location), progress)
         progress.step = "list_objects_v2"
         state = await self._backup_states().of_backup(location)
+        try:
             modified = parsedate_to_datetime(head.headers["Last-Modified"]).astimezone(UTC)
             size = int(head.headers["Content-Length"])
         except (KeyError, TypeError, ValueError):
@@ -380,11 +380,11 @@ class S3BackupStore(BackupStore):
                     total += int(entry.get("Size", 0))
         return total
 
-    def _signed_requests(self) -> SignedRequests:
     def _backup_states(self) -> BackupStates:
         assert self._states is not None, "store not started"
         return self._states
 
+    def _signed_requests(self) -> SignedRequests:
         assert self._signed is not None, "store not started"
         return self._signed
 
