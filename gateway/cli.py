@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(config: Config) -> None:
     """Everything start-up would refuse: directory file, signing keys, a local root that
-    folds case. Never whether storage answers (that is readiness's)."""
+    folds case, a state folder that cannot hold the limits' file. Never whether storage
+    answers (that is readiness's)."""
     from storage_backends import refused_at_start
 
     from .identity.tokens import TokenVerifier
@@ -177,6 +178,10 @@ async def _reach(config: Config) -> list[tuple[str, str | None]]:
             results.append(("directory (postgres)", str(exc)))
         finally:
             await directory.close()
+    if not config.redis.url:
+        from .backups.limits.host_file import HostFile
+
+        HostFile.at(config.server.state_dir).close()  # the workers' shared limits
     url = config.redis.url
     if url:
         from redis.exceptions import RedisError

@@ -51,6 +51,9 @@ class ServerConfig:
     # load balancers whose X-Forwarded-For names the client (addresses or networks);
     # from any other peer the header is ignored
     trusted_proxies: tuple[str, ...] = ()
+    # without Redis, the workers of this host share their limits (upload rate, failed
+    # logins, reservations) through a file here; made 0700 when missing
+    state_dir: Path = Path("data")
 
 
 @dataclass(frozen=True)

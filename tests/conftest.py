@@ -63,6 +63,16 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def redis(redis_server: RedisServer) -> RedisServer:
+    """The shared Redis with no upload counted yet this minute (other tests upload too), and
+    none of the gateway's own keys (`backup_gateway:*`: reservations, failed logins)."""
+    db = redis_server.client(1)
+    for key in db.keys("backup*"):
+        db.delete(key)
+    return redis_server
+
+
+@pytest.fixture
 async def platform_db(postgres_server: PostgresServer) -> PlatformDatabase:
     """This test's own copy of the platform's database, holding the test directory."""
     database = PlatformDatabase(postgres_server, await postgres_server.new_database())

@@ -36,15 +36,6 @@ from .support import (
 from .test_uploads import KEY, backups_of, head_for, upload
 
 
-@pytest.fixture
-def redis(redis_server: RedisServer) -> RedisServer:
-    """The shared Redis with no upload counted yet this minute (other tests upload too)."""
-    db = redis_server.client(1)
-    for key in db.keys("backup:*"):
-        db.delete(key)
-    return redis_server
-
-
 async def test_the_database_directory_provides_the_credentials(
     start_gateway: StartGateway, local_harness: LocalHarness, directory_section: dict[str, Any]
 ) -> None:
