@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 _METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
@@ -22,11 +23,17 @@ class Faults:
     swallow_requests_after: int | None = None
     requests: int = 0
     connections: int = 0
+    # Hold the answer to each request whose head matches a pattern this many seconds: the
+    # upstream has done the work, its answer is late (e.g. a CopyObject, by its header
+    # x-amz-copy-source). `held` counts the answers held so far.
+    hold_answers: list[tuple[re.Pattern[bytes], float]] = field(default_factory=list)
+    held: int = 0
 
 
 @dataclass
 class _Connection:
     cut: bool = False  # the next response on this connection is replaced by a reset
+    hold: float = 0.0  # seconds to hold the next response on this connection
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -96,6 +103,9 @@ class FaultProxy:
                 limit = faults.reset_responses_after
                 if limit is not None and faults.requests > limit:
                     connection.cut = True
+            hold = next((s for pattern, s in faults.hold_answers if pattern.search(data)), 0.0)
+            if hold:
+                connection.hold = hold  # set before the request goes: its answer comes after
             dst.write(data)
             await dst.drain()
         with contextlib.suppress(Exception):
@@ -110,6 +120,10 @@ class FaultProxy:
             if connection.cut:
                 dst.transport.abort()  # the request was processed; its answer never arrives
                 return
+            if connection.hold:
+                seconds, connection.hold = connection.hold, 0.0
+                faults.held += 1
+                await asyncio.sleep(seconds)
             if faults.delay:
                 await asyncio.sleep(faults.delay)
             if faults.reset_after_bytes is not None:

@@ -150,9 +150,10 @@ async def test_a_versioned_delete_cut_off_part_way_never_serves_an_older_write(
                 "retention": KEEP_EVERYTHING,  # no start-up sweep among the counted requests
             }
         )
-        # ListObjectVersions and the older versions' DeleteObjects pass; the last call,
-        # for the current version, never reaches the server.
-        proxy.faults.swallow_requests_after = 2
+        # The route's look for protection (HeadObject, the state's ListObjectsV2),
+        # ListObjectVersions and the older versions' DeleteObjects pass; the last call, for
+        # the current version, never reaches the server.
+        proxy.faults.swallow_requests_after = 4
         resp = await delete(client, bid)
         assert resp.status == 502
     finally:
@@ -300,6 +301,7 @@ async def test_error_answers_are_502_after_bounded_retries(
             "s3": s3_settings(
                 misbehaving_s3["endpoint"], "bucket-secret-name", versioning="off", max_attempts=2
             ),
+            "retention": KEEP_EVERYTHING,  # no start-up sweep among the counted requests
         }
     )
     await assert_bad_gateway(await delete(client, new_backup_id()), "bucket-secret-name", code)
