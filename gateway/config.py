@@ -362,13 +362,13 @@ def validate(config: Config) -> None:
                 "storage.s3.access_key_id",
                 "set both access_key_id and secret_access_key, or neither",
             )
-    _validate_uploads(config)
-    if storage.backend == "s3" and server.workers > 1 and not config.redis.url:
-        # workers share a local disk's folder locks, never a bucket's: one pruner per system
         if s3.object_lock and s3.versioning == "off":
             # Object Lock buckets are versioned: a plain DeleteObject there only hides a held
             # backup behind a delete marker, so the hold would not stop a delete
             raise ConfigError("storage.s3.versioning", "cannot be off with storage.s3.object_lock")
+    _validate_uploads(config)
+    if storage.backend == "s3" and server.workers > 1 and not config.redis.url:
+        # workers share a local disk's folder locks, never a bucket's: one pruner per system
         # across processes needs Redis's lock (DESIGN.md §11)
         raise ConfigError(
             "server.workers", "above 1 with the s3 backend needs redis.url (the retention lock)"
