@@ -86,7 +86,7 @@ class Gateway:
             data = yaml.safe_load(self.config.read_text())
             for key, value in extra.items():
                 data[key] = {**data.get(key, {}), **value}
-            data["storage"] = {**storage, **extra.get("storage", {})}
+            data["storage"] = {**data["storage"], **extra.get("storage", {})}
             self.config.write_text(yaml.safe_dump(data))
         self.work = work
 

@@ -336,7 +336,13 @@ def seaweedfs() -> Any:
     return SeaweedServer()
 
 
+# Retention off (every keep rule at 0): the start-up sweep would otherwise prune the
+# seeded backups that the rows delete and read.
+KEEP_EVERYTHING = {"keep_last": 0, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
+
+
 def gateway_config(work: Path, port: int, storage: dict[str, Any]) -> Path:
+    storage = {**storage, "retention": {**KEEP_EVERYTHING, **storage.get("retention", {})}}
     work.mkdir(parents=True, exist_ok=True)
     path = work / "config.yaml"
     path.write_text(

@@ -25,6 +25,7 @@ from .http.backpressure import STORAGE_GATE, StorageGate
 from .http.client_address import forwarded_client, trusted_networks
 from .http.deadlines import DEADLINES, RequestDeadlines
 from .http.middlewares import deadline, error_envelope, request_context
+from .backups.verifier import BACKUP_VERIFIER, Verifier
 from .identity.revocation import REVOCATION, RevocationChecker
 from .identity.tokens import VERIFIER, TokenVerifier
 from .operations.api_document import API_DOCUMENT, render
@@ -145,3 +146,12 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         await app[REVOCATION].close()
     if USAGE_COUNTER in app:
         await app[USAGE_COUNTER].close()
+    store = app[STORE]
+    verifies = store.capabilities.keeps_state and store.capabilities.lists_folders
+    if config.storage.verify.enabled and verifies:
+        verify_locks = SystemLocks(store, uploads_db, purpose="verify")
+        app[BACKUP_VERIFIER] = Verifier(config.storage.verify, store, verify_locks)
+        app[BACKUP_VERIFIER].export_metrics(app[METRICS])
+        app[BACKUP_VERIFIER].start()
+    if BACKUP_VERIFIER in app:
+        await app[BACKUP_VERIFIER].close()

@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     init_root.add_argument("--config", type=Path, required=True)
 
+    check_bytes = commands.add_parser(
+        "verify", help="re-read every backup and compare its sha256 (exit 1 on a corrupt one)"
+    )
+    check_bytes.add_argument("--config", type=Path, required=True)
+    check_bytes.add_argument("--system", help="only this system's backups (its id)")
+    check_bytes.add_argument(
+        "--max-bytes-per-second", type=float, help="read at most this fast (default: no limit)"
+    )
+
     demo = commands.add_parser("seed-demo", help="write the demo backups into local storage")
     demo.add_argument("--config", type=Path, required=True)
 
@@ -124,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             print(f"{root}: marked ({ROOT_MARKER})")
             return 0
+        if args.command == "verify":
+            from .verify_command import verify
+
+            return asyncio.run(
+                verify(config, args.system, max_bytes_per_second=args.max_bytes_per_second)
+            )
         if args.command == "seed-demo":
             from .tools.demo import seed_demo
 

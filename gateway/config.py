@@ -200,6 +200,16 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    """The verifier (DESIGN.md §12): every backup re-read and its sha256 compared."""
+
+    enabled: bool = False
+    # every backup is re-read at least this often (fractions allowed)
+    interval_days: float = 30.0
+    max_bytes_per_second: int = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class StorageSection(StorageConfig):
     """The `storage:` section: the backend's own settings (`storage_backends.StorageConfig`,
     all `create_store` reads) and the gateway's settings about backups, which no backend
@@ -208,6 +218,7 @@ class StorageSection(StorageConfig):
     usage_counter: UsageCounterConfig = field(default_factory=UsageCounterConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
 @dataclass(frozen=True)
@@ -403,6 +414,11 @@ def _validate_uploads(config: Config) -> None:
             raise ConfigError(f"storage.retention.{name}", "must not be negative (0 = no limit)")
     if retention.min_rate_bytes_per_second < 1:
         raise ConfigError("storage.retention.min_rate_bytes_per_second", "must be at least 1")
+    verify = config.storage.verify
+    if not math.isfinite(verify.interval_days) or verify.interval_days <= 0:
+        raise ConfigError("storage.verify.interval_days", "must be a positive, finite number")
+    if verify.max_bytes_per_second < 1:
+        raise ConfigError("storage.verify.max_bytes_per_second", "must be at least 1")
     for name in ("sweep_seconds", "prune_seconds"):
         value = getattr(retention, name)
         if not math.isfinite(value) or value <= 0:

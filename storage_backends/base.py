@@ -55,6 +55,9 @@ class BackupInfo:
     # retention's mark (DESIGN.md §11): never pruned, never deleted while it holds
     protected: bool = False
 
+    # the verifier's last word (DESIGN.md §12): ok | corrupt | unverified, and when
+    integrity: str = "unverified"
+    verified_at: datetime | None = None
 
 @dataclass(frozen=True, slots=True)
 class BackupEntry:
@@ -247,9 +250,15 @@ class BackupStore(abc.ABC):
         to. Only when `capabilities.lists_folders`."""
         raise NotImplementedError(f"{self.name} cannot list its folders")
 
-    def lock_folder(self, folder: SystemFolder) -> FolderLock:
-        """A lock on one system's folder that other processes sharing this store on this
-        host see. Only when `capabilities.locks_folders`."""
+    async def set_verified(self, location: BackupLocation, integrity: str, at: datetime) -> None:
+        """Record a verification (`ok` or `corrupt`) and when, durably; BackupNotFound
+        when absent. Only when `capabilities.keeps_state`."""
+        raise NotImplementedError(f"{self.name} keeps no state")
+
+    def lock_folder(self, folder: SystemFolder, purpose: str = "retention") -> FolderLock:
+        """A lock on one system's folder, one per `purpose` (retention, verify), that other
+        processes sharing this store on this host see. Only when
+        `capabilities.locks_folders`."""
         raise NotImplementedError(f"{self.name} has no folder locks")
 
     @abc.abstractmethod

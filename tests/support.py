@@ -33,7 +33,8 @@ from gateway.config import Config, config_from_mapping
 from gateway.identity.appliance import new_secret
 from storage_backends import BackupLocation
 from storage_backends.local import ROOT_MARKER
-from storage_backends.local.state import LOCK_NAME as FOLDER_LOCK
+
+FOLDER_LOCK_SUFFIX = ".lock"  # the store's own per-purpose folder locks: .retention.lock
 
 SECRET = "test-secret-" + "x" * 40
 ISSUER = "https://platform.example/auth"
@@ -232,7 +233,9 @@ class LocalHarness:
         return {
             str(p.relative_to(self.root))
             for p in self.root.rglob("*")
-            if (p.is_file() or p.is_symlink()) and p.name not in (ROOT_MARKER, FOLDER_LOCK)
+            if (p.is_file() or p.is_symlink())
+            and p.name != ROOT_MARKER
+            and not (p.name.startswith(".") and p.name.endswith(FOLDER_LOCK_SUFFIX))
         }
 
 

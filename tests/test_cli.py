@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .support import DIRECTORY, free_port, http, wait_for_port
+from .support import DIRECTORY, KEEP_EVERYTHING, free_port, http, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "backup-gateway"
@@ -27,7 +27,11 @@ def write_config(tmp_path: Path, port: int, **extra: Any) -> Path:
     config = {
         "server": {"host": "127.0.0.1", "port": port, **extra.pop("server", {})},
         "auth": {"secret_file": "data/jwt.secret"},
-        "storage": {"backend": "local", "local": {"root": "data/backups"}},
+        "storage": {
+            "backend": "local",
+            "local": {"root": "data/backups"},
+            "retention": KEEP_EVERYTHING,  # what a test seeds stays
+        },
         **extra,
     }
     path = tmp_path / "config.yaml"

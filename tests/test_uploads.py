@@ -135,7 +135,8 @@ async def test_upload_is_stored_listed_and_downloadable(
 
     listed = await client.get("/api/systems/sys_c1/backups", headers=bearer(token_for("org_c1")))
     # listed as the 201 said, with what retention says of it (its rules are off here)
-    assert (await listed.json())["data"]["backups"] == [{**new, "protected": False, "kept_by": []}]
+    retention = {"protected": False, "kept_by": [], "integrity": "unverified", "verified_at": None}
+    assert (await listed.json())["data"]["backups"] == [{**new, **retention}]
     link = await client.get(
         f"/api/systems/sys_c1/backups/{new['id']}/download", headers=bearer(token_for("org_c1"))
     )

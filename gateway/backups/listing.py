@@ -40,9 +40,18 @@ def listed_items(backups: list[BackupInfo], policy: KeepPolicy) -> list[dict[str
     """A listing's items (DESIGN.md §8, §11): each with `protected` and `kept_by`, the
     reasons the keep rules keep it. The rules look only at newer backups, so the newest N
     that a listing returns are judged exactly from themselves."""
-    reasons = kept_by((Candidate(b.id, protected=b.protected) for b in backups), policy)
+    reasons = kept_by(
+        (Candidate(b.id, b.protected, corrupt=b.integrity == "corrupt") for b in backups), policy
+    )
     return [
-        {**item(b), "protected": b.protected, "kept_by": list(reasons[b.id])} for b in backups
+        {
+            **item(b),
+            "protected": b.protected,
+            "kept_by": list(reasons[b.id]),
+            "integrity": b.integrity,
+            "verified_at": rfc3339(b.verified_at) if b.verified_at else None,
+        }
+        for b in backups
     ]
 
 

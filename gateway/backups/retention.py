@@ -29,11 +29,13 @@ from storage_backends import (
     StorageError,
     SystemFolder,
 )
+from storage_backends.ids import backup_unix_ms
 
 from ..config import RetentionConfig
 from ..telemetry.logs import audit_log, log_info
 from ..telemetry.metrics import Metrics
-from .keep_rules import Candidate, KeepPolicy, to_prune
+from .keep_rules import KeepPolicy
+from .kept import decide
 from .system_lock import Lease, LockBusy, SystemLocks
 
 log = logging.getLogger(__name__)
@@ -188,10 +190,11 @@ class Retention:
                 # from here on the listing sees every upload committed so far: a later one
                 # queues a run of its own
                 started.pop(folder.system_key, None)
-            # Names and sizes decide; only a backup the rules leave out is described, for
-            # its protection (protection keeps a backup, it never moves a rule's choice).
-            entries = await self._store.list_entries(folder)
-            doomed = to_prune((Candidate(e.id) for e in entries), self._policy)
+            # Names and sizes decide, and the state of the backups a rule would keep (a
+            # corrupt one gives its slot away); a backup the rules leave out is described
+            # right before it goes, for its protection.
+            decision = await decide(self._store, folder, self._policy)
+            doomed = sorted(decision.unkept(), key=lambda b: (backup_unix_ms(b), b))
             until = loop.time() + SLICE_SECONDS
             for backup_id in doomed:
                 if loop.time() >= until:
@@ -207,8 +210,7 @@ class Retention:
     async def _nothing_to_prune(self, folder: SystemFolder) -> bool:
         """Whether the rules keep every backup, by a look without the lock: a sweep then
         leaves the system alone (no lock taken, no lock file made)."""
-        entries = await self._store.list_entries(folder)
-        return not to_prune((Candidate(e.id) for e in entries), self._policy)
+        return not (await decide(self._store, folder, self._policy)).unkept()
 
     async def _prune_one(
         self, lease: Lease, folder: SystemFolder, info: BackupInfo, cause: Cause
@@ -272,7 +274,7 @@ def _audit_prune(cause: Cause, folder: SystemFolder, info: BackupInfo, outcome: 
             "system_key": folder.system_key,
             "backup_id": info.id,
             "size": info.size,
-            "reason": "kept by no rule",
+            "reason": "corrupt" if info.integrity == "corrupt" else "kept by no rule",
             "outcome": outcome,
         },
     )

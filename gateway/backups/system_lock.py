@@ -107,10 +107,13 @@ class SystemLocks:
         store: BackupStore,
         client: aioredis.Redis | None,
         lease_seconds: float = LEASE_SECONDS,
+        purpose: str = "retention",
     ) -> None:
         self._store = store
         self._redis = client
         self._lease = lease_seconds
+        # one lock per purpose and system: backup:retention:<key>, backup:verify:<key>
+        self._purpose = purpose
         self._here: dict[str, _ReadWriteLock] = {}
 
     @contextlib.asynccontextmanager
@@ -172,7 +175,7 @@ class SystemLocks:
         """The lock in Redis; None when Redis cannot answer (the holder goes on without)."""
         assert self._redis is not None
         redis_lock = self._redis.lock(
-            f"backup:retention:{key}", timeout=self._lease, blocking_timeout=wait_seconds
+            f"backup:{self._purpose}:{key}", timeout=self._lease, blocking_timeout=wait_seconds
         )
         try:
             taken = await redis_lock.acquire()
@@ -193,7 +196,7 @@ class SystemLocks:
         self, folder: SystemFolder, wait_seconds: float, shared: bool
     ) -> AsyncIterator[bool]:
         """The store's lock on the folder; False when it cannot be made (logged)."""
-        folder_lock: FolderLock = self._store.lock_folder(folder)
+        folder_lock: FolderLock = self._store.lock_folder(folder, self._purpose)
         try:
             taken = await folder_lock.acquire(wait_seconds, shared)
         except StorageError as exc:

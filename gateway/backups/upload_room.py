@@ -5,7 +5,7 @@ to what is stored plus the new one at its announced size), with the bytes of the
 in flight for the system, must fit `max_bytes_per_system`; what the organization holds,
 with its uploads in flight, must fit `max_bytes_per_organization`. An upload that passes
 reserves its announced size until it ends, however it ends, so two cannot both pass on
-the same room: the check and the reservation happen with no await between them.
+the same room, in this process or another (`limits.reservations`).
 
 After the body, under the system's lock, the rules are applied again to what is stored
 then: an upload that lost a race with another process is discarded (413), never an older
@@ -18,9 +18,10 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterator
 
-from storage_backends import BackupNotFound, BackupStore, SystemFolder
+from storage_backends import BackupEntry, BackupStore, SystemFolder
 
-from .keep_rules import Candidate, KeepPolicy, kept_by
+from .keep_rules import KeepPolicy
+from .kept import decide, protected_among
 
 SYSTEM_FULL = "system backup quota exceeded"
 ORGANIZATION_FULL = "organization backup quota exceeded"
@@ -30,21 +31,9 @@ async def kept_bytes(
     store: BackupStore, folder: SystemFolder, new_id: str, new_size: int, policy: KeepPolicy
 ) -> int:
     """The bytes the rules keep of what is stored plus the new backup (every byte, when the
-    policy prunes nothing). Read from names and sizes; only the backups no rule keeps are
-    described, to count those that are protected."""
-    entries = await store.list_entries(folder)
-    sizes = {**{e.id: e.size for e in entries}, new_id: new_size}
-    if not policy.prunes:
-        return sum(sizes.values())
-    decided = kept_by((Candidate(backup_id) for backup_id in sizes), policy)
-    total = sum(sizes[backup_id] for backup_id, reasons in decided.items() if reasons)
-    for backup_id, reasons in decided.items():
-        if not reasons and backup_id != new_id:
-            with contextlib.suppress(BackupNotFound):  # gone meanwhile: it holds nothing
-                if (await store.describe(folder.location(backup_id))).protected:
-                    total += sizes[backup_id]
-    return total
-
+    policy prunes nothing), protected backups included."""
+    decision = await decide(store, folder, policy, BackupEntry(new_id, new_size))
+    return decision.kept_bytes() + await protected_among(store, folder, decision, new_id)
 
 class Reservations:
     """Bytes announced by the uploads in flight in this process, per system and per

@@ -447,6 +447,8 @@ def _info(name: str, st: os.stat_result, sidecar: Sidecar, place: str) -> Backup
         problems.append("uploaded_at")
     if problems:
         warn_once(log, "sidecar", place, problems)
+    integrity = fields.get("integrity")
+    verified = isinstance(integrity, str) and integrity in ("ok", "corrupt")
     return BackupInfo(
         id=name,
         size=st.st_size,
@@ -455,6 +457,8 @@ def _info(name: str, st: os.stat_result, sidecar: Sidecar, place: str) -> Backup
         mimetype=mimetype or DEFAULT_MIMETYPE,
         uploaded_at=uploaded_at or _mtime(st),
         protected=fields.get("protected") is True,
+        integrity=str(integrity) if verified else "unverified",
+        verified_at=parse_time(fields.get("verified_at")) if verified else None,
     )
 
 
@@ -467,12 +471,21 @@ def _mtime(st: os.stat_result) -> datetime:
 
 def _encode_info(i: BackupInfo) -> list[Any]:
     # the time as ISO text: exact, where a float's round trip may land past year 9999
-    return [i.id, i.size, i.filename, i.sha256, i.mimetype, i.uploaded_at.isoformat(), i.protected]
+    verified = i.verified_at.isoformat() if i.verified_at else None
+    return [
+        *(i.id, i.size, i.filename, i.sha256, i.mimetype, i.uploaded_at.isoformat()),
+        *(i.protected, i.integrity, verified),
+    ]
 
 
 def _decode_info(row: list[Any]) -> BackupInfo:
-    backup_id, size, name, sha, mime, when, protected = row
-    return BackupInfo(backup_id, size, name, sha, mime, datetime.fromisoformat(when), protected)
+    backup_id, size, name, sha, mime, when, protected, integrity, verified = row
+    return BackupInfo(
+        *(backup_id, size, name, sha, mime, datetime.fromisoformat(when)),
+        protected=protected,
+        integrity=integrity,
+        verified_at=datetime.fromisoformat(verified) if verified else None,
+    )
 
 
 def encode_listing(infos: list[BackupInfo]) -> bytes:

@@ -19,6 +19,7 @@ import re
 import secrets
 import stat
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .fs import SIDECAR_SUFFIX, SymlinkRefused, open_root, open_system_folder
 from .fs import _read_sidecar as read_sidecar
 from .ingest import open_upload_folder
 
-LOCK_NAME = ".retention.lock"
+LOCK_NAME = ".retention.lock"  # the retention lock's file; other purposes: .<purpose>.lock
 _STATE_PREFIX = ".state-"
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DATA_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -43,6 +44,15 @@ _POLL_FIRST, _POLL_MOST = 0.005, 0.1
 def set_protected(root: Path, location: BackupLocation, protected: bool) -> None:
     """Rewrite the backup's sidecar with `protected`; BackupNotFound when the backup is
     not a regular file in its folder."""
+    update_sidecar(root, location, {"protected": protected})
+
+
+def set_verified(root: Path, location: BackupLocation, integrity: str, at: datetime) -> None:
+    update_sidecar(root, location, {"integrity": integrity, "verified_at": at.isoformat()})
+
+
+def update_sidecar(root: Path, location: BackupLocation, changes: dict[str, Any]) -> None:
+    """Rewrite the backup's sidecar with `changes`; the rest of it stays."""
     root_fd = open_root(root)
     key_fd = -1
     try:
@@ -50,7 +60,7 @@ def set_protected(root: Path, location: BackupLocation, protected: bool) -> None
         _require_backup(key_fd, location)
         # an unreadable sidecar read as no metadata: rewriting it loses nothing more
         fields, _unreadable = read_sidecar(key_fd, location.backup_id)
-        sidecar: dict[str, Any] = {**fields, "protected": protected}
+        sidecar: dict[str, Any] = {**fields, **changes}
         _replace_sidecar(key_fd, location.backup_id, json.dumps(sidecar).encode())
     except StorageError:
         raise
@@ -93,7 +103,11 @@ def _replace_sidecar(key_fd: int, backup_id: str, content: bytes) -> None:
     os.fsync(key_fd)
 
 
-def _open_lock_file(root: Path, folder: SystemFolder, create: bool) -> int:
+def lock_name(purpose: str) -> str:
+    return f".{purpose}.lock"
+
+
+def _open_lock_file(root: Path, folder: SystemFolder, create: bool, name: str) -> int:
     """The folder's lock file, -1 when the folder does not exist and `create` is False."""
     if create:
         key_fd = open_upload_folder(root, folder)
@@ -106,7 +120,7 @@ def _open_lock_file(root: Path, folder: SystemFolder, create: bool) -> int:
         finally:
             os.close(root_fd)
     try:
-        return os.open(LOCK_NAME, _LOCK_FLAGS, 0o640, dir_fd=key_fd)
+        return os.open(name, _LOCK_FLAGS, 0o640, dir_fd=key_fd)
     except OSError as exc:
         raise StorageUnavailable(f"lock of {folder.system_key}: {exc.strerror}") from None
     finally:
@@ -119,16 +133,18 @@ class LocalFolderLock(FolderLock):
         root: Path,
         folder: SystemFolder,
         run: Callable[..., Awaitable[Any]],
+        purpose: str = "retention",
     ) -> None:
         self._root = root
         self._folder = folder
+        self._name = lock_name(purpose)
         self._run = run  # a blocking step in the store's threads, bounded in time
         self._fd = -1
 
     async def acquire(self, wait_seconds: float, shared: bool = False) -> bool:
         # A shared holder (a delete) never makes the folder: where there is none, there is
         # no backup to keep from it, and nothing to lock.
-        fd = await self._run(_open_lock_file, self._root, self._folder, not shared)
+        fd = await self._run(_open_lock_file, self._root, self._folder, not shared, self._name)
         if fd < 0:
             return True
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX

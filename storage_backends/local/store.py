@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -470,8 +471,15 @@ class LocalBackupStore(BackupStore):
             log.warning("refused a symlink under the backup root at %s", exc)
             raise BackupNotFound(location.relative_key) from None
 
-    def lock_folder(self, folder: SystemFolder) -> FolderLock:
-        return state.LocalFolderLock(self._root, folder, self._write_step)
+    async def set_verified(self, location: BackupLocation, integrity: str, at: datetime) -> None:
+        try:
+            await self._write_step(state.set_verified, self._root, location, integrity, at)
+        except SymlinkRefused as exc:
+            log.warning("refused a symlink under the backup root at %s", exc)
+            raise BackupNotFound(location.relative_key) from None
+
+    def lock_folder(self, folder: SystemFolder, purpose: str = "retention") -> FolderLock:
+        return state.LocalFolderLock(self._root, folder, self._write_step, purpose)
 
     async def system_folders(self) -> list[SystemFolder]:
         return list(await self._read(state.system_folders, self._root))

@@ -1,0 +1,160 @@
+"""The verifier (DESIGN.md §12): rot is found within one pass, shown as corrupt, passed over
+by the keep rules; `backup-gateway verify` and the background verifier, as real processes."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from storage_backends.ids import new_uuid7
+
+from .support import (
+    LocalHarness,
+    OutputWatcher,
+    free_port,
+    location_for,
+    serve_gateway,
+    wait_for_port,
+    write_config,
+)
+
+KEY = "KEY-C1"
+
+
+def plant(harness: LocalHarness, minutes_ago: int, data: bytes, sha256: bool = True) -> str:
+    """A backup as an upload leaves it, `minutes_ago` old by its id."""
+    at = datetime.now(UTC) - timedelta(minutes=minutes_ago)
+    backup_id = new_uuid7(int(at.timestamp() * 1000)) + ".tar.gz"
+    location = location_for("org_c1", backup_id)
+    harness.put(location, data, sidecar=False)
+    meta: dict[str, Any] = {"filename": "b.tar.gz", "uploaded_at": at.isoformat()}
+    if sha256:
+        meta["sha256"] = hashlib.sha256(data).hexdigest()
+    (harness.root / (location.relative_key + ".meta.json")).write_text(json.dumps(meta))
+    return backup_id
+
+
+def rot(harness: LocalHarness, backup_id: str) -> None:
+    """Flip one byte in place: same size, same mtime, as a failing disk would."""
+    path = harness.root / "org_c1" / KEY / backup_id
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def sidecar(harness: LocalHarness, backup_id: str) -> dict[str, Any]:
+    path = harness.root / "org_c1" / KEY / (backup_id + ".meta.json")
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded
+
+
+def run_verify(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "verify", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_command_finds_a_flipped_byte_and_exits_1(tmp_path: Path) -> None:
+    harness = LocalHarness(tmp_path / "backups")
+    good = [plant(harness, m, os.urandom(100_000)) for m in (30, 20)]
+    bad = plant(harness, 10, os.urandom(100_000))
+    unknown = plant(harness, 5, b"no sha256 was stored", sha256=False)
+    rot(harness, bad)
+    config = write_config(tmp_path, free_port(), harness.storage())
+    done = run_verify(config)
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert f"corrupt: org_c1/{KEY}/{bad}" in lines
+    assert lines[-1].startswith("verified 4 backups")
+    assert "2 ok, 1 corrupt, 1 unverifiable, 0 error" in lines[-1]
+    assert sidecar(harness, bad)["integrity"] == "corrupt"
+    assert all(sidecar(harness, b)["integrity"] == "ok" for b in good)
+    assert "integrity" not in sidecar(harness, unknown)  # a hash computed now is no reference
+    assert harness.exists(location_for("org_c1", bad))  # still there, still restorable
+    # one system only, and a clean one exits 0
+    clean = run_verify(config, "--system", "sys_c1b")
+    assert clean.returncode == 0 and "verified 0 backups" in clean.stdout
+
+
+def test_a_corrupt_backup_never_takes_a_good_ones_slot(tmp_path: Path) -> None:
+    """keep_last 1: the newest is corrupt, so the older good one is kept and the corrupt one
+    pruned, audited as corrupt."""
+    harness = LocalHarness(tmp_path / "backups")
+    older = plant(harness, 60, b"good and older")
+    newest = plant(harness, 1, b"rotten and newest")
+    rot(harness, newest)
+    retention = {"keep_last": 1, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
+    config = write_config(tmp_path, free_port(), {**harness.storage(), "retention": retention})
+    assert run_verify(config).returncode == 1
+    port = int(config.read_text().split("port: ")[1].split()[0])
+    proc = serve_gateway(config)
+    output = OutputWatcher(proc)
+    try:
+        wait_for_port(port, proc=proc)
+        pruned = output.wait_for(
+            lambda rs: [r for r in rs if r["msg"] == "backup prune" and r.get("outcome")]
+        )
+        assert [(r["backup_id"], r["reason"]) for r in pruned] == [(newest, "corrupt")]
+        assert not harness.exists(location_for("org_c1", newest))
+        assert harness.exists(location_for("org_c1", older))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_background_verifier_finds_rot_and_counts_it(tmp_path: Path) -> None:
+    harness = LocalHarness(tmp_path / "backups")
+    bad = plant(harness, 5, os.urandom(50_000))
+    plant(harness, 4, os.urandom(50_000))
+    rot(harness, bad)
+    port = free_port()
+    config = write_config(tmp_path, port, {**harness.storage(), "verify": {"enabled": True}})
+    proc = serve_gateway(config)
+    output = OutputWatcher(proc)
+    try:
+        wait_for_port(port, proc=proc)
+        found = output.wait_for(
+            lambda rs: [
+                r for r in rs if r["msg"] == "backup corrupt" and r["logger"] == "gateway.audit"
+            ]
+        )
+        assert found[0]["backup_id"] == bad
+        errors = [r for r in output.records() if r["level"] == "error" and bad in r["msg"]]
+        assert errors
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        assert "gateway_backups_corrupt 1.0" in text
+        assert 'gateway_backup_verifications_total{outcome="corrupt"} 1.0' in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_one_verifier_per_system_at_a_time(tmp_path: Path) -> None:
+    """While another process holds the system's verify lock, this pass reads nothing of it."""
+    harness = LocalHarness(tmp_path / "backups")
+    backup_id = plant(harness, 5, b"some bytes")
+    config = write_config(tmp_path, free_port(), harness.storage())
+    lock = harness.root / "org_c1" / KEY / ".verify.lock"
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = run_verify(config)
+    assert busy.returncode == 0, busy.stderr
+    assert "0 ok" in busy.stdout
+    assert "integrity" not in sidecar(harness, backup_id)
+    done = run_verify(config)
+    assert "1 ok" in done.stdout and sidecar(harness, backup_id)["integrity"] == "ok"
