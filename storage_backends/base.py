@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, Protocol
@@ -91,6 +92,36 @@ class OpenedBackup:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# the most a reader hands over at once: a restore's memory is a few of these, whatever its size
+READ_CHUNK_BYTES = 1 << 20
+
+
+class BackupReader(abc.ABC):
+    """One backup opened for reading (a restore, a download link): what it is, then its
+    bytes. `close` exactly once, whatever happened."""
+
+    def __init__(self, info: BackupInfo) -> None:
+        self.info = info
+
+    @property
+    def fd(self) -> int | None:
+        """A descriptor of the bytes the caller may send with sendfile (local disk), owned
+        by the reader; None when the bytes come only through `chunks`."""
+        return None
+
+    @abc.abstractmethod
+    def chunks(self, offset: int, count: int) -> AsyncGenerator[bytes, None]:
+        """Exactly `count` bytes from `offset`, in pieces of at most READ_CHUNK_BYTES, read
+        as the caller asks for them (memory stays flat whatever the size). The first piece
+        means the store answered: StorageUnavailable before it is a failure to read;
+        StorageUnavailable after it means the read broke off, and the bytes so far are all
+        there is. BackupNotFound when the backup went away since it was opened."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Let go of the descriptor or connection; never raises."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +270,11 @@ class BackupStore(abc.ABC):
     async def open_backup(self, location: BackupLocation) -> OpenedBackup:
         """Open a backup for the gateway to stream. Only when `capabilities.serves_bytes`."""
         raise NotImplementedError(f"{self.name} does not serve bytes")
+
+    @abc.abstractmethod
+    async def open_reader(self, location: BackupLocation) -> BackupReader:
+        """Open a backup to read its bytes (DESIGN.md §10: a restore streams them through
+        the gateway). BackupNotFound when absent, StorageNotConfigured for `none`."""
 
     async def set_protected(self, location: BackupLocation, protected: bool) -> None:
         """Mark the backup protected or not, durably; BackupNotFound when absent. Only when

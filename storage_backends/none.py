@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import (
     BackupInfo,
     BackupLocation,
+    BackupReader,
     BackupStore,
     NewBackup,
     StagedBackup,
@@ -28,6 +29,9 @@ class NoStorage(BackupStore):
         raise StorageNotConfigured("backup storage not configured")
 
     async def describe(self, location: BackupLocation) -> BackupInfo:
+        raise StorageNotConfigured("backup storage not configured")
+
+    async def open_reader(self, location: BackupLocation) -> BackupReader:
         raise StorageNotConfigured("backup storage not configured")
 
     async def stage_upload(self, backup: NewBackup, body: UploadBody) -> StagedBackup:

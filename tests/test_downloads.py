@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ from .support import (
     eventually,
     location_for,
     new_backup_id,
+    scrape,
+    scraped_is,
     token_for,
 )
 
@@ -471,3 +474,53 @@ def test_the_link_key_file_is_created_0600(tmp_path: Path) -> None:
     signer_for(tmp_path, 300)
     mode = (tmp_path / "data" / "link.secret").stat().st_mode & 0o777
     assert mode == 0o600
+
+
+async def test_an_empty_suffix_range_is_416_and_a_stale_if_range_the_whole_body(
+    local_gateway: TestClient, local_harness: LocalHarness
+) -> None:
+    """#26, 11: `bytes=-0` answered 206 with everything; a non-matching If-Range, 206."""
+    data = os.urandom(4096)
+    _, url = await local_link(local_gateway, local_harness, data)
+    resp = await local_gateway.get(url, headers={"Range": "bytes=-0"})
+    assert resp.status == 416
+    assert resp.headers["Content-Range"] == f"bytes */{len(data)}"
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    for validator, status, body in [
+        ('"an-older-version"', 200, data),
+        ("W/" + etag, 200, data),  # a weak validator never matches (RFC 9110 §13.1.5)
+        ("Fri, 04 Dec 2026 10:00:00 GMT", 200, data),  # no Last-Modified to match
+        (etag, 206, data[100:]),
+    ]:
+        resp = await local_gateway.get(url, headers={"Range": "bytes=100-", "If-Range": validator})
+        assert resp.status == status, validator
+        assert await resp.read() == body, validator
+
+
+async def test_an_abandoned_download_is_a_client_abort_not_a_server_error(
+    local_gateway: TestClient, local_harness: LocalHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """#26, 10: an abandoned download logged an `unhandled error` traceback and counted as
+    a 500. It is the client's abort: 499, one debug line."""
+    _, url = await local_link(local_gateway, local_harness, os.urandom(16 << 20))
+    route = "/api/backups/content/{link}"
+    aborted = f'gateway_http_requests_total{{method="GET",route="{route}",status="499"}}'
+    with caplog.at_level(logging.DEBUG):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # the send stalls soon
+        sock.connect((local_gateway.host, local_gateway.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=16384)
+        writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        assert (await reader.read(16384)).startswith(b"HTTP/1.1 200")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, mid-body
+        await eventually(lambda: scraped_is(local_gateway, aborted, 1), "counted as 499")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    cut = [r for r in caplog.records if r.getMessage().startswith("answer cut off (499)")]
+    assert len(cut) == 1 and cut[0].levelno == logging.DEBUG
+    served = [r for r in caplog.records if r.getMessage() == "backup download served"]
+    assert served[-1].fields["outcome"] == "client gone"  # type: ignore[attr-defined]
+    assert await scrape(local_gateway, aborted.replace("499", "500")) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import urllib.request
 from typing import Any
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.backups.storage import STORE
 from storage_backends import BackupNotFound, BackupStore, SystemFolder
+from storage_backends.base import READ_CHUNK_BYTES
 
 from .conftest import Harness, StartGateway
 from .support import (
@@ -280,3 +282,42 @@ async def test_system_folders_are_the_folders_of_systems(
         folder_of("org_c1"),
         folder_of("org_c2"),
     ]
+
+
+# --------------------------------------------------------------------------- restore (§10)
+
+
+async def test_a_reader_streams_exact_ranges_in_bounded_pieces(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    """The one streaming read every store has (the restore's): what `open_reader` says of
+    the backup, then any range of its bytes, never a piece over READ_CHUNK_BYTES."""
+    client = await gateway_for(start_gateway, harness)
+    store = client.app[STORE]
+    assert store.capabilities.streams_restore
+    data = os.urandom(3 * READ_CHUNK_BYTES + 123)
+    location = location_for("org_c1", new_backup_id())
+    harness.put_backup(location, data, "b.tar.gz")
+    before = harness.keys()
+    reader = await store.open_reader(location)
+    try:
+        assert (reader.info.id, reader.info.size) == (location.backup_id, len(data))
+        assert reader.info.sha256 == hashlib.sha256(data).hexdigest()
+        for offset, count in [
+            (0, len(data)),
+            (5, 10),
+            (READ_CHUNK_BYTES - 1, READ_CHUNK_BYTES + 2),
+            (len(data) - 1, 1),
+        ]:
+            pieces = [piece async for piece in reader.chunks(offset, count)]
+            assert all(0 < len(piece) <= READ_CHUNK_BYTES for piece in pieces)
+            assert b"".join(pieces) == data[offset : offset + count]
+    finally:
+        await reader.close()
+    assert harness.keys() == before
+    for absent in (
+        location_for("org_c1", new_backup_id()),
+        location_for("org_c1b", location.backup_id),
+    ):
+        with pytest.raises(BackupNotFound):
+            await store.open_reader(absent)

@@ -2,29 +2,25 @@
 
 On S3 the URL is presigned by the store; on local disk it is a link to this gateway,
 signed by `links`, served from a file descriptor opened by the symlink-refusing walk and
-sent with sendfile — never aiohttp's FileResponse, which follows symlinks and serves a
-sibling `.gz`/`.br` to a client that accepts one.
+sent with sendfile (`sending`, shared with the appliance's restore) — never aiohttp's
+FileResponse, which follows symlinks and serves a sibling `.gz`/`.br` to a client that
+accepts one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
-import struct
 import time
 
 from aiohttp import web
 
-from storage_backends import BackupLocation, OpenedBackup
+from storage_backends import BackupLocation
 
 from ..config import CONFIG, DownloadConfig
 from ..directory import DIRECTORY
 from ..http.envelope import envelope
 from ..http.errors import ApiError
-from ..http.middlewares import REQUEST_ID
 from ..telemetry.metrics import Metrics
 from .audit import record_download_issued, record_download_served
 from .authorization import authorized_system
@@ -32,6 +28,7 @@ from .directory_answer import directory_or_503
 from .links import LINKS, InvalidLink
 from .names import download_name
 from .params import requested_backup_id
+from .sending import READ_FAILURE, Delivery, send_backup
 from .storage import STORE, run_storage
 
 log = logging.getLogger(__name__)
@@ -145,9 +142,9 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
         or system.system_key != location.system_key
     ):
         raise _refused()  # deleted or reassigned since the link was issued: its links die
-    outcome = "internal server error"
     slots = app[OPEN_BACKUPS]
     organization = location.organization_id
+    delivery = Delivery(outcome="internal server error")
     try:
         if not slots.take(organization):
             # Closed after the answer: a refused client keeps no connection slot either.
@@ -157,90 +154,23 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"},
             )
         try:
-            opened = await run_storage(
-                request, "open", app[STORE].open_backup, location, "read backup"
+            reader = await run_storage(
+                request, "open", app[STORE].open_reader, location, READ_FAILURE
             )
             try:
-                response = await _send(request, opened)
-                outcome = f"{response.status}"
-                return response
+                return await send_backup(request, reader, delivery)
             finally:
-                opened.close()
+                await reader.close()
         finally:
             slots.give_back(organization)
     except ApiError as exc:
-        outcome = exc.message
+        delivery.outcome = exc.message
         raise
-    except (asyncio.CancelledError, ConnectionError):
-        outcome = "cut off"
+    except asyncio.CancelledError:
+        delivery.outcome = "cut off"
         raise
     finally:
+        outcome = delivery.outcome if delivery.outcome != "complete" else f"{delivery.status}"
         record_download_served(
             request, link.system_id, location.backup_id, link.expires_at, outcome
         )
-
-
-async def _send(request: web.Request, opened: OpenedBackup) -> web.StreamResponse:
-    info = opened.info
-    size = info.size
-    name = download_name(info.filename, info.id, info.uploaded_at)
-    headers = {
-        "Content-Type": "application/octet-stream",
-        "Content-Disposition": f'attachment; filename="{name}"',
-        "X-Content-Type-Options": "nosniff",
-        "Cache-Control": "no-store",
-        "Accept-Ranges": "bytes",
-        "X-Request-ID": request[REQUEST_ID],  # the response is prepared here, not later
-    }
-    if info.sha256:
-        headers["ETag"] = f'"{info.sha256}"'
-    offset, count, status = 0, size, 200
-    if "Range" in request.headers:
-        try:
-            wanted = request.http_range  # aiohttp's parser: one range, else ValueError
-        except ValueError:
-            wanted = None  # several ranges or a malformed header: the whole body (RFC 9110)
-        if wanted is not None:
-            start, stop = wanted.start or 0, wanted.stop
-            if start < 0:  # bytes=-N: the last N bytes
-                start, stop = max(0, size + start), size
-            stop = size if stop is None else min(stop, size)
-            if start >= size or start >= stop:
-                return envelope(
-                    416, "range not satisfiable", headers={"Content-Range": f"bytes */{size}"}
-                )
-            offset, count, status = start, stop - start, 206
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-    response = web.StreamResponse(status=status, headers=headers)
-    response.content_length = count
-    await response.prepare(request)
-    if request.method != "HEAD" and count:
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("client went away")
-        download = request.app[CONFIG].storage.download
-        budget = request.app[CONFIG].server.request_timeout_seconds + (
-            count / download.min_rate_bytes_per_second
-        )
-        with os.fdopen(opened.fd, "rb", closefd=False) as file:
-            try:
-                async with asyncio.timeout(budget):
-                    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-            except TimeoutError:
-                log.warning(
-                    "download cut off: slower than %d B/s", download.min_rate_bytes_per_second
-                )
-                _reset(transport)
-                raise ConnectionResetError("download too slow") from None
-    await response.write_eof()
-    return response
-
-
-def _reset(transport: asyncio.Transport) -> None:
-    """Close with a reset: what the kernel still holds to send is dropped, not drained to
-    a client that reads it at a byte a second (a plain close would wait for it)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()

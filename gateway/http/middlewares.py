@@ -27,6 +27,19 @@ REQUEST_ID = web.RequestKey("request_id", str)
 # what a 504 says when the deadline strikes now (a handler past the point of no return sets it)
 TIMEOUT_MESSAGE = web.RequestKey("timeout_message", str)
 
+CLIENT_GONE = 499  # the status a request counts as when its client went away
+
+
+class AnswerCut(ConnectionResetError):
+    """An answer cut off after its headers went out, its connection gone or aborted: nothing
+    more can be sent. `status` is what the request counts as (CLIENT_GONE when the client
+    went away or was too slow; 502 when the store broke off)."""
+
+    def __init__(self, why: str, status: int = CLIENT_GONE) -> None:
+        super().__init__(why)
+        self.status = status
+
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
 # Generated ids: a random per-process prefix and a counter. Unique across workers and hosts,
 # and far cheaper than a uuid4 (a getrandom syscall) on every request.
@@ -66,7 +79,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     route = route_template(request)
     started = time.perf_counter()
     metrics.in_flight += 1
-    status = 499  # client went away before an answer
+    status = CLIENT_GONE  # before an answer
     try:
         if "Transfer-Encoding" in request.headers:
             response = refuse_transfer_encoding(request)
@@ -133,9 +146,28 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         return envelope(exc.status, message, {}, headers)
     except asyncio.CancelledError:
         raise
+    except ConnectionError as exc:
+        transport = request.transport
+        if not isinstance(exc, AnswerCut) and transport is not None and not transport.is_closing():
+            return _unhandled(request)  # not the client's connection: the gateway's error
+        # an abandoned download is the client's business: never a traceback, never a 5xx
+        status = exc.status if isinstance(exc, AnswerCut) else CLIENT_GONE
+        log.debug(
+            "answer cut off (%d): %s",
+            status,
+            exc,
+            extra={"fields": {"request_id": request.get(REQUEST_ID)}},
+        )
+        gone = web.Response(status=status)  # written nowhere: counted and logged as this
+        gone.force_close()
+        return gone
     except Exception:
-        log.exception("unhandled error", extra={"fields": {"request_id": request.get(REQUEST_ID)}})
-        return envelope(500, "internal server error")
+        return _unhandled(request)
+
+
+def _unhandled(request: web.Request) -> web.StreamResponse:
+    log.exception("unhandled error", extra={"fields": {"request_id": request.get(REQUEST_ID)}})
+    return envelope(500, "internal server error")
 
 
 # names of routes that bound their own time (a download's depends on its size)

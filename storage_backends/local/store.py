@@ -43,6 +43,7 @@ from ..base import (
     BackupInfo,
     BackupListing,
     BackupLocation,
+    BackupReader,
     BackupStore,
     FolderLock,
     NewBackup,
@@ -79,6 +80,7 @@ from .fs import (
 )
 from .ingest import LocalUpload, open_upload_folder, organization_usage, sweep_leftovers
 from .io_client import LocalIoProcess
+from .reader import LocalReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -400,6 +402,12 @@ class LocalBackupStore(BackupStore):
     async def open_backup(self, location: BackupLocation) -> OpenedBackup:
         opened: OpenedBackup = await self._read(open_backup, self._root, location)
         return opened
+
+    async def open_reader(self, location: BackupLocation) -> BackupReader:
+        # opened in this process in both io modes: the descriptor is sent from here
+        opened = await self.open_backup(location)
+        assert self._readers is not None, "store not started"
+        return LocalReader(opened, self._readers, self._timeout)
 
     def _sweep(self) -> None:
         if not mark_root(self._root, only_if_in_use=True):

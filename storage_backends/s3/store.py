@@ -32,6 +32,7 @@ from ..base import (
     BackupInfo,
     BackupListing,
     BackupLocation,
+    BackupReader,
     BackupStore,
     NewBackup,
     StagedBackup,
@@ -45,6 +46,7 @@ from .botocore_internals import credentials_expiry
 from .errors import Progress, error_code, guarded
 from .folders import folder_names, folders_of
 from .listing import every_key, info_from_headers
+from .reader import S3Reader
 from .settings import S3Config
 from .signed import Answer, SignedRequests
 from .state import BackupStates
@@ -63,13 +65,13 @@ HEADS_AT_ONCE = 16  # a listing's HeadObject calls in flight at once
 
 class S3BackupStore(BackupStore):
     name = "s3"
-    # clients fetch the bytes from the store itself; a restore streamed through the gateway
-    # comes with its route
+    # download URLs: clients fetch the bytes from the store itself; a restore: the gateway
+    # streams them (appliances often reach only the gateway's host)
     capabilities = StoreCapabilities(
         stores_uploads=True,
         presigns=True,
         serves_bytes=False,
-        streams_restore=False,
+        streams_restore=True,  # reader: the gateway streams a GetObject itself
         keeps_state=True,  # marks under {prefix}.state/ (state_keys), a legal hold too
         lists_folders=True,
     )
@@ -306,6 +308,13 @@ class S3BackupStore(BackupStore):
         return with_state(info, state)
 
     async def set_protected(self, location: BackupLocation, protected: bool) -> None:
+    async def open_reader(self, location: BackupLocation) -> BackupReader:
+        """The HeadObject now (404, the size and the metadata the headers need); the bytes
+        when the caller reads them (`reader`)."""
+        info = await self.describe(location)
+        key = self.key_for(location)
+        return S3Reader(info, self._client, self._config.bucket, key, self._timeout)
+
         progress = Progress("head_object")
         await self._guarded(progress, self._set_protected(location, protected, progress))
 
