@@ -307,7 +307,6 @@ class S3BackupStore(BackupStore):
         info = info_from_headers(location.backup_id, size, modified, head.headers, key)
         return with_state(info, state)
 
-    async def set_protected(self, location: BackupLocation, protected: bool) -> None:
     async def open_reader(self, location: BackupLocation) -> BackupReader:
         """The HeadObject now (404, the size and the metadata the headers need); the bytes
         when the caller reads them (`reader`)."""
@@ -316,6 +315,7 @@ class S3BackupStore(BackupStore):
         return S3Reader(info, self._client, self._config.bucket, key, self._timeout)
 
         progress = Progress("head_object")
+    async def set_protected(self, location: BackupLocation, protected: bool) -> None:
         await self._guarded(progress, self._set_protected(location, protected, progress))
 
     async def _set_protected(
