@@ -314,9 +314,9 @@ class S3BackupStore(BackupStore):
         key = self.key_for(location)
         return S3Reader(info, self._client, self._config.bucket, key, self._timeout)
 
-        progress = Progress("head_object")
     async def set_protected(self, location: BackupLocation, protected: bool) -> None:
         await self._guarded(progress, self._set_protected(location, protected, progress))
+        progress = Progress("head_object")
 
     async def _set_protected(
         self, location: BackupLocation, protected: bool, progress: Progress
