@@ -317,6 +317,7 @@ class S3BackupStore(BackupStore):
     async def set_protected(self, location: BackupLocation, protected: bool) -> None:
         await self._guarded(progress, self._set_protected(location, protected, progress))
         progress = Progress("head_object")
+        await self._guarded(progress, self._set_protected(location, protected, progress))
 
     async def _set_protected(
         self, location: BackupLocation, protected: bool, progress: Progress
