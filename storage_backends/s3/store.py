@@ -315,7 +315,6 @@ class S3BackupStore(BackupStore):
         return S3Reader(info, self._client, self._config.bucket, key, self._timeout)
 
     async def set_protected(self, location: BackupLocation, protected: bool) -> None:
-        await self._guarded(progress, self._set_protected(location, protected, progress))
         progress = Progress("head_object")
         await self._guarded(progress, self._set_protected(location, protected, progress))
 
