@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 
-from .support import free_port, stop_process, wait_for_port
+from .support import eventually, free_port, stop_process, wait_for_port
 
 SCHEMA = Path(__file__).with_name("platform_schema.sql")
 READ_ONLY_ROLE = "gateway_ro"
@@ -114,7 +114,10 @@ class PostgresServer:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     async def _prepare(self) -> None:
-        admin = await _connect(self.admin_dsn)
+        # its port opens while it is still starting up: until then it refuses connections
+        admin = await eventually(
+            lambda: _accepted(self.admin_dsn), "PostgreSQL accepting connections"
+        )
         try:
             await admin.execute(f"CREATE ROLE {READ_ONLY_ROLE} LOGIN")
             if self.tracks_statements:
@@ -148,6 +151,14 @@ class PostgresServer:
 
 async def _connect(dsn: str) -> asyncpg.Connection:
     return await asyncpg.connect(dsn, timeout=10)
+
+
+async def _accepted(dsn: str) -> asyncpg.Connection | None:
+    """A connection, or None while the server says it is starting up."""
+    try:
+        return await _connect(dsn)
+    except asyncpg.exceptions.CannotConnectNowError:
+        return None
 
 
 def load_directory(directory: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
