@@ -15,11 +15,14 @@ from typing import Any
 
 from storage_backends.ids import new_uuid7
 
+from .conftest import S3Server
 from .support import (
     LocalHarness,
     OutputWatcher,
+    S3Harness,
     free_port,
     location_for,
+    new_backup_id,
     serve_gateway,
     wait_for_port,
     write_config,
@@ -158,3 +161,31 @@ def test_one_verifier_per_system_at_a_time(tmp_path: Path) -> None:
     assert "integrity" not in sidecar(harness, backup_id)
     done = run_verify(config)
     assert "1 ok" in done.stdout and sidecar(harness, backup_id)["integrity"] == "ok"
+
+
+def test_an_overwritten_object_on_s3_is_found(tmp_path: Path, s3_server: S3Server) -> None:
+    """The body replaced under the same key and metadata (a bucket that rots, or a writer
+    that is not the gateway): `verify` reads it, finds it corrupt, and keeps the verdict in
+    a mark under {prefix}.state/, never beside the backups."""
+    harness = S3Harness(s3_server.endpoint, f"verify-{free_port()}")
+    good, bad = new_backup_id(), new_backup_id()
+    for backup_id in (good, bad):
+        harness.put_backup(location_for("org_c1", backup_id), b"the original bytes", "b.tgz")
+    original = harness.client.head_object(Bucket=harness.bucket, Key=f"org_c1/{KEY}/{bad}")
+    harness.client.put_object(
+        Bucket=harness.bucket,
+        Key=f"org_c1/{KEY}/{bad}",
+        Body=b"the rotten! bytes!",
+        Metadata=original["Metadata"],
+    )
+    config = write_config(tmp_path, free_port(), harness.storage())
+    done = run_verify(config)
+    assert done.returncode == 1, done.stderr
+    assert f"corrupt: org_c1/{KEY}/{bad}" in done.stdout
+    assert "1 ok, 1 corrupt" in done.stdout
+    marks = {k for k in harness.keys() if k.startswith(".state/")}
+    assert {tuple(m.split("/")[3:6]) for m in marks} == {
+        (good, "verified", "ok"),
+        (bad, "verified", "corrupt"),
+    }
+    assert not [k for k in harness.keys() if k.startswith(f"org_c1/{KEY}/") and "verified" in k]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from ..base import BackupLocation, SystemFolder
@@ -20,11 +21,13 @@ from .listing import every_key
 from .signed import SignedRequests
 from .state_keys import (
     NO_STATE,
+    VERIFIED,
     BackupState,
     backup_state_prefix,
     protected_key,
     states_from_keys,
     system_state_prefix,
+    verified_key,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,15 @@ class BackupStates:
         else:
             with contextlib.suppress(BackupNotFound):  # never marked: nothing to remove
                 await self._delete_key(key)
+
+    async def mark_verified(self, location: BackupLocation, integrity: str, at: datetime) -> None:
+        """The verifier's word as a new mark, then the older ones of the backup removed."""
+        key = verified_key(self._prefix, location, integrity, at)
+        await self._client.put_object(Bucket=self._bucket, Key=key, Body=b"")
+        older = [k for k in await self.keys_of(location) if "/" + VERIFIED in k and k != key]
+        for stale in older:
+            with contextlib.suppress(BackupNotFound):
+                await self._delete_key(stale)
 
     async def hold(self, key: str, on: bool) -> None:
         """Put the S3 legal hold of the object's current version ON or OFF."""

@@ -333,6 +333,17 @@ class S3BackupStore(BackupStore):
         await states.mark_protected(location, protected)
 
     async def system_folders(self) -> list[SystemFolder]:
+    async def set_verified(self, location: BackupLocation, integrity: str, at: datetime) -> None:
+        progress = Progress("head_object")
+        await self._guarded(progress, self._set_verified(location, integrity, at, progress))
+
+    async def _set_verified(
+        self, location: BackupLocation, integrity: str, at: datetime, progress: Progress
+    ) -> None:
+        await self._head_existing(self.key_for(location), progress)
+        progress.step = "put_object"
+        await self._backup_states().mark_verified(location, integrity, at)
+
         """Every system folder (`folders`), each listing bounded in time on its own: a
         bucket of many organizations takes one listing each."""
         root = self._config.prefix
@@ -474,7 +485,14 @@ class S3BackupStore(BackupStore):
 
 
 def with_state(info: BackupInfo, state: BackupState) -> BackupInfo:
-    return replace(info, protected=state.protected) if state.protected else info
+    if state == NO_STATE:
+        return info
+    return replace(
+        info,
+        protected=state.protected,
+        integrity=state.integrity,
+        verified_at=state.verified_at,
+    )
 
 
 async def _together(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
