@@ -332,7 +332,6 @@ class S3BackupStore(BackupStore):
         progress.step = "put_object" if protected else "delete_state"
         await states.mark_protected(location, protected)
 
-    async def system_folders(self) -> list[SystemFolder]:
     async def set_verified(self, location: BackupLocation, integrity: str, at: datetime) -> None:
         progress = Progress("head_object")
         await self._guarded(progress, self._set_verified(location, integrity, at, progress))
@@ -345,6 +344,7 @@ class S3BackupStore(BackupStore):
         await self._backup_states().mark_verified(location, integrity, at)
 
         """Every system folder (`folders`), each listing bounded in time on its own: a
+    async def system_folders(self) -> list[SystemFolder]:
         bucket of many organizations takes one listing each."""
         root = self._config.prefix
         found: list[SystemFolder] = []
