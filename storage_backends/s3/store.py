@@ -343,8 +343,8 @@ class S3BackupStore(BackupStore):
         progress.step = "put_object"
         await self._backup_states().mark_verified(location, integrity, at)
 
-        """Every system folder (`folders`), each listing bounded in time on its own: a
     async def system_folders(self) -> list[SystemFolder]:
+        """Every system folder (`folders`), each listing bounded in time on its own: a
         bucket of many organizations takes one listing each."""
         root = self._config.prefix
         found: list[SystemFolder] = []
