@@ -97,6 +97,11 @@ async def heal_after(proxy: FaultProxy, requests: int) -> None:
     proxy.faults.reset_responses_after = None
 
 
+# Before the store's HEAD and DELETE, the route looks for protection (DESIGN.md §11): a
+# HEAD and the state's ListObjectsV2. The DELETE is the fourth request.
+BEFORE_THE_DELETE = 3
+
+
 async def test_lost_delete_answer_is_completed_by_a_retry(
     start_gateway: StartGateway, s3_harness: S3Harness, proxy: FaultProxy
 ) -> None:
@@ -105,14 +110,14 @@ async def test_lost_delete_answer_is_completed_by_a_retry(
     client = await gateway(start_gateway, s3_harness, proxy, max_attempts=3)
     bid = new_backup_id()
     s3_harness.put(location_for("org_c1", bid))
-    proxy.faults.reset_responses_after = 1
-    healer = asyncio.ensure_future(heal_after(proxy, requests=2))
+    proxy.faults.reset_responses_after = BEFORE_THE_DELETE
+    healer = asyncio.ensure_future(heal_after(proxy, requests=BEFORE_THE_DELETE + 1))
     try:
         resp, _ = await timed_delete(client, bid)
     finally:
         healer.cancel()
     assert resp.status == 200
-    assert proxy.faults.requests >= 3  # HEAD, the cut DELETE, its retry
+    assert proxy.faults.requests >= BEFORE_THE_DELETE + 2  # the cut DELETE, its retry
     assert not s3_harness.exists(location_for("org_c1", bid))
 
 
@@ -127,7 +132,7 @@ async def test_lost_delete_answer_without_retries_is_502_and_logged_as_unknown(
     client = await gateway(start_gateway, s3_harness, proxy, max_attempts=1)
     bid = new_backup_id()
     s3_harness.put(location_for("org_c1", bid))
-    proxy.faults.reset_responses_after = 1
+    proxy.faults.reset_responses_after = BEFORE_THE_DELETE
     with caplog.at_level(logging.WARNING):
         resp, elapsed = await timed_delete(client, bid)
     assert resp.status == 502
