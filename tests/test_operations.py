@@ -413,7 +413,10 @@ def _workers_of(pid: int) -> set[int]:
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # gone (a killed worker being reaped) since the list was read
             if b"spawn_main" in cmdline:
                 found.add(int(child))
     return found
