@@ -17,8 +17,9 @@ from aiohttp import web
 from .app import create_app
 from .config import Config, load_config
 from .directory import DIRECTORY
-from .http.aiohttp_internals import WrappedRunner
+from .http.aiohttp_internals import WrappedRunner, listen_again
 from .http.connections import (
+    ACCEPT_BATCH,
     ConnectionGuard,
     QuietLoopErrors,
     connection_cap,
@@ -28,6 +29,10 @@ from .telemetry.logs import configure_logging
 from .telemetry.metrics import METRICS
 
 log = logging.getLogger("gateway")
+
+# connections the kernel holds for a process busy elsewhere; beyond it, new ones wait a
+# second for their SYN to be sent again
+LISTEN_BACKLOG = 1024
 
 # The signals that stop a server. A worker is born with them blocked (a mask survives the
 # exec of a spawned interpreter) and unblocks them once its handlers are installed, so a
@@ -65,9 +70,14 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         site = web.TCPSite(
-            runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=1024
+            runner,
+            config.server.host,
+            config.server.port,
+            reuse_port=reuse_port,
+            backlog=ACCEPT_BATCH,  # what one wake-up accepts; the kernel queues more
         )
         await site.start()
+        listen_again(site, LISTEN_BACKLOG)
         for address in runner.addresses:
             host, port = address[0], address[1]
             log.info(

@@ -193,7 +193,15 @@ def test_the_token_library_is_behind_one_module() -> None:
 
 
 # a library's internals, by the names the gateway reaches for
-LIBRARY_INTERNALS = ("output_size", "_messages", "_srcfile", "_expiry_time", "super().server")
+LIBRARY_INTERNALS = (
+    "output_size",
+    "_messages",
+    "_srcfile",
+    "_expiry_time",
+    "super().server",
+    "site._server",
+    "botocore.retries",  # "not a public interface", says botocore.retries.standard
+)
 
 
 def test_library_internals_are_used_in_their_modules_only() -> None:

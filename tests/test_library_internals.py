@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,8 +14,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestServer
 from botocore.credentials import Credentials, RefreshableCredentials
+from botocore.exceptions import ConnectionClosedError
+from botocore.session import get_session
 
-from gateway.http.aiohttp_internals import WrappedRunner, requests_queued_behind, send_continue
+from gateway.http.aiohttp_internals import (
+    WrappedRunner,
+    listen_again,
+    requests_queued_behind,
+    send_continue,
+)
 from gateway.telemetry.logging_internals import skip_caller_lookup
 from storage_backends.s3.botocore_internals import credentials_expiry
 
@@ -99,6 +107,24 @@ async def test_a_wrapped_runner_hands_its_sites_the_wrapped_factory() -> None:
         await runner.cleanup()
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert len(wrapped) == 1  # the connection was made by the wrapped factory
+
+
+async def test_a_started_site_listens_again_with_a_longer_queue() -> None:
+    """Started with a queue of 2, then given 64: with the loop busy (this test holds it, so
+    nothing is accepted), 20 connections still complete their handshake in the kernel."""
+    app = web.Application()
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=2)
+    try:
+        await site.start()
+        listen_again(site, 64)
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+        for client in clients:
+            client.close()
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture

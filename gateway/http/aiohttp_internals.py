@@ -1,6 +1,6 @@
 """Every use of aiohttp's internals, in one place. Each has a test that fails when aiohttp
 changes underneath it (tests/test_library_internals.py): the public API offers none of
-the three, and each is pinned by what the gateway needs, not by taste."""
+them, and each is pinned by what the gateway needs, not by taste."""
 
 from __future__ import annotations
 
@@ -49,3 +49,18 @@ class WrappedRunner(web.AppRunner):
     def server(self) -> Any:
         inner = super().server
         return None if inner is None else self._wrap(inner)
+
+
+def listen_again(site: web.BaseSite, backlog: int) -> None:
+    """Give a started site's listening sockets a kernel queue of `backlog` connections.
+
+    asyncio passes create_server()'s `backlog` to listen() and also takes it as the number
+    of connections to accept at each wake-up, before any protocol sees one; each takes a
+    descriptor. A site is started with the burst the descriptors can absorb, then its
+    sockets listen again (on a duplicate: the same socket) with the queue a flood needs.
+    aiohttp keeps the asyncio server in `_server`."""
+    server = site._server
+    assert isinstance(server, asyncio.Server), "the site is not started"
+    for sock in server.sockets:
+        with sock.dup() as same:
+            same.listen(backlog)

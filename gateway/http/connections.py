@@ -7,10 +7,15 @@ hour. Here every accepted connection is wrapped before aiohttp's protocol sees i
 - a connection whose first request head (up to its blank line) is not complete within
   `server.request_head_timeout_seconds` is aborted; after a response, aiohttp's own
   keep-alive timer (`server.keepalive_timeout_seconds`) closes idle and half-sent ones;
-- beyond `server.max_connections` open at once, a new connection is reset at once, before
+- at `server.max_connections` open at once, the connection that has waited longest
+  without a complete first request head is aborted to make room for the new one: a flood
+  of slow connections that reopen as fast as they are closed then only ever displaces its
+  own, while a client that sends its head at once is served. Only when every open
+  connection has sent its head (requests in flight) is the new one reset, at once, before
   aiohttp makes a handler or a task for it;
 - the open-files limit is raised to its hard limit at start, and the cap kept below it,
-  less the descriptors open backups may hold (`storage.download.max_open_backups`: a
+  less a reserve that absorbs one wake-up's accepts (ACCEPT_BATCH) and
+  the descriptors open backups may hold (`storage.download.max_open_backups`: a
   download holds its connection's and its file's);
 - asyncio's "socket.accept() out of system resource" (and any other loop error) is logged
   at most once a second per message, with a count of what was left out: asyncio logs one
@@ -23,6 +28,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +36,12 @@ from ..telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# descriptors kept free of connections: listening sockets, the I/O process, logs, clients
+# descriptors kept free of connections: listening sockets, the I/O process, logs, clients,
+# and the connections accepted at one wake-up (ACCEPT_BATCH) before the guard closes as
+# many: more than the process has makes accept() fail, and asyncio then stops accepting
+# for a second
 RESERVED_FDS = 128
+ACCEPT_BATCH = 16
 _HEAD_END = b"\r\n\r\n"
 
 
@@ -73,8 +83,31 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.head_timeout = head_timeout
         self.open = 0
-        self.refused = 0  # reset at accept: over the cap
+        self.refused = 0  # reset at accept: over the cap, none to make room
+        self.evicted = 0  # aborted to make room: the longest waiting for a request head
         self.head_timeouts = 0  # aborted: no complete request head in time
+        # the admitted connections still without a complete first head, oldest first
+        self._waiting: OrderedDict[GuardedConnection, None] = OrderedDict()
+
+    def admit(self, connection: GuardedConnection) -> bool:
+        """Count a new connection in, making room if the cap is reached; False: refused."""
+        if self.open >= self.max_connections:
+            if not self._waiting:
+                self.refused += 1
+                return False
+            oldest, _ = self._waiting.popitem(last=False)
+            self.evicted += 1
+            oldest.close_now()
+        self.open += 1
+        self._waiting[connection] = None
+        return True
+
+    def head_complete(self, connection: GuardedConnection) -> None:
+        self._waiting.pop(connection, None)
+
+    def release(self, connection: GuardedConnection) -> None:
+        self.open -= 1
+        self._waiting.pop(connection, None)
 
     def export(self, metrics: Metrics) -> None:
         metrics.add_reading(
@@ -83,8 +116,15 @@ class ConnectionGuard:
         metrics.add_reading(
             "counter",
             "gateway_connections_refused",
-            "Connections reset at accept: over server.max_connections",
+            "Connections reset at accept: at server.max_connections, all with requests",
             lambda: self.refused,
+        )
+        metrics.add_reading(
+            "counter",
+            "gateway_connections_evicted",
+            "Connections closed at server.max_connections to make room for a new one: "
+            "the longest waiting for a request head",
+            lambda: self.evicted,
         )
         metrics.add_reading(
             "counter",
@@ -101,7 +141,7 @@ class ConnectionGuard:
 class GuardedConnection(asyncio.Protocol):
     """Forwards to aiohttp's protocol, made only once the connection is admitted."""
 
-    __slots__ = ("_factory", "_guard", "_inner", "_tail", "_timer", "_transport")
+    __slots__ = ("_counted", "_factory", "_guard", "_inner", "_tail", "_timer", "_transport")
 
     def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
@@ -110,15 +150,15 @@ class GuardedConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""
+        self._counted = False  # in the guard's count of open connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         guard = self._guard
-        if guard.open >= guard.max_connections:
-            guard.refused += 1
+        if not guard.admit(self):
             transport.abort()  # a reset: no handler, no task, no buffer
             return
-        guard.open += 1
+        self._counted = True
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_later(guard.head_timeout, self._head_expired)
         self._inner = self._factory()
@@ -135,6 +175,7 @@ class GuardedConnection(asyncio.Protocol):
                 self._timer.cancel()
                 self._timer = None
                 self._tail = b""
+                self._guard.head_complete(self)
             else:
                 self._tail = seen[-3:]
         self._inner.data_received(data)
@@ -145,10 +186,7 @@ class GuardedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._inner is None:
             return
-        self._guard.open -= 1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._release()
         inner, self._inner = self._inner, None
         self._transport = None
         inner.connection_lost(exc)
@@ -161,11 +199,26 @@ class GuardedConnection(asyncio.Protocol):
         if self._inner is not None:
             self._inner.resume_writing()
 
+    def close_now(self) -> None:
+        """Abort the connection, out of the count at once (the room is the next one's):
+        aiohttp's protocol hears of it in connection_lost, as of any reset."""
+        self._release()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._guard.release(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _head_expired(self) -> None:
         self._timer = None
         if self._transport is not None:
             self._guard.head_timeouts += 1
-            self._transport.abort()
+            self.close_now()
 
 
 class QuietLoopErrors:

@@ -1,0 +1,100 @@
+"""Legitimate deletes under a sustained slowloris (issue #26, 2): their success and latency
+without and with COUNT reconnecting slow connections, against a gateway process whose open
+files are capped (hard) at 1,024, as a service manager's default.
+
+    .venv/bin/python bench/slowloris.py [DELETES] [COUNT]     # defaults: 300 deletes, 1,100
+
+Each delete is sent on a connection of its own (the case the connection cap decides: a
+kept-alive connection is already in), one after another. Printed: per phase, successes,
+p50, p99, max; then p99 under attack over p99 without it. The attacker is its own process
+(tests/slowloris.py), so its churn does not slow the measuring client's loop; the three
+processes share this machine's cores, which the ratio includes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.slowloris import attacking  # noqa: E402
+from tests.support import (  # noqa: E402
+    LocalHarness,
+    bearer,
+    free_port,
+    location_for,
+    new_backup_id,
+    serve_gateway,
+    token_for,
+    wait_for_port,
+    write_config,
+)
+
+
+async def deletes(url: str, ids: list[str]) -> tuple[int, list[float]]:
+    """(successes, each delete's seconds)."""
+    ok, took = 0, []
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for bid in ids:
+            started = time.perf_counter()
+            try:
+                async with session.delete(
+                    f"{url}/api/systems/sys_c1/backups/{bid}",
+                    headers=bearer(token_for("org_c1")),
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as resp:
+                    await resp.read()
+                    ok += resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            took.append(time.perf_counter() - started)
+    return ok, took
+
+
+def report(name: str, ok: int, took: list[float]) -> float:
+    ms = sorted(t * 1000 for t in took)
+    p99 = ms[min(len(ms) - 1, round(0.99 * len(ms)) - 1)]
+    print(
+        f"{name:>16}: {ok}/{len(ms)} ok ({100 * ok / len(ms):.1f} %), "
+        f"p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms"
+    )
+    return p99
+
+
+async def main(count: int, attackers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        harness = LocalHarness(Path(tmp) / "backups")
+        config = write_config(Path(tmp), port, harness.storage(), logging={"level": "WARNING"})
+        proc = serve_gateway(config, open_files=1024, hard_open_files=True)
+        try:
+            wait_for_port(port, proc=proc)
+            ids = [new_backup_id() for _ in range(2 * count)]
+            for bid in ids:
+                harness.put(location_for("org_c1", bid))
+            url = f"http://127.0.0.1:{port}"
+            await deletes(url, ids[:20])  # warm-up, not counted
+            calm = report("without attack", *await deletes(url, ids[20:count]))
+            with attacking(port, attackers) as attack:
+                loud = report(f"{attackers} attackers", *await deletes(url, ids[count:]))
+            print(f"{'':>16}  attackers' connections closed and reopened: {attack.reopened}")
+            print(f"{'':>16}  p99 ratio (attack / calm): {loud / calm:.2f}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            output, _ = proc.communicate(timeout=30)
+        errors = [line for line in output.splitlines() if '"level":"error"' in line]
+        print(f"{'':>16}  gateway error lines: {len(errors)}", *errors[:3], sep="\n")
+
+
+if __name__ == "__main__":
+    args = [int(a) for a in sys.argv[1:3]]
+    asyncio.run(main(*(args + [300, 1100][len(args) :])))
