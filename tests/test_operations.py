@@ -412,7 +412,11 @@ def _workers_of(pid: int) -> set[int]:
     """The worker processes (spawned by multiprocessing) directly under `pid`."""
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended since the list was read
+        for child in children:
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
             except (FileNotFoundError, ProcessLookupError):
