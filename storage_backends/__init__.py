@@ -25,6 +25,7 @@ from .base import (
 )
 from .errors import (
     BackupNotFound,
+    ChecksumRefused,
     DeleteOutcomeUnknown,
     InsufficientStorage,
     StorageError,
@@ -46,6 +47,7 @@ __all__ = [
     "BackupNotFound",
     "BackupReader",
     "BackupStore",
+    "ChecksumRefused",
     "DeleteOutcomeUnknown",
     "FolderLock",
     "InsufficientStorage",

@@ -29,6 +29,11 @@ class UploadIncomplete(StorageError):
     """The upload's body ended, or its client went away, before the announced size."""
 
 
+class ChecksumRefused(StorageError):
+    """The store computed the body's checksum and it is not the one the upload named
+    (S3's BadDigest): the appliance's bytes were not these, a 400, nothing stored."""
+
+
 class DeleteOutcomeUnknown(StorageError):
     """The backup was removed (a retry reads 404), but its removal is not known to be
     durable: the folder's fsync failed or did not finish in time. Never "failed"."""

@@ -6,14 +6,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import uuid
 from typing import Any
 
 import pytest
 
 from gateway.backups.retention import RETENTION
 
-from .conftest import Harness, StartGateway
-from .support import LocalHarness, location_for, new_backup_id
+from .conftest import Harness, S3Server, StartGateway
+from .faultproxy import FaultProxy
+from .support import (
+    KEEP_EVERYTHING,
+    LocalHarness,
+    S3Harness,
+    eventually,
+    location_for,
+    new_backup_id,
+    s3_settings,
+)
 from .test_uploads import backups_of, envelope_of, head_for, raw, upload
 
 
@@ -133,3 +143,41 @@ async def test_a_backup_planted_without_a_sha256_is_never_a_duplicate(
     local_harness.put(location_for("org_c1", new_backup_id()), data)  # sidecar without sha256
     resp, _ = await upload(client, data, **{"Content-Digest": digest_of(data)})
     assert resp.status == 201
+
+
+# --------------------------------------------------------------------------- S3: one PUT
+
+
+async def test_on_s3_a_digest_known_up_front_is_one_put_in_place(
+    start_gateway: StartGateway, s3_server: S3Server, proxy: FaultProxy
+) -> None:
+    """No staging key, no CopyObject: the body goes to its final key with its metadata and
+    the store's own check (x-amz-checksum-sha256). Without a digest, §9's staging path."""
+    harness = S3Harness(s3_server.endpoint, f"dig-{uuid.uuid4().hex[:10]}")
+    settings = s3_settings(proxy.endpoint, harness.bucket, versioning="off")
+    client = await start_gateway({"backend": "s3", "s3": settings, "retention": KEEP_EVERYTHING})
+    data = os.urandom(20_000)
+    puts = proxy.faults.by_method[b"PUT"]
+    resp, body = await upload(client, data, **{"Content-Digest": digest_of(data)})
+    assert resp.status == 201, body
+    assert proxy.faults.by_method[b"PUT"] - puts == 1  # one PutObject, no copy
+    head = harness.client.head_object(
+        Bucket=harness.bucket, Key=f"org_c1/KEY-C1/{body['data']['id']}"
+    )
+    assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert head["Metadata"]["filename"] == "backup.tar.gz"
+    puts = proxy.faults.by_method[b"PUT"]
+    resp, body = await upload(client, data + b"!")  # no digest: staged, then copied
+    assert resp.status == 201, body
+    assert proxy.faults.by_method[b"PUT"] - puts == 2
+    assert not [k for k in harness.keys() if k.startswith(".uploads/")]
+
+
+async def test_on_s3_bytes_that_are_not_the_digests_leave_nothing(
+    start_gateway: StartGateway, s3_harness: S3Harness
+) -> None:
+    client = await start_gateway(s3_harness.storage())
+    resp, body = await upload(client, b"what was sent", **{"Content-Digest": digest_of(b"meant")})
+    assert (resp.status, body["message"]) == (400, "checksum mismatch")
+    await eventually(lambda: backups_of(s3_harness) == [], "the refused body removed")
+    assert not [k for k in s3_harness.keys() if k.startswith(".uploads/")]

@@ -308,16 +308,35 @@ async def _store(
                 raise ApiError(400, "checksum mismatch")
             earlier = await _stored_moments_ago(request, backup)
             if earlier is not None:
-                return earlier, False  # the finally discards what this upload staged
+                await _discard_now(request, staged)
+                return earlier, False
         await _commit_if_room(request, system, staged)
         handed_over = True
     except _OutcomeUnknown:
+        handed_over = True
+        raise
+    except ApiError:
+        # refused after its body: what it left goes before the answer says "nothing stored"
+        await _discard_now(request, staged)
         handed_over = True
         raise
     finally:
         if not handed_over:
             _discard_later(staged)
     return staged.info, True
+
+
+async def _discard_now(request: web.Request, staged: StagedBackup) -> None:
+    """Discard within the store's operation time (a store may hold it in place already);
+    past that, in the background."""
+    task = asyncio.ensure_future(staged.discard())
+    try:
+        await asyncio.wait_for(
+            asyncio.shield(task), request.app[CONFIG].storage.operation_timeout_seconds
+        )
+    except TimeoutError:
+        _DISCARDING.add(task)
+        task.add_done_callback(_DISCARDING.discard)
 
 
 async def _stored_moments_ago(request: web.Request, backup: NewBackup) -> BackupInfo | None:
@@ -332,7 +351,14 @@ async def _stored_moments_ago(request: web.Request, backup: NewBackup) -> Backup
     since = backup_unix_ms(location.backup_id) - int(window * 1000)
     entries = await run_storage(request, "list", store.list_entries, folder, "store backup")
     recent = sorted(
-        (e.id for e in entries if backup_unix_ms(e.id) >= since and e.size == backup.size),
+        (
+            e.id
+            for e in entries
+            # not this upload's own: a store may hold it in place already (S3's checked PUT)
+            if e.id != location.backup_id
+            and backup_unix_ms(e.id) >= since
+            and e.size == backup.size
+        ),
         reverse=True,
     )
     for backup_id in recent:

@@ -6,6 +6,7 @@ from typing import Any
 
 from storage_backends import (
     BackupNotFound,
+    ChecksumRefused,
     DeleteOutcomeUnknown,
     InsufficientStorage,
     StorageError,
@@ -74,4 +75,6 @@ def storage_error(exc: StorageError, operation: str) -> ApiError:
         return ApiError(507, "insufficient storage")
     if isinstance(exc, UploadIncomplete):  # the client's body, not the store
         return ApiError(400, "upload length mismatch")
+    if isinstance(exc, ChecksumRefused):  # the store's own check of the appliance's digest
+        return ApiError(400, "checksum mismatch")
     raise TypeError(f"unmapped storage error {type(exc).__name__}")

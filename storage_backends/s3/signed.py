@@ -94,9 +94,11 @@ class SignedRequests:
         body: AsyncIterator[bytes],
         query: dict[str, str] | None = None,
         read_seconds: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Answer:
         """PutObject (or UploadPart, with its query) of exactly `size` streamed bytes; its
         answer read within `read_seconds` (the store persists the bytes before answering).
+        `headers` adds the object's own (metadata, a checksum the store verifies).
 
         Sent once: a stream cannot be replayed, so a failure is the caller's to handle.
         The payload is signed as UNSIGNED-PAYLOAD (the body is not known when the request
@@ -106,7 +108,7 @@ class SignedRequests:
             return await self._once(
                 "PUT",
                 url,
-                {"Content-Length": str(size)},
+                {**(headers or {}), "Content-Length": str(size)},
                 body=body,
                 unsigned_payload=True,
                 read_seconds=read_seconds,

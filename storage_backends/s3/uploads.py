@@ -1,11 +1,16 @@
 """Uploads to S3: the body streamed to a staging key (one PUT, or parts above the
 threshold) with its sha256 on the way, then copied into place with its metadata, so a
 backup appears whole, checksum and all. What a failure or a crash leaves under the
-staging prefix is removed, or cleared by a lifecycle rule on it."""
+staging prefix is removed, or cleared by a lifecycle rule on it.
+
+With the appliance's digest known before the body (DESIGN.md §12) and one PUT enough, the
+body goes straight to its final key with its metadata and `x-amz-checksum-sha256`, which
+the store verifies: written once, no staging copy."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -15,7 +20,13 @@ from typing import Any
 from urllib.parse import quote
 
 from ..base import BackupInfo, NewBackup, StagedBackup, UploadBody
-from ..errors import BackupNotFound, InsufficientStorage, StorageUnavailable, UploadIncomplete
+from ..errors import (
+    BackupNotFound,
+    ChecksumRefused,
+    InsufficientStorage,
+    StorageUnavailable,
+    UploadIncomplete,
+)
 from .errors import STORE_FAILURES, reason, require_ok
 from .settings import S3Config
 from .signed import Answer, SignedRequests
@@ -59,7 +70,14 @@ class Uploads:
         self._delete_key = delete_key  # BackupNotFound when absent
 
     async def stage(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
-        """Stream the body to a staging key; `final` is where `commit` copies it."""
+        """Stream the body to a staging key; `final` is where `commit` copies it. With the
+        body's sha256 known before it (the appliance's digest) and one PUT enough, the
+        body goes straight to `final` with its metadata and the store's own check."""
+        if (
+            backup.expected_sha256 is not None
+            and backup.size <= self._config.multipart_threshold_bytes
+        ):
+            return await self._put_in_place(backup, body, final)
         staging = f"{self._config.prefix}{STAGING_PREFIX}{secrets.token_hex(16)}"
         digest = hashlib.sha256()
         signed = self._signed
@@ -124,6 +142,48 @@ class Uploads:
             raise
         return _StagedS3(self, staging, final, backup.info(digest.hexdigest()), backup.uploader_ip)
 
+    async def _put_in_place(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
+        """One PutObject at the final key, with the final metadata and
+        `x-amz-checksum-sha256`: the store refuses bytes that are not the appliance's
+        (400 BadDigest), and the gateway's own sha256 is computed on the way as well. No
+        staging key, no CopyObject: the backup is written once."""
+        assert backup.expected_sha256 is not None
+        digest = hashlib.sha256()
+        feed = _Feed(body, digest)
+        info = backup.info(backup.expected_sha256)
+        headers = {
+            **metadata_headers(info, backup.uploader_ip),
+            "x-amz-checksum-sha256": base64.b64encode(
+                bytes.fromhex(backup.expected_sha256)
+            ).decode(),
+        }
+        step = "head_bucket"
+        try:
+            await self._require_bucket()
+            step = "put_object"
+            answer = await self._signed.put_stream(
+                final,
+                backup.size,
+                feed.chunks(backup.size),
+                read_seconds=self._answer_seconds(backup.size),
+                headers=headers,
+            )
+            if answer.status == 400 and b"BadDigest" in answer.body:
+                raise ChecksumRefused("the store's sha256 of the body differs from the digest")
+            require_ok(answer, step)
+        except BaseException as exc:
+            if feed.error is not None:
+                raise feed.error from None  # the client's body, not the store, failed
+            if isinstance(exc, (InsufficientStorage, ChecksumRefused)):
+                raise
+            # a PUT whose answer was lost may have landed: the new id is nobody's yet
+            _background(self.remove(final, None))
+            if isinstance(exc, STORE_FAILURES):
+                log.warning("s3 %s of an upload failed: %s; nothing was stored", step, reason(exc))
+                raise StorageUnavailable(reason(exc)) from None
+            raise
+        return _PlacedS3(self, final, backup.info(digest.hexdigest()))
+
     def _answer_seconds(self, size: int) -> float:
         """How long a store may take to answer once it has `size` new bytes to persist."""
         return self._config.read_timeout_seconds + size * PERSIST_SECONDS_PER_BYTE
@@ -147,15 +207,7 @@ class Uploads:
 
     async def copy_into_place(self, staging: str, final: str, info: BackupInfo, ip: str) -> None:
         """CopyObject with the metadata: the backup appears whole, checksum and all."""
-        headers = {
-            "x-amz-metadata-directive": "REPLACE",
-            "Content-Type": info.mimetype,
-            # S3 metadata is ASCII: the filename goes percent-encoded, read back decoded
-            "x-amz-meta-filename": quote(info.filename, safe=""),
-            "x-amz-meta-sha256": info.sha256,
-            "x-amz-meta-uploader-ip": ip,
-            "x-amz-meta-uploaded-at": info.uploaded_at.isoformat(timespec="milliseconds"),
-        }
+        headers = {"x-amz-metadata-directive": "REPLACE", **metadata_headers(info, ip)}
         seconds = self._timeout + info.size * PERSIST_SECONDS_PER_BYTE
         answer = await self._signed.copy(staging, final, headers, seconds)
 
@@ -163,6 +215,34 @@ class Uploads:
         if b"<Error>" in answer.body:
             answer = Answer(500 if answer.status == 200 else answer.status, {}, answer.body)
         require_ok(answer, "copy_object")
+
+
+def metadata_headers(info: BackupInfo, ip: str) -> dict[str, str]:
+    """The object's own headers: what a listing and a download read back."""
+    return {
+        "Content-Type": info.mimetype,
+        # S3 metadata is ASCII: the filename goes percent-encoded, read back decoded
+        "x-amz-meta-filename": quote(info.filename, safe=""),
+        "x-amz-meta-sha256": info.sha256,
+        "x-amz-meta-uploader-ip": ip,
+        "x-amz-meta-uploaded-at": info.uploaded_at.isoformat(timespec="milliseconds"),
+    }
+
+
+class _PlacedS3(StagedBackup):
+    """A backup already at its final key (the checked PUT): `commit` has nothing left to
+    do, `discard` deletes it (a lost race, a retry answered with the earlier backup)."""
+
+    def __init__(self, uploads: Uploads, final: str, info: BackupInfo) -> None:
+        super().__init__(info)
+        self._uploads = uploads
+        self._final = final
+
+    async def commit(self) -> None:
+        return None
+
+    async def discard(self) -> None:
+        await self._uploads.remove(self._final, None)
 
 
 class _Feed:
