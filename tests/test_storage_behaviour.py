@@ -284,6 +284,33 @@ async def test_system_folders_are_the_folders_of_systems(
     ]
 
 
+async def test_folder_summaries_count_each_folders_backups_in_one_pass(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    """The fleet's scan (DESIGN.md §13): per folder holding a backup, its count, the bytes
+    of its data (never sidecars or state marks) and its largest id — nothing for staging,
+    state, hidden or odd names, and folders spread over many pages of a listing."""
+    client = await gateway_for(start_gateway, harness)
+    store = client.app[STORE]
+    older, newer = new_backup_id(), new_backup_id()
+    while newer <= older:
+        newer = new_backup_id()
+    harness.put(location_for("org_c1", older), b"x" * 10)
+    harness.put(location_for("org_c1", newer), b"y" * 32)
+    harness.put(location_for("org_c2", newer), b"z" * 7)
+    await store.set_protected(location_for("org_c1", older), True)
+    for odd in (".uploads/x", ".hidden/KEY/x", "org_c1/.hidden/x", "loose", "org_c2/loose"):
+        harness.put_key(odd)
+    harness.put_key(f"org_c1/KEY-C1/deeper/{new_backup_id()}")
+    harness.put_key("org_empty/KEY-EMPTY/not-a-backup")
+    summaries = [s async for batch in store.folder_summaries() for s in batch]
+    found = [(s.folder, s.count, s.total_bytes, s.newest_id) for s in summaries]
+    assert sorted(found, key=lambda row: row[0].system_key) == [
+        (folder_of("org_c1"), 2, 42, newer),
+        (folder_of("org_c2"), 1, 7, newer),
+    ]
+
+
 # --------------------------------------------------------------------------- restore (§10)
 
 

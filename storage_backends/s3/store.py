@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -34,6 +34,7 @@ from ..base import (
     BackupLocation,
     BackupReader,
     BackupStore,
+    FolderSummary,
     NewBackup,
     StagedBackup,
     StoreCapabilities,
@@ -47,6 +48,7 @@ from .errors import Progress, error_code, guarded
 from .folders import folder_names, folders_of
 from .listing import every_key, info_from_headers
 from .reader import S3Reader
+from .scan import summaries
 from .settings import S3Config
 from .signed import Answer, SignedRequests
 from .state import BackupStates
@@ -360,6 +362,17 @@ class S3BackupStore(BackupStore):
         return names
 
     async def presigned_url(
+    def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
+        """One paginated listing of the whole prefix (`scan`), each page bounded in time on
+        its own."""
+        return summaries(self._scan_page, self._config.prefix)
+
+    async def _scan_page(self, request: dict[str, Any]) -> dict[str, Any]:
+        progress = Progress("list_objects_v2")
+        work = self._client.list_objects_v2(Bucket=self._config.bucket, **request)
+        page: dict[str, Any] = await self._guarded(progress, work)
+        return page
+
         self, location: BackupLocation, download_name: str, ttl_seconds: int
     ) -> str:
         ttl = ttl_seconds
