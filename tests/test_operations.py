@@ -107,7 +107,8 @@ async def test_metrics_after_a_known_sequence(
             text,
             "gateway_storage_operations_total",
             backend="local",
-            operation="delete",
+            # a delete looks at the backup first (its protection): an absent one is told there
+            operation="describe",
             outcome="BackupNotFound",
         )
         == 1
@@ -115,7 +116,10 @@ async def test_metrics_after_a_known_sequence(
     assert metric(text, "gateway_http_request_duration_seconds_count", route=route) == 4
     assert metric(text, "gateway_http_request_duration_seconds_bucket", route=route, le="+Inf") == 4
     assert metric(text, "gateway_http_request_duration_seconds_sum", route=route) > 0
-    assert metric(text, "gateway_storage_operation_duration_seconds_count", backend="local") == 2
+    # two describes, one delete
+    durations = "gateway_storage_operation_duration_seconds_count"
+    assert metric(text, durations, backend="local", operation="describe") == 2
+    assert metric(text, durations, backend="local", operation="delete") == 1
     assert "gateway_http_requests_in_flight" in text
     # bounded labels: no raw path or id ever becomes a label value
     assert bid not in text and "extra/path" not in text
