@@ -90,7 +90,8 @@ class _FromEnvironment(str):
 
 
 def interpolate(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
-    """Expand `${VAR}`, `${VAR:-default}` and `$$` in every string, after YAML parsing."""
+    """Expand `${VAR}`, `${VAR:-default}` and `$$` in every string, after YAML parsing.
+    `${VAR:-default}` takes the default when VAR is unset or empty, as a shell does."""
     if isinstance(value, dict):
         return {k: interpolate(v, environ, _join(where, str(k))) for k, v in value.items()}
     if isinstance(value, list):
@@ -106,10 +107,12 @@ def interpolate(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
             # missing brace once made the signing key the config's own words).
             raise ConfigError(where, "a $ that starts no ${VAR} or ${VAR:-default} (write $$)")
         name, default = match.group(1), match.group(2)
+        if default is not None:
+            # as a shell's `:-`: unset or empty both take the default (`PORT=` in a .env
+            # file or an empty CI variable means "not given", not "the empty string")
+            return environ.get(name) or default
         if name in environ:
             return environ[name]
-        if default is not None:
-            return default
         raise ConfigError(where, f"environment variable {name} is not set and has no default")
 
     return _FromEnvironment(_REFERENCE.sub(expand, value))
