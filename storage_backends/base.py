@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, Protocol
@@ -37,6 +37,17 @@ class SystemFolder:
 
     def location(self, backup_id: str) -> BackupLocation:
         return BackupLocation(self.organization_id, self.system_key, backup_id)
+
+
+@dataclass(frozen=True, slots=True)
+class FolderSummary:
+    """What a scan of the store knows of one system folder (DESIGN.md §13): how many
+    backups, their bytes (never sidecars or marks), and the largest id (UUIDv7: the newest)."""
+
+    folder: SystemFolder
+    count: int
+    total_bytes: int
+    newest_id: str
 
 
 DEFAULT_MIMETYPE = "application/octet-stream"
@@ -282,6 +293,27 @@ class BackupStore(abc.ABC):
         raise NotImplementedError(f"{self.name} keeps no state")
 
     async def system_folders(self) -> list[SystemFolder]:
+    def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
+        """Every system folder holding at least one backup, summarized, in batches as the
+        store is read (the fleet's scan): memory holds a batch, never the whole listing.
+        Only when `capabilities.lists_folders`. StorageUnavailable ends it.
+
+        This default lists the folders, then each folder's names and sizes; a backend
+        overrides it with one walk (local) or one listing of the prefix (S3)."""
+        return self._summaries_folder_by_folder()
+
+    async def _summaries_folder_by_folder(self) -> AsyncIterator[list[FolderSummary]]:
+        for folder in await self.system_folders():
+            entries = await self.list_entries(folder)
+            if entries:
+                newest = max(e.id for e in entries)
+                yield [FolderSummary(folder, len(entries), sum(e.size for e in entries), newest)]
+
+    async def remove_empty_folder(self, folder: SystemFolder) -> None:
+        """Remove the system's folder (and its organization's) once no backup is left in it,
+        durably; a folder that still holds anything else stays. Stores without folders (S3)
+        have nothing to remove."""
+
         """Every `{organization_id}/{system_key}/` folder in the store, whoever it belongs
         to. Only when `capabilities.lists_folders`."""
         raise NotImplementedError(f"{self.name} cannot list its folders")

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,6 +46,7 @@ from ..base import (
     BackupReader,
     BackupStore,
     FolderLock,
+    FolderSummary,
     NewBackup,
     OpenedBackup,
     StagedBackup,
@@ -60,7 +61,7 @@ from ..errors import (
     StorageUnavailable,
     UploadIncomplete,
 )
-from . import state
+from . import scan, state
 from .fs import (
     UNMARKED,
     SymlinkRefused,
@@ -87,6 +88,8 @@ T = TypeVar("T")
 # an upload is written in chunks this large, one in a writer thread while the next arrives
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
+# the longest one batch of the fleet's walk of the root may take
+SCAN_BATCH_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class LocalConfig:
@@ -488,6 +491,32 @@ class LocalBackupStore(BackupStore):
 
     def lock_folder(self, folder: SystemFolder, purpose: str = "retention") -> FolderLock:
         return state.LocalFolderLock(self._root, folder, self._write_step, purpose)
+
+    async def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
+        # A thread of its own, in both io modes: a walk of the whole root takes seconds,
+        # and must hold up neither a download's open nor a listing. Each batch is bounded
+        # (a folder of a million backups is one batch: seconds on a loaded host, so not the
+        # operation timeout); a walk stuck on a hung disk ends the scan, which the fleet's
+        # scan age shows.
+        walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan")
+        loop = asyncio.get_running_loop()
+        batches = scan.walk(self._root)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(self._timeout, SCAN_BATCH_SECONDS)):
+                        batch = await loop.run_in_executor(walker, next, batches, None)
+                except TimeoutError:
+                    raise StorageUnavailable("a batch of the root's scan timed out") from None
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            walker.submit(batches.close)  # in its thread: never while a batch is read
+            walker.shutdown(wait=False)
+
+    async def remove_empty_folder(self, folder: SystemFolder) -> None:
+        await self._write_step(scan.remove_empty_folder, self._root, folder)
 
     async def system_folders(self) -> list[SystemFolder]:
         return list(await self._read(state.system_folders, self._root))

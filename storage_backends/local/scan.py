@@ -1,0 +1,139 @@
+"""The fleet's walk of a local root (DESIGN.md §13): every `{org}/{key}` folder summarized
+— its backups' count, bytes and largest id — and the removal of a folder a purge emptied.
+
+One pass of directory descriptors, never a path and never a symlink: the root's folders,
+each organization's, then each system folder's names, one fstatat per backup (its size,
+and that it is a regular file). No sidecar is read. The walk is a generator of batches:
+the caller holds one batch at a time, never the listing of the whole root.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from collections.abc import Generator
+from pathlib import Path
+
+from ..base import FolderSummary, SystemFolder
+from ..errors import StorageUnavailable
+from .fs import _scan as scan_folder
+from .fs import open_root
+from .state import _folder_names
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOCK_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# a batch ends after this many folders or this many names read, whichever comes first:
+# each hand-over to the event loop stays short whatever the folders hold
+BATCH_FOLDERS = 512
+BATCH_NAMES = 65536  # backups
+# the store's own hidden files a purge may remove with the last backup (folder locks)
+_LOCK_FILE = re.compile(r"\.[a-z]+\.lock", re.ASCII)
+
+
+def walk(root: Path) -> Generator[list[FolderSummary], None, None]:
+    """Batches of summaries of every system folder holding a backup, in name order."""
+    root_fd = open_root(root)
+    batch: list[FolderSummary] = []
+    names = 0
+    try:
+        for organization_id in _folder_names(root_fd):
+            org_fd = _open_dir(root_fd, organization_id)
+            if org_fd < 0:
+                continue  # gone, or swapped for a symlink meanwhile
+            try:
+                for system_key in _folder_names(org_fd):
+                    key_fd = _open_dir(org_fd, system_key)
+                    if key_fd < 0:
+                        continue
+                    try:
+                        # the largest name only: one fstatat per backup, no sidecar read
+                        newest, count, total = scan_folder(key_fd, keep=1, deadline=None)
+                    finally:
+                        os.close(key_fd)
+                    names += count
+                    if count:
+                        folder = SystemFolder(organization_id, system_key)
+                        batch.append(FolderSummary(folder, count, total, newest[0][0]))
+                    if len(batch) >= BATCH_FOLDERS or names >= BATCH_NAMES:
+                        yield batch
+                        batch, names = [], 0
+            finally:
+                os.close(org_fd)
+    except OSError as exc:
+        raise StorageUnavailable(f"backup root cannot be scanned: {exc.strerror}") from None
+    finally:
+        os.close(root_fd)
+    if batch:
+        yield batch
+
+
+def _open_dir(parent_fd: int, name: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError:
+        return -1
+
+
+def remove_empty_folder(root: Path, folder: SystemFolder) -> None:
+    """Remove `{org}/{key}` when nothing but free folder locks is left in it, then the
+    organization's folder when it is empty too; each removal made durable. A lock someone
+    holds, or any other file, keeps the folder."""
+    root_fd = open_root(root)
+    try:
+        org_fd = _open_dir(root_fd, folder.organization_id)
+        if org_fd < 0:
+            return
+        try:
+            key_fd = _open_dir(org_fd, folder.system_key)
+            if key_fd >= 0:
+                try:
+                    if not _drop_free_locks(key_fd):
+                        return
+                finally:
+                    os.close(key_fd)
+                if not _rmdir(org_fd, folder.system_key):
+                    return
+                os.fsync(org_fd)
+            if _rmdir(root_fd, folder.organization_id):
+                os.fsync(root_fd)
+        finally:
+            os.close(org_fd)
+    except OSError as exc:
+        raise StorageUnavailable(f"folder not removed: {exc.strerror}") from None
+    finally:
+        os.close(root_fd)
+
+
+def _drop_free_locks(key_fd: int) -> bool:
+    """Unlink the folder's lock files nobody holds; False when anything else is left."""
+    with os.scandir(key_fd) as entries:
+        names = [e.name for e in entries]
+    for name in names:
+        if not _LOCK_FILE.fullmatch(name):
+            return False  # a backup, a sidecar, an upload in flight: the folder stays
+    for name in names:
+        try:
+            fd = os.open(name, _LOCK_FLAGS, dir_fd=key_fd)
+        except OSError:
+            return False  # a symlink, or gone: leave the folder to a later purge
+        try:
+            # held by nobody (else the folder is in use): unlinked while we hold it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(name, dir_fd=key_fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    return True
+
+
+def _rmdir(parent_fd: int, name: str) -> bool:
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.EBUSY):
+            return False
+        raise
