@@ -289,6 +289,10 @@ class BackupStore(abc.ABC):
 
     async def set_protected(self, location: BackupLocation, protected: bool) -> None:
         """Mark the backup protected or not, durably; BackupNotFound when absent. Only when
+        """Every `{organization_id}/{system_key}/` folder in the store, whoever it belongs
+        to. Only when `capabilities.lists_folders`."""
+        raise NotImplementedError(f"{self.name} cannot list its folders")
+
         `capabilities.keeps_state`. The caller holds the system's lock."""
         raise NotImplementedError(f"{self.name} keeps no state")
 
@@ -313,10 +317,6 @@ class BackupStore(abc.ABC):
         """Remove the system's folder (and its organization's) once no backup is left in it,
         durably; a folder that still holds anything else stays. Stores without folders (S3)
         have nothing to remove."""
-
-        """Every `{organization_id}/{system_key}/` folder in the store, whoever it belongs
-        to. Only when `capabilities.lists_folders`."""
-        raise NotImplementedError(f"{self.name} cannot list its folders")
 
     async def set_verified(self, location: BackupLocation, integrity: str, at: datetime) -> None:
         """Record a verification (`ok` or `corrupt`) and when, durably; BackupNotFound
