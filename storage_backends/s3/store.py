@@ -361,7 +361,6 @@ class S3BackupStore(BackupStore):
         names: list[str] = await self._guarded(progress, work)
         return names
 
-    async def presigned_url(
     def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
         """One paginated listing of the whole prefix (`scan`), each page bounded in time on
         its own."""
@@ -374,6 +373,7 @@ class S3BackupStore(BackupStore):
         return page
 
         self, location: BackupLocation, download_name: str, ttl_seconds: int
+    async def presigned_url(
     ) -> str:
         ttl = ttl_seconds
         # Never valid beyond temporary credentials.
