@@ -11,6 +11,7 @@ from ..identity.principal import PRINCIPAL
 from ..identity.revocation import REVOCATION, RevocationUnavailable, TokenRevoked
 from ..identity.tokens import VERIFIER, InvalidToken
 from .errors import ApiError, invalid_token
+from .middlewares import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,19 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         principal = request.app[VERIFIER].verify(token)
     except InvalidToken as exc:
-        log.debug("token refused: %s", exc)
+        # at info: an expired token and a garbage one answer alike, and the operator (or
+        # the user asking why) needs the difference; the request id ties it to the answer
+        log.info(
+            "token refused: %s",
+            exc.reason,
+            extra={
+                "fields": {
+                    "request_id": request.get(REQUEST_ID),
+                    "reason": exc.reason,
+                    "detail": str(exc),
+                }
+            },
+        )
         raise invalid_token() from None
     revocation = request.app.get(REVOCATION)
     if revocation is not None:

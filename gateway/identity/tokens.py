@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard
 
 from aiohttp import web
 from jose import jwk, jws, jwt
@@ -42,14 +42,34 @@ DEFAULT_PERMISSIONS = ("read:systems", MANAGE_SYSTEMS)
 
 
 class InvalidToken(Exception):
-    """Why a token was refused; for logs at debug level, never for the response."""
+    """Why a token was refused: `reason` says which check, the message its detail. For the
+    log (at info, with the request id), never for the response: every refusal answers the
+    same `invalid token`, so a caller learns nothing of which check it failed."""
+
+    def __init__(self, detail: str, reason: Reason = "claims") -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+# expired and not yet valid are a clock's; signature, issuer and audience a key's or a
+# deployment's; claims the token's content; malformed and algorithm its form
+Reason = Literal[
+    "expired",
+    "not yet valid",
+    "signature",
+    "issuer",
+    "audience",
+    "claims",
+    "algorithm",
+    "malformed",
+]
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise InvalidToken(f"duplicate JSON key {key!r}")
+            raise InvalidToken(f"duplicate JSON key {key!r}", "malformed")
         result[key] = value
     return result
 
@@ -63,14 +83,14 @@ def _json_segment(segment: str) -> Any:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (binascii.Error, ValueError) as exc:
-        raise InvalidToken(f"undecodable segment: {type(exc).__name__}") from None
+        raise InvalidToken(f"undecodable segment: {type(exc).__name__}", "malformed") from None
     # Bounded before parsing: nesting depth can be no more than the brackets there are.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_BRACKETS:
-        raise InvalidToken("too many nested structures")
+        raise InvalidToken("too many nested structures", "malformed")
     try:
         return json.loads(raw, object_pairs_hook=_reject_duplicates)
     except (ValueError, RecursionError) as exc:
-        raise InvalidToken(f"undecodable segment: {type(exc).__name__}") from None
+        raise InvalidToken(f"undecodable segment: {type(exc).__name__}", "malformed") from None
 
 
 # Time claims are unix seconds: finite, and within what a float holds exactly.
@@ -137,7 +157,7 @@ class TokenVerifier:
     def verify(self, token: str) -> Principal:
         """Return the principal of a valid access token, or raise InvalidToken."""
         if len(token) > MAX_TOKEN_BYTES or not token.isascii():
-            raise InvalidToken("token too long or not ASCII")
+            raise InvalidToken("token too long or not ASCII", "malformed")
         now = self._clock()
         digest = hashlib.blake2b(token.encode(), digest_size=20).digest()
         cached = self._cache.get(digest)
@@ -155,20 +175,22 @@ class TokenVerifier:
 
     def _verify_uncached(self, token: str, now: float) -> Principal:
         if not _COMPACT_JWS.fullmatch(token):
-            raise InvalidToken("not a compact JWS of base64url segments (JWE is refused too)")
+            raise InvalidToken(
+                "not a compact JWS of base64url segments (JWE is refused too)", "malformed"
+            )
         segments = token.split(".")
         header = _json_segment(segments[0])
         if not isinstance(header, dict):
-            raise InvalidToken("header is not an object")
+            raise InvalidToken("header is not an object", "malformed")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._keys:
-            raise InvalidToken(f"algorithm {alg!r} is not allowed")
+            raise InvalidToken(f"algorithm {alg!r} is not allowed", "algorithm")
         if "crit" in header:
-            raise InvalidToken("critical header extensions are not supported")
+            raise InvalidToken("critical header extensions are not supported", "malformed")
         try:
             jws.verify(token, self._keys[alg], algorithms=[alg])
         except JOSEError as exc:
-            raise InvalidToken(f"signature: {exc}") from None
+            raise InvalidToken(f"signature: {exc}", "signature") from None
         claims = _json_segment(segments[1])
         return self._principal(claims, now)
 
@@ -182,19 +204,19 @@ class TokenVerifier:
             raise InvalidToken("exp missing or not a number")
         exp = float(raw_exp)
         if now > exp + self._leeway:
-            raise InvalidToken("expired")
+            raise InvalidToken(f"expired at {exp:.0f}, now {now:.0f}", "expired")
         for name in ("nbf", "iat"):
             if name in claims and not _is_number(claims[name]):
                 raise InvalidToken(f"{name} is not a number")
         if "nbf" in claims and now + self._leeway < claims["nbf"]:
-            raise InvalidToken("not yet valid")
+            raise InvalidToken(f"not valid before {claims['nbf']}", "not yet valid")
         if self._issuer is not None and claims.get("iss") != self._issuer:
-            raise InvalidToken("wrong issuer")
+            raise InvalidToken("wrong issuer", "issuer")
         if self._audience is not None:
             aud = claims.get("aud")
             audiences = [aud] if isinstance(aud, str) else aud
             if not isinstance(audiences, list) or self._audience not in audiences:
-                raise InvalidToken("wrong audience")
+                raise InvalidToken("wrong audience", "audience")
         user = claims.get("user")
         if not isinstance(user, dict):
             raise InvalidToken("user claim missing or not an object")
