@@ -289,14 +289,14 @@ class BackupStore(abc.ABC):
 
     async def set_protected(self, location: BackupLocation, protected: bool) -> None:
         """Mark the backup protected or not, durably; BackupNotFound when absent. Only when
-        """Every `{organization_id}/{system_key}/` folder in the store, whoever it belongs
-        to. Only when `capabilities.lists_folders`."""
-        raise NotImplementedError(f"{self.name} cannot list its folders")
-
         `capabilities.keeps_state`. The caller holds the system's lock."""
         raise NotImplementedError(f"{self.name} keeps no state")
 
     async def system_folders(self) -> list[SystemFolder]:
+        """Every `{organization_id}/{system_key}/` folder in the store, whoever it belongs
+        to. Only when `capabilities.lists_folders`."""
+        raise NotImplementedError(f"{self.name} cannot list its folders")
+
     def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
         """Every system folder holding at least one backup, summarized, in batches as the
         store is read (the fleet's scan): memory holds a batch, never the whole listing.
