@@ -372,8 +372,8 @@ class S3BackupStore(BackupStore):
         page: dict[str, Any] = await self._guarded(progress, work)
         return page
 
-        self, location: BackupLocation, download_name: str, ttl_seconds: int
     async def presigned_url(
+        self, location: BackupLocation, download_name: str, ttl_seconds: int
     ) -> str:
         ttl = ttl_seconds
         # Never valid beyond temporary credentials.
