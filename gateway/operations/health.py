@@ -31,20 +31,24 @@ PROBE_TIMEOUT = 3.0
 async def readyz(request: web.Request) -> web.Response:
     probes = request.app[READINESS]
     outcomes = await asyncio.gather(*(_probe(name, p) for name, p in probes.items()))
-    checks = dict(zip(probes, outcomes, strict=True))
+    checks = {name: state for name, (state, _) in zip(probes, outcomes, strict=True)}
     if all(v == "ok" for v in checks.values()):
         return envelope(200, "ready", {"checks": checks})
-    return envelope(503, "not ready", {"checks": checks})
+    # the few causes that name no secret and are fixed by a command (an unmarked root)
+    hints = {name: hint for name, (_, hint) in zip(probes, outcomes, strict=True) if hint}
+    return envelope(503, "not ready", {"checks": checks, **({"hints": hints} if hints else {})})
 
 
-async def _probe(name: str, probe: Callable[[], Awaitable[None]]) -> str:
+async def _probe(name: str, probe: Callable[[], Awaitable[None]]) -> tuple[str, str | None]:
+    """("ok" | "unavailable", the failure's `readiness_hint` when it has one)."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             await probe()
     except Exception as exc:  # any failure means not ready; the cause goes to the log
         log.warning("readiness probe %s failed: %s", name, cause_of(exc))
-        return "unavailable"
-    return "ok"
+        hint = getattr(exc, "readiness_hint", None)
+        return "unavailable", hint if isinstance(hint, str) else None
+    return "ok", None
 
 
 def cause_of(exc: BaseException) -> str:

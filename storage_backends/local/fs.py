@@ -59,6 +59,16 @@ ROOT_MARKER = ".backup-gateway-root"
 UNMARKED = "backup root is not marked (is its volume mounted? see `backup-gateway init-root`)"
 
 
+class RootUnmarked(StorageUnavailable):
+    """The root has no marker. Unlike other causes, /readyz's body may say this one: it
+    names no path, and the operator's fix is a command, not a search through the log."""
+
+    readiness_hint = (
+        "the local backup root (storage.local.root) is not marked: is its volume mounted? "
+        "A new root is marked with `backup-gateway init-root --config CONFIG`"
+    )
+
+
 def open_root(root: Path) -> int:
     """An fd of the backup root, which must carry the marker."""
     try:
@@ -70,7 +80,7 @@ def open_root(root: Path) -> int:
     except OSError as exc:
         os.close(fd)
         if isinstance(exc, FileNotFoundError):
-            raise StorageUnavailable(UNMARKED) from None
+            raise RootUnmarked(UNMARKED) from None
         raise StorageUnavailable(f"backup root marker: {exc.strerror}") from None
     return fd
 
@@ -231,7 +241,7 @@ def check_root_sync(root: Path) -> None:
     if not os.access(root, os.W_OK | os.X_OK):
         raise StorageUnavailable("backup root is not writable")
     if not os.path.lexists(root / ROOT_MARKER):
-        raise StorageUnavailable(UNMARKED)
+        raise RootUnmarked(UNMARKED)
 
 
 # --------------------------------------------------------------------------- reading

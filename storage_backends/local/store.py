@@ -64,6 +64,7 @@ from ..errors import (
 from . import scan, state
 from .fs import (
     UNMARKED,
+    RootUnmarked,
     SymlinkRefused,
     check_root_sync,
     decode_entries,
@@ -529,7 +530,9 @@ class LocalBackupStore(BackupStore):
         if self._io is not None:
             code, detail = await self._io.request(b"R")
             if code != b"ok":
-                raise StorageUnavailable(detail.decode("ascii", "replace"))
+                why = detail.decode("ascii", "replace")
+                # the I/O process sends text only: its unmarked root is told by its words
+                raise RootUnmarked(why) if why == UNMARKED else StorageUnavailable(why)
             return
         loop = asyncio.get_running_loop()
         await self._bounded(loop.run_in_executor(self._executor, check_root_sync, self._root))
