@@ -5,9 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 _METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
+
+
+@dataclass(frozen=True)
+class S3Answer:
+    """An answer the proxy gives itself instead of relaying a request: S3's error document
+    with this status and code (a HEAD's carries no body, as S3's does not)."""
+
+    status: int
+    code: str = ""
+
+    def render(self, method: bytes) -> bytes:
+        body = b""
+        if self.code:
+            body = (
+                b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code>'
+                b"<Message>from the fault proxy</Message></Error>" % self.code.encode()
+            )
+        head = b"HTTP/1.1 %d Fault\r\nContent-Type: application/xml\r\n" % self.status
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        return head if method == b"HEAD" else head + body
+
+
+RESET = S3Answer(0)  # no answer: the connection is reset instead
 
 
 @dataclass
@@ -21,7 +45,13 @@ class Faults:
     reset_responses_after: int | None = None
     # let this many requests through, then swallow every later one: never relayed upstream
     swallow_requests_after: int | None = None
+    # Bodiless requests answered by the proxy itself, never relayed upstream: the next ones
+    # of a method, in turn, then every one while `answer_every` is set. RESET resets the
+    # connection instead. (By method: a background listing must not take a delete's turn.)
+    answers: dict[bytes, list[S3Answer]] = field(default_factory=dict)
+    answer_every: S3Answer | None = None
     requests: int = 0
+    by_method: Counter[bytes] = field(default_factory=Counter)  # requests seen, answered or not
     connections: int = 0
     # Hold the answer to each request whose head matches a pattern this many seconds: the
     # upstream has done the work, its answer is late (e.g. a CopyObject, by its header
@@ -76,7 +106,7 @@ class FaultProxy:
             connection = _Connection()
             try:
                 await asyncio.gather(
-                    self._requests(reader, up_writer, connection),
+                    self._requests(reader, up_writer, writer, connection),
                     self._responses(up_reader, writer, connection),
                 )
             finally:
@@ -89,14 +119,29 @@ class FaultProxy:
                 writer.close()
 
     async def _requests(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, connection: _Connection
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        client: asyncio.StreamWriter,
+        connection: _Connection,
     ) -> None:
         while data := await src.read(65536):
             faults = self.faults
             if faults.drop:
                 continue  # on a connection kept alive from before, too: read, never relay
-            if data.split(b" ", 1)[0] in _METHODS:
+            method = data.split(b" ", 1)[0]
+            if method in _METHODS:
                 faults.requests += 1
+                faults.by_method[method] += 1
+                turns = faults.answers.get(method)
+                answer = turns.pop(0) if turns else faults.answer_every
+                if answer == RESET:
+                    client.transport.abort()
+                    break  # and the upstream connection ends with it
+                if answer is not None:
+                    client.write(answer.render(method))
+                    await client.drain()
+                    continue
                 swallow = faults.swallow_requests_after
                 if swallow is not None and faults.requests > swallow:
                     continue

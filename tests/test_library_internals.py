@@ -24,7 +24,7 @@ from gateway.http.aiohttp_internals import (
     send_continue,
 )
 from gateway.telemetry.logging_internals import skip_caller_lookup
-from storage_backends.s3.botocore_internals import credentials_expiry
+from storage_backends.s3.botocore_internals import StandardRetries, credentials_expiry
 
 from .support import free_port
 
@@ -169,3 +169,34 @@ def test_temporary_credentials_say_when_they_expire() -> None:
     )
     assert credentials_expiry(temporary) == expiry
     assert credentials_expiry(Credentials("AKIDEXAMPLE", "secret")) is None
+
+
+def _error(code: str) -> bytes:
+    return f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+
+
+def test_standard_retries_decide_as_botocore_does() -> None:
+    """botocore's standard-mode parts, driven outside a client (the classes, their
+    arguments and the quota's bookkeeping are what change with botocore)."""
+    retries = StandardRetries(3, get_session().get_service_model("s3"))
+
+    def delay(status: int | None, body: bytes = b"", attempt: int = 1, **kw: Any) -> Any:
+        return retries.delay("DeleteObject", attempt, {}, status, {}, body, **kw)
+
+    assert delay(503, _error("SlowDown")) is not None
+    assert delay(400, _error("RequestTimeout")) is not None
+    assert delay(500) is not None  # a bodiless 5xx, as a HEAD's
+    assert delay(None, error=ConnectionClosedError(endpoint_url="u")) is not None
+    assert delay(403, _error("AccessDenied")) is None
+    assert delay(204) is None
+    assert delay(503, _error("SlowDown"), attempt=3) is None  # the attempts are used up
+    # a failing store drains the quota (bounded: botocore's is 500, a retry costs 5 to 14)
+    taken = 0
+    while delay(500) is not None:
+        taken += 1
+        assert taken < 500
+    assert taken > 10
+    # successes refill it (each without a retry gives back a little): retries come back
+    for _ in range(14):
+        retries.answered({}, 200)
+    assert delay(500) is not None

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from .conftest import StartGateway
-from .faultproxy import FaultProxy
+from .faultproxy import RESET, FaultProxy, S3Answer
 from .support import (
     KEEP_EVERYTHING,
     S3Harness,
@@ -146,3 +146,63 @@ async def test_lost_delete_answer_without_retries_is_502_and_logged_as_unknown(
     proxy.reset()
     resp, _ = await timed_delete(client, bid)
     assert resp.status == 404
+
+
+# --------------------------------------------------------------------------- retry classes
+# The signed path (HeadObject, DeleteObject, ListObjectsV2, CopyObject) retries as botocore's
+# standard mode does. The proxy answers the first DeleteObject itself, never relaying it; a
+# retry goes through to the store.
+
+# each answer, and what the delete then is: its status, and how many DELETEs were sent
+ANSWERS: dict[str, tuple[S3Answer, int, int]] = {
+    "5xx": (S3Answer(500, "InternalError"), 200, 2),
+    "SlowDown": (S3Answer(503, "SlowDown"), 200, 2),
+    "RequestTimeout": (S3Answer(400, "RequestTimeout"), 200, 2),  # a 400, retried for its code
+    "throttling code": (S3Answer(400, "Throttling"), 200, 2),
+    "reset connection": (RESET, 200, 2),
+    "AccessDenied, not retried": (S3Answer(403, "AccessDenied"), 502, 1),
+}
+
+
+@pytest.mark.parametrize(("answer", "status", "deletes"), ANSWERS.values(), ids=list(ANSWERS))
+async def test_each_failure_is_retried_as_botocore_classifies_it(
+    start_gateway: StartGateway,
+    s3_harness: S3Harness,
+    proxy: FaultProxy,
+    answer: S3Answer,
+    status: int,
+    deletes: int,
+) -> None:
+    client = await gateway(start_gateway, s3_harness, proxy, max_attempts=3)
+    bid = new_backup_id()
+    s3_harness.put(location_for("org_c1", bid))
+    proxy.faults.answers = {b"DELETE": [answer]}
+    resp, _ = await timed_delete(client, bid)
+    assert resp.status == status, await resp.text()
+    assert proxy.faults.by_method[b"DELETE"] == deletes  # the failed one, and any retry
+    assert s3_harness.exists(location_for("org_c1", bid)) == (status != 200)
+
+
+async def test_retries_stop_once_the_retry_quota_is_drained(
+    start_gateway: StartGateway, s3_harness: S3Harness, proxy: FaultProxy
+) -> None:
+    """A store failing every request is not sent every retry of every request: once a
+    burst has drained the retry quota, each request is sent once."""
+    client = await gateway(start_gateway, s3_harness, proxy, max_attempts=3)
+    proxy.faults.answer_every = S3Answer(500, "InternalError")
+    burst = 100
+    answers = await asyncio.gather(*(timed_delete(client, new_backup_id()) for _ in range(burst)))
+    assert [resp.status for resp, _ in answers] == [502] * burst
+    # each delete stopped at its HEAD, and not every one got its two retries
+    assert proxy.faults.by_method[b"HEAD"] < 3 * burst
+    before = proxy.faults.by_method[b"HEAD"]
+    resp, _ = await timed_delete(client, new_backup_id())
+    assert resp.status == 502
+    assert proxy.faults.by_method[b"HEAD"] == before + 1  # the quota is spent: no retry
+    # the store recovers: answered at once, without the retries it no longer needs
+    proxy.faults.answer_every = None
+    bid = new_backup_id()
+    s3_harness.put(location_for("org_c1", bid))
+    resp, _ = await timed_delete(client, bid)
+    assert resp.status == 200
+    assert not s3_harness.exists(location_for("org_c1", bid))

@@ -13,15 +13,15 @@ the standard library's ElementTree.
 What is kept from aiobotocore: the URL (derived once from the client's own presigner, so
 the endpoint, addressing style and region are botocore's), the credentials (the session's
 chain, refreshed as botocore refreshes them), the connect and read timeouts, the number of
-attempts, and a retry policy shaped like botocore's `standard` mode: connection errors,
-timeouts, 500/502/503/504 and throttling answers are retried with exponential backoff and
-full jitter; anything else is an answer.
+attempts, and botocore's `standard` retry mode itself (its classifier, backoff and retry
+quota, botocore_internals.StandardRetries): an aiohttp failure is named as the botocore
+exception aiobotocore would raise for it, an error answer's code is read from its body, and
+botocore decides. Anything it does not retry is the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -31,12 +31,27 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.exceptions import (
+    BotoCoreError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    ReadTimeoutError,
+)
 
 from ..errors import StorageUnavailable
+from .botocore_internals import StandardRetries
 
 _UNSIGNED_PAYLOAD = SimpleNamespace(s3={"payload_signing_enabled": False})
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-MAX_BACKOFF_SECONDS = 20.0  # botocore's standard mode
+_FAILURES = (aiohttp.ClientError, OSError, TimeoutError)
+# the S3 operation each method sends here (PUT: CopyObject; a streamed PUT is not retried)
+_OPERATIONS = {
+    "HEAD": "HeadObject",
+    "DELETE": "DeleteObject",
+    "GET": "ListObjectsV2",
+    "PUT": "CopyObject",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +71,14 @@ class SignedRequests:
         region: str,
         credentials: Any,
         session: aiohttp.ClientSession,
-        max_attempts: int,
+        retries: StandardRetries,
         bucket: str,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._region = region
         self._credentials = credentials  # aiobotocore's (refreshable) credentials
         self._session = session
-        self._attempts = max_attempts
+        self._retries = retries
         self._bucket = bucket
 
     def url_for(self, key: str) -> str:
@@ -113,7 +128,7 @@ class SignedRequests:
                 unsigned_payload=True,
                 read_seconds=read_seconds,
             )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except _FAILURES as exc:
             raise StorageUnavailable(f"{type(exc).__name__}") from None
 
     async def copy(
@@ -141,21 +156,31 @@ class SignedRequests:
         headers: dict[str, str] | None = None,
         read_seconds: float | None = None,
     ) -> Answer:
-        """The final answer; retryable failures are retried up to `max_attempts` in all.
+        """The final answer: each failure or answer botocore's standard mode retries is
+        retried, as long as it allows.
 
         Raises StorageUnavailable when the last attempt failed to get an answer."""
         url = self._url(key, query)
-        for attempt in range(1, self._attempts + 1):
+        operation = _OPERATIONS[method]
+        context: dict[str, Any] = {}  # the request's own, across its attempts (quota taken)
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 answer = await self._once(method, url, headers or {}, read_seconds=read_seconds)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if attempt == self._attempts:
+            except _FAILURES as exc:
+                error = as_botocore_error(exc, url)
+                delay = self._retries.delay(operation, attempt, context, error=error)
+                if delay is None:
                     raise StorageUnavailable(f"{type(exc).__name__}") from None
             else:
-                if answer.status not in RETRYABLE_STATUS or attempt == self._attempts:
+                delay = self._retries.delay(
+                    operation, attempt, context, answer.status, answer.headers, answer.body
+                )
+                if delay is None:
+                    self._retries.answered(context, answer.status)
                     return answer
-            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_SECONDS, 2 ** (attempt - 1))))  # noqa: S311
-        raise AssertionError("unreachable")
+            await asyncio.sleep(delay)
 
     async def _once(
         self,
@@ -187,3 +212,17 @@ class SignedRequests:
         ) as response:
             answer = b"" if method == "HEAD" else await response.read()
             return Answer(response.status, dict(response.headers), answer)
+
+
+def as_botocore_error(exc: BaseException, url: str) -> BotoCoreError:
+    """The botocore exception aiobotocore raises for this aiohttp failure (its
+    httpsession.send), which is what botocore's retry classifier knows."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectTimeoutError(endpoint_url=url, error=exc)
+    if isinstance(exc, TimeoutError):  # aiohttp's read timeout, or asyncio's
+        return ReadTimeoutError(endpoint_url=url, error=exc)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return ConnectionClosedError(endpoint_url=url, error=exc)
+    if isinstance(exc, aiohttp.ClientConnectionError | OSError):
+        return EndpointConnectionError(endpoint_url=url, error=exc)
+    return HTTPClientError(error=exc)

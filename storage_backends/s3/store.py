@@ -43,7 +43,7 @@ from ..base import (
 )
 from ..errors import BackupNotFound, StorageUnavailable
 from ..ids import normalize_backup_id
-from .botocore_internals import credentials_expiry
+from .botocore_internals import StandardRetries, credentials_expiry
 from .errors import Progress, error_code, guarded
 from .folders import folder_names, folders_of
 from .listing import every_key, info_from_headers
@@ -136,7 +136,8 @@ class S3BackupStore(BackupStore):
             self._client.meta.region_name,
             self._credentials,
             http,
-            cfg.max_attempts,
+            # botocore's standard retry mode, a quota of its own beside the client's
+            StandardRetries(cfg.max_attempts, self._client.meta.service_model),
             cfg.bucket,
         )
         self._uploads = Uploads(
