@@ -20,6 +20,7 @@ from .backups.upload_room import Reservations
 from .backups.usage import USAGE_COUNTER, UsageCounter
 from .config import CONFIG, Config
 from .directory import DIRECTORY, Directory, create_directory
+from .fleet import FLEET, FleetIndex
 from .http.authentication import PROTECTED_ROUTES, authenticate
 from .http.backpressure import STORAGE_GATE, StorageGate
 from .http.client_address import forwarded_client, trusted_networks
@@ -78,6 +79,12 @@ def create_app(
     app[API_DOCUMENT] = render(config.server.base_path)
     # Made here, started in cleanup_ctx: constructing a store contacts nothing.
     app[STORE] = create_store(config.storage)
+    app[FLEET] = FleetIndex(config.fleet, app[STORE], app[DIRECTORY])
+    app[FLEET].export_metrics(app[METRICS])
+    # on_startup runs after cleanup_ctx has started the store and the directory, and
+    # on_shutdown before they close
+    app.on_startup.append(_start_fleet)
+    app.on_shutdown.append(_stop_fleet)
     if app[STORE].capabilities.serves_bytes:  # links to this gateway: a presigning store needs none
         app[LINKS] = LinkSigner(
             config.storage.download.link_secret_file, config.storage.download.ttl_seconds
@@ -93,6 +100,14 @@ def create_app(
     app[RESERVATIONS] = Reservations()
     app.cleanup_ctx.extend([_directory, _storage, _redis])
     return app
+
+
+async def _start_fleet(app: web.Application) -> None:
+    app[FLEET].start()  # the first scan in the background: start-up never waits on storage
+
+
+async def _stop_fleet(app: web.Application) -> None:
+    await app[FLEET].close()
 
 
 async def _directory(app: web.Application) -> AsyncIterator[None]:
@@ -134,7 +149,11 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     app[SYSTEM_LOCKS] = locks = SystemLocks(app[STORE], uploads_db)
     usage = app.get(USAGE_COUNTER)
     app[RETENTION] = Retention(
-        retention, app[STORE], locks, pruned=usage.changed if usage is not None else None
+        retention,
+        app[STORE],
+        locks,
+        pruned=usage.changed if usage is not None else None,
+        fleet=app[FLEET],
     )
     app[RETENTION].export_metrics(app[METRICS])
     app[RETENTION].start_sweeping()

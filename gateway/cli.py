@@ -72,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
         "--max-bytes-per-second", type=float, help="read at most this fast (default: no limit)"
     )
 
+    orphans = commands.add_parser(
+        "orphans", help="list the folders no system maps to (--purge: delete the old ones)"
+    )
+    orphans.add_argument("--config", type=Path, required=True)
+    orphans.add_argument(
+        "--purge", action="store_true", help="delete the orphans older than --older-than-days"
+    )
+    orphans.add_argument(
+        "--older-than-days", type=float, help="with --purge: the newest backup is older than this"
+    )
+
     demo = commands.add_parser("seed-demo", help="write the demo backups into local storage")
     demo.add_argument("--config", type=Path, required=True)
 
@@ -139,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(
                 verify(config, args.system, max_bytes_per_second=args.max_bytes_per_second)
             )
+        if args.command == "orphans":
+            from .orphans_command import orphans
+
+            if args.purge and (args.older_than_days is None or args.older_than_days < 0):
+                raise ConfigError("--older-than-days", "--purge needs a number of days, >= 0")
+            days = args.older_than_days if args.purge else None
+            return asyncio.run(orphans(config, days))
         if args.command == "seed-demo":
             from .tools.demo import seed_demo
 

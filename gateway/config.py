@@ -222,6 +222,17 @@ class StorageSection(StorageConfig):
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """The fleet's index of storage (DESIGN.md §13)."""
+
+    # storage is scanned at start-up and this often (uploads, deletes and prunes of this
+    # process update the index between scans)
+    scan_seconds: float = 600.0
+    # a system whose newest backup is older than this is stale
+    stale_after_hours: float = 36.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -231,6 +242,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 CONFIG = web.AppKey("config", Config)
@@ -352,6 +364,10 @@ def validate(config: Config) -> None:
             "storage.download.max_open_backups_per_organization",
             "must be between 1 and storage.download.max_open_backups",
         )
+    for name in ("scan_seconds", "stale_after_hours"):
+        value = getattr(config.fleet, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"fleet.{name}", "must be a positive, finite number")
     if config.limits.max_list_items < 1:
         raise ConfigError("limits.max_list_items", "must be at least 1")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .backups import delete, download, listing, protection, upload
+from .backups import delete, download, fleet, listing, orphans, protection, upload
 from .http.middlewares import OWN_DEADLINE_ROUTES
 from .identity.principal import MANAGE_SYSTEMS, READ_SYSTEMS
 from .operations import api_document, health
@@ -78,6 +78,10 @@ def routes(base_path: str) -> list[Route]:
             "delete_backup_download",
             MANAGE_SYSTEMS,
         ),
+        # The fleet (DESIGN.md §13): the systems in the caller's reach, and (the Owner's
+        # only: checked by the handler) the folders no system maps to.
+        Route("GET", base + "/backups/fleet", fleet.fleet_systems, "fleet", READ_SYSTEMS),
+        Route("GET", base + "/backups/orphans", orphans.orphan_folders, "orphans", READ_SYSTEMS),
         Route("GET", base + "/openapi.yaml", api_document.openapi, "openapi", DOCUMENT),
         Route("GET", "/healthz", health.healthz, "healthz", PROBE),
         Route("GET", "/readyz", health.readyz, "readyz", PROBE),

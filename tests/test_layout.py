@@ -26,7 +26,18 @@ ALLOWED: dict[str, set[str]] = {
     "identity": {"config", "telemetry"},
     "directory": {"config", "telemetry"},
     "http": {"config", "telemetry", "identity", "storage_backends"},
-    "backups": {"config", "telemetry", "identity", "directory", "http", "storage_backends"},
+    # the fleet's index is told of every upload, delete and prune (DESIGN.md §13)
+    "backups": {
+        "config",
+        "telemetry",
+        "identity",
+        "directory",
+        "http",
+        "fleet",
+        "storage_backends",
+    },
+    # the index of storage and the orphans: read from storage and the directory only
+    "fleet": {"config", "telemetry", "directory", "storage_backends"},
     "operations": {"config", "telemetry", "http"},
     "tools": {"config", "identity", "directory", "storage_backends"},
     "wiring": {
@@ -36,6 +47,7 @@ ALLOWED: dict[str, set[str]] = {
         "directory",
         "http",
         "backups",
+        "fleet",
         "operations",
         "tools",
         "storage_backends",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..directory import DIRECTORY, Organization, System, SystemInTree
+from ..directory.hierarchy import reaches
 from ..http.errors import ApiError
 from ..identity.principal import PRINCIPAL, Principal
 from .directory_answer import directory_or_503
@@ -47,34 +48,4 @@ def may_act_on(caller: Principal, acting: Organization | None, tree: SystemInTre
     # The token's role claim must agree with the directory: a stale or forged claim never widens.
     if acting is None or acting.deleted or acting.role != caller.org_role:
         return False
-    if acting.role == "owner":
-        return True
-    if tree is None:
-        return False  # never for a live claim other than the Owner's: nothing to decide on
-    target, creator = tree.organization, tree.creator
-    if target is None or target.deleted or target.id != tree.system.organization_id:
-        return False
-    if target.id == acting.id:
-        return True
-    if acting.role == "customer":
-        return False
-    if target.parent == acting.id:
-        return _created_by(acting, target)
-    if acting.role == "distributor" and target.role == "customer" and target.parent is not None:
-        reseller = creator
-        return (
-            reseller is not None
-            and reseller.id == target.parent
-            and not reseller.deleted
-            and reseller.role == "reseller"
-            and reseller.parent == acting.id
-        )
-    return False
-
-
-def _created_by(acting: Organization, target: Organization) -> bool:
-    if acting.role == "distributor":
-        return target.role in ("reseller", "customer")
-    if acting.role == "reseller":
-        return target.role == "customer"
-    return False
+    return reaches(acting, tree)

@@ -32,6 +32,7 @@ from storage_backends import (
 from storage_backends.ids import backup_unix_ms
 
 from ..config import RetentionConfig
+from ..fleet import FleetIndex
 from ..telemetry.logs import audit_log, log_info
 from ..telemetry.metrics import Metrics
 from .keep_rules import KeepPolicy
@@ -73,6 +74,7 @@ class Retention:
         store: BackupStore,
         locks: SystemLocks,
         pruned: Pruned | None = None,
+        fleet: FleetIndex | None = None,
     ) -> None:
         self._policy = policy_of(config)
         self._prune_seconds = config.prune_seconds
@@ -80,6 +82,7 @@ class Retention:
         self._store = store
         self._locks = locks
         self._pruned = pruned
+        self._fleet = fleet  # told of every prune (DESIGN.md §13)
         self._queued: dict[str, SystemFolder] = {}  # systems whose run is due, not started
         self._tasks: set[asyncio.Task[Any]] = set()  # runs after uploads
         self._sweeper: asyncio.Future[None] | None = None
@@ -226,6 +229,8 @@ class Retention:
             raise
         self.prunes += 1
         _audit_prune(cause, folder, info, "backup pruned")
+        if self._fleet is not None:
+            self._fleet.removed(folder, info.id, info.size)
         if self._pruned is not None:
             self._pruned(folder.organization_id)
 

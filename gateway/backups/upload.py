@@ -50,6 +50,7 @@ from .names import sanitized
 from .rates import FailedLogins, UploadRates
 from .retention import RETENTION, Cause
 from .storage import STORE, run_storage
+from .storage_changes import backup_stored
 from .system_lock import SYSTEM_LOCKS, LockBusy
 from .upload_room import ORGANIZATION_FULL, SYSTEM_FULL, Reservations, kept_bytes
 from .usage import USAGE_COUNTER
@@ -120,7 +121,7 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
         if not new:  # a retry of one stored moments ago: nothing stored, nothing pruned
             record_upload(request, system.system_key or "", system.id, DUPLICATE, data)
             return envelope(200, DUPLICATE, data)
-        _stored_bookkeeping(request.app, system, request[REQUEST_ID])
+        _stored_bookkeeping(request.app, system, request[REQUEST_ID], stored)
         record_upload(request, system.system_key or "", system.id, "backup stored", data)
         return envelope(201, "backup stored", data)
     if credentials is not None:
@@ -433,7 +434,7 @@ async def _commit_in_time(request: web.Request, system: System, staged: StagedBa
                 _discard_later(staged)
                 return
             log.info("upload %s landed after its answer", staged.info.id)
-            _stored_bookkeeping(app, system, request_id)
+            _stored_bookkeeping(app, system, request_id, staged.info)
 
         commit.add_done_callback(settled)
         raise _OutcomeUnknown() from None
@@ -448,10 +449,14 @@ def info_system_key(system: System) -> str:
     return system.system_key
 
 
-def _stored_bookkeeping(app: web.Application, system: System, request_id: str) -> None:
-    """A backup landed: the usage counter dropped, retention run in the background."""
+def _stored_bookkeeping(
+    app: web.Application, system: System, request_id: str, stored: BackupInfo
+) -> None:
+    """A backup landed: the usage counter dropped, the fleet's index told, retention run in
+    the background."""
     usage = app.get(USAGE_COUNTER)
     if usage is not None:
         usage.changed(system.organization_id)
     folder = SystemFolder(system.organization_id, info_system_key(system))
+    backup_stored(app, folder, stored.id, stored.size)
     app[RETENTION].prune_soon(folder, Cause(request_id, system.id))

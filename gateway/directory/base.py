@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -112,6 +113,25 @@ class Directory(abc.ABC):
         if tree is None or tree.system.deleted:
             return tree, None
         return tree, await self.organization(organization_id)
+
+    def reachable_systems(self, acting: Organization) -> AsyncIterator[list[System]]:
+        """Every live, registered system the organization `acting` reaches by DESIGN.md
+        §3's rules (the fleet, §13), in batches, by id in code-point order. `acting` is the
+        caller's organization as `organization` answers it, its role already held to the
+        token's claim. DirectoryUnavailable may end it part-way."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list a reach")
+
+    def registered_systems(self) -> AsyncIterator[list[System]]:
+        """Every system with a registered key, soft-deleted ones included (each still maps
+        its folder: its backups stay for a restore), in batches, in no particular order."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its systems")
+
+    async def maps_folder_now(self, organization_id: str, system_key: str) -> bool:
+        """Whether a registered system (live or soft-deleted) has this organization and key,
+        asked of the source itself now: never from a cache, never from a file version older
+        than this call (a purge asks it right before it deletes)."""
+        system = await self.system_by_key(system_key)
+        return system is not None and system.organization_id == organization_id
 
     def local_organization(self, organization_id: str) -> Organization | None:
         """The organization when this directory knows it without asking anyone (the Owner,

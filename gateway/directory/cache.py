@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from ..telemetry.metrics import Metrics
@@ -230,6 +230,17 @@ class CachedDirectory(Directory):
 
     async def system_by_key(self, system_key: str) -> System | None:
         return await self._keys.get(system_key, self.inner.system_by_key)
+
+    # The fleet's questions go to the server every time: each is one query over many
+    # systems, asked rarely, and a purge must never decide on a cached answer.
+    def reachable_systems(self, acting: Organization) -> AsyncIterator[list[System]]:
+        return self.inner.reachable_systems(acting)
+
+    def registered_systems(self) -> AsyncIterator[list[System]]:
+        return self.inner.registered_systems()
+
+    async def maps_folder_now(self, organization_id: str, system_key: str) -> bool:
+        return await self.inner.maps_folder_now(organization_id, system_key)
 
     async def start(self) -> None:
         await self.inner.start()

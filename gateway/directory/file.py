@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ from .base import (
     DirectoryUnavailable,
     Organization,
     System,
+    SystemInTree,
 )
+from .hierarchy import reaches
 
 log = logging.getLogger(__name__)
 _SECRET_PUBLIC = re.compile(r"[A-Za-z0-9]{1,128}", re.ASCII)
 _SECRET_SHA256 = re.compile(r"[0-9a-f]{2,128}:[0-9a-f]{64}", re.ASCII)
+_BATCH = 1000  # systems of a reach handed over at once
 
 
 class InMemoryDirectory(Directory):
@@ -42,6 +46,32 @@ class InMemoryDirectory(Directory):
         self._organizations = {o.id: o for o in organizations}
         self._systems = {s.id: s for s in systems}
         self._by_key = {s.system_key: s for s in systems if s.system_key is not None}
+        self._served: list[System] | None = None  # live and registered, by id: made once
+
+    async def reachable_systems(self, acting: Organization) -> AsyncIterator[list[System]]:
+        if self._served is None:
+            self._served = sorted(
+                (s for s in self._systems.values() if not s.deleted and s.system_key),
+                key=lambda s: s.id,
+            )
+        batch: list[System] = []
+        for system in self._served:
+            if reaches(acting, self._tree(system)):
+                batch.append(system)
+                if len(batch) >= _BATCH:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def _tree(self, system: System) -> SystemInTree:
+        organization = self._organizations.get(system.organization_id)
+        parent = organization.parent if organization is not None else None
+        creator = self._organizations.get(parent) if parent is not None else None
+        return SystemInTree(system, organization, creator)
+
+    async def registered_systems(self) -> AsyncIterator[list[System]]:
+        yield list(self._by_key.values())
 
     async def system(self, system_id: str) -> System | None:
         return self._systems.get(system_id)
@@ -68,6 +98,7 @@ class FileDirectory(Directory):
         self._path = path
         self._interval = reload_seconds
         self._seen = _signature(path)  # the version in service (or last refused)
+        self._in_service = self._seen
         self._current = load_file_directory(path)  # a broken file fails start-up
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -81,6 +112,20 @@ class FileDirectory(Directory):
 
     async def system_by_key(self, system_key: str) -> System | None:
         return await self._current.system_by_key(system_key)
+
+    def reachable_systems(self, acting: Organization) -> AsyncIterator[list[System]]:
+        return self._current.reachable_systems(acting)
+
+    def registered_systems(self) -> AsyncIterator[list[System]]:
+        return self._current.registered_systems()
+
+    async def maps_folder_now(self, organization_id: str, system_key: str) -> bool:
+        # the file as it is now, not as the last reload found it; a version that was
+        # refused may map the folder: no answer, rather than a guess
+        await self.check_for_change()
+        if self._seen != self._in_service:
+            raise DirectoryUnavailable("the directory file on disk is not the one in service")
+        return await self._current.maps_folder_now(organization_id, system_key)
 
     @property
     def current(self) -> InMemoryDirectory:
@@ -147,6 +192,7 @@ class FileDirectory(Directory):
             log.error("directory not reloaded, the last good one stays in service: %s", exc)
             return False
         self._current = fresh
+        self._in_service = signature
         log.info(
             "directory reloaded",
             extra={

@@ -19,9 +19,10 @@ answer is DirectoryUnavailable, never a stale one. Caching is `CachedDirectory`'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -114,6 +115,61 @@ SELECT asked.caller_id, k.role AS caller_role, k.parent AS caller_parent, t.*
     tree=_SYSTEMS.format(**_TREE, where="s.id = asked.system_id"),
     caller=_LIVE_ORGANIZATIONS.format(match="= asked.caller_id"),
 )
+# The fleet (DESIGN.md §13). An organization's reach in one query: the caller's own
+# organization ($1, of role $2: already found live with the role its token claims), the
+# resellers and customers it created, and the customers its live resellers created — each
+# live in exactly one organization table, as `organization` finds it — then their live,
+# registered systems by the index on systems.organization_id. The platform keeps no index
+# on custom_data->>'createdBy': its resellers and customers are read once per query.
+# Ordered by id in code-point order (COLLATE "C"), as the file directory orders them, so a
+# page's cursor means the same in both; streamed through a server-side cursor.
+_LIVE_ONCE = "(SELECT count(*) FROM ({live}) AS l) = 1"
+_REACHED = """
+SELECT $1::text
+UNION
+SELECT r.logto_id FROM resellers AS r
+ WHERE $2::text = 'distributor' AND r.deleted_at IS NULL AND r.custom_data->>'createdBy' = $1
+   AND {reseller_once}
+UNION
+SELECT c.logto_id FROM customers AS c
+ WHERE $2::text IN ('distributor', 'reseller') AND c.deleted_at IS NULL
+   AND c.custom_data->>'createdBy' = $1 AND {customer_once}
+UNION
+SELECT c.logto_id FROM resellers AS r
+  JOIN customers AS c ON c.custom_data->>'createdBy' = r.logto_id AND c.deleted_at IS NULL
+ WHERE $2::text = 'distributor' AND r.deleted_at IS NULL AND r.custom_data->>'createdBy' = $1
+   AND {reseller_once} AND {customer_once}
+""".format(
+    reseller_once=_LIVE_ONCE.format(live=_LIVE_ORGANIZATIONS.format(match="= r.logto_id")),
+    customer_once=_LIVE_ONCE.format(live=_LIVE_ORGANIZATIONS.format(match="= c.logto_id")),
+)
+_SERVED = "s.deleted_at IS NULL AND s.registered_at IS NOT NULL AND s.system_key IS NOT NULL"
+# By LATERAL: an index probe of systems.organization_id per organization reached, whatever
+# the planner guesses of how many there are (left to itself it scans the whole table).
+_REACH = """
+SELECT t.* FROM ({reached}) AS o(logto_id)
+  JOIN LATERAL ({systems}) AS t ON true
+ ORDER BY t.id COLLATE "C"
+""".format(
+    reached=_REACHED,
+    systems=_SYSTEMS.format(
+        columns="", joins="", where=f"s.organization_id = o.logto_id AND {_SERVED}"
+    ),
+)
+# the Owner reaches every live, registered system, whatever its organization
+_OWNER_REACH = _SYSTEMS.format(columns="", joins="", where=_SERVED) + ' ORDER BY s.id COLLATE "C"'
+# what maps a folder (orphans, §13): every registered key, soft-deleted systems included
+_REGISTERED = """
+SELECT id, organization_id, system_key, deleted_at IS NOT NULL AS deleted
+  FROM systems WHERE registered_at IS NOT NULL AND system_key IS NOT NULL
+"""
+# by the unique index on system_key
+_MAPS_FOLDER = """
+SELECT EXISTS (SELECT 1 FROM systems
+                WHERE system_key = $1 AND organization_id = $2 AND registered_at IS NOT NULL)
+"""
+_STREAM_BATCH = 1000  # rows a server-side cursor hands over at once
+_REACHING_ROLES = ("distributor", "reseller", "customer")
 _UNAVAILABLE = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -261,6 +317,77 @@ class PostgresDirectory(Directory):
 
     def local_organization(self, organization_id: str) -> Organization | None:
         return self._owner if organization_id == self._owner.id else None
+
+    async def reachable_systems(self, acting: Organization) -> AsyncIterator[list[System]]:
+        if acting.deleted or acting.role not in ("owner", *_REACHING_ROLES):
+            return
+        twins = await self._twins()
+        if acting.role == "owner":
+            rows = self._stream(_OWNER_REACH)
+        else:
+            rows = self._stream(_REACH, acting.id, acting.role)
+        async for batch in rows:
+            systems = (_system(row, twins) for row in batch)
+            yield [system for system in systems if system is not None]
+
+    async def registered_systems(self) -> AsyncIterator[list[System]]:
+        async for batch in self._stream(_REGISTERED):
+            yield [
+                System(
+                    id=row["id"],
+                    organization_id=row["organization_id"],
+                    system_key=row["system_key"],
+                    deleted=row["deleted"],
+                )
+                for row in batch
+            ]
+
+    async def maps_folder_now(self, organization_id: str, system_key: str) -> bool:
+        rows = await self._fetch(_MAPS_FOLDER, system_key, organization_id)
+        return bool(rows[0][0])
+
+    async def _twins(self) -> CaseTwins:
+        twins = self._case_twins.trusted()
+        if twins is None:
+            try:
+                async with asyncio.timeout(self._timeout + 1):
+                    twins = await self._case_twins.current()
+            except TimeoutError:
+                raise DirectoryUnavailable("postgres: no case scan within the bound") from None
+        return twins
+
+    async def _stream(self, query: str, *args: Any) -> AsyncIterator[list[asyncpg.Record]]:
+        """The rows of one query in batches, through a server-side cursor in a read-only
+        transaction: the whole answer is never held at once. Each step is bounded as a
+        lookup is; a failure is DirectoryUnavailable, whatever was handed over before."""
+        pool = self._pool
+        if pool is None:
+            raise DirectoryUnavailable("directory not started")
+        try:
+            async with asyncio.timeout(self._timeout + 1):
+                connection = await pool.acquire()
+        except _UNAVAILABLE as exc:
+            raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+        transaction = connection.transaction(readonly=True)
+        try:
+            try:
+                async with asyncio.timeout(self._timeout + 1):
+                    await transaction.start()
+                    cursor = await connection.cursor(query, *args)
+                while True:
+                    async with asyncio.timeout(self._timeout + 1):
+                        rows = await cursor.fetch(_STREAM_BATCH)
+                    if rows:
+                        yield rows
+                    if len(rows) < _STREAM_BATCH:
+                        return
+            except _UNAVAILABLE as exc:
+                raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE):
+                async with asyncio.timeout(self._timeout + 1):
+                    await transaction.rollback()
+            self._release_soon(pool, connection)
 
     async def _one(self, name: str, lookup: BatchedLookup[K, V], key: K) -> V | None:
         started = time.perf_counter()

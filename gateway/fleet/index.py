@@ -1,0 +1,334 @@
+"""The fleet's index of storage (DESIGN.md §13): per system folder the count, the bytes and
+the newest backup's time.
+
+Built by a scan at start-up and every `fleet.scan_seconds` (the store's `folder_summaries`:
+batches as storage is read, the event loop free between them), swapped in whole when the
+scan ends; between scans every upload, delete and prune of this process updates it. Each
+process keeps its own index from the same storage: another process's changes show at the
+next scan.
+
+A scan reads a folder at some moment of its run, so a change made meanwhile may or may not
+be in what it read. Every change during a scan (or soon after one: a store operation may
+have begun before the scan read its folder and end after the scan was swapped in) is
+applied to the index in service and re-read from storage once the scan is in: the
+folder's listing (names and sizes only) settles it, and a change during that listing
+reads it again.
+
+Per folder the index holds three numbers under one "org/key" string: about 250 bytes a
+system (measured in bench/fleet_scan.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from storage_backends import BackupStore, StorageError, SystemFolder
+from storage_backends.ids import backup_unix_ms
+
+from ..config import FleetConfig
+from ..directory import Directory, DirectoryUnavailable
+from ..telemetry.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATES = ("fresh", "stale", "never")
+# how long after a scan is swapped in a change is still re-read: longer than any one store
+# operation (bounded by storage.operation_timeout_seconds) may take
+_SETTLING_SECONDS = 60.0
+
+_Entry = tuple[int, int, int]  # backups, bytes, the newest backup's Unix milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class FolderStats:
+    backups: int
+    bytes: int
+    newest_ms: int
+
+    @property
+    def newest_at(self) -> datetime:
+        return datetime.fromtimestamp(self.newest_ms / 1000, UTC)
+
+
+def folder_key(organization_id: str, system_key: str) -> str:
+    return f"{organization_id}/{system_key}"
+
+
+class FleetIndex:
+    def __init__(
+        self,
+        config: FleetConfig,
+        store: BackupStore,
+        directory: Directory,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._directory = directory
+        self._scan_seconds = config.scan_seconds
+        self._stale_ms = int(config.stale_after_hours * 3600 * 1000)
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._scanned_at: float | None = None  # when the last scan that ended had started
+        self._touched: set[str] | None = None  # folders changed while a scan runs
+        self._settled_after = 0.0  # monotonic: changes before it need no re-read
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._dirty: set[str] = set()  # changed while their re-read was in flight
+        self._scanner: asyncio.Task[None] | None = None
+        # from the directory at the end of each scan: what the metrics count over
+        self._live_folders: tuple[str, ...] = ()
+        self._orphaned_bytes = 0
+        self.scans: Counter[str] = Counter()
+        self._started = clock()
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def ready(self) -> bool:
+        return self._scanned_at is not None
+
+    @property
+    def scanned_at(self) -> datetime | None:
+        if self._scanned_at is None:
+            return None
+        return datetime.fromtimestamp(self._scanned_at, UTC)
+
+    def stats(self, organization_id: str, system_key: str) -> FolderStats | None:
+        entry = self._entries.get(folder_key(organization_id, system_key))
+        return None if entry is None else FolderStats(*entry)
+
+    def state(self, stats: FolderStats | None, now_ms: int) -> str:
+        """fresh: the newest backup is younger than `fleet.stale_after_hours`."""
+        if stats is None:
+            return "never"
+        return "fresh" if now_ms - stats.newest_ms < self._stale_ms else "stale"
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def folders(self) -> Iterator[tuple[SystemFolder, FolderStats]]:
+        """Every folder holding a backup, as the index knows it now."""
+        for key, entry in list(self._entries.items()):
+            organization_id, _, system_key = key.partition("/")
+            yield SystemFolder(organization_id, system_key), FolderStats(*entry)
+
+    # ------------------------------------------------------------------ this process's changes
+
+    def stored(self, folder: SystemFolder, backup_id: str, size: int) -> None:
+        """A backup was committed (an upload's 201, or one that landed after its 504)."""
+        key = folder_key(folder.organization_id, folder.system_key)
+        ms = backup_unix_ms(backup_id)
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = (1, size, ms)
+            self._changed(key, settle=False)
+        elif ms > entry[2]:
+            self._entries[key] = (entry[0] + 1, entry[1] + size, ms)
+            self._changed(key, settle=False)
+        else:
+            # not newer than what the index holds: a scan or a re-read may have counted it
+            # already; storage says
+            self._changed(key, settle=True)
+
+    def removed(self, folder: SystemFolder, backup_id: str, size: int | None) -> None:
+        """A backup was deleted or pruned; `size` None when the caller did not know it."""
+        key = folder_key(folder.organization_id, folder.system_key)
+        entry = self._entries.get(key)
+        if entry is None:
+            return self._changed(key, settle=True)
+        count, total, newest = entry
+        if count <= 1:
+            del self._entries[key]  # whether anything is left, storage says
+            return self._changed(key, settle=True)
+        self._entries[key] = (count - 1, max(total - (size or 0), 0), newest)
+        # the newest went (which one is newest now, storage says), or its size is unknown
+        self._changed(key, settle=size is None or backup_unix_ms(backup_id) >= newest)
+
+    def _changed(self, key: str, settle: bool) -> None:
+        if self._touched is not None:
+            self._touched.add(key)  # re-read once the scan is in
+            return
+        if settle or time.monotonic() < self._settled_after or key in self._refreshing:
+            self._reread_soon(key)
+
+    def _reread_soon(self, key: str) -> None:
+        if key in self._refreshing:
+            self._dirty.add(key)
+            return
+        task = asyncio.ensure_future(self._reread(key))
+        self._refreshing[key] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(key, None))
+
+    async def _reread(self, key: str) -> None:
+        organization_id, _, system_key = key.partition("/")
+        folder = SystemFolder(organization_id, system_key)
+        for _ in range(5):  # a folder changing all the time: the next scan settles it
+            self._dirty.discard(key)
+            try:
+                entries = await self._store.list_entries(folder)
+            except StorageError as exc:
+                log.warning("fleet index: %s not re-read: %s", key, exc)
+                return
+            if key in self._dirty:
+                continue
+            if entries:
+                newest = max(e.id for e in entries)
+                value = (len(entries), sum(e.size for e in entries), backup_unix_ms(newest))
+                self._entries[key] = value
+            else:
+                self._entries.pop(key, None)
+            if self._touched is not None:
+                self._touched.add(key)
+            return
+
+    # ------------------------------------------------------------------ scanning
+
+    async def scan(self) -> bool:
+        """One scan of storage, then the directory read for what the metrics count; False
+        when storage could not be read (the index in service stays)."""
+        if not self._store.capabilities.lists_folders:
+            self._scanned_at = self._clock()  # nothing to scan: every system is `never`
+            return True
+        started, began = self._clock(), time.monotonic()
+        self._touched = set()
+        scanned: dict[str, _Entry] = {}
+        try:
+            async for batch in self._store.folder_summaries():
+                for summary in batch:
+                    folder = summary.folder
+                    scanned[folder_key(folder.organization_id, folder.system_key)] = (
+                        summary.count,
+                        summary.total_bytes,
+                        backup_unix_ms(summary.newest_id),
+                    )
+        except StorageError as exc:
+            self.scans["failed"] += 1
+            log.warning("fleet scan failed, the index in service stays: %s", exc)
+            return False
+        finally:
+            touched, self._touched = self._touched, None
+        # what changed meanwhile: as the index in service has it, then read again
+        for key in touched:
+            entry = self._entries.get(key)
+            if entry is None:
+                scanned.pop(key, None)
+            else:
+                scanned[key] = entry
+        self._entries = scanned
+        self._scanned_at = started
+        self._settled_after = time.monotonic() + _SETTLING_SECONDS
+        for key in touched:
+            self._reread_soon(key)
+        self.scans["done"] += 1
+        log.info(
+            "fleet scan done",
+            extra={
+                "fields": {
+                    "folders": len(scanned),
+                    "seconds": round(time.monotonic() - began, 3),
+                }
+            },
+        )
+        await self._read_directory()
+        return True
+
+    async def _read_directory(self) -> None:
+        """The registered systems' folders now: which are live (the metrics' reach, the
+        Owner's) and how many bytes no system maps."""
+        live: list[str] = []
+        mapped: set[str] = set()
+        try:
+            async for batch in self._directory.registered_systems():
+                for system in batch:
+                    assert system.system_key is not None
+                    key = folder_key(system.organization_id, system.system_key)
+                    mapped.add(key)
+                    if not system.deleted:
+                        live.append(key)
+        except DirectoryUnavailable as exc:
+            log.warning("fleet: no answer from the directory, metrics keep the last: %s", exc)
+            return
+        self._live_folders = tuple(live)
+        self._orphaned_bytes = sum(e[1] for k, e in self._entries.items() if k not in mapped)
+
+    async def _scan_forever(self) -> None:
+        while True:
+            try:
+                await self.scan()
+            except Exception:
+                # whatever one scan meets, the next one runs
+                self.scans["failed"] += 1
+                log.exception("fleet scan failed unexpectedly")
+            await asyncio.sleep(self._scan_seconds)
+
+    def start(self) -> None:
+        self._scanner = asyncio.ensure_future(self._scan_forever())
+
+    async def close(self) -> None:
+        tasks = [*self._refreshing.values(), *([self._scanner] if self._scanner else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ------------------------------------------------------------------ metrics
+
+    def states(self) -> dict[str, float]:
+        """Every live registered system (the Owner's reach) by state."""
+        counts = dict.fromkeys(STATES, 0.0)
+        if not self.ready:
+            return counts
+        now, entries = self.now_ms(), self._entries
+        for key in self._live_folders:
+            entry = entries.get(key)
+            if entry is None:
+                counts["never"] += 1
+            elif now - entry[2] < self._stale_ms:
+                counts["fresh"] += 1
+            else:
+                counts["stale"] += 1
+        return counts
+
+    def scan_age(self) -> float:
+        """Seconds since the last scan that ended began; since start-up before the first."""
+        return self._clock() - (self._scanned_at or self._started)
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        metrics.add_labeled_reading(
+            "gauge",
+            "gateway_fleet_systems",
+            "Registered live systems by the age of their newest backup (fresh, stale, never)",
+            "state",
+            self.states,
+        )
+        metrics.add_reading(
+            "gauge",
+            "gateway_fleet_orphaned_bytes",
+            "Bytes of backups in folders no registered system maps to, at the last scan",
+            lambda: self._orphaned_bytes,
+        )
+        metrics.add_reading(
+            "gauge",
+            "gateway_fleet_scan_age_seconds",
+            "Seconds since the last completed scan of storage began",
+            self.scan_age,
+        )
+        metrics.add_labeled_reading(
+            "counter",
+            "gateway_fleet_scans",
+            "Scans of storage by outcome: done, failed",
+            "outcome",
+            lambda: dict(self.scans),
+        )
+
+
+FLEET = web.AppKey("fleet", FleetIndex)
