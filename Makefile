@@ -15,7 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## make run: set up, write the demo backups, serve the embedded default on 127.0.0.1:8080
+## make run: set up, write the demo backups (into a new root only), serve the embedded default
+## on 127.0.0.1:8080 (GATEWAY_PORT=8081 make run for another port; a busy one stops both steps)
 run: install
 	$(BIN)/backup-gateway seed-demo --config $(CONFIG)
 	$(BIN)/backup-gateway serve --config $(CONFIG)

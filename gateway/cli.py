@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .busy_port import PortBusy, refuse_busy_port
 from .config import Config, load_config
 from .config_loader import ConfigError
 from .directory import (
@@ -116,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             _check(config)
             print(f"{args.config}: ok")
+            # A busy port first: _check may write (the secret file, the limits' file).
+            refuse_busy_port(config.server, args.config)
             unreachable = [line for line in asyncio.run(_reach(config)) if not _report(line)]
             return EXIT_UNREACHABLE if unreachable else 0
         if args.command == "token":
@@ -175,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except ConfigError as exc:
         print(f"backup-gateway: config error: {exc}", file=sys.stderr)
+            # `make run` seeds, then serves: with the port taken, neither happens
+            refuse_busy_port(config.server, args.config)
         return EXIT_CONFIG
     except DirectoryError as exc:
         print(f"backup-gateway: directory error: {exc}", file=sys.stderr)
@@ -194,6 +199,9 @@ def _check(config: Config) -> None:
         load_file_directory(config.directory.path)
     TokenVerifier(config.auth)
     refused = refused_at_start(config.storage)
+    except PortBusy as exc:
+        print(f"backup-gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if refused is not None:
         raise ConfigError(*refused)
 

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 from storage_backends import BackupLocation
 from storage_backends.local import SIDECAR_SUFFIX, mark_root
@@ -44,10 +45,25 @@ def write_local_backup(root: os.PathLike[str] | str, location: BackupLocation, d
         json.dump(meta, f)
 
 
+def _in_use(root: Path) -> bool:
+    """Marked, or holding anything: a root someone has used (its marker may be all that is
+    left once every backup was deleted)."""
+    try:
+        with os.scandir(root) as entries:
+            return any(True for _ in entries)
+    except FileNotFoundError:
+        return False
+
+
 def seed_demo(config: Config) -> Iterator[str]:
     if config.storage.backend != "local":
         raise SystemExit("seed-demo writes to local storage; use `seed` for s3")
     root = config.storage.local.root
+    if _in_use(root):
+        # `make run` seeds on every start: a demo backup the user deleted must stay deleted,
+        # and a root that holds anything is not the demo's to write into
+        yield f"{root}: in use; no demo backups written (seed-demo fills only a new root)"
+        return
     mark_root(root, only_if_in_use=False)  # the demo's root: created and marked as in use
     directory = load_file_directory(config.directory.path)
     registered = [s for s in directory.systems if s.system_key is not None]
