@@ -19,6 +19,7 @@ from .directory import (
     load_file_directory,
 )
 from .identity.tokens import DEFAULT_PERMISSIONS, mint_token
+from .operations.health import cause_of
 
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 1  # check-config: valid, but a configured server does not answer
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config and its files, then exit")
     check.add_argument("--config", type=Path, required=True)
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="contact storage, the database and Redis too, naming each failure's cause",
+    )
 
     token = commands.add_parser("token", help="print a signed access token (HMAC configs)")
     token.add_argument("--config", type=Path, required=True)
@@ -117,10 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             _check(config)
             print(f"{args.config}: ok")
-            # A busy port first: _check may write (the secret file, the limits' file).
-            refuse_busy_port(config.server, args.config)
-            unreachable = [line for line in asyncio.run(_reach(config)) if not _report(line)]
-            return EXIT_UNREACHABLE if unreachable else 0
+            from .tools.config_check import local_root, probe_storage
+
+            # Without --probe nothing is contacted: the files alone (a root not marked).
+            marker = local_root(config, args.config)
+            if marker is not None:
+                print(f"{marker[0]}: {marker[1] or 'ok'}")
+            failed = marker is not None and marker[1] is not None
+            if args.probe:
+                reached = asyncio.run(probe_storage(config)) + asyncio.run(_reach(config))
+                failed = not all([_report(line) for line in reached]) or failed
+            return EXIT_UNREACHABLE if failed else 0
         if args.command == "token":
             if not config.auth.is_hmac:
                 raise ConfigError("auth.algorithms", "token needs an HMAC algorithm (HS256)")
@@ -245,7 +258,7 @@ async def _reach(config: Config) -> list[tuple[str, str | None]]:
                     await client.ping()
                 results.append((f"{name} (db {db})", None))
             except (RedisError, OSError, TimeoutError) as exc:
-                results.append((f"{name} (db {db})", type(exc).__name__))
+                results.append((f"{name} (db {db})", cause_of(exc)))  # the error's own text
             finally:
                 await client.aclose()
     return results

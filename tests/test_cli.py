@@ -255,15 +255,19 @@ def test_check_config_reports_whether_the_database_and_redis_answer(
             },
             redis={"url": redis_url},
             auth={"secret_file": "data/jwt.secret", "revocation": {"enabled": True}},
+            storage={"backend": "none"},  # the database and Redis only
         )
 
-    answered = cli("check-config", "--config", str(config_with(platform_db.dsn, redis_server.url)))
+    answered = cli(
+        "check-config", "--probe", "--config", str(config_with(platform_db.dsn, redis_server.url))
+    )
     assert answered.returncode == 0, answered.stderr
     assert "directory (postgres): answers" in answered.stdout
     assert "redis revocation (db 0): answers" in answered.stdout
     nobody = f"127.0.0.1:{free_port()}"
     silent = cli(
         "check-config",
+        "--probe",
         "--config",
         str(config_with(f"postgresql://gateway_ro@{nobody}/platform", f"redis://{nobody}")),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,10 +184,18 @@ def test_check_config_exits_2_with_one_line(tmp_path: Path, text: str, message: 
         assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_check_config_accepts_the_embedded_default() -> None:
-    root = Path(__file__).resolve().parent.parent
-    result = run_cli("check-config", "--config", str(root / "config.yaml"))
-    assert result.returncode == 0, result.stderr
+def test_check_config_accepts_the_embedded_default(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("config.yaml", "directory.yaml"):
+        shutil.copy(repo / name, tmp_path / name)
+    config = str(tmp_path / "config.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    # a new checkout has no backup root yet: said, with the command that makes one
+    fresh = run_cli("check-config", "--config", config, env=env)
+    assert fresh.returncode == 1 and "init-root" in fresh.stdout, fresh.stdout
+    assert run_cli("init-root", "--config", config, env=env).returncode == 0
+    result = run_cli("check-config", "--config", config, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_deeply_nested_yaml_is_one_line_not_a_traceback(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from .base import (
 )
 from .batching import BatchedLookup
 from .case_twins import CaseTwins, CaseTwinScanner
+from .dsn_files import described_failure
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -263,7 +264,7 @@ class PostgresDirectory(Directory):
                     # release is a shielded task, two more turns of the loop.
                     self._release_soon(pool, connection)
         except _UNAVAILABLE as exc:
-            raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+            raise DirectoryUnavailable(described_failure(exc, self._config.dsn)) from None
         return list(rows)
 
     def _release_soon(self, pool: asyncpg.Pool, connection: Any) -> None:
@@ -531,7 +532,7 @@ class PostgresDirectory(Directory):
                     raise
                 await connection.close(timeout=self._timeout)
         except _UNAVAILABLE as exc:
-            raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+            raise DirectoryUnavailable(described_failure(exc, self._config.dsn)) from None
         folded: dict[str, set[str]] = {"system_key": set(), "organization_id": set()}
         for row in rows:
             folded[row["kind"]].add(row["folded"])

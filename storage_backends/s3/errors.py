@@ -83,8 +83,9 @@ async def guarded(progress: Progress, work: Awaitable[Any], seconds: float) -> A
         why = f"{error_code(exc)} (HTTP {http_status(exc)})"
         log.debug("s3 %s error detail: %s", progress.step, exc)
     except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
-        why = type(exc).__name__
-        log.debug("s3 %s error detail: %s", progress.step, exc)
+        # the text names the endpoint and what went wrong there ("Could not connect to the
+        # endpoint URL: ..."): the type alone left a wrong endpoint_url to guess at
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if progress.step in ("delete_object", "delete_objects"):
         log.warning(
             "s3 %s failed: %s; outcome unknown, the object may already be deleted",
