@@ -117,14 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = dataclasses.replace(
                     config, server=dataclasses.replace(config.server, workers=args.workers)
                 )
+            # A busy port first: _check may write (the secret file, the limits' file).
+            refuse_busy_port(config.server, args.config)
             # Fail fast, before any worker starts, on a broken directory or key.
             _check(config)
             return run_server(config, args.config)
         if args.command == "check-config":
-            _check(config)
-            print(f"{args.config}: ok")
             from .tools.config_check import local_root, probe_storage
 
+            _check(config)
+            print(f"{args.config}: ok")
             # Without --probe nothing is contacted: the files alone (a root not marked).
             marker = local_root(config, args.config)
             if marker is not None:
@@ -176,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "seed-demo":
             from .tools.demo import seed_demo
 
+            # `make run` seeds, then serves: with the port taken, neither happens
+            refuse_busy_port(config.server, args.config)
             _check(config)
             for line in seed_demo(config):
                 print(line)
@@ -191,11 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except ConfigError as exc:
         print(f"backup-gateway: config error: {exc}", file=sys.stderr)
-            # `make run` seeds, then serves: with the port taken, neither happens
-            refuse_busy_port(config.server, args.config)
         return EXIT_CONFIG
     except DirectoryError as exc:
         print(f"backup-gateway: directory error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PortBusy as exc:
+        print(f"backup-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 1
 
@@ -212,9 +217,6 @@ def _check(config: Config) -> None:
         load_file_directory(config.directory.path)
     TokenVerifier(config.auth)
     refused = refused_at_start(config.storage)
-    except PortBusy as exc:
-        print(f"backup-gateway: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     if refused is not None:
         raise ConfigError(*refused)
 
