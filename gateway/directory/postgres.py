@@ -121,7 +121,9 @@ SELECT asked.caller_id, k.role AS caller_role, k.parent AS caller_parent, t.*
 # resellers and customers it created, and the customers its live resellers created — each
 # live in exactly one organization table, as `organization` finds it — then their live,
 # registered systems by the index on systems.organization_id. The platform keeps no index
-# on custom_data->>'createdBy': its resellers and customers are read once per query.
+# on custom_data->>'createdBy': its resellers and customers are read once per query (the
+# customers of the caller and of its resellers in one pass; OFFSET 0 keeps the planner
+# from checking every customer's tables before its creator).
 # Ordered by id in code-point order (COLLATE "C"), as the file directory orders them, so a
 # page's cursor means the same in both; streamed through a server-side cursor.
 _LIVE_ONCE = "(SELECT count(*) FROM ({live}) AS l) = 1"
@@ -132,14 +134,17 @@ SELECT r.logto_id FROM resellers AS r
  WHERE $2::text = 'distributor' AND r.deleted_at IS NULL AND r.custom_data->>'createdBy' = $1
    AND {reseller_once}
 UNION
-SELECT c.logto_id FROM customers AS c
- WHERE $2::text IN ('distributor', 'reseller') AND c.deleted_at IS NULL
-   AND c.custom_data->>'createdBy' = $1 AND {customer_once}
-UNION
-SELECT c.logto_id FROM resellers AS r
-  JOIN customers AS c ON c.custom_data->>'createdBy' = r.logto_id AND c.deleted_at IS NULL
- WHERE $2::text = 'distributor' AND r.deleted_at IS NULL AND r.custom_data->>'createdBy' = $1
-   AND {reseller_once} AND {customer_once}
+SELECT c.logto_id FROM (
+       SELECT c.logto_id FROM customers AS c
+        WHERE $2::text IN ('distributor', 'reseller') AND c.deleted_at IS NULL
+          AND c.custom_data->>'createdBy' IN (
+              SELECT $1::text
+              UNION
+              SELECT r.logto_id FROM resellers AS r
+               WHERE $2::text = 'distributor' AND r.deleted_at IS NULL
+                 AND r.custom_data->>'createdBy' = $1 AND {reseller_once})
+       OFFSET 0) AS c
+ WHERE {customer_once}
 """.format(
     reseller_once=_LIVE_ONCE.format(live=_LIVE_ORGANIZATIONS.format(match="= r.logto_id")),
     customer_once=_LIVE_ONCE.format(live=_LIVE_ORGANIZATIONS.format(match="= c.logto_id")),
