@@ -127,6 +127,7 @@ SELECT asked.caller_id, k.role AS caller_role, k.parent AS caller_parent, t.*
 # Ordered by id in code-point order (COLLATE "C"), as the file directory orders them, so a
 # page's cursor means the same in both; streamed through a server-side cursor.
 _LIVE_ONCE = "(SELECT count(*) FROM ({live}) AS l) = 1"
+# only this module's constant fragments are joined: every value is a server-side parameter
 _REACHED = """
 SELECT $1::text
 UNION
@@ -145,7 +146,7 @@ SELECT c.logto_id FROM (
                  AND r.custom_data->>'createdBy' = $1 AND {reseller_once})
        OFFSET 0) AS c
  WHERE {customer_once}
-""".format(
+""".format(  # noqa: S608
     reseller_once=_LIVE_ONCE.format(live=_LIVE_ORGANIZATIONS.format(match="= r.logto_id")),
     customer_once=_LIVE_ONCE.format(live=_LIVE_ORGANIZATIONS.format(match="= c.logto_id")),
 )
@@ -373,7 +374,7 @@ class PostgresDirectory(Directory):
             async with asyncio.timeout(self._timeout + 1):
                 connection = await pool.acquire()
         except _UNAVAILABLE as exc:
-            raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+            raise DirectoryUnavailable(described_failure(exc, self._config.dsn)) from None
         transaction = connection.transaction(readonly=True)
         try:
             try:
@@ -388,7 +389,7 @@ class PostgresDirectory(Directory):
                     if len(rows) < _STREAM_BATCH:
                         return
             except _UNAVAILABLE as exc:
-                raise DirectoryUnavailable(f"postgres: {type(exc).__name__}: {exc}") from None
+                raise DirectoryUnavailable(described_failure(exc, self._config.dsn)) from None
         finally:
             with contextlib.suppress(*_UNAVAILABLE):
                 async with asyncio.timeout(self._timeout + 1):
