@@ -29,6 +29,7 @@ from .support import (
     serve_gateway,
     token_for,
     wait_for_port,
+    wait_until,
     write_config,
 )
 
@@ -48,6 +49,10 @@ def _slow_gateway(
     }
     proc = serve_gateway(config, env=env)
     wait_for_port(port, proc=proc)
+    # ready: its local I/O process answers (a loaded machine may still be starting it, and
+    # a delete sent meanwhile would spend its operation timeout waiting)
+    ready = f"http://127.0.0.1:{port}/readyz"
+    wait_until(lambda: http("GET", ready)[0] == 200, "the gateway ready")
     return proc, port, harness
 
 
