@@ -210,7 +210,7 @@ class StoreCapabilities:
     stores_uploads: bool
     # presigned_url hands out a URL the client fetches the bytes from, not from the gateway
     presigns: bool
-    # open_backup gives a descriptor the gateway streams itself (local download links)
+    # the gateway serves download links itself, from open_reader (local disk)
     serves_bytes: bool
     # the gateway can stream a backup's bytes to an appliance restoring it (DESIGN.md §10)
     streams_restore: bool
@@ -277,10 +277,6 @@ class BackupStore(abc.ABC):
         """A URL the client fetches the bytes from, saved as `download_name`, valid at most
         `ttl_seconds`. Only when `capabilities.presigns`."""
         raise NotImplementedError(f"{self.name} does not presign")
-
-    async def open_backup(self, location: BackupLocation) -> OpenedBackup:
-        """Open a backup for the gateway to stream. Only when `capabilities.serves_bytes`."""
-        raise NotImplementedError(f"{self.name} does not serve bytes")
 
     @abc.abstractmethod
     async def open_reader(self, location: BackupLocation) -> BackupReader:

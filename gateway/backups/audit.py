@@ -1,16 +1,24 @@
 """Audit lines: every delete that reached authorization (who, what, decision, outcome),
 every download URL or link issued (who, which backup, until when), every link served
-(which backup, the link's expiry, the peer address). Never a link or a signature."""
+(which backup, the link's expiry, the peer address), every restore and delete by an
+appliance that proved who it is (which system, which backup, what was sent). Never a link
+or a signature."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
+from ..directory import System
 from ..http.middlewares import REQUEST_ID
 from ..identity.principal import PRINCIPAL
 from ..telemetry.logs import audit_log, log_info
 from ..telemetry.metrics import METRICS
 from .storage import STORE
+
+if TYPE_CHECKING:
+    from .sending import Delivery
 
 
 def _record(
@@ -121,4 +129,48 @@ def record_prune(
         request,
         "backup prune",
         {"system_id": system_id, "backup_id": backup_id, "size": size, "outcome": outcome},
+    )
+
+
+def _appliance_fields(request: web.Request, system: System) -> dict[str, object]:
+    """Who acted when an appliance did: its system (the credentials named it), from where."""
+    return {
+        "actor": "appliance",
+        "system_id": system.id,
+        "system_key": system.system_key,
+        "organization_id": system.organization_id,
+        "peer": request.remote,
+    }
+
+
+def record_restore(
+    request: web.Request, system: System, backup_id: str, delivery: Delivery
+) -> None:
+    _record(
+        request,
+        "backup restored",
+        {
+            **_appliance_fields(request, system),
+            "backup_id": backup_id,
+            "method": request.method,
+            "status": delivery.status,
+            "bytes_sent": delivery.bytes_sent,
+            "outcome": delivery.outcome,
+        },
+    )
+
+
+def record_appliance_delete(
+    request: web.Request, system: System, backup_id: str, decision: str, outcome: str
+) -> None:
+    request.app[METRICS].delete_decided(outcome)
+    _record(
+        request,
+        "backup delete",
+        {
+            **_appliance_fields(request, system),
+            "backup_id": backup_id,
+            "decision": decision,
+            "outcome": outcome,
+        },
     )

@@ -37,6 +37,21 @@ async def delete_unless_protected(request: web.Request, location: BackupLocation
     backup_deleted(request.app, location, info.size)
 
 
+async def delete_counted(request: web.Request, location: BackupLocation) -> None:
+    """`delete_unless_protected`, then the organization's usage counter dropped."""
+    await delete_unless_protected(request, location)
+    usage = request.app.get(USAGE_COUNTER)
+    if usage is not None:
+        usage.changed(location.organization_id)
+
+
+def cancelled_outcome(request: web.Request) -> str:
+    """What a delete cut short (the request deadline's 504, the client going away) did:
+    before the store was asked, nothing; after, the outcome is unknown."""
+    asked = request.get(TIMEOUT_MESSAGE) == DELETE_OUTCOME_UNKNOWN
+    return DELETE_OUTCOME_UNKNOWN if asked else "cancelled"
+
+
 async def _delete(request: web.Request, location: BackupLocation) -> None:
     # From here the store may remove the backup whatever happens to this request: a
     # deadline that strikes now does not know the outcome, and must not say "failed".
@@ -55,20 +70,14 @@ async def delete_backup(request: web.Request) -> web.Response:
             # Not registered yet: it never uploaded anything, whatever the backend.
             raise ApiError(404, "backup not found")
         location = BackupLocation(system.organization_id, system.system_key, backup_id)
-        await delete_unless_protected(request, location)
-        usage = request.app.get(USAGE_COUNTER)
-        if usage is not None:
-            usage.changed(system.organization_id)
+        await delete_counted(request, location)
         outcome = "backup deleted"
         return envelope(200, outcome, {"system_id": system.id, "backup_id": backup_id})
     except ApiError as exc:
         outcome = exc.message
         raise
     except asyncio.CancelledError:
-        # The request deadline (504) or the client going away cut it short: before the
-        # store was asked, nothing happened; after, the outcome is unknown.
-        asked = request.get(TIMEOUT_MESSAGE) == DELETE_OUTCOME_UNKNOWN
-        outcome = DELETE_OUTCOME_UNKNOWN if asked else "cancelled"
+        outcome = cancelled_outcome(request)
         raise
     finally:
         record_delete(request, system_id, backup_id, decision, outcome)

@@ -10,8 +10,10 @@ accepts one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -67,6 +69,22 @@ class OpenBackups:
         held = self._by_org.pop(organization_id) - 1
         if held:
             self._by_org[organization_id] = held
+
+    @contextlib.contextmanager
+    def slot(self, organization_id: str) -> Iterator[None]:
+        """Held while a backup is open: 503 with Retry-After, and the connection closed
+        after the answer (a refused client keeps no connection slot either), when none is
+        free."""
+        if not self.take(organization_id):
+            raise ApiError(
+                503,
+                "too many downloads in progress, retry later",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"},
+            )
+        try:
+            yield
+        finally:
+            self.give_back(organization_id)
 
     def export(self, metrics: Metrics) -> None:
         metrics.add_reading(
@@ -142,18 +160,9 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
         or system.system_key != location.system_key
     ):
         raise _refused()  # deleted or reassigned since the link was issued: its links die
-    slots = app[OPEN_BACKUPS]
-    organization = location.organization_id
     delivery = Delivery(outcome="internal server error")
     try:
-        if not slots.take(organization):
-            # Closed after the answer: a refused client keeps no connection slot either.
-            raise ApiError(
-                503,
-                "too many downloads in progress, retry later",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"},
-            )
-        try:
+        with app[OPEN_BACKUPS].slot(location.organization_id):
             reader = await run_storage(
                 request, "open", app[STORE].open_reader, location, READ_FAILURE
             )
@@ -161,8 +170,6 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
                 return await send_backup(request, reader, delivery)
             finally:
                 await reader.close()
-        finally:
-            slots.give_back(organization)
     except ApiError as exc:
         delivery.outcome = exc.message
         raise

@@ -403,13 +403,9 @@ class LocalBackupStore(BackupStore):
         info: BackupInfo = await self._read(describe_backup, self._root, location)
         return info
 
-    async def open_backup(self, location: BackupLocation) -> OpenedBackup:
-        opened: OpenedBackup = await self._read(open_backup, self._root, location)
-        return opened
-
     async def open_reader(self, location: BackupLocation) -> BackupReader:
         # opened in this process in both io modes: the descriptor is sent from here
-        opened = await self.open_backup(location)
+        opened: OpenedBackup = await self._read(open_backup, self._root, location)
         assert self._readers is not None, "store not started"
         return LocalReader(opened, self._readers, self._timeout)
 

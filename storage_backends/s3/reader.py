@@ -66,5 +66,3 @@ class S3Reader(BackupReader):
 
     async def close(self) -> None:
         return None  # each read holds its connection only while it runs
-
-
