@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from storage_backends import create_store
 
 from . import routes
+from .backups.appliance_login import FAILED_LOGINS
 from .backups.download import OPEN_BACKUPS, OpenBackups
+from .backups.limits.counts import Counts, HostCounts, RedisCounts, SharedCounts
+from .backups.limits.host_file import HOST_FILE, HostFile
+from .backups.limits.host_reservations import HostBook
+from .backups.limits.redis_reservations import RedisBook
+from .backups.limits.reservations import Book, Reservations
 from .backups.links import LINKS, LinkSigner
 from .backups.rates import FailedLogins, UploadRates
+from .backups.restore import RESTORES, Restores
 from .backups.retention import RETENTION, Retention
 from .backups.storage import STORE
 from .backups.system_lock import SYSTEM_LOCKS, SystemLocks
-from .backups.upload import FAILED_LOGINS, RESERVATIONS, UPLOAD_RATES
-from .backups.upload_room import Reservations
+from .backups.upload import RESERVATIONS, UPLOAD_RATES
 from .backups.usage import USAGE_COUNTER, UsageCounter
+from .backups.verifier import BACKUP_VERIFIER, Verifier
 from .config import CONFIG, Config
 from .directory import DIRECTORY, Directory, create_directory
 from .fleet import FLEET, FleetIndex
@@ -26,7 +34,6 @@ from .http.backpressure import STORAGE_GATE, StorageGate
 from .http.client_address import forwarded_client, trusted_networks
 from .http.deadlines import DEADLINES, RequestDeadlines
 from .http.middlewares import deadline, error_envelope, request_context
-from .backups.verifier import BACKUP_VERIFIER, Verifier
 from .identity.revocation import REVOCATION, RevocationChecker
 from .identity.tokens import VERIFIER, TokenVerifier
 from .operations.api_document import API_DOCUMENT, render
@@ -91,13 +98,17 @@ def create_app(
         )
         app[OPEN_BACKUPS] = OpenBackups(config.storage.download)
         app[OPEN_BACKUPS].export(app[METRICS])
+    app[RESTORES] = Restores()
+    app[RESTORES].export(app[METRICS])
     probes: dict[str, Callable[[], Awaitable[None]]] = {
         "directory": lambda: app[DIRECTORY].check_ready(),
         "storage": lambda: app[STORE].check_ready(),
     }
     app[READINESS] = probes
-    app[FAILED_LOGINS] = FailedLogins(config.storage.retention.failed_logins_per_minute)
-    app[RESERVATIONS] = Reservations()
+    if not config.redis.url:
+        # the workers of this host share their limits through it; one that cannot be used
+        # stops start-up, since each process counting for itself multiplies every limit
+        app[HOST_FILE] = HostFile.at(config.server.state_dir)
     app.cleanup_ctx.extend([_directory, _storage, _redis])
     return app
 
@@ -143,9 +154,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     # the platform's rate keys and retention locks, shared across processes through Redis:
     # one client (and pool) for both
     uploads_db = redis_client(url, retention.redis_db) if url else None
-    app[UPLOAD_RATES] = UploadRates(
-        retention.uploads_per_minute, retention.uploads_per_hour, uploads_db
-    )
+    _shared_limits(app, uploads_db)
     app[SYSTEM_LOCKS] = locks = SystemLocks(app[STORE], uploads_db)
     usage = app.get(USAGE_COUNTER)
     app[RETENTION] = Retention(
@@ -157,14 +166,6 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     )
     app[RETENTION].export_metrics(app[METRICS])
     app[RETENTION].start_sweeping()
-    yield
-    await app[RETENTION].close()
-    if uploads_db is not None:
-        await uploads_db.aclose()
-    if REVOCATION in app:
-        await app[REVOCATION].close()
-    if USAGE_COUNTER in app:
-        await app[USAGE_COUNTER].close()
     store = app[STORE]
     verifies = store.capabilities.keeps_state and store.capabilities.lists_folders
     if config.storage.verify.enabled and verifies:
@@ -172,5 +173,38 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         app[BACKUP_VERIFIER] = Verifier(config.storage.verify, store, verify_locks)
         app[BACKUP_VERIFIER].export_metrics(app[METRICS])
         app[BACKUP_VERIFIER].start()
+    yield
     if BACKUP_VERIFIER in app:
         await app[BACKUP_VERIFIER].close()
+    await app[RETENTION].close()
+    if uploads_db is not None:
+        await uploads_db.aclose()
+    if HOST_FILE in app:
+        app[HOST_FILE].close()
+    if REVOCATION in app:
+        await app[REVOCATION].close()
+    if USAGE_COUNTER in app:
+        await app[USAGE_COUNTER].close()
+
+
+def _shared_limits(app: web.Application, client: aioredis.Redis | None) -> None:
+    """The upload rate, the brake on failed logins and the reservations of uploads in
+    flight: in Redis when set, else in the host's file; in this process's memory while
+    that cannot answer."""
+    retention = app[CONFIG].storage.retention
+    here = HostFile.in_memory()
+    counts: Counts
+    book: Book
+    if client is not None:
+        counts, book = RedisCounts(client), RedisBook(client)
+    else:
+        counts, book = HostCounts(app[HOST_FILE]), HostBook(app[HOST_FILE])
+    app[UPLOAD_RATES] = UploadRates(
+        retention.uploads_per_minute,
+        retention.uploads_per_hour,
+        SharedCounts(counts, here, "upload rate"),
+    )
+    app[FAILED_LOGINS] = FailedLogins(
+        retention.failed_logins_per_minute, SharedCounts(counts, here, "failed logins")
+    )
+    app[RESERVATIONS] = Reservations(book, HostBook(here))

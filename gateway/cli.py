@@ -219,6 +219,10 @@ def _check(config: Config) -> None:
     refused = refused_at_start(config.storage)
     if refused is not None:
         raise ConfigError(*refused)
+    if not config.redis.url:
+        from .backups.limits.host_file import HostFile
+
+        HostFile.at(config.server.state_dir).close()  # the workers' shared limits
 
 
 async def _reach(config: Config) -> list[tuple[str, str | None]]:
@@ -234,10 +238,6 @@ async def _reach(config: Config) -> list[tuple[str, str | None]]:
             results.append(("directory (postgres)", str(exc)))
         finally:
             await directory.close()
-    if not config.redis.url:
-        from .backups.limits.host_file import HostFile
-
-        HostFile.at(config.server.state_dir).close()  # the workers' shared limits
     url = config.redis.url
     if url:
         from redis.exceptions import RedisError

@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .backups import delete, download, fleet, listing, orphans, protection, upload
+from .backups import (
+    appliance_delete,
+    appliance_listing,
+    delete,
+    download,
+    fleet,
+    listing,
+    orphans,
+    protection,
+    restore,
+    upload,
+)
 from .http.middlewares import OWN_DEADLINE_ROUTES
 from .identity.principal import MANAGE_SYSTEMS, READ_SYSTEMS
 from .operations import api_document, health
@@ -36,6 +47,7 @@ class Route:
 LINK = Public("the signed link is the capability")
 DOCUMENT = Public("the API's own description")
 PROBE = Public("a load balancer's probe; says nothing about any backup")
+APPLIANCE = Public("the appliance's own Basic credentials, checked by the handler")
 SCRAPE = Public("metrics.bearer_token, checked by the handler when set")
 
 
@@ -44,18 +56,42 @@ def routes(base_path: str) -> list[Route]:
     backups = base + "/systems/{id}/backups"
     backup = backups + "/{backup_id}"
     content = base + download.CONTENT_PATH + "{link}"
+    own = base + "/systems/backups"
+    own_backup = own + "/{backup_id}"
     return [
         # Reads need read:systems, changes manage:systems (the platform's rule); GET and
         # DELETE of one path are different routes with different permissions.
         Route("GET", backups, listing.list_backups, "list_backups", READ_SYSTEMS),
         Route(
             "POST",
-            base + "/systems/backups",
+            own,
             upload.upload_backup,
             "upload_backup",
-            Public("the appliance's own Basic credentials, checked by the handler"),
+            APPLIANCE,
             own_deadline=True,
             own_continue=True,
+        ),
+        # An appliance's own backups (DESIGN.md §10): the system is the one its credentials
+        # name, never one from the path.
+        Route("GET", own, appliance_listing.list_own_backups, "list_own_backups", APPLIANCE),
+        Route(
+            "GET",
+            own_backup,
+            restore.restore_backup,
+            "restore_backup",
+            APPLIANCE,
+            own_deadline=True,
+        ),
+        Route(
+            "HEAD",
+            own_backup,
+            restore.restore_backup,
+            "restore_backup_head",
+            APPLIANCE,
+            own_deadline=True,
+        ),
+        Route(
+            "DELETE", own_backup, appliance_delete.delete_own_backup, "delete_own_backup", APPLIANCE
         ),
         Route("GET", backup + "/download", download.download_url, "download_url", READ_SYSTEMS),
         Route("GET", content, download.serve_content, "backup_content", LINK, own_deadline=True),

@@ -66,10 +66,10 @@ class BackupInfo:
     uploaded_at: datetime  # aware, UTC
     # retention's mark (DESIGN.md §11): never pruned, never deleted while it holds
     protected: bool = False
-
     # the verifier's last word (DESIGN.md §12): ok | corrupt | unverified, and when
     integrity: str = "unverified"
     verified_at: datetime | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class BackupEntry:

@@ -23,6 +23,10 @@ def test_the_public_routes_are_exactly_those_marked_so() -> None:
     public = {r.name for r in table if isinstance(r.permission, Public)}
     assert public == {
         "upload_backup",
+        "list_own_backups",
+        "restore_backup",
+        "restore_backup_head",
+        "delete_own_backup",
         "backup_content",
         "backup_content_head",
         "openapi",

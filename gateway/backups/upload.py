@@ -18,6 +18,7 @@ import functools
 import hmac
 import logging
 import re
+import uuid
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -35,30 +36,30 @@ from storage_backends import (
 )
 from storage_backends.ids import backup_unix_ms, new_uuid7, upload_extension
 
-from ..config import CONFIG
-from ..directory import DIRECTORY, System
+from ..config import CONFIG, Config
+from ..directory import System
 from ..http.aiohttp_internals import requests_queued_behind, send_continue
 from ..http.envelope import envelope
 from ..http.errors import ApiError, storage_error
 from ..http.middlewares import REQUEST_ID
-from ..identity.appliance import CHALLENGE, basic_credentials, secret_matches
+from ..identity.appliance import basic_credentials
+from .appliance_login import appliance
 from .audit import record_upload
 from .digests import InvalidDigest, requested_sha256
-from .directory_answer import directory_or_503
+from .limits.reservations import Claim, Refused, Reservations, Room
 from .listing import item
 from .names import sanitized
-from .rates import FailedLogins, UploadRates
+from .rates import UploadRates
 from .retention import RETENTION, Cause
 from .storage import STORE, run_storage
 from .storage_changes import backup_stored
 from .system_lock import SYSTEM_LOCKS, LockBusy
-from .upload_room import ORGANIZATION_FULL, SYSTEM_FULL, Reservations, kept_bytes
+from .upload_room import ORGANIZATION_FULL, SYSTEM_FULL, kept_bytes
 from .usage import USAGE_COUNTER
 
 log = logging.getLogger(__name__)
 
 UPLOAD_RATES = web.AppKey("upload_rates", UploadRates)
-FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
 RESERVATIONS = web.AppKey("reservations", Reservations)
 
 # how long an upload's commit waits for its system's lock (a pruning slice holds it ~2 s)
@@ -97,9 +98,9 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
     credentials = basic_credentials(request)
     system: System | None = None
     try:
-        with contextlib.ExitStack() as reserved:  # the room it was given, until it ends
+        async with contextlib.AsyncExitStack() as reserved:  # the room it was given, until it ends
             async with asyncio.timeout(config.server.request_timeout_seconds):
-                system = await _appliance(request)
+                system = await appliance(request)
                 expected = _requested_digest(request)
                 backup = _new_backup(request, system, _checked_size(request), expected)
                 await _admit(request, system, backup, reserved)
@@ -141,43 +142,6 @@ async def _continue(request: web.Request) -> None:
         await send_continue(request)
 
 
-async def _appliance(request: web.Request) -> System:
-    """The live, registered, unsuspended system whose credentials these are (401 else)."""
-    app = request.app
-    credentials = basic_credentials(request)
-    system = None
-    if credentials is not None:
-        with directory_or_503():
-            system = await app[DIRECTORY].system_by_key(credentials.system_key)
-    matches = secret_matches(
-        system.secret_public if system else None,
-        system.secret_sha256 if system else None,
-        credentials.secret if credentials else "",
-    )
-    # A soft-deleted organization's appliances are refused too (asked only once the secret
-    # matched: the answer costs an unknown key nothing it could time). The brake is asked
-    # only after a failure: a correct credential is never refused, whoever else failed
-    # from the same address (a NAT, the load balancer).
-    live = matches and system is not None and not system.deleted and not system.suspended
-    if live and system is not None and await _organization_live(app, system.organization_id):
-        return system
-    # Failures count per client address and key named: guessing one system's secret is
-    # braked, while appliances behind one proxy address keep their own counts.
-    attempt = f"{request.remote or ''} {credentials.system_key if credentials else ''}"
-    wait = app[FAILED_LOGINS].failed(attempt)
-    if wait is not None:
-        raise ApiError(
-            429, "too many failed authentication attempts", None, {"Retry-After": str(wait)}
-        )
-    raise ApiError(401, "invalid system credentials", None, CHALLENGE)
-
-
-async def _organization_live(app: web.Application, organization_id: str) -> bool:
-    with directory_or_503():
-        organization = await app[DIRECTORY].organization(organization_id)
-    return organization is not None and not organization.deleted
-
-
 def _checked_size(request: web.Request) -> int:
     retention = request.app[CONFIG].storage.retention
     if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
@@ -195,51 +159,70 @@ def _checked_size(request: web.Request) -> int:
 
 
 async def _admit(
-    request: web.Request, system: System, backup: NewBackup, reserved: contextlib.ExitStack
+    request: web.Request, system: System, backup: NewBackup, reserved: contextlib.AsyncExitStack
 ) -> None:
-    """The room checks and the rate; on passing, the upload's size is reserved."""
+    """The room checks and the rate; on passing, the upload's size is reserved (across
+    processes: see `limits.reservations` for how a reservation and the bytes read from
+    storage never both miss an upload)."""
     app = request.app
-    retention = app[CONFIG].storage.retention
+    config = app[CONFIG]
+    retention = config.storage.retention
     store = app[STORE]
     if not store.capabilities.stores_uploads:
         raise storage_error(StorageNotConfigured(store.name), "store backup")
     folder = SystemFolder(backup.location.organization_id, backup.location.system_key)
     reservations = app[RESERVATIONS]
     policy = app[RETENTION].policy
-
-    def system_room(kept: int) -> None:
-        if kept + reservations.of_system(folder.system_key) > cap:
-            raise ApiError(413, SYSTEM_FULL)
-
     cap = retention.max_bytes_per_system
-    kept = 0
-    if cap:
-        kept = await run_storage(
+    limit = retention.max_bytes_per_organization
+
+    async def kept_now() -> int:
+        return await run_storage(
             request,
             "list",
             lambda f: kept_bytes(store, f, backup.location.backup_id, backup.size, policy),
             folder,
             "store backup",
         )
-        system_room(kept)
+
+    async def used_now() -> int:
+        return await run_storage(
+            request, "usage", store.organization_usage, system.organization_id, "store backup"
+        )
+
+    seen = await reservations.look(folder.system_key, system.organization_id)  # before reads
+    kept = await kept_now() if cap else 0
+    if cap and kept + seen.system_bytes > cap:
+        raise ApiError(413, SYSTEM_FULL)
     wait = await app[UPLOAD_RATES].admit(folder.system_key)
     if wait is not None:
         raise ApiError(429, "too many uploads", None, {"Retry-After": str(wait)})
-    limit = retention.max_bytes_per_organization
-    used = 0
-    if limit:
-        used = await run_storage(
-            request, "usage", store.organization_usage, system.organization_id, "store backup"
-        )
-    # No await from here to the reservation: two uploads of this process never both pass
-    # on the same room.
-    if cap:
-        system_room(kept)
-    if limit and used + reservations.of_organization(system.organization_id) + backup.size > limit:
-        raise ApiError(413, ORGANIZATION_FULL)
-    reserved.enter_context(
-        reservations.held(folder.system_key, system.organization_id, backup.size)
+    used = await used_now() if limit else 0
+    claim = Claim(
+        uuid.uuid4().hex,
+        folder.system_key,
+        system.organization_id,
+        backup.size,
+        _deadline_seconds(config, backup.size),
     )
+    answer = await reservations.hold(claim, Room(cap, kept, limit, used), seen, reserved)
+    if isinstance(answer, Refused):
+        raise ApiError(413, SYSTEM_FULL if answer.full == "system" else ORGANIZATION_FULL)
+    # Released since `seen`: that upload's bytes may be in neither what was read nor the
+    # reservations; read again, now that this one is held
+    if answer.system_stale and cap and await kept_now() + answer.others_system > cap:
+        raise ApiError(413, SYSTEM_FULL)
+    others = answer.others_organization
+    if answer.organization_stale and limit and await used_now() + others + backup.size > limit:
+        raise ApiError(413, ORGANIZATION_FULL)
+
+
+def _deadline_seconds(config: Config, size: int) -> float:
+    """The longest an upload can last: its checks, its body at the slowest rate accepted,
+    the wait for its system's lock and its commit. Its reservation expires then."""
+    seconds = config.server.request_timeout_seconds
+    body = seconds + size / config.storage.retention.min_rate_bytes_per_second
+    return seconds + body + COMMIT_LOCK_WAIT_SECONDS + config.storage.operation_timeout_seconds
 
 
 def _requested_digest(request: web.Request) -> str | None:

@@ -14,10 +14,6 @@ kept backup.
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
-from collections.abc import Iterator
-
 from storage_backends import BackupEntry, BackupStore, SystemFolder
 
 from .keep_rules import KeepPolicy
@@ -34,32 +30,3 @@ async def kept_bytes(
     policy prunes nothing), protected backups included."""
     decision = await decide(store, folder, policy, BackupEntry(new_id, new_size))
     return decision.kept_bytes() + await protected_among(store, folder, decision, new_id)
-
-class Reservations:
-    """Bytes announced by the uploads in flight in this process, per system and per
-    organization."""
-
-    def __init__(self) -> None:
-        self._systems: Counter[str] = Counter()
-        self._organizations: Counter[str] = Counter()
-
-    def of_system(self, system_key: str) -> int:
-        return self._systems[system_key]
-
-    def of_organization(self, organization_id: str) -> int:
-        return self._organizations[organization_id]
-
-    @contextlib.contextmanager
-    def held(self, system_key: str, organization_id: str, size: int) -> Iterator[None]:
-        self._systems[system_key] += size
-        self._organizations[organization_id] += size
-        try:
-            yield
-        finally:
-            for counter, key in (
-                (self._systems, system_key),
-                (self._organizations, organization_id),
-            ):
-                counter[key] -= size
-                if counter[key] <= 0:
-                    del counter[key]

@@ -88,9 +88,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # an upload is written in chunks this large, one in a writer thread while the next arrives
 UPLOAD_CHUNK_BYTES = 1024 * 1024
-
 # the longest one batch of the fleet's walk of the root may take
 SCAN_BATCH_SECONDS = 60.0
+
 
 @dataclass(frozen=True)
 class LocalConfig:
@@ -489,6 +489,9 @@ class LocalBackupStore(BackupStore):
     def lock_folder(self, folder: SystemFolder, purpose: str = "retention") -> FolderLock:
         return state.LocalFolderLock(self._root, folder, self._write_step, purpose)
 
+    async def system_folders(self) -> list[SystemFolder]:
+        return list(await self._read(state.system_folders, self._root))
+
     async def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
         # A thread of its own, in both io modes: a walk of the whole root takes seconds,
         # and must hold up neither a download's open nor a listing. Each batch is bounded
@@ -514,9 +517,6 @@ class LocalBackupStore(BackupStore):
 
     async def remove_empty_folder(self, folder: SystemFolder) -> None:
         await self._write_step(scan.remove_empty_folder, self._root, folder)
-
-    async def system_folders(self) -> list[SystemFolder]:
-        return list(await self._read(state.system_folders, self._root))
 
     async def organization_usage(self, organization_id: str) -> int:
         total: int = await self._read(organization_usage, self._root, organization_id)
