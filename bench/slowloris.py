@@ -25,8 +25,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.slowloris import attacking  # noqa: E402
-from tests.support import (  # noqa: E402
+from tests.slowloris import attacking
+from tests.support import (
     LocalHarness,
     bearer,
     free_port,
