@@ -522,6 +522,15 @@ async def eventually(
         await asyncio.sleep(every)
 
 
+async def storage_scanned(client: Any) -> None:
+    """Wait until the fleet index's start-up scan of storage ended, done or failed: a test
+    that counts the store's requests counts its own from here, not the scan's."""
+    from gateway.fleet.index import FLEET
+
+    index = client.app[FLEET]
+    await eventually(lambda: sum(index.scans.values()) >= 1, "the start-up fleet scan ended")
+
+
 def metric_value(text: str, sample: str) -> float:
     """The value of `sample` (a name and its labels as /metrics writes them) in a scrape's
     text; 0 when absent (a counter not yet incremented)."""

@@ -36,6 +36,7 @@ from .support import (
     new_backup_id,
     s3_settings,
     serve_gateway,
+    storage_scanned,
     token_for,
     wait_for_port,
     wait_until,
@@ -311,7 +312,8 @@ async def test_stalled_storage_is_504_at_the_request_deadline(
     harness.put(location_for("org_c1", bid))
     # the route's look for protection and the store's HEAD pass (DESIGN.md §11); the
     # DELETE itself never reaches the store, nor does any answer
-    proxy.faults.swallow_requests_after = 3
+    await storage_scanned(client)  # the fleet's start-up listing is not among the three
+    proxy.faults.swallow_requests_after = proxy.faults.requests + 3
     started = time.monotonic()
     with caplog.at_level(logging.INFO):
         resp = await delete(client, bid)
