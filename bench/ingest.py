@@ -4,10 +4,16 @@
   durable 201), timed from the first byte sent to the answer, against
   `dd if=/dev/zero bs=1M count=1024 conv=fsync` into the same folder. Target >= 0.7.
 - many: 64 connections uploading 1 MB bodies for a few seconds (wrk, each request with
-  the next of 64 systems' credentials; retention keeps 10 per system, so most uploads
-  also prune one), against bare aiohttp reading the same bodies and answering 201.
+  the next of 64 systems' credentials; the default keep rules, each system starting
+  empty), against bare aiohttp reading the same bodies and answering 201.
+- retention: the same 64-connection row twice per run, on two gateways started alike but
+  for the keep rules: (on) the default rules of DESIGN.md §11 with every system filled to
+  its keep limit first (keep_last uploads each, all of today), so every upload prunes one;
+  (off) every rule at 0, nothing pruned. on/off per run, target >= 0.9 (issue #28). The
+  two alternate, which goes first swapping each run.
 
     .venv/bin/python bench/ingest.py [--gib 1] [--seconds 8] [--concurrency 64] [--runs 3]
+    .venv/bin/python bench/ingest.py --only retention --runs 3
 
 THREADS=N sets storage.local.threads (the writer pool); PROFILE=out.raw records the gateway
 with py-spy (raw format) while the 64-connection row runs.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import os
 import shutil
 import socket
@@ -35,6 +42,9 @@ import read_side
 import run as bench
 
 sys.path.insert(0, str(bench.REPO))
+from concurrent.futures import ThreadPoolExecutor
+
+from gateway.config import RetentionConfig
 from gateway.identity.appliance import new_secret
 from storage_backends.local import ROOT_MARKER, mark_root
 
@@ -68,7 +78,10 @@ def appliances(count: int) -> tuple[dict[str, Any], list[str]]:
     return directory, headers
 
 
-def start_gateway(work: Path, root: Path, directory: dict[str, Any]) -> tuple[Any, int]:
+def start_gateway(
+    work: Path, root: Path, directory: dict[str, Any], keep: dict[str, int] | None = None
+) -> tuple[Any, int]:
+    """`keep`: keep rules (e.g. KEEP_EVERYTHING); None: the defaults of DESIGN.md §5."""
     port = bench.free_port()
     local = {
         "root": str(root),
@@ -82,6 +95,7 @@ def start_gateway(work: Path, root: Path, directory: dict[str, Any]) -> tuple[An
         "max_bytes_per_organization": 0,
         "uploads_per_minute": 0,
         "uploads_per_hour": 0,
+        **(keep or {}),
     }
     data["logging"] = {"level": "WARNING", "access_log": False}
     config.write_text(yaml.safe_dump(data))
@@ -139,6 +153,61 @@ def wrk_upload(port: int, auth_file: Path, c: int, seconds: float, body: int) ->
     return result
 
 
+def post_upload(port: int, auth: str, body: bytes) -> int:
+    """One upload by http.client; its status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(
+            "POST",
+            "/api/systems/backups",
+            body,
+            {"Authorization": auth, "Content-Type": "application/gzip", "X-Filename": "f.tar.gz"},
+        )
+        answer = conn.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        conn.close()
+
+
+def stored_backups(root: Path) -> int:
+    return sum(1 for p in root.rglob("*.tar.gz") if p.is_file())
+
+
+def retention_row(
+    work: Path, directory: dict[str, Any], headers: list[str], keep: bool, c: int, seconds: float
+) -> dict[str, Any]:
+    """The 64-connection 1 MB row on a gateway of its own: with the default keep rules and
+    every system at its keep limit (`keep`), or with every rule at 0."""
+    root = work / "backups"
+    server, port = start_gateway(work, root, directory, None if keep else bench.KEEP_EVERYTHING)
+    try:
+        prefill = 0
+        if keep:  # keep_last uploads each, all of today: the rules keep exactly these
+            body = os.urandom(1_000_000)
+            jobs = [h for h in headers for _ in range(RetentionConfig().keep_last)]
+            with ThreadPoolExecutor(16) as pool:
+                statuses = list(pool.map(lambda h: post_upload(port, h, body), jobs))
+            if set(statuses) != {201}:
+                raise RuntimeError(f"prefill uploads answered {sorted(set(statuses))}")
+            prefill = len(jobs)
+            time.sleep(1)  # nothing to prune: the runs after them end at once
+        auth_file = work / "auths.txt"
+        auth_file.write_text("\n".join(headers) + "\n")
+        os.sync()  # the prefill's dirty pages written back before the row, not in it
+        meter = bench.CpuMeter.start(server.proc.pid)
+        result = wrk_upload(port, auth_file, c, seconds, 1_000_000)
+        result.update(meter.stop(result["requests"]))
+        time.sleep(2)  # the prunes after the last uploads
+        left = stored_backups(root)
+    finally:
+        server.stop()
+    result["stored"] = prefill + result["requests"] - result["non2xx"]
+    result["left"] = left
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
 def _profile(pid: int, seconds: int, row: str) -> subprocess.Popen[bytes] | None:
     """py-spy on the gateway while a row runs, when PROFILE=<prefix> is set."""
     prefix = os.environ.get("PROFILE")
@@ -151,20 +220,53 @@ def _profile(pid: int, seconds: int, row: str) -> subprocess.Popen[bytes] | None
     )  # fmt: skip
 
 
+def retention_rows(
+    work: Path, directory: dict[str, Any], headers: list[str], args: argparse.Namespace
+) -> list[str]:
+    """`args.runs` pairs of the retention row, on then off or off then on; the failures."""
+    failures, ratios = [], []
+    print(f"{args.concurrency} connections, 1 MB uploads, {args.seconds:g} s a row, retention:")
+    for run in range(args.runs):
+        pair = {}
+        for keep in (True, False) if run % 2 == 0 else (False, True):
+            label = "on" if keep else "off"
+            r = retention_row(
+                work / f"retention-{run}-{label}", directory, headers, keep,
+                args.concurrency, args.seconds,
+            )  # fmt: skip
+            pair[label] = r
+            print(
+                f"  run {run + 1} {label:3}  {r['rps']:6.0f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                f"p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}  "
+                f"CPU {r['cpu_us_per_request']:5.0f} us/upload  "
+                f"stored {r['stored']}, left {r['left']}"
+            )
+            if r["non2xx"]:
+                failures.append(f"retention {label}: {r['non2xx']} uploads were not 201")
+        ratios.append(pair["on"]["rps"] / pair["off"]["rps"])
+        # every system at its limit, so at most keep_last each once the prunes are done
+        # (a few more when the last uploads' runs had not ended)
+        if pair["on"]["left"] > len(headers) * (RetentionConfig().keep_last + 1):
+            failures.append(f"retention on: {pair['on']['left']} backups left, not pruned")
+    shown = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"  on/off {min(ratios):.2f}-{max(ratios):.2f} ({shown}; target >= 0.9)")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--only", choices=["ingest", "many"], action="append")
+    parser.add_argument("--only", choices=["ingest", "many", "retention"], action="append")
     parser.add_argument(
         "--short", action="store_true", help="CI: small and quick; fails on errors, never on speed"
     )
     args = parser.parse_args()
     if args.short:
         args.gib, args.runs, args.seconds = 0.25, 1, 2
-    only = set(args.only or ["ingest", "many"])
+    only = set(args.only or ["ingest", "many", "retention"])
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=bench.REPO / "data"))
     failures = []
     try:
@@ -238,6 +340,8 @@ def main() -> int:
             )
             if many["non2xx"]:
                 failures.append(f"{many['non2xx']} uploads were not 201")
+        if "retention" in only:
+            failures += retention_rows(work, directory, headers, args)
     finally:
         if not os.environ.get("KEEP"):
             shutil.rmtree(work, ignore_errors=True)
