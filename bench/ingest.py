@@ -267,6 +267,7 @@ def main() -> int:
     if args.short:
         args.gib, args.runs, args.seconds = 0.25, 1, 2
     only = set(args.only or ["ingest", "many", "retention"])
+    (bench.REPO / "data").mkdir(exist_ok=True)  # a clean clone has no data/ yet
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=bench.REPO / "data"))
     failures = []
     try:
