@@ -3,9 +3,11 @@ threshold) with its sha256 on the way, then copied into place with its metadata,
 backup appears whole, checksum and all. What a failure or a crash leaves under the
 staging prefix is removed, or cleared by a lifecycle rule on it.
 
-With the appliance's digest known before the body (DESIGN.md §12) and one PUT enough, the
-body goes straight to its final key with its metadata and `x-amz-checksum-sha256`, which
-the store verifies: written once, no staging copy."""
+With the appliance's digest known before the body (DESIGN.md §12) the body goes straight to
+its final key with its metadata, written once, no staging copy: one PUT with
+`x-amz-checksum-sha256`, which the store verifies, or above the threshold a multipart
+upload whose parts each carry their own sha256 (the store verifies each), completed only
+once the gateway's sha256 of the whole body equals the digest (`_MultipartInPlace`)."""
 
 from __future__ import annotations
 
@@ -19,15 +21,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
+from botocore.exceptions import ClientError
+
 from ..base import BackupInfo, NewBackup, StagedBackup, UploadBody
 from ..errors import (
     BackupNotFound,
     ChecksumRefused,
     InsufficientStorage,
+    StorageError,
     StorageUnavailable,
     UploadIncomplete,
 )
-from .errors import STORE_FAILURES, reason, require_ok
+from .errors import STORE_FAILURES, error_code, reason, require_ok
 from .settings import S3Config
 from .signed import Answer, SignedRequests
 
@@ -71,13 +76,13 @@ class Uploads:
 
     async def stage(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
         """Stream the body to a staging key; `final` is where `commit` copies it. With the
-        body's sha256 known before it (the appliance's digest) and one PUT enough, the
-        body goes straight to `final` with its metadata and the store's own check."""
-        if (
-            backup.expected_sha256 is not None
-            and backup.size <= self._config.multipart_threshold_bytes
-        ):
-            return await self._put_in_place(backup, body, final)
+        body's sha256 known before it (the appliance's digest) the body goes straight to
+        `final` with its metadata and the store's own check: one PUT, or parts above the
+        threshold."""
+        if backup.expected_sha256 is not None:
+            if backup.size <= self._config.multipart_threshold_bytes:
+                return await self._put_in_place(backup, body, final)
+            return await self._parts_in_place(backup, body, final)
         staging = f"{self._config.prefix}{STAGING_PREFIX}{secrets.token_hex(16)}"
         digest = hashlib.sha256()
         signed = self._signed
@@ -132,14 +137,7 @@ class Uploads:
         except BaseException as exc:
             # never awaited here: the caller may be cancelled (deadline, client gone)
             _background(self.remove(staging, upload_id))
-            if feed.error is not None:
-                raise feed.error from None  # the client's body, not the store, failed
-            if isinstance(exc, InsufficientStorage):
-                raise
-            if isinstance(exc, STORE_FAILURES):
-                log.warning("s3 %s of an upload failed: %s; nothing was stored", step, reason(exc))
-                raise StorageUnavailable(reason(exc)) from None
-            raise
+            raise _failure(exc, feed.error, step) from None
         return _StagedS3(self, staging, final, backup.info(digest.hexdigest()), backup.uploader_ip)
 
     async def _put_in_place(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
@@ -168,21 +166,136 @@ class Uploads:
                 read_seconds=self._answer_seconds(backup.size),
                 headers=headers,
             )
-            if answer.status == 400 and b"BadDigest" in answer.body:
+            if checksum_refused(answer):
                 raise ChecksumRefused("the store's sha256 of the body differs from the digest")
             require_ok(answer, step)
         except BaseException as exc:
-            if feed.error is not None:
-                raise feed.error from None  # the client's body, not the store, failed
-            if isinstance(exc, (InsufficientStorage, ChecksumRefused)):
-                raise
-            # a PUT whose answer was lost may have landed: the new id is nobody's yet
-            _background(self.remove(final, None))
-            if isinstance(exc, STORE_FAILURES):
-                log.warning("s3 %s of an upload failed: %s; nothing was stored", step, reason(exc))
-                raise StorageUnavailable(reason(exc)) from None
-            raise
+            if feed.error is None and not isinstance(exc, (InsufficientStorage, ChecksumRefused)):
+                # a PUT whose answer was lost may have landed: the new id is nobody's yet
+                _background(self.remove(final, None))
+            raise _failure(exc, feed.error, step) from None
         return _PlacedS3(self, final, backup.info(digest.hexdigest()))
+
+    async def _parts_in_place(
+        self, backup: NewBackup, body: UploadBody, final: str
+    ) -> StagedBackup:
+        """A multipart upload at the final key, created with the final metadata and
+        ChecksumAlgorithm SHA256. Each part is read into memory (one part at a time) and
+        hashed on the way, and goes up with its own `x-amz-checksum-sha256`, which the
+        store verifies. Once every part is up, the gateway's sha256 of the whole body is
+        compared with the appliance's digest: a mismatch aborts the upload before the
+        refusal (ChecksumRefused), so nothing was ever visible. CompleteMultipartUpload
+        is the commit (`_MultipartInPlace`): no staging key, no CopyObject."""
+        assert backup.expected_sha256 is not None
+        cfg = self._config
+        whole = hashlib.sha256()
+        feed = _Feed(body, whole)
+        headers = metadata_headers(backup.info(backup.expected_sha256), backup.uploader_ip)
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        step = "head_bucket"
+        try:
+            await self._require_bucket()
+            step = "create_multipart_upload"
+            created = await self._client.create_multipart_upload(
+                Bucket=cfg.bucket,
+                Key=final,
+                ChecksumAlgorithm="SHA256",
+                ContentType=headers["Content-Type"],
+                Metadata={
+                    name.removeprefix("x-amz-meta-"): value
+                    for name, value in headers.items()
+                    if name.startswith("x-amz-meta-")
+                },
+            )
+            upload_id = created["UploadId"]
+            remaining = backup.size
+            step = "upload_part"
+            while remaining:
+                size = min(cfg.multipart_part_bytes, remaining)
+                chunks, checksum = await feed.part(size)
+                number = len(parts) + 1
+                answer = await self._signed.put_stream(
+                    final,
+                    size,
+                    _sent(chunks),
+                    {"partNumber": str(number), "uploadId": upload_id},
+                    read_seconds=self._answer_seconds(size),
+                    headers={"x-amz-checksum-sha256": checksum},
+                )
+                del chunks  # one part in memory at a time
+                if checksum_refused(answer):
+                    raise ChecksumRefused(f"the store's sha256 of part {number} differs")
+                require_ok(answer, step)
+                etag = next((v for k, v in answer.headers.items() if k.lower() == "etag"), "")
+                parts.append({"PartNumber": number, "ETag": etag, "ChecksumSHA256": checksum})
+                remaining -= size
+            if whole.hexdigest() != backup.expected_sha256:
+                raise ChecksumRefused("the body's sha256 differs from the digest")
+        except ChecksumRefused:
+            # refused before anything was completed: aborted before the answer says so
+            await _awaited_in_background(self.abort(final, upload_id))
+            raise
+        except BaseException as exc:
+            # never awaited here: the caller may be cancelled (deadline, client gone)
+            _background(self.abort(final, upload_id))
+            raise _failure(exc, feed.error, step) from None
+        assert upload_id is not None
+        info = backup.info(whole.hexdigest())
+        return _MultipartInPlace(self, final, upload_id, parts, info)
+
+    async def complete(
+        self, key: str, upload_id: str, parts: list[dict[str, Any]], info: BackupInfo
+    ) -> None:
+        """CompleteMultipartUpload with each part's checksum. A retry of it whose first
+        attempt landed (its answer lost) finds the upload gone: the backup at its key,
+        whole, is the answer then."""
+        try:
+            await self._client.complete_multipart_upload(
+                Bucket=self._config.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+            return
+        except ClientError as exc:
+            if error_code(exc) == "NoSuchUpload" and await self._landed(key, info):
+                return
+            message = str(exc.response.get("Error", {}).get("Message", ""))
+            if not _refuses_checksum(error_code(exc), message):
+                raise
+        # refused: aborted before the answer says nothing was stored
+        await _awaited_in_background(self.abort(key, upload_id))
+        raise ChecksumRefused("the store refused the parts' checksums")
+
+    async def _landed(self, key: str, info: BackupInfo) -> bool:
+        head = await self._signed.head(key)
+        headers = {name.lower(): value for name, value in head.headers.items()}
+        return (
+            head.status == 200
+            and headers.get("content-length") == str(info.size)
+            and headers.get("x-amz-meta-sha256") == info.sha256
+        )
+
+    async def abort(self, key: str, upload_id: str | None) -> None:
+        """Best effort: a multipart upload nobody will complete (its parts dropped). One
+        already gone (completed, or aborted before) is nothing to do."""
+        if upload_id is None:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.abort_multipart_upload(
+                    Bucket=self._config.bucket, Key=key, UploadId=upload_id
+                )
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchUpload":
+                log.warning("s3 multipart upload not aborted: %s", reason(exc))
+        except (TimeoutError, *STORE_FAILURES) as exc:
+            log.warning(
+                "s3 multipart upload not aborted (a lifecycle rule aborting incomplete "
+                "uploads clears it): %s",
+                reason(exc),
+            )
 
     def _answer_seconds(self, size: int) -> float:
         """How long a store may take to answer once it has `size` new bytes to persist."""
@@ -217,6 +330,61 @@ class Uploads:
         require_ok(answer, "copy_object")
 
 
+async def _landing(step: str, work: Awaitable[None], left_behind: Callable[[bool], None]) -> None:
+    """A commit's request (CopyObject, CompleteMultipartUpload); on a failure
+    `left_behind(maybe_landed)` clears what is left in the background. A request whose
+    answer was lost may have landed: the new id is nobody's yet, so it is removed rather
+    than leave an upload the caller was told failed."""
+    try:
+        await work
+    except (TimeoutError, *STORE_FAILURES) as exc:
+        log.warning("s3 %s of an upload failed: %s; removing it", step, reason(exc))
+        left_behind(True)
+        raise StorageUnavailable(reason(exc)) from None
+    except BaseException:
+        left_behind(False)
+        raise
+
+
+def _failure(exc: BaseException, body_error: UploadIncomplete | None, step: str) -> BaseException:
+    """What a failed upload raises: the client's body's own failure (the HTTP client
+    reports it as its own connection error), a storage error as it is, a store's failure
+    as StorageUnavailable (logged with the step it reached), anything else as it is."""
+    if body_error is not None:
+        return body_error
+    if isinstance(exc, STORE_FAILURES) and not isinstance(exc, StorageError):
+        exc = StorageUnavailable(reason(exc))
+    if isinstance(exc, StorageUnavailable):
+        log.warning("s3 %s of an upload failed: %s; nothing was stored", step, exc)
+    return exc
+
+
+def checksum_refused(answer: Answer) -> bool:
+    """A PUT (or part) the store refused for its checksum: BadDigest, or InvalidRequest
+    naming the checksum."""
+    body = answer.body
+    return answer.status == 400 and (
+        b"<Code>BadDigest<" in body or (b"<Code>InvalidRequest<" in body and b"hecksum" in body)
+    )
+
+
+def _refuses_checksum(code: str, message: str) -> bool:
+    return code == "BadDigest" or (code == "InvalidRequest" and "hecksum" in message)
+
+
+async def _awaited_in_background(work: Any) -> None:
+    """Await it, and let it finish should the caller be cancelled meanwhile."""
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    await asyncio.shield(task)
+
+
+async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
 def metadata_headers(info: BackupInfo, ip: str) -> dict[str, str]:
     """The object's own headers: what a listing and a download read back."""
     return {
@@ -245,6 +413,45 @@ class _PlacedS3(StagedBackup):
         await self._uploads.remove(self._final, None)
 
 
+class _MultipartInPlace(StagedBackup):
+    """A multipart upload at the final key, every part up and the whole body's sha256 equal
+    to the appliance's digest: `commit` completes it (the backup appears at once, whole),
+    `discard` aborts it. Nothing is visible before the commit."""
+
+    def __init__(
+        self,
+        uploads: Uploads,
+        final: str,
+        upload_id: str,
+        parts: list[dict[str, Any]],
+        info: BackupInfo,
+    ) -> None:
+        super().__init__(info)
+        self._uploads = uploads
+        self._final = final
+        self._upload_id: str | None = upload_id
+        self._parts = parts
+
+    async def commit(self) -> None:
+        uploads = self._uploads
+        upload_id = self._upload_id
+        assert upload_id is not None, "committed twice"
+        final = self._final
+
+        def left_behind(maybe_landed: bool) -> None:
+            _background(uploads.abort(final, upload_id))
+            if maybe_landed:
+                _background(uploads.remove(final, None))
+
+        work = uploads.complete(final, upload_id, self._parts, self.info)
+        await _landing("complete_multipart_upload", work, left_behind)
+        self._upload_id = None  # completed: nothing left to abort
+
+    async def discard(self) -> None:
+        upload_id, self._upload_id = self._upload_id, None
+        await self._uploads.abort(self._final, upload_id)
+
+
 class _Feed:
     """The request body as an S3 request body: hashed on the way. A failure of the body
     itself (cut short, client gone) is kept, since the HTTP client reports it as its own
@@ -267,6 +474,16 @@ class _Feed:
             remaining -= len(data)
             yield data
 
+    async def part(self, size: int) -> tuple[list[bytes], str]:
+        """The next `size` bytes in memory, with their own sha256 (base64, as
+        `x-amz-checksum-sha256` carries it)."""
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        async for data in self.chunks(size):
+            digest.update(data)
+            chunks.append(data)
+        return chunks, base64.b64encode(digest.digest()).decode()
+
 
 class _StagedS3(StagedBackup):
     def __init__(self, uploads: Uploads, staging: str, final: str, info: BackupInfo, ip: str):
@@ -278,18 +495,15 @@ class _StagedS3(StagedBackup):
 
     async def commit(self) -> None:
         uploads = self._uploads
-        try:
-            await uploads.copy_into_place(self._staging, self._final, self.info, self._ip)
-        except (TimeoutError, *STORE_FAILURES) as exc:
-            # A copy whose answer was lost may have landed: the new id is nobody's yet, so
-            # remove it rather than leave an upload the caller was told failed.
-            log.warning("s3 copy_object of an upload failed: %s; removing it", reason(exc))
-            _background(uploads.remove(self._final, None))
-            _background(uploads.remove(self._staging, None))
-            raise StorageUnavailable(reason(exc)) from None
-        except BaseException:
-            _background(uploads.remove(self._staging, None))
-            raise
+        staging, final = self._staging, self._final
+
+        def left_behind(maybe_landed: bool) -> None:
+            if maybe_landed:
+                _background(uploads.remove(final, None))
+            _background(uploads.remove(staging, None))
+
+        work = uploads.copy_into_place(staging, final, self.info, self._ip)
+        await _landing("copy_object", work, left_behind)
         # before the answer, so a 201 leaves exactly the backup (a failure here is logged)
         await uploads.remove(self._staging, None)
 
