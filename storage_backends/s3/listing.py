@@ -5,8 +5,9 @@ wrote, x-amz-meta-*)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote
 from xml.etree import ElementTree
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _SHA256_CHARS = frozenset("0123456789abcdef")
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+T = TypeVar("T")
 
 
 def info_from_headers(
@@ -63,16 +65,34 @@ def info_from_headers(
 
 def list_page(body: bytes) -> tuple[list[tuple[str, int, datetime]], str | None]:
     """(key, size, last modified) of a ListObjectsV2 page, and the next page's token."""
+
+    def entry(item: ElementTree.Element, ns: str) -> tuple[str, int, datetime]:
+        key, size = _key_and_size(item, ns)
+        modified = datetime.fromisoformat(item.findtext(f"{ns}LastModified") or "")
+        return key, size, modified.astimezone(UTC)
+
+    return _read_page(body, entry)
+
+
+def keys_and_sizes(body: bytes) -> tuple[list[tuple[str, int]], str | None]:
+    """(key, size) of a ListObjectsV2 page, and the next page's token: `list_page` without
+    the times (the fleet's scan of a whole prefix reads nothing else). Keys as they came:
+    a page asked for with encoding-type=url holds them URL-encoded."""
+    return _read_page(body, _key_and_size)
+
+
+def _key_and_size(item: ElementTree.Element, ns: str) -> tuple[str, int]:
+    return item.findtext(f"{ns}Key") or "", int(item.findtext(f"{ns}Size") or "0")
+
+
+def _read_page(
+    body: bytes, entry: Callable[[ElementTree.Element, str], T]
+) -> tuple[list[T], str | None]:
     try:
         # The configured store's answer; expat >= 2.4 bounds entity amplification.
         root = ElementTree.fromstring(body)  # noqa: S314
         ns = _S3_NS if root.tag.startswith(_S3_NS) else ""
-        entries = []
-        for item in root.iter(f"{ns}Contents"):
-            key = item.findtext(f"{ns}Key") or ""
-            size = int(item.findtext(f"{ns}Size") or "0")
-            modified = datetime.fromisoformat(item.findtext(f"{ns}LastModified") or "")
-            entries.append((key, size, modified.astimezone(UTC)))
+        entries = [entry(item, ns) for item in root.iter(f"{ns}Contents")]
         truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
         token = root.findtext(f"{ns}NextContinuationToken") if truncated else None
     except (ElementTree.ParseError, ValueError) as exc:

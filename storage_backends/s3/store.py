@@ -363,15 +363,20 @@ class S3BackupStore(BackupStore):
         return names
 
     def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
-        """One paginated listing of the whole prefix (`scan`), each page bounded in time on
-        its own."""
+        """One paginated listing of the whole prefix (`scan`), each page a signed request
+        bounded in time on its own."""
         return summaries(self._scan_page, self._config.prefix)
 
-    async def _scan_page(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _scan_page(self, query: dict[str, str]) -> bytes:
         progress = Progress("list_objects_v2")
-        work = self._client.list_objects_v2(Bucket=self._config.bucket, **request)
-        page: dict[str, Any] = await self._guarded(progress, work)
+        page: bytes = await self._guarded(progress, self._list_bucket(query))
         return page
+
+    async def _list_bucket(self, query: dict[str, str]) -> bytes:
+        page = await self._signed_requests().send("GET", "", query)
+        if page.status != 200:
+            raise StorageUnavailable(f"HTTP {page.status}")
+        return page.body
 
     async def presigned_url(
         self, location: BackupLocation, download_name: str, ttl_seconds: int
