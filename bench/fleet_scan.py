@@ -1,15 +1,23 @@
 """The fleet's figures (DESIGN.md §13, issue #31):
 
     .venv/bin/python bench/fleet_scan.py [--folders 10000] [--backups 100000] [--root DIR]
-        [--platform-systems 200000] [--requests 300]
+        [--rounds 5] [--s3-keys 200000] [--platform-systems 200000] [--requests 300]
+        [--only local,s3,fleet]
 
-1. scan: a local root of --folders system folders holding --backups backups (each with its
-   sidecar, as the gateway writes them) walked by the store's `folder_summaries`, against
-   `find ROOT -type f | wc -l` on the same, warm root (best of three each).
-2. memory: the RSS growth of the index once the scan's folders are in it, per system.
-3. GET /api/backups/fleet?limit=100 for a distributor over a platform-sized PostgreSQL
-   (bench/platform_rows.py's other tenants, --platform-systems systems): the app on a
-   loopback port, sequential requests, p50 and p99.
+1. local: a root of --folders system folders holding --backups backups (each with its
+   sidecar, as the gateway writes them) scanned by the store's `folder_summaries` through a
+   new FleetIndex, against `find ROOT -type f | wc -l` on the same warm root; the two, and
+   `find ROOT -type f ! -name '*.meta.json' -printf '%s\\n' | wc -l` (the same walk stat'ing
+   each backup, as a scan must for its bytes: the floor in C, for reference), alternate
+   --rounds times. Wall and CPU seconds, the scan's ratio to find per round, the load.
+   Then the RSS growth of the first index once its folders are in, per system.
+2. s3: --s3-keys backups (ten a folder) under a prefix of a SeaweedFS bucket (the tests'
+   server), listed by a raw aiobotocore `list_objects_v2` paginator over the prefix and by
+   the store's `folder_summaries`, alternating --rounds times: keys a second each.
+3. fleet: GET /api/backups/fleet?limit=100 for a distributor over a platform-sized
+   PostgreSQL (bench/platform_rows.py's other tenants, --platform-systems systems), and a
+   cached delete (a seeded backup of a system whose lookup the directory's cache holds)
+   beside it: one of each in turn, sequential, on one gateway: p50 and p99 of each.
 The root is kept (--root) between runs: building it is the slow part.
 """
 
@@ -25,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +43,7 @@ from aiohttp.test_utils import TestClient, TestServer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from platform_rows import _OTHER_TENANTS
+from raw_s3 import raw_client
 
 from gateway import create_app
 from gateway.config import FleetConfig
@@ -42,8 +52,11 @@ from gateway.fleet import FleetIndex
 from storage_backends import LocalBackupStore, LocalConfig
 from storage_backends.ids import new_uuid7
 from storage_backends.local import ROOT_MARKER
-from tests.servers import PlatformDatabase, PostgresServer
-from tests.support import DIRECTORY, bearer, make_config, token_for
+from storage_backends.s3 import S3Config, create_store
+from tests.servers import PlatformDatabase, PostgresServer, SeaweedServer
+from tests.support import DIRECTORY, LocalHarness, bearer, location_for, make_config, token_for
+
+SIDECAR = b'{"filename":"b.tar.gz","sha256":"","mimetype":"application/gzip"}'
 
 
 def build_root(root: Path, folders: int, backups: int) -> None:
@@ -54,23 +67,33 @@ def build_root(root: Path, folders: int, backups: int) -> None:
     (root / ROOT_MARKER).write_text("bench\n")
     per = backups // folders
     now = int(time.time() * 1000)
-    sidecar = b'{"filename":"b.tar.gz","sha256":"","mimetype":"application/gzip"}'
     for f in range(folders):
         folder = root / f"org_{f % 1000:04d}" / f"KEY-{f:07d}"
         folder.mkdir(parents=True, exist_ok=True)
         for b in range(per):
             name = new_uuid7(now - (f * per + b) * 1000) + ".tar.gz"
             (folder / name).write_bytes(b"x" * 64)
-            (folder / (name + ".meta.json")).write_bytes(sidecar)
+            (folder / (name + ".meta.json")).write_bytes(SIDECAR)
     done.write_text(f"{folders} {backups}")
 
 
-def find_seconds(root: Path) -> tuple[float, int]:
-    started = time.perf_counter()
-    find = subprocess.Popen(["find", str(root), "-type", "f"], stdout=subprocess.PIPE)
-    counted = subprocess.run(["wc", "-l"], stdin=find.stdout, capture_output=True, check=True)
-    find.wait()
-    return time.perf_counter() - started, int(counted.stdout)
+def children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def own_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
+
+
+def counted(command: list[str]) -> tuple[float, float, int]:
+    """`command | wc -l`: (wall seconds, CPU seconds of both, lines)."""
+    cpu, started = children_cpu(), time.perf_counter()
+    listing = subprocess.Popen(command, stdout=subprocess.PIPE)
+    lines = subprocess.run(["wc", "-l"], stdin=listing.stdout, capture_output=True, check=True)
+    listing.wait()
+    return time.perf_counter() - started, children_cpu() - cpu, int(lines.stdout)
 
 
 def rss_bytes() -> int:
@@ -78,30 +101,159 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def scans(root: Path, times: int) -> list[tuple[float, int, int, int]]:
-    """Each scan's (seconds, folders, backups, RSS growth of the index in bytes), through
-    one started store (its start-up sweep of leftovers done first: it walks the root too)."""
+def spread(values: list[float], digits: int = 2) -> str:
+    """min-max (median) of a figure over the rounds."""
+    low, high, mid = min(values), max(values), statistics.median(values)
+    return f"{low:.{digits}f}-{high:.{digits}f} (median {mid:.{digits}f})"
+
+
+async def local_rounds(root: Path, rounds: int) -> dict[str, Any]:
+    """find, the stat'ing find and the scan in turn, `rounds` times, through one started
+    store (its start-up sweep of leftovers done first: it walks the root too)."""
     store = LocalBackupStore(LocalConfig(root=root, io="inline"), 60.0)
     await store.start()
     await asyncio.sleep(5)  # the sweep runs in the store's writer threads, unawaitable
-    results = []
+    find = ["find", str(root), "-type", "f"]
+    floor = [*find, "!", "-name", "*.meta.json", "-printf", "%s\\n"]
+    counted(find)  # warm the caches the walks read
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("find", "find_cpu", "floor", "floor_cpu", "scan", "scan_cpu", "load")
+    }
+    grown = folders = backups = files = 0
     try:
-        for _ in range(times):
+        for turn in range(rounds):
+            seconds, cpu, files = counted(find)
+            rows["find"].append(seconds)
+            rows["find_cpu"].append(cpu)
+            seconds, cpu, _ = counted(floor)
+            rows["floor"].append(seconds)
+            rows["floor_cpu"].append(cpu)
             index = FleetIndex(FleetConfig(), store, InMemoryDirectory([], []))
-            before = rss_bytes()
-            started = time.perf_counter()
+            before, cpu, started = rss_bytes(), own_cpu(), time.perf_counter()
             assert await index.scan()
-            seconds = time.perf_counter() - started
-            grown = rss_bytes() - before
-            folders = list(index.folders())
-            results.append((seconds, len(folders), sum(s.backups for _, s in folders), grown))
-            del index, folders
+            rows["scan"].append(time.perf_counter() - started)
+            rows["scan_cpu"].append(own_cpu() - cpu)
+            if turn == 0:  # the first index of the process: its growth is the index's
+                grown = rss_bytes() - before
+            summaries = list(index.folders())
+            folders, backups = len(summaries), sum(s.backups for _, s in summaries)
+            del index, summaries
+            rows["load"].append(os.getloadavg()[0])
+            print(
+                f"  local round {turn + 1}: find {rows['find'][-1]:.2f} s, "
+                f"find stat'ing backups {rows['floor'][-1]:.2f} s, scan {rows['scan'][-1]:.2f} s, "
+                f"load {rows['load'][-1]:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         await store.close()
-    return results
+    ratio = [s / f for s, f in zip(rows["scan"], rows["find"], strict=True)]
+    cpu_ratio = [s / f for s, f in zip(rows["scan_cpu"], rows["find_cpu"], strict=True)]
+    floor_ratio = [s / f for s, f in zip(rows["floor"], rows["find"], strict=True)]
+    return {
+        "folders": folders,
+        "backups": backups,
+        "files": files,
+        "find_seconds": spread(rows["find"], 3),
+        "scan_seconds": spread(rows["scan"], 3),
+        "scan_over_find": spread(ratio),
+        "scan_over_find_cpu": spread(cpu_ratio),
+        "find_statting_backups_over_find": spread(floor_ratio),
+        "scan_over_find_statting_backups": spread(
+            [s / f for s, f in zip(rows["scan"], rows["floor"], strict=True)]
+        ),
+        "index_bytes_per_system": round(grown / max(folders, 1)),
+        "load_1min": spread(rows["load"], 1),
+    }
 
 
-async def fleet_p99(postgres: PostgresServer, systems: int, requests: int) -> dict[str, float]:
+async def put_keys(endpoint: str, bucket: str, prefix: str, keys: int) -> None:
+    """`keys` backups of 64 bytes, ten a folder, a hundred folders an organization."""
+    now = int(time.time() * 1000)
+    async with raw_client(endpoint, 64) as client:
+        await client.create_bucket(Bucket=bucket)
+        gate = asyncio.Semaphore(64)
+
+        async def put(n: int) -> None:
+            folder = n // 10
+            key = (
+                f"{prefix}org_{folder // 100:05d}/KEY-{folder:07d}/"
+                f"{new_uuid7(now - n * 1000)}.tar.gz"
+            )
+            async with gate:
+                await client.put_object(Bucket=bucket, Key=key, Body=b"x" * 64)
+
+        for start in range(0, keys, 10_000):
+            await asyncio.gather(*(put(n) for n in range(start, min(keys, start + 10_000))))
+
+
+async def s3_rounds(keys: int, rounds: int) -> dict[str, Any]:
+    server = SeaweedServer()
+    bucket, prefix = "fleet", "tenant/"
+    try:
+        started = time.perf_counter()
+        await put_keys(server.endpoint, bucket, prefix, keys)
+        print(f"  {keys} keys put in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        config = S3Config(
+            bucket=bucket,
+            endpoint_url=server.endpoint,
+            access_key_id=server.ACCESS_KEY,
+            secret_access_key=server.SECRET_KEY,
+            addressing_style="path",
+            prefix=prefix,
+        )
+        store = create_store(config, 60.0)
+        await store.start()
+
+        # the raw side's client made once, as the store's was at its start
+        client = await raw_client(server.endpoint, 10).__aenter__()
+
+        async def raw() -> int:
+            seen = 0
+            pages = client.get_paginator("list_objects_v2")
+            async for page in pages.paginate(Bucket=bucket, Prefix=prefix):
+                seen += len(page.get("Contents", []))
+            return seen
+
+        async def scan() -> int:
+            seen = 0
+            async for batch in store.folder_summaries():
+                seen += sum(s.count for s in batch)
+            return seen
+
+        rates: dict[str, list[float]] = {"raw": [], "scan": []}
+        loads = []
+        try:
+            for turn in range(rounds):
+                order = [("raw", raw), ("scan", scan)]
+                for name, listing in order if turn % 2 == 0 else order[::-1]:
+                    started = time.perf_counter()
+                    assert await listing() == keys, name
+                    rates[name].append(keys / (time.perf_counter() - started))
+                loads.append(os.getloadavg()[0])
+                print(
+                    f"  s3 round {turn + 1}: raw {rates['raw'][-1]:.0f} keys/s, "
+                    f"scan {rates['scan'][-1]:.0f} keys/s, load {loads[-1]:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            await client.__aexit__(None, None, None)
+            await store.close()
+    finally:
+        server.stop()
+    ratio = [s / r for s, r in zip(rates["scan"], rates["raw"], strict=True)]
+    return {
+        "keys": keys,
+        "raw_keys_per_second": spread(rates["raw"], 0),
+        "scan_keys_per_second": spread(rates["scan"], 0),
+        "scan_over_raw": spread(ratio),
+        "load_1min": spread(loads, 1),
+    }
+
+
+async def fleet_p99(postgres: PostgresServer, systems: int, requests: int) -> dict[str, Any]:
     database = PlatformDatabase(postgres, await postgres.new_database())
     await database.load(DIRECTORY)
     for statement in _OTHER_TENANTS:
@@ -110,35 +262,56 @@ async def fleet_p99(postgres: PostgresServer, systems: int, requests: int) -> di
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "directory.yaml").write_text(yaml.safe_dump(DIRECTORY))
-        pg = {"dsn": database.dsn, "owner_organization_id": "org_owner"}
+        pg = {"dsn": database.dsn, "owner_organization_id": "org_owner"}  # cache_seconds 5
+        harness = LocalHarness(work / "backups", io="inline")
+        doomed = [new_uuid7(int(time.time() * 1000) - n) + ".tar.gz" for n in range(requests)]
+        for backup_id in doomed:
+            harness.put(location_for("org_c1", backup_id))
         config = make_config(
             work,
-            {"backend": "local", "local": {"root": str(work / "backups"), "io": "inline"}},
+            harness.storage(),
             directory={"kind": "postgres", "postgres": pg},
             logging={"level": "WARNING"},
         )
-        (work / "backups").mkdir()
-        (work / "backups" / ROOT_MARKER).write_text("bench\n")
         async with TestClient(TestServer(create_app(config))) as client:
             # a distributor of the other tenants: ten resellers, a hundred customers
-            headers = bearer(token_for("pad_d3", "distributor"))
-            while (await client.get("/api/backups/fleet", headers=headers)).status == 503:
+            fleet = bearer(token_for("pad_d3", "distributor"))
+            deleter = bearer(token_for("org_c1"))
+            while (await client.get("/api/backups/fleet", headers=fleet)).status == 503:
                 await asyncio.sleep(0.05)
+            # the delete's first lookup fills the directory's cache; the rest are cached
+            first = f"/api/systems/sys_c1/backups/{doomed.pop()}"
+            resp = await client.delete(first, headers=deleter)
+            assert resp.status == 200, await resp.text()
             shown = 0
-            times = []
-            for _ in range(requests):
+            times: dict[str, list[float]] = {"fleet": [], "delete": []}
+
+            async def timed(name: str, request: Callable[[], Awaitable[Any]]) -> Any:
                 started = time.perf_counter()
-                resp = await client.get("/api/backups/fleet?limit=100", headers=headers)
-                body = await resp.json()
-                times.append(time.perf_counter() - started)
+                resp = await request()
+                body = await resp.read()
+                times[name].append(time.perf_counter() - started)
                 assert resp.status == 200, body
-                shown = sum(body["data"]["counts"].values())
-    times.sort()
-    return {
-        "reach": shown,
-        "p50_ms": 1000 * statistics.median(times),
-        "p99_ms": 1000 * times[int(0.99 * (len(times) - 1))],
-    }
+                return body
+
+            for backup_id in doomed:
+                body = await timed(
+                    "fleet", lambda: client.get("/api/backups/fleet?limit=100", headers=fleet)
+                )
+                shown = sum(json.loads(body)["data"]["counts"].values())
+                await timed(
+                    "delete",
+                    lambda b=backup_id: client.delete(  # type: ignore[misc]
+                        f"/api/systems/sys_c1/backups/{b}", headers=deleter
+                    ),
+                )
+    result: dict[str, Any] = {"reach": shown, "requests": len(times["fleet"])}
+    for name, seen in times.items():
+        seen.sort()
+        result[f"{name}_p50_ms"] = round(1000 * statistics.median(seen), 2)
+        result[f"{name}_p99_ms"] = round(1000 * seen[int(0.99 * (len(seen) - 1))], 2)
+    result["load_1min"] = round(os.getloadavg()[0], 1)
+    return result
 
 
 def main() -> int:
@@ -146,37 +319,30 @@ def main() -> int:
     parser.add_argument("--folders", type=int, default=10_000)
     parser.add_argument("--backups", type=int, default=100_000)
     parser.add_argument("--root", type=Path, default=Path("/tmp/fleet-bench-root"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--s3-keys", type=int, default=200_000)
     parser.add_argument("--platform-systems", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--only", default="local,s3,fleet")
     args = parser.parse_args()
-    started = time.perf_counter()
-    build_root(args.root, args.folders, args.backups)
-    print(f"root built in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    find_seconds(args.root)  # warm the caches both walk
-    finds = [find_seconds(args.root) for _ in range(3)]
-    scanned = asyncio.run(scans(args.root, 3))
-    best_find, files = min(finds)
-    best_scan = min(scanned)
-    seconds, folders, backups, _ = best_scan
-    grown = scanned[0][3]  # the first index of the process: its growth is the index's
-    result: dict[str, Any] = {
-        "folders": folders,
-        "backups": backups,
-        "files": files,
-        "find_seconds": round(best_find, 3),
-        "scan_seconds": round(seconds, 3),
-        "scan_over_find": round(seconds / best_find, 2),
-        "index_bytes_per_system": round(grown / max(folders, 1)),
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-    }
-    print(json.dumps(result), flush=True)
-    if args.platform_systems:
+    only = set(args.only.split(","))
+    print(f"# {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the start", flush=True)
+    if "local" in only:
+        started = time.perf_counter()
+        build_root(args.root, args.folders, args.backups)
+        print(f"  root built in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        local = asyncio.run(local_rounds(args.root, args.rounds))
+        print("local " + json.dumps(local), flush=True)
+        print(f"  max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
+    if "s3" in only:
+        print("s3 " + json.dumps(asyncio.run(s3_rounds(args.s3_keys, args.rounds))), flush=True)
+    if "fleet" in only:
         postgres = PostgresServer()  # its own asyncio.run: before ours
         try:
             answer = asyncio.run(fleet_p99(postgres, args.platform_systems, args.requests))
         finally:
             postgres.stop()
-        print(json.dumps(answer))
+        print("fleet " + json.dumps(answer), flush=True)
     return 0
 
 

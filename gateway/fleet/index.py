@@ -14,8 +14,8 @@ applied to the index in service and re-read from storage once the scan is in: th
 folder's listing (names and sizes only) settles it, and a change during that listing
 reads it again.
 
-Per folder the index holds three numbers under one "org/key" string: about 250 bytes a
-system (measured in bench/fleet_scan.py).
+Per folder the index holds three numbers under one "org/key" string: 258 to 280 bytes a
+system, the RSS growth bench/fleet_scan.py measures (100,000 and 10,000 folders).
 """
 
 from __future__ import annotations
