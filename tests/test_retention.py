@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import http.client
 import json
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,15 @@ import pytest
 
 from gateway.backups.keep_rules import Candidate, KeepPolicy, backup_time, kept_by
 from gateway.backups.retention import RETENTION
+from gateway.backups.storage import STORE
+from storage_backends import SystemFolder
 from storage_backends.ids import new_uuid7
 
 from .conftest import Harness, StartGateway
 from .servers import RedisServer
 from .support import (
     APPLIANCE_SECRETS,
+    KEEP_EVERYTHING,
     LocalHarness,
     OutputWatcher,
     S3Harness,
@@ -149,6 +154,90 @@ async def test_an_empty_upload_is_400_and_stores_nothing(
     resp, body = await upload(client, b"")
     assert (resp.status, body) == (400, {"code": 400, "message": "empty upload", "data": {}})
     assert backups_of(harness) == []
+
+
+# --------------------------------------------------------------------------- in flight
+
+
+def _staged_then(
+    client: Any, monkeypatch: pytest.MonkeyPatch, then: Callable[[], Awaitable[None]]
+) -> None:
+    """Run `then` right after each upload's body is staged, before the gateway decides
+    what the upload is (a retry, a refusal, a new backup): a prune or a second upload
+    that lands in that moment on a busy system."""
+    store = client.app[STORE]
+    stage = store.stage_upload
+
+    async def staged_then(backup: Any, body: Any) -> Any:
+        staged = await stage(backup, body)
+        await then()
+        return staged
+
+    monkeypatch.setattr(store, "stage_upload", staged_then)
+
+
+async def test_a_retry_in_flight_pushes_nothing_out(
+    start_gateway: StartGateway, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry staged but not yet known as one is no backup: a prune at that moment keeps
+    what it kept. (On S3 a digest upload was one PutObject at its final key, listed from
+    then on: the prune took the retry for the newest and pruned the oldest kept backup,
+    then the retry was answered 200 and discarded, so a retry pushed history out.)"""
+    client = await start_gateway(
+        {**_patient(harness), "retention": {"keep_last": 2, **ONLY_LAST, "uploads_per_minute": 0}}
+    )
+    older = (await upload(client, b"the day before"))[1]["data"]["id"]
+    data = b"last night's backup"
+    first = await upload(client, data, **{"Content-Digest": _digest(data)})
+    assert first[0].status == 201, first[1]
+    await settled(client)
+    folder = SystemFolder("org_c1", KEY)
+    outcomes: list[str] = []
+
+    async def prune() -> None:
+        outcomes.append(await client.app[RETENTION].prune_system(folder))
+
+    _staged_then(client, monkeypatch, prune)
+    again = await upload(client, data, **{"Content-Digest": _digest(data)})
+    assert (again[0].status, again[1]["message"]) == (200, "backup already stored")
+    assert again[1]["data"] == first[1]["data"]
+    assert outcomes == ["done"]
+    await settled(client)
+    assert backups_of(harness) == sorted([older, first[1]["data"]["id"]])
+
+
+async def test_two_identical_uploads_in_flight_never_answer_for_each_other(
+    start_gateway: StartGateway, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sends of the same backup, both staged before either is decided: neither is the
+    other's earlier backup. (On S3 each saw the other's PutObject at its final key, each
+    was answered 200 `backup already stored` with the other's id and discarded its own:
+    two success answers, and nothing stored.)"""
+    client = await start_gateway(
+        {**_patient(harness), "retention": {**KEEP_EVERYTHING, "uploads_per_minute": 0}}
+    )
+    staged = 0
+    both = asyncio.Event()
+
+    async def wait_for_the_other() -> None:
+        nonlocal staged
+        staged += 1
+        if staged == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 30)
+
+    _staged_then(client, monkeypatch, wait_for_the_other)
+    data = b"tonight's backup, sent twice"
+    digest = {"Content-Digest": _digest(data)}
+    answers = await asyncio.gather(upload(client, data, **digest), upload(client, data, **digest))
+    await settled(client)
+    present = set(backups_of(harness))
+    assert [a[0].status for a in answers] == [201, 201], ([a[1] for a in answers], present)
+    assert present == {a[1]["data"]["id"] for a in answers}
+
+
+def _digest(data: bytes) -> str:
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
 
 
 # --------------------------------------------------------------------------- room

@@ -338,7 +338,7 @@ async def _stored_moments_ago(request: web.Request, backup: NewBackup) -> Backup
         (
             e.id
             for e in entries
-            # not this upload's own: a store may hold it in place already (S3's checked PUT)
+            # not this upload's own: staged, it is never listed before its commit (StagedBackup)
             if e.id != location.backup_id
             and backup_unix_ms(e.id) >= since
             and e.size == backup.size

@@ -4,10 +4,14 @@ backup appears whole, checksum and all. What a failure or a crash leaves under t
 staging prefix is removed, or cleared by a lifecycle rule on it.
 
 With the appliance's digest known before the body (DESIGN.md §12) the body goes straight to
-its final key with its metadata, written once, no staging copy: one PUT with
-`x-amz-checksum-sha256`, which the store verifies, or above the threshold a multipart
-upload whose parts each carry their own sha256 (the store verifies each), completed only
-once the gateway's sha256 of the whole body equals the digest (`_MultipartInPlace`)."""
+its final key with its metadata, written once, no staging copy: a multipart upload at the
+final key whose parts each carry their own `x-amz-checksum-sha256` (the store verifies
+each) — up to the threshold one part, streamed, whose checksum is the digest itself —
+completed only once the gateway's sha256 of the whole body equals the digest
+(`_MultipartInPlace`). Never one PutObject at the final key: that is listed from the
+moment it lands, before the gateway has decided what the upload is (a retry answered with
+an earlier backup, a refusal under the system's lock), and a staged upload must not be
+listed until its commit (`StagedBackup`)."""
 
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ from ..base import BackupInfo, NewBackup, StagedBackup, UploadBody
 from ..errors import (
     BackupNotFound,
     ChecksumRefused,
-    InsufficientStorage,
     StorageError,
     StorageUnavailable,
     UploadIncomplete,
@@ -77,11 +80,9 @@ class Uploads:
     async def stage(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
         """Stream the body to a staging key; `final` is where `commit` copies it. With the
         body's sha256 known before it (the appliance's digest) the body goes straight to
-        `final` with its metadata and the store's own check: one PUT, or parts above the
-        threshold."""
+        `final` with its metadata and the store's own check, as a multipart upload that
+        only the commit completes."""
         if backup.expected_sha256 is not None:
-            if backup.size <= self._config.multipart_threshold_bytes:
-                return await self._put_in_place(backup, body, final)
             return await self._parts_in_place(backup, body, final)
         staging = f"{self._config.prefix}{STAGING_PREFIX}{secrets.token_hex(16)}"
         digest = hashlib.sha256()
@@ -140,52 +141,18 @@ class Uploads:
             raise _failure(exc, feed.error, step) from None
         return _StagedS3(self, staging, final, backup.info(digest.hexdigest()), backup.uploader_ip)
 
-    async def _put_in_place(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
-        """One PutObject at the final key, with the final metadata and
-        `x-amz-checksum-sha256`: the store refuses bytes that are not the appliance's
-        (400 BadDigest), and the gateway's own sha256 is computed on the way as well. No
-        staging key, no CopyObject: the backup is written once."""
-        assert backup.expected_sha256 is not None
-        digest = hashlib.sha256()
-        feed = _Feed(body, digest)
-        info = backup.info(backup.expected_sha256)
-        headers = {
-            **metadata_headers(info, backup.uploader_ip),
-            "x-amz-checksum-sha256": base64.b64encode(
-                bytes.fromhex(backup.expected_sha256)
-            ).decode(),
-        }
-        step = "head_bucket"
-        try:
-            await self._require_bucket()
-            step = "put_object"
-            answer = await self._signed.put_stream(
-                final,
-                backup.size,
-                feed.chunks(backup.size),
-                read_seconds=self._answer_seconds(backup.size),
-                headers=headers,
-            )
-            if checksum_refused(answer):
-                raise ChecksumRefused("the store's sha256 of the body differs from the digest")
-            require_ok(answer, step)
-        except BaseException as exc:
-            if feed.error is None and not isinstance(exc, (InsufficientStorage, ChecksumRefused)):
-                # a PUT whose answer was lost may have landed: the new id is nobody's yet
-                _background(self.remove(final, None))
-            raise _failure(exc, feed.error, step) from None
-        return _PlacedS3(self, final, backup.info(digest.hexdigest()))
-
     async def _parts_in_place(
         self, backup: NewBackup, body: UploadBody, final: str
     ) -> StagedBackup:
         """A multipart upload at the final key, created with the final metadata and
-        ChecksumAlgorithm SHA256. Each part is read into memory (one part at a time) and
-        hashed on the way, and goes up with its own `x-amz-checksum-sha256`, which the
-        store verifies. Once every part is up, the gateway's sha256 of the whole body is
+        ChecksumAlgorithm SHA256. Up to the threshold the body is one part, streamed, whose
+        `x-amz-checksum-sha256` is the digest; above it each part is read into memory (one
+        part at a time) and hashed on the way, and goes up with its own checksum. The store
+        verifies each. Once every part is up, the gateway's sha256 of the whole body is
         compared with the appliance's digest: a mismatch aborts the upload before the
         refusal (ChecksumRefused), so nothing was ever visible. CompleteMultipartUpload
-        is the commit (`_MultipartInPlace`): no staging key, no CopyObject."""
+        is the commit (`_MultipartInPlace`): no staging key, no CopyObject, and nothing
+        listed before it."""
         assert backup.expected_sha256 is not None
         cfg = self._config
         whole = hashlib.sha256()
@@ -210,20 +177,29 @@ class Uploads:
             )
             upload_id = created["UploadId"]
             remaining = backup.size
+            one_part = backup.size <= cfg.multipart_threshold_bytes
             step = "upload_part"
             while remaining:
-                size = min(cfg.multipart_part_bytes, remaining)
-                chunks, checksum = await feed.part(size)
+                sent: AsyncIterator[bytes]
+                if one_part:  # the whole body, streamed: its checksum is the digest
+                    size = remaining
+                    checksum = base64.b64encode(bytes.fromhex(backup.expected_sha256)).decode()
+                    sent = feed.chunks(size)
+                else:
+                    size = min(cfg.multipart_part_bytes, remaining)
+                    chunks, checksum = await feed.part(size)
+                    sent = _sent(chunks)
+                    del chunks  # one part in memory at a time, held by `sent` alone
                 number = len(parts) + 1
                 answer = await self._signed.put_stream(
                     final,
                     size,
-                    _sent(chunks),
+                    sent,
                     {"partNumber": str(number), "uploadId": upload_id},
                     read_seconds=self._answer_seconds(size),
                     headers={"x-amz-checksum-sha256": checksum},
                 )
-                del chunks  # one part in memory at a time
+                del sent
                 if checksum_refused(answer):
                     raise ChecksumRefused(f"the store's sha256 of part {number} differs")
                 require_ok(answer, step)
@@ -395,22 +371,6 @@ def metadata_headers(info: BackupInfo, ip: str) -> dict[str, str]:
         "x-amz-meta-uploader-ip": ip,
         "x-amz-meta-uploaded-at": info.uploaded_at.isoformat(timespec="milliseconds"),
     }
-
-
-class _PlacedS3(StagedBackup):
-    """A backup already at its final key (the checked PUT): `commit` has nothing left to
-    do, `discard` deletes it (a lost race, a retry answered with the earlier backup)."""
-
-    def __init__(self, uploads: Uploads, final: str, info: BackupInfo) -> None:
-        super().__init__(info)
-        self._uploads = uploads
-        self._final = final
-
-    async def commit(self) -> None:
-        return None
-
-    async def discard(self) -> None:
-        await self._uploads.remove(self._final, None)
 
 
 class _MultipartInPlace(StagedBackup):
