@@ -12,6 +12,7 @@ import base64
 import hashlib
 import http.client
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -45,7 +46,8 @@ from .support import (
     wait_for_port,
     write_config,
 )
-from .test_uploads import KEY, backups_of, upload
+from .test_restore import envelope_of, put, repr_digest, url
+from .test_uploads import KEY, backups_of, basic, upload
 
 ONLY_LAST = {"keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
 
@@ -86,10 +88,14 @@ async def test_the_newest_are_kept_and_the_rest_pruned_after_the_answer(
 
 
 async def test_the_time_rules_keep_history_through_junk_uploads(
-    start_gateway: StartGateway, harness: Harness
+    start_gateway: StartGateway, harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The stolen-credential case: 20 days of daily backups and older weekly and monthly
-    ones; 30 junk uploads at an unlimited rate leave every kept backup older than today."""
+    """The stolen-credential case (issue #28, 10): 20 days of daily backups and older weekly
+    and monthly ones; the thief sends 30 junk uploads at an unlimited rate, then asks to
+    delete every old backup with the appliance's own credentials. By default each delete
+    is 403, nothing deleted, and every backup the rules kept before the attack that is
+    older than today is still there and restores byte-exact through the appliance's route,
+    as a replaced appliance would fetch it."""
     now = datetime.now(UTC)
     # the appliance's daily backup, the last one earlier today
     today = max(now - timedelta(minutes=1), now.replace(hour=0, minute=0, second=0))
@@ -98,7 +104,7 @@ async def test_the_time_rules_keep_history_through_junk_uploads(
     history += [id_at(now - timedelta(days=31 * m)) for m in range(3, 6)]
     data = {backup_id: f"good backup {backup_id}".encode() for backup_id in history}
     for backup_id, content in data.items():
-        harness.put(location_for("org_c1", backup_id), content)
+        put(harness, "org_c1", content, backup_id)  # as an upload leaves it, sha256 and all
     policy = KeepPolicy()  # the defaults: 3 last, 7 daily, 4 weekly, 6 monthly
     kept_before = {
         backup_id
@@ -115,16 +121,34 @@ async def test_the_time_rules_keep_history_through_junk_uploads(
     older_than_today = {b for b in kept_before if backup_time(b) < start_of_today}
     assert len(older_than_today) >= 12
     assert older_than_today <= left
+
+    # then every old id deleted with the appliance's credentials: refused, nothing goes
+    before = harness.keys()
+    with caplog.at_level(logging.INFO, logger="gateway.audit"):
+        for backup_id in history:
+            assert await envelope_of(await client.delete(url(backup_id), headers=basic())) == (
+                403,
+                {"code": 403, "message": "appliances may not delete backups", "data": {}},
+            )
+    denied = [r for r in caplog.records if r.getMessage() == "backup delete"]
+    assert len(denied) == len(history)
+    assert {r.fields["decision"] for r in denied} == {"deny"}  # type: ignore[attr-defined]
+    await settled(client)
+    assert harness.keys() == before
+    assert set(backups_of(harness)) == left
+
+    # what the rules kept before the attack restores as the appliance fetches it
     for backup_id in older_than_today:
+        resp = await client.get(url(backup_id), headers=basic())
+        assert resp.status == 200, backup_id
+        assert await resp.read() == data[backup_id], backup_id
+        assert resp.headers["Repr-Digest"] == repr_digest(data[backup_id])
+    for backup_id in older_than_today:  # and a user still downloads it
         resp = await client.get(
             f"/api/systems/sys_c1/backups/{backup_id}/download",
             headers={"Authorization": "Bearer " + _token()},
         )
         assert resp.status == 200
-    if isinstance(harness, LocalHarness):
-        for backup_id in older_than_today:
-            stored = harness.root / "org_c1" / KEY / backup_id
-            assert stored.read_bytes() == data[backup_id]
 
 
 def _token() -> str:
