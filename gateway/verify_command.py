@@ -41,10 +41,9 @@ async def verify(
         rate = max_bytes_per_second or math.inf
         locks = SystemLocks(store, None, purpose="verify")  # a host's folder locks, if any
         verifier = Verifier(config.storage.verify, store, locks, rate)
-        backups = await verifier.everything(only)
-        total = sum(d.info.size for d in backups)
+        count, total = await verifier.census(only)
         outcomes: Counter[str] = Counter()
-        with _Progress(len(backups), total, out) as progress:
+        with _Progress(count, total, out) as progress:
 
             def seen(item: Due, outcome: str) -> None:
                 outcomes[outcome] += 1
@@ -56,7 +55,7 @@ async def verify(
     finally:
         await store.close()
     parts = ", ".join(f"{outcomes[o]} {o}" for o in ("ok", "corrupt", "unverifiable", "error"))
-    print(f"verified {len(backups)} backups ({total} bytes): {parts}", file=out)
+    print(f"verified {count} backups ({total} bytes): {parts}", file=out)
     return EXIT_CORRUPT if outcomes["corrupt"] else 0
 
 

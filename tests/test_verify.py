@@ -189,3 +189,58 @@ def test_an_overwritten_object_on_s3_is_found(tmp_path: Path, s3_server: S3Serve
         (bad, "verified", "corrupt"),
     }
     assert not [k for k in harness.keys() if k.startswith(f"org_c1/{KEY}/") and "verified" in k]
+
+
+async def test_a_pass_holds_one_batch_at_a_time_and_reads_each_backup_once(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """More backups than a batch: the pass reads them in rounds (each a listing that keeps
+    the most due), never-verified first, each exactly once, and ends; one without a sha256
+    is counted once and never read. The real local store, in this process, with the batch
+    made small."""
+    import asyncio
+
+    from gateway.backups import verifier as verifier_module
+    from gateway.backups.system_lock import SystemLocks
+    from gateway.backups.verifier import Verifier
+    from gateway.config import load_config
+    from storage_backends import create_store
+
+    monkeypatch.setattr(verifier_module, "BATCH", 3)
+    harness = LocalHarness(tmp_path / "backups")
+    planted = [plant(harness, 60 - m, os.urandom(2_000)) for m in range(10)]
+    unknown = plant(harness, 1, b"no sha256 was stored", sha256=False)
+    rot(harness, planted[4])
+    config = load_config(write_config(tmp_path, free_port(), harness.storage()), environ={})
+    store = create_store(config.storage)
+    await store.start()
+    try:
+        locks = SystemLocks(store, None, purpose="verify")
+        verifier = Verifier(config.storage.verify, store, locks, 1e12)
+        seen: list[tuple[str, str]] = []
+        await asyncio.wait_for(
+            verifier.run_pass(progress=lambda d, o: seen.append((d.info.id, o)), force=True), 60
+        )
+    finally:
+        await store.close()
+    assert seen.count((unknown, "unverifiable")) == 1
+    read = [(b, o) for b, o in seen if b != unknown]
+    assert [b for b, _ in read] == planted  # oldest upload first, each once
+    assert dict(read)[planted[4]] == "corrupt"
+    assert [o for _, o in read].count("ok") == 9
+    assert all("integrity" in sidecar(harness, b) for b in planted)
+    assert verifier.outcomes == {"ok": 9, "corrupt": 1, "unverifiable": 1}
+
+
+def test_tiny_backups_cost_a_mebibyte_of_the_budget_each(tmp_path: Path) -> None:
+    """Each backup read costs at least 1 MiB of the byte budget (its open, lock and durable
+    state write cost that much), so a folder of tiny backups is not rewritten hundreds of
+    times a second: six of ten bytes at 4 MiB/s are verified at least 0.25 s apart, by the
+    times recorded with them."""
+    harness = LocalHarness(tmp_path / "backups")
+    planted = [plant(harness, 10 + m, b"ten bytes!") for m in range(6)]
+    config = write_config(tmp_path, free_port(), harness.storage())
+    done = run_verify(config, "--max-bytes-per-second", str(4 << 20))
+    assert done.returncode == 0 and "6 ok" in done.stdout, done.stdout + done.stderr
+    stamps = sorted(datetime.fromisoformat(sidecar(harness, b)["verified_at"]) for b in planted)
+    assert (stamps[-1] - stamps[0]).total_seconds() >= 5 * 0.25 * 0.98

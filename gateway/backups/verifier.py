@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
 import logging
 from collections import Counter
@@ -44,6 +45,13 @@ OUTCOMES = ("ok", "corrupt", "unverifiable", "error")
 LOCK_WAIT_SECONDS = 1.0
 # between passes: never longer than this, so a backup due soon is not left long
 MAX_IDLE_SECONDS = 3600.0
+# backups held at once by a pass (a round reads these, then lists again): bounded memory
+# however many backups storage holds
+BATCH = 4096
+# what a backup costs of the byte budget at least: its open, its lock and its state's
+# durable write cost about as much as reading this, so a folder of tiny backups is not
+# verified (and written) hundreds of times a second beside the requests
+MIN_CHARGE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,10 @@ class Due:
         if self.info.verified_at is None:
             return (0, self.info.uploaded_at, self.info.id)
         return (1, self.info.verified_at, self.info.id)
+
+
+def _order(item: Due) -> tuple[int, datetime, str]:
+    return item.order
 
 
 class Throttle:
@@ -129,21 +141,15 @@ class Verifier:
                 idle = min(idle, max(1.0, (next_due - datetime.now(UTC)).total_seconds()))
             await asyncio.sleep(idle)
 
-    async def due(self, only: SystemFolder | None = None) -> tuple[list[Due], datetime | None]:
-        """The backups due now in the order they are read, and when the next one falls due."""
-        folders = [only] if only is not None else await self._store.system_folders()
-        now = datetime.now(UTC)
-        due: list[Due] = []
-        next_due: datetime | None = None
-        for folder in folders:
+    async def census(self, only: SystemFolder | None = None) -> tuple[int, int]:
+        """How many backups there are and their bytes, for a progress bar: one listing,
+        nothing of it held."""
+        count = size = 0
+        for folder in await self._folders(only):
             for info in await self._store.list_backups(folder):
-                if info.verified_at is None or info.verified_at + self._interval <= now:
-                    due.append(Due(folder, info))
-                else:
-                    when = info.verified_at + self._interval
-                    next_due = when if next_due is None else min(next_due, when)
-        due.sort(key=lambda d: d.order)
-        return due, next_due
+                count += 1
+                size += info.size
+        return count, size
 
     async def run_pass(
         self,
@@ -152,22 +158,63 @@ class Verifier:
         force: bool = False,
     ) -> datetime | None:
         """Verify every backup due (every backup at all with `force`); when the next falls
-        due. `progress(due, outcome)` is told of each one read."""
-        backups, next_due = await self.due(only)
-        if force:
-            backups = await self.everything(only)
-        throttle = Throttle(self._rate, asyncio.get_running_loop().time)
-        for item in backups:
-            outcome = await self.verify(item, throttle)
-            if progress is not None:
-                progress(item, outcome)
-        return next_due
+        due. `progress(due, outcome)` is told of each one looked at.
 
-    async def everything(self, only: SystemFolder | None) -> list[Due]:
-        folders = [only] if only is not None else await self._store.system_folders()
-        found = [Due(f, info) for f in folders for info in await self._store.list_backups(f)]
-        found.sort(key=lambda d: d.order)
-        return found
+        A pass goes in rounds, each a listing that keeps the BATCH most due and reads them:
+        memory stays bounded by BATCH whatever storage holds, and what a round read is not
+        due in the next (its verification time is now). A round that verified nothing
+        (every system busy, or every read failed) ends the pass; the next pass retries."""
+        started = datetime.now(UTC)
+        throttle = Throttle(self._rate, asyncio.get_running_loop().time)
+        first = True
+        while True:
+            due_before = started if force else datetime.now(UTC) - self._interval
+            batch, more, next_due = await self._most_due(only, due_before, first, progress)
+            first = False
+            progressed = False
+            for item in batch:
+                outcome = await self.verify(item, throttle)
+                progressed = progressed or outcome in ("ok", "corrupt")
+                if progress is not None:
+                    progress(item, outcome)
+            if not more or not progressed:
+                return next_due
+
+    async def _most_due(
+        self,
+        only: SystemFolder | None,
+        due_before: datetime,
+        first_round: bool,
+        progress: Callable[[Due, str], None] | None,
+    ) -> tuple[list[Due], bool, datetime | None]:
+        """Up to BATCH backups verified before `due_before` (or never), most due first;
+        whether more are due; when the first not due falls due. A backup stored without a
+        sha256 can never be verified: it is counted (and told to `progress`) in a pass's
+        first round, and never taken into a batch."""
+        due: list[Due] = []
+        more = False
+        next_due: datetime | None = None
+        for folder in await self._folders(only):
+            for info in await self._store.list_backups(folder):
+                if not info.sha256:
+                    if first_round:
+                        self.outcomes["unverifiable"] += 1
+                        if progress is not None:
+                            progress(Due(folder, info), "unverifiable")
+                elif info.verified_at is None or info.verified_at < due_before:
+                    due.append(Due(folder, info))
+                    if len(due) >= 2 * BATCH:
+                        due = heapq.nsmallest(BATCH, due, key=_order)
+                        more = True
+                else:
+                    when = info.verified_at + self._interval
+                    next_due = when if next_due is None else min(next_due, when)
+        if len(due) > BATCH:
+            more = True
+        return heapq.nsmallest(BATCH, due, key=_order), more, next_due
+
+    async def _folders(self, only: SystemFolder | None) -> list[SystemFolder]:
+        return [only] if only is not None else await self._store.system_folders()
 
     async def verify(self, item: Due, throttle: Throttle) -> str:
         """Read one backup and record what was found; its outcome, also counted."""
@@ -201,6 +248,7 @@ class Verifier:
             await reader.close()
         outcome = "ok" if hmac.compare_digest(digest.hexdigest(), stored) else "corrupt"
         await self._store.set_verified(location, outcome, datetime.now(UTC))
+        await throttle.took(max(0, MIN_CHARGE_BYTES - reader.info.size))
         if outcome == "corrupt":
             self.corrupt.add(location.relative_key)
             log.error(
