@@ -195,15 +195,18 @@ class Retention:
                 started.pop(folder.system_key, None)
             # Names and sizes decide, and the state of the backups a rule would keep (a
             # corrupt one gives its slot away); a backup the rules leave out is described
-            # right before it goes, for its protection.
+            # right before it goes, for its protection, unless the decision's listing
+            # described it already: protection changes only under this lock, held since.
             decision = await decide(self._store, folder, self._policy)
             doomed = sorted(decision.unkept(), key=lambda b: (backup_unix_ms(b), b))
             until = loop.time() + SLICE_SECONDS
             for backup_id in doomed:
                 if loop.time() >= until:
                     return True
+                info = decision.known.get(backup_id)
                 try:
-                    info = await self._store.describe(folder.location(backup_id))
+                    if info is None:
+                        info = await self._store.describe(folder.location(backup_id))
                 except BackupNotFound:
                     continue  # deleted meanwhile
                 if not info.protected:
