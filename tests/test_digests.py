@@ -148,11 +148,12 @@ async def test_a_backup_planted_without_a_sha256_is_never_a_duplicate(
 # --------------------------------------------------------------------------- S3: one PUT
 
 
-async def test_on_s3_a_digest_known_up_front_is_one_put_in_place(
+async def test_on_s3_a_digest_known_up_front_goes_in_place_with_no_copy(
     start_gateway: StartGateway, s3_server: S3Server, proxy: FaultProxy
 ) -> None:
     """No staging key, no CopyObject: the body goes to its final key with its metadata and
-    the store's own check (x-amz-checksum-sha256). Without a digest, §9's staging path."""
+    the store's own check (x-amz-checksum-sha256), as the one part of a multipart upload
+    that only the commit completes (POSTs). Without a digest, §9's staging path."""
     harness = S3Harness(s3_server.endpoint, f"dig-{uuid.uuid4().hex[:10]}")
     settings = s3_settings(proxy.endpoint, harness.bucket, versioning="off")
     client = await start_gateway({"backend": "s3", "s3": settings, "retention": KEEP_EVERYTHING})
@@ -160,7 +161,7 @@ async def test_on_s3_a_digest_known_up_front_is_one_put_in_place(
     puts = proxy.faults.by_method[b"PUT"]
     resp, body = await upload(client, data, **{"Content-Digest": digest_of(data)})
     assert resp.status == 201, body
-    assert proxy.faults.by_method[b"PUT"] - puts == 1  # one PutObject, no copy
+    assert proxy.faults.by_method[b"PUT"] - puts == 1  # one UploadPart, no copy
     head = harness.client.head_object(
         Bucket=harness.bucket, Key=f"org_c1/KEY-C1/{body['data']['id']}"
     )
