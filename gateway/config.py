@@ -206,6 +206,7 @@ class VerifyConfig:
     enabled: bool = False
     # every backup is re-read at least this often (fractions allowed)
     interval_days: float = 30.0
+    # each backup counts as at least 1 MiB of it (its open, lock and state write)
     max_bytes_per_second: int = 20 * 1024 * 1024
 
 
