@@ -10,13 +10,17 @@
   for the keep rules: (on) the default rules of DESIGN.md §11 with every system filled to
   its keep limit first (keep_last uploads each, all of today), so every upload prunes one;
   (off) every rule at 0, nothing pruned. on/off per run, target >= 0.9 (issue #28). The
-  two alternate, which goes first swapping each run.
+  two alternate, which goes first swapping each run. Each row starts once the gateway is
+  settled: its fleet index's start-up scan done and the minute after it over, in which
+  every upload and prune re-reads its folder from storage (DESIGN.md §13) — a cost of the
+  first minute after each scan, not of retention (`--unsettled` measures that minute).
 
     .venv/bin/python bench/ingest.py [--gib 1] [--seconds 8] [--concurrency 64] [--runs 3]
-    .venv/bin/python bench/ingest.py --only retention --runs 3
+    .venv/bin/python bench/ingest.py --only retention --runs 3 [--unsettled]
 
-THREADS=N sets storage.local.threads (the writer pool); PROFILE=out.raw records the gateway
-with py-spy (raw format) while the 64-connection row runs.
+THREADS=N sets storage.local.threads (the writer pool); PROFILE=out records the gateway and
+its I/O process with py-spy (raw format, out-<row>.raw) while the ingest, 64-connection and
+retention rows run (`.venv/bin/pip install py-spy` first).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import base64
 import http.client
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ sys.path.insert(0, str(bench.REPO))
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.config import RetentionConfig
+from gateway.fleet.index import _SETTLING_SECONDS  # how long a scan's settling lasts
 from gateway.identity.appliance import new_secret
 from storage_backends.local import ROOT_MARKER, mark_root
 
@@ -170,15 +177,54 @@ def post_upload(port: int, auth: str, body: bytes) -> int:
         conn.close()
 
 
+def metric(port: int, name: str) -> dict[str, float]:
+    """One metric's values from the gateway's /metrics, by its one label's value ('' for a
+    metric without labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = {}
+    pattern = rf'^{re.escape(name)}(?:\{{\w+="([^"]*)"\}})? (\S+)$'
+    for match in re.finditer(pattern, text, re.M):
+        found[match[1] or ""] = float(match[2])
+    return found
+
+
+def wait_settled(port: int, ready: Any = None, timeout: float = 600) -> float:
+    """Until the fleet index's start-up scan is done and its settling minute over (and
+    `ready(port)` says yes, when given): seconds waited."""
+    started = time.monotonic()
+    scanned = None
+    while True:
+        now = time.monotonic()
+        if now - started > timeout:
+            raise RuntimeError(f"the gateway did not settle in {timeout:g} s")
+        if scanned is None and metric(port, "gateway_fleet_scans_total").get("done"):
+            scanned = now
+        if (
+            scanned is not None
+            and now - scanned > _SETTLING_SECONDS + 1
+            and (ready is None or ready(port))
+        ):
+            return now - started
+        time.sleep(0.5)
+
+
 def stored_backups(root: Path) -> int:
     return sum(1 for p in root.rglob("*.tar.gz") if p.is_file())
 
 
 def retention_row(
-    work: Path, directory: dict[str, Any], headers: list[str], keep: bool, c: int, seconds: float
+    work: Path,
+    directory: dict[str, Any],
+    headers: list[str],
+    keep: bool,
+    c: int,
+    seconds: float,
+    settle: bool,
 ) -> dict[str, Any]:
     """The 64-connection 1 MB row on a gateway of its own: with the default keep rules and
-    every system at its keep limit (`keep`), or with every rule at 0."""
+    every system at its keep limit (`keep`), or with every rule at 0; once the gateway is
+    settled (`settle`), or right after start-up."""
     root = work / "backups"
     server, port = start_gateway(work, root, directory, None if keep else bench.KEEP_EVERYTHING)
     try:
@@ -194,10 +240,15 @@ def retention_row(
             time.sleep(1)  # nothing to prune: the runs after them end at once
         auth_file = work / "auths.txt"
         auth_file.write_text("\n".join(headers) + "\n")
+        if settle:
+            wait_settled(port)
         os.sync()  # the prefill's dirty pages written back before the row, not in it
         meter = bench.CpuMeter.start(server.proc.pid)
+        spy = _profile(server.proc.pid, int(seconds), f"retention-{'on' if keep else 'off'}")
         result = wrk_upload(port, auth_file, c, seconds, 1_000_000)
         result.update(meter.stop(result["requests"]))
+        if spy is not None:
+            spy.wait(30)
         time.sleep(2)  # the prunes after the last uploads
         left = stored_backups(root)
     finally:
@@ -215,7 +266,7 @@ def _profile(pid: int, seconds: int, row: str) -> subprocess.Popen[bytes] | None
         return None
     return subprocess.Popen(
         [str(bench.BIN / "py-spy"), "record", "-p", str(pid), "-d", str(seconds), "-f", "raw",
-         "-o", f"{prefix}-{row}.raw", "--threads", "--nonblocking"],
+         "-o", f"{prefix}-{row}.raw", "--threads", "--nonblocking", "--subprocesses"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -225,21 +276,26 @@ def retention_rows(
 ) -> list[str]:
     """`args.runs` pairs of the retention row, on then off or off then on; the failures."""
     failures, ratios = [], []
-    print(f"{args.concurrency} connections, 1 MB uploads, {args.seconds:g} s a row, retention:")
+    print(
+        f"{args.concurrency} connections, 1 MB uploads, {args.seconds:g} s a row, "
+        f"{'right after start-up' if args.unsettled else 'settled'}, retention:"
+    )
     for run in range(args.runs):
         pair = {}
         for keep in (True, False) if run % 2 == 0 else (False, True):
             label = "on" if keep else "off"
             r = retention_row(
                 work / f"retention-{run}-{label}", directory, headers, keep,
-                args.concurrency, args.seconds,
+                args.concurrency, args.seconds, not args.unsettled,
             )  # fmt: skip
             pair[label] = r
             print(
                 f"  run {run + 1} {label:3}  {r['rps']:6.0f} req/s  p50 {r['p50_ms']:7.1f} ms  "
                 f"p99 {r['p99_ms']:7.1f} ms  non-2xx {r['non2xx']}  "
                 f"CPU {r['cpu_us_per_request']:5.0f} us/upload  "
-                f"stored {r['stored']}, left {r['left']}"
+                f"stored {r['stored']}, left {r['left']}  machine "
+                f"{r['machine_cores_busy']:.2f} cores, steal {r['machine_stolen']:.1%}, "
+                f"load {os.getloadavg()[0]:.1f}"
             )
             if r["non2xx"]:
                 failures.append(f"retention {label}: {r['non2xx']} uploads were not 201")
@@ -263,9 +319,14 @@ def main() -> int:
     parser.add_argument(
         "--short", action="store_true", help="CI: small and quick; fails on errors, never on speed"
     )
+    parser.add_argument(
+        "--unsettled",
+        action="store_true",
+        help="retention rows right after start-up, in the fleet scan's settling minute",
+    )
     args = parser.parse_args()
     if args.short:
-        args.gib, args.runs, args.seconds = 0.25, 1, 2
+        args.gib, args.runs, args.seconds, args.unsettled = 0.25, 1, 2, True
     only = set(args.only or ["ingest", "many", "retention"])
     if shutil.which("wrk") is None and only & {"many", "retention"}:
         # the 64-connection rows are wrk's; a host without it still measures the ingest
