@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 # the tests' own helpers and fixtures, and raw_s3's client: one copy of each
 from raw_s3 import raw_client  # noqa: E402
+from read_side import rss_kb  # noqa: E402
 from run import (  # noqa: E402
     machine_busy_seconds,
     machine_stolen_seconds,
@@ -148,13 +149,7 @@ class Usage:
         self._thread.start()
 
     def _rss(self) -> int:
-        total = 0
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        return total
+        return rss_kb(self.pids) * 1024
 
     def _sample(self) -> None:
         while not self._stop.wait(0.02):

@@ -3,6 +3,7 @@ by the keep rules; `backup-gateway verify` and the background verifier, as real 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -13,6 +14,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from gateway.backups import verifier as verifier_module
+from gateway.backups.system_lock import SystemLocks
+from gateway.backups.verifier import Verifier
+from gateway.config import load_config
+from storage_backends import create_store
 from storage_backends.ids import new_uuid7
 
 from .conftest import S3Server
@@ -198,14 +204,6 @@ async def test_a_pass_holds_one_batch_at_a_time_and_reads_each_backup_once(
     the most due), never-verified first, each exactly once, and ends; one without a sha256
     is counted once and never read. The real local store, in this process, with the batch
     made small."""
-    import asyncio
-
-    from gateway.backups import verifier as verifier_module
-    from gateway.backups.system_lock import SystemLocks
-    from gateway.backups.verifier import Verifier
-    from gateway.config import load_config
-    from storage_backends import create_store
-
     monkeypatch.setattr(verifier_module, "BATCH", 3)
     harness = LocalHarness(tmp_path / "backups")
     planted = [plant(harness, 60 - m, os.urandom(2_000)) for m in range(10)]
