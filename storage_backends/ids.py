@@ -16,6 +16,13 @@ _BACKUP_ID = re.compile(
     r"(?:" + "|".join(re.escape(s) for s in SUFFIXES) + r")?",
     re.ASCII | re.IGNORECASE,
 )
+# A stored backup's name exactly as `normalize_backup_id` returns it (lower case): what
+# a listing keeps. One regex call a name, for the scans that meet a million of them.
+_STORED_NAME = re.compile(_BACKUP_ID.pattern, re.ASCII)
+# Whether a name is a backup id in its normal form (a match or None): the names a listing
+# keeps, never a sidecar, a temporary file, an upper-case twin or an odd name. The bound
+# method itself, not a wrapper: a scan calls it once a name.
+match_stored_backup_name = _STORED_NAME.fullmatch
 # the names the directory gives organizations and system keys: never hidden, no separators
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 MAX_LENGTH = 36 + max(map(len, SUFFIXES))

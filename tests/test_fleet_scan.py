@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from storage_backends import FolderSummary, SystemFolder
-from storage_backends.ids import SUFFIXES, is_folder_name, new_uuid7, normalize_backup_id
+from storage_backends.ids import (
+    SUFFIXES,
+    is_folder_name,
+    match_stored_backup_name,
+    new_uuid7,
+    normalize_backup_id,
+)
 from storage_backends.local import ROOT_MARKER, SIDECAR_SUFFIX
 from storage_backends.local import fs as local_fs
 from storage_backends.local import scan as local_scan
@@ -124,7 +130,8 @@ def test_the_walk_counts_what_the_listing_counts_and_nothing_else(
 
 
 def test_the_names_it_keeps_are_exactly_the_listings() -> None:
-    """The walk's own pattern against `normalize_backup_id`, over near misses of each part."""
+    """The stored-name pattern the walk and the listing use, against `normalize_backup_id`,
+    over near misses of each part."""
     good = new_uuid7(1_700_000_000_000)
     names = [good, good.upper(), good + "\n", "x" + good, good + "x", good[:-1]]
     names += [good + s for s in SUFFIXES] + [good + s.upper() for s in SUFFIXES]
@@ -132,7 +139,7 @@ def test_the_names_it_keeps_are_exactly_the_listings() -> None:
     names += [good[:i] + c + good[i + 1 :] for i in range(len(good)) for c in "07a8gF-_"]
     for name in names:
         kept = not name.endswith(SIDECAR_SUFFIX) and normalize_backup_id(name) == name
-        assert bool(local_scan._BACKUP_NAME.fullmatch(name)) == kept, repr(name)
+        assert bool(match_stored_backup_name(name)) == kept, repr(name)
 
 
 def test_no_sidecar_is_read(root: Path) -> None:

@@ -23,12 +23,10 @@ import os
 import re
 from collections.abc import Generator
 from pathlib import Path
-from stat import S_ISREG
 
 from ..base import FolderSummary, SystemFolder
 from ..errors import StorageUnavailable
-from ..ids import SUFFIXES
-from .fs import SIDECAR_SUFFIX, open_root
+from .fs import open_root, stored_backups
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LOCK_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -38,13 +36,6 @@ BATCH_FOLDERS = 512
 BATCH_NAMES = 65536  # backups
 # the store's own hidden files a purge may remove with the last backup (folder locks)
 _LOCK_FILE = re.compile(r"\.[a-z]+\.lock", re.ASCII)
-# The names a listing keeps, exactly: a well-formed id as `normalize_backup_id` returns it
-# (lower case; a known suffix or none) — never a sidecar, a temporary file or an odd name
-_BACKUP_NAME = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-    r"(?:" + "|".join(re.escape(s) for s in SUFFIXES) + r")?",
-    re.ASCII,
-)
 # the names the directory gives organizations and system keys: never hidden, no separators
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 
@@ -93,24 +84,11 @@ def _folders(parent_fd: int) -> list[str]:
 
 
 def _summarize(key_fd: int) -> tuple[int, int, str]:
-    """(backups, their bytes, the largest id) of one system folder: one pass over its
-    names, one fstatat per backup (its size, and that it is a regular file: a symlink is
-    never followed), no sidecar read. The hot loop of the walk: a million backups go
-    through it, so it keeps to the few operations each needs."""
-    is_backup = _BACKUP_NAME.fullmatch
-    lstat = os.lstat
+    """(backups, their bytes, the largest id) of one system folder, by the listing's own
+    pass over it (`stored_backups`): the walk counts exactly what a listing would."""
     count = total = 0
     newest = ""
-    for name in os.listdir(key_fd):
-        # a sidecar (half the names) is known by its end, before any regex
-        if name.endswith(SIDECAR_SUFFIX) or not is_backup(name):
-            continue
-        try:
-            st = lstat(name, dir_fd=key_fd)  # fstatat(key_fd, name, AT_SYMLINK_NOFOLLOW)
-        except FileNotFoundError:
-            continue  # deleted while we listed
-        if not S_ISREG(st.st_mode):
-            continue  # a symlink, a FIFO, a folder: not a backup
+    for name, st in stored_backups(key_fd):
         count += 1
         total += st.st_size
         if name > newest:
