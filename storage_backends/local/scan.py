@@ -9,10 +9,10 @@ the caller holds one batch at a time, never the listing of the whole root.
 Where its time goes (bench/fleet_scan.py, issue #31): the kernel's reading of the folders
 and the one fstatat a backup, which `find -type f` never makes (the folder's entry types
 are enough for it) and which costs as much again as all of find's reading; then Python's
-few steps a name. So the walk takes no step it can leave out: one listdir a folder (no
-DirEntry objects), sidecars dropped by their suffix before any regex, no stat of a
-folder of its own (opening it with O_DIRECTORY | O_NOFOLLOW refuses anything else), no
-object made per backup.
+few steps a name. So the walk takes no step it can leave out: a system folder's names
+go through the listing's own pass (`fs.stored_backups`: sidecars dropped by their
+suffix before any regex), no stat of a folder of its own (opening it with O_DIRECTORY |
+O_NOFOLLOW refuses anything else), no object kept per backup.
 """
 
 from __future__ import annotations
