@@ -271,8 +271,8 @@ def stored_backups(
     and one fstatat a backup (its size, and that it is a regular file), no sidecar read.
     The hot loop of listings and of the fleet's walk, which meet a million names, so it
     keeps to the few operations each needs: a sidecar is dropped by its suffix, any other
-    name by one precompiled regex call (60,000 backups: 0.41 s through
-    `normalize_backup_id`, 0.21-0.23 s so).
+    name by one precompiled regex call, not `normalize_backup_id` (the fleet's walk of a
+    million backups: 1.34-1.45x a `find` that stats each backup before, 1.23-1.41x so).
 
     The entries are read as they come (scandir), never as one list: a folder of a million
     backups holds two million names, which a listdir would hold at once, and a deadline
