@@ -226,7 +226,11 @@ async def run_ids(pairs: list[tuple[str, str]]) -> None:
                 resp = await client.delete(
                     URL(path, encoded=True), headers=bearer(token_for("org_owner"))
                 )
-                assert resp.status in (400, 403, 404, 405, 200), (system_id, backup_id)
+                # a system id "." is a dot segment: yarl removes it, and the request goes to
+                # the appliance's route, /api/systems/backups/{id}, where a bearer token is
+                # no credential (401, nothing done)
+                answers = (400, 403, 404, 405, 200) + ((401,) if system_id == "." else ())
+                assert resp.status in answers, (system_id, backup_id)
                 body = await resp.json()
                 assert body["code"] == resp.status
                 after = harness.keys()
