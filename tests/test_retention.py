@@ -505,3 +505,39 @@ async def test_prunes_drop_the_usage_counter(
     await eventually(lambda: not usage.exists("backup:org_usage:org_c1"), "the drops")
     assert len(backups_of(harness)) == 1
     assert not usage.exists(f"backup:retention:{KEY}")  # released
+
+
+async def test_an_upload_hands_its_commit_lock_to_its_pruning_run(
+    start_gateway: StartGateway, tmp_path: Path, redis: RedisServer
+) -> None:
+    """The run after an upload decides from the listing its commit's check took under the
+    system's lock, held from that check to its last prune: Redis sees the lock taken once
+    for both (twice before: the run listed the folder again under a lock of its own), and
+    let go at the end."""
+    harness = LocalHarness(tmp_path / "backups")
+    older = id_at(datetime.now(UTC) - timedelta(hours=1))
+    harness.put(location_for("org_c1", older))
+    retention = {"keep_last": 1, **ONLY_LAST, "uploads_per_minute": 0}
+    client = await start_gateway(
+        {**harness.storage(), "retention": retention}, redis={"url": redis.url}
+    )
+    watcher = redis.client(1)
+    watcher.config_set("notify-keyspace-events", "Kg$")  # SET, PEXPIRE, DEL of a key
+    events = watcher.pubsub()
+    events.subscribe(f"__keyspace@1__:backup:retention:{KEY}")
+    try:
+        # subscribed once Redis says so (get_message answers None for an ignored message)
+        assert events.get_message(timeout=10.0)["type"] == "subscribe"
+        resp, body = await upload(client, b"new")
+        assert resp.status == 201, body
+        await settled(client)
+        seen = []
+        # every event was published before the command that made it answered the gateway
+        while (message := events.get_message(timeout=1.0)) is not None:
+            seen.append(message["data"].decode())
+    finally:
+        events.close()
+        watcher.config_set("notify-keyspace-events", "")
+    assert backups_of(harness) == [body["data"]["id"]]  # the older one pruned
+    assert seen.count("set") == 1 and seen[-1] == "del", seen
+    assert not watcher.exists(f"backup:retention:{KEY}")

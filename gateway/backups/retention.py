@@ -2,11 +2,14 @@
 
 A pruning run holds the system's lock (`system_lock`), lists the system's backups after
 the upload that started it was committed, and deletes what `keep_rules` leaves out, oldest
-first, confirming the lock's lease before each delete. It runs after an upload's 201, in
-the background with a deadline of its own (`retention.prune_seconds`), and for every
-system by a sweep at start-up and every `retention.sweep_seconds`, which catches up on
-runs that failed, were skipped or ran out of time. A long backlog is pruned in slices,
-the lock let go between them, so an upload's commit never waits long behind it.
+first, confirming the lock's lease before each delete. With a byte cap an upload's commit
+checks the rules under that lock, and hands the lock on to the run with that decision: the
+commit is the only change since, so it is the listing the run would take, not taken
+twice. The run goes on after the 201, in the background with a deadline of its own
+(`retention.prune_seconds`); a sweep at start-up and every `retention.sweep_seconds`
+prunes every system, catching up on runs that failed, were skipped or ran out of time. A
+long backlog is pruned in slices, the lock let go between them, so an upload's commit
+never waits long behind it.
 Every prune is audited and drops the organization's usage counter, as a delete does.
 """
 
@@ -16,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +39,7 @@ from ..fleet import FleetIndex
 from ..telemetry.logs import audit_log, log_info
 from ..telemetry.metrics import Metrics
 from .keep_rules import KeepPolicy
-from .kept import decide
+from .kept import Decision, decide
 from .system_lock import Lease, LockBusy, SystemLocks
 
 log = logging.getLogger(__name__)
@@ -152,65 +155,102 @@ class Retention:
         started: dict[str, SystemFolder] | None = None,
     ) -> str:
         """One run over one system, within `prune_seconds`; its outcome, also counted."""
-        outcome = "done"
         try:
-            async with asyncio.timeout(self._prune_seconds):
+            async with self._run(folder) as outcome:
                 if cause is SWEEP and await self._nothing_to_prune(folder):
                     return "done"
                 while True:
                     left = await self._one_slice(folder, cause, started)
                     if not left:
                         break
-        except LockBusy:
-            outcome = "busy"
-        except TimeoutError:
-            outcome = "timeout"
-        except _LostLock:
-            outcome = "lost_lock"
-        except StorageError as exc:
-            outcome = "failed"
-            log.warning("retention of %s stopped: %s", folder.system_key, exc)
         finally:
             if started is not None:
                 started.pop(folder.system_key, None)
-        self.runs[outcome] += 1
-        if outcome not in ("done", "busy"):
+        return outcome.value
+
+    def prune_decided(
+        self,
+        folder: SystemFolder,
+        decision: Decision,
+        lease: Lease,
+        held: contextlib.AsyncExitStack,
+        cause: Cause,
+    ) -> None:
+        """An upload's run, on the lock it handed over right after its commit and on the
+        decision its last check took under that lock (with the new backup in it): the same
+        listing a run of its own would take, without taking it again. A backlog longer than
+        one slice goes on as any run."""
+
+        async def run() -> None:
+            left = False
+            async with self._run(folder) as outcome, held:
+                left = await self._prune_slice(lease, folder, decision, cause)
+            if left and outcome.value == "done":
+                self.prune_soon(folder, cause)
+
+        self._spawn(run())
+
+    @contextlib.asynccontextmanager
+    async def _run(self, folder: SystemFolder) -> AsyncIterator[_Outcome]:
+        """A run within `prune_seconds`: its outcome told, counted and, unless done or
+        busy, logged."""
+        outcome = _Outcome()
+        try:
+            async with asyncio.timeout(self._prune_seconds):
+                yield outcome
+        except LockBusy:
+            outcome.value = "busy"
+        except TimeoutError:
+            outcome.value = "timeout"
+        except _LostLock:
+            outcome.value = "lost_lock"
+        except StorageError as exc:
+            outcome.value = "failed"
+            log.warning("retention of %s stopped: %s", folder.system_key, exc)
+        self.runs[outcome.value] += 1
+        if outcome.value not in ("done", "busy"):
             log.warning(
                 "retention of %s: %s, the sweep catches up",
                 folder.system_key,
-                outcome,
-                extra={"fields": {"system_key": folder.system_key, "outcome": outcome}},
+                outcome.value,
+                extra={"fields": {"system_key": folder.system_key, "outcome": outcome.value}},
             )
-        return outcome
 
     async def _one_slice(
         self, folder: SystemFolder, cause: Cause, started: dict[str, SystemFolder] | None
     ) -> bool:
         """Prune under the lock for at most SLICE_SECONDS; True when more is left."""
-        loop = asyncio.get_running_loop()
         async with self._locks.hold(folder, wait_seconds=self._prune_seconds) as lease:
             if started is not None:
                 # from here on the listing sees every upload committed so far: a later one
                 # queues a run of its own
                 started.pop(folder.system_key, None)
             # Names and sizes decide, and the state of the backups a rule would keep (a
-            # corrupt one gives its slot away); a backup the rules leave out is described
-            # right before it goes, for its protection, unless the decision's listing
-            # described it already: protection changes only under this lock, held since.
+            # corrupt one gives its slot away)
             decision = await decide(self._store, folder, self._policy)
-            doomed = sorted(decision.unkept(), key=lambda b: (backup_unix_ms(b), b))
-            until = loop.time() + SLICE_SECONDS
-            for backup_id in doomed:
-                if loop.time() >= until:
-                    return True
-                info = decision.known.get(backup_id)
-                try:
-                    if info is None:
-                        info = await self._store.describe(folder.location(backup_id))
-                except BackupNotFound:
-                    continue  # deleted meanwhile
-                if not info.protected:
-                    await self._prune_one(lease, folder, info, cause)
+            return await self._prune_slice(lease, folder, decision, cause)
+
+    async def _prune_slice(
+        self, lease: Lease, folder: SystemFolder, decision: Decision, cause: Cause
+    ) -> bool:
+        """What `decision` leaves out, oldest first, for at most SLICE_SECONDS; True when
+        more is left. A backup the rules leave out is described right before it goes, for
+        its protection, unless the decision's listing described it already: protection
+        changes only under the lock, held since."""
+        loop = asyncio.get_running_loop()
+        doomed = sorted(decision.unkept(), key=lambda b: (backup_unix_ms(b), b))
+        until = loop.time() + SLICE_SECONDS
+        for backup_id in doomed:
+            if loop.time() >= until:
+                return True
+            info = decision.known.get(backup_id)
+            try:
+                if info is None:
+                    info = await self._store.describe(folder.location(backup_id))
+            except BackupNotFound:
+                continue  # deleted meanwhile
+            if not info.protected:
+                await self._prune_one(lease, folder, info, cause)
         return False
 
     async def _nothing_to_prune(self, folder: SystemFolder) -> bool:
@@ -265,6 +305,11 @@ class Retention:
 
 
 RETENTION = web.AppKey("retention", Retention)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    value: str = "done"
 
 
 class _LostLock(Exception):

@@ -52,6 +52,15 @@ class Lease:
     system_key: str
     across_processes: bool  # False: only this process's lock is held
     _redis_lock: RedisLock | None = field(default=None, repr=False)
+    _held: contextlib.AsyncExitStack | None = field(default=None, repr=False)
+
+    def hand_over(self) -> contextlib.AsyncExitStack:
+        """The lock goes on past the end of `hold`: closing what this returns lets it go.
+        An upload hands its lock to the pruning run after its commit, so the run decides
+        from the listing the commit's check took (nothing else changes under the lock)."""
+        assert self._held is not None, "handed over twice"
+        held, self._held = self._held.pop_all(), None
+        return held
 
     async def still_held(self) -> bool:
         if self._redis_lock is None:
@@ -127,27 +136,39 @@ class SystemLocks:
         backup: deletes go on side by side, and none overlaps an exclusive holder — on
         this host. Across hosts only exclusive holders exclude each other (through Redis);
         on S3 a bucket's Object Lock legal hold guards a protected backup itself."""
+        async with contextlib.AsyncExitStack() as held:
+            lease = await self._take(held, folder, wait_seconds, shared)
+            lease._held = held
+            yield lease
+
+    async def _take(
+        self,
+        held: contextlib.AsyncExitStack,
+        folder: SystemFolder,
+        wait_seconds: float,
+        shared: bool,
+    ) -> Lease:
+        """Each layer taken in turn, its release pushed on `held` (the last taken goes
+        first)."""
         key = folder.system_key
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         lock = self._here.setdefault(key, _ReadWriteLock())
         lock.users += 1
+        held.callback(self._left, key, lock)
         try:
-            try:
-                async with asyncio.timeout(wait_seconds):
-                    await lock.acquire(shared)
-            except TimeoutError:
-                raise LockBusy(key) from None
-            try:
-                left = max(0.0, deadline - loop.time())
-                async with self._across_processes(folder, left, shared) as lease:
-                    yield lease
-            finally:
-                await asyncio.shield(lock.release(shared))
-        finally:
-            lock.users -= 1
-            if not lock.users:
-                del self._here[key]
+            async with asyncio.timeout(wait_seconds):
+                await lock.acquire(shared)
+        except TimeoutError:
+            raise LockBusy(key) from None
+        held.push_async_callback(_release, lock, shared)
+        left = max(0.0, deadline - loop.time())
+        return await held.enter_async_context(self._across_processes(folder, left, shared))
+
+    def _left(self, key: str, lock: _ReadWriteLock) -> None:
+        lock.users -= 1
+        if not lock.users:
+            del self._here[key]
 
     @contextlib.asynccontextmanager
     async def _across_processes(
@@ -209,6 +230,10 @@ class SystemLocks:
             yield True
         finally:
             await folder_lock.release()
+
+
+async def _release(lock: _ReadWriteLock, shared: bool) -> None:
+    await asyncio.shield(lock.release(shared))
 
 
 SYSTEM_LOCKS = web.AppKey("system_locks", SystemLocks)

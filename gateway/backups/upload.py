@@ -54,7 +54,7 @@ from .retention import RETENTION, Cause
 from .storage import STORE, run_storage
 from .storage_changes import backup_stored
 from .system_lock import SYSTEM_LOCKS, LockBusy
-from .upload_room import ORGANIZATION_FULL, SYSTEM_FULL, kept_bytes
+from .upload_room import ORGANIZATION_FULL, SYSTEM_FULL, kept_bytes, room_with
 from .usage import USAGE_COUNTER
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
                 backup = _new_backup(request, system, _checked_size(request), expected)
                 await _admit(request, system, backup, reserved)
             await _continue(request)
-            stored, new = await _store(request, system, backup)
+            stored, new, pruning = await _store(request, system, backup)
     except TimeoutError:
         error = ApiError(504, "request timed out")
     except ApiError as exc:
@@ -122,7 +122,7 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
         if not new:  # a retry of one stored moments ago: nothing stored, nothing pruned
             record_upload(request, system.system_key or "", system.id, DUPLICATE, data)
             return envelope(200, DUPLICATE, data)
-        _stored_bookkeeping(request.app, system, request[REQUEST_ID], stored)
+        _stored_bookkeeping(request.app, system, request[REQUEST_ID], stored, prune=not pruning)
         record_upload(request, system.system_key or "", system.id, "backup stored", data)
         return envelope(201, "backup stored", data)
     if credentials is not None:
@@ -261,8 +261,9 @@ def _new_backup(
 
 async def _store(
     request: web.Request, system: System, backup: NewBackup
-) -> tuple[BackupInfo, bool]:
-    """The backup stored (True), or the one this upload repeats (False)."""
+) -> tuple[BackupInfo, bool, bool]:
+    """The backup stored (True), or the one this upload repeats (False); and whether its
+    pruning run has begun (on the lock of its commit)."""
     config = request.app[CONFIG]
     store = request.app[STORE]
     seconds = (
@@ -293,8 +294,8 @@ async def _store(
             earlier = await _stored_moments_ago(request, backup)
             if earlier is not None:
                 await _discard_now(request, staged)
-                return earlier, False
-        await _commit_if_room(request, system, staged)
+                return earlier, False, False
+        pruning = await _commit_if_room(request, system, staged)
         handed_over = True
     except _OutcomeUnknown:
         handed_over = True
@@ -307,7 +308,7 @@ async def _store(
     finally:
         if not handed_over:
             _discard_later(staged)
-    return staged.info, True
+    return staged.info, True, pruning
 
 
 async def _discard_now(request: web.Request, staged: StagedBackup) -> None:
@@ -369,34 +370,45 @@ class _OutcomeUnknown(ApiError):
         super().__init__(504, "upload outcome unknown")
 
 
-async def _commit_if_room(request: web.Request, system: System, staged: StagedBackup) -> None:
+async def _commit_if_room(request: web.Request, system: System, staged: StagedBackup) -> bool:
     """Under the system's lock: the keep rules applied to what is stored now, then the
-    commit. A lock held elsewhere for longer than an upload should wait does not stop the
-    upload: it is committed after the checks before its body, and the sweep prunes."""
+    commit; True when the lock went on to the pruning run, with that decision. A lock held
+    elsewhere for longer than an upload should wait does not stop the upload: it is
+    committed after the checks before its body, and the sweep prunes."""
     app = request.app
     cap = app[CONFIG].storage.retention.max_bytes_per_system
     info = staged.info
     folder = SystemFolder(system.organization_id, info_system_key(system))
+    retention = app[RETENTION]
     try:
-        async with app[SYSTEM_LOCKS].hold(folder, wait_seconds=COMMIT_LOCK_WAIT_SECONDS):
-            if cap:
-                store, policy = app[STORE], app[RETENTION].policy
-                kept = await run_storage(
-                    request,
-                    "list",
-                    lambda f: kept_bytes(store, f, info.id, info.size, policy),
-                    folder,
-                    "store backup",
-                )
-                if kept > cap:
-                    raise ApiError(413, SYSTEM_FULL)  # a race lost: this one goes, no older
+        async with app[SYSTEM_LOCKS].hold(folder, wait_seconds=COMMIT_LOCK_WAIT_SECONDS) as lease:
+            if not cap:
+                await _commit_in_time(request, system, staged)
+                return False
+            store, policy = app[STORE], retention.policy
+            decision, kept = await run_storage(
+                request,
+                "list",
+                lambda f: room_with(store, f, info.id, info.size, policy),
+                folder,
+                "store backup",
+            )
+            if kept > cap:
+                raise ApiError(413, SYSTEM_FULL)  # a race lost: this one goes, no older
             await _commit_in_time(request, system, staged)
+            if not policy.prunes:
+                return False
+            # the decision is what a run would see now: this commit is the one change since
+            cause = Cause(request[REQUEST_ID], system.id)
+            retention.prune_decided(folder, decision, lease, lease.hand_over(), cause)
+            return True
     except LockBusy:
         log.warning(
             "system lock of %s busy: committed after the checks before its body",
             folder.system_key,
         )
         await _commit_in_time(request, system, staged)
+        return False
 
 
 async def _commit_in_time(request: web.Request, system: System, staged: StagedBackup) -> None:
@@ -433,13 +445,14 @@ def info_system_key(system: System) -> str:
 
 
 def _stored_bookkeeping(
-    app: web.Application, system: System, request_id: str, stored: BackupInfo
+    app: web.Application, system: System, request_id: str, stored: BackupInfo, prune: bool = True
 ) -> None:
     """A backup landed: the usage counter dropped, the fleet's index told, retention run in
-    the background."""
+    the background (unless its commit began the run)."""
     usage = app.get(USAGE_COUNTER)
     if usage is not None:
         usage.changed(system.organization_id)
     folder = SystemFolder(system.organization_id, info_system_key(system))
     backup_stored(app, folder, stored.id, stored.size)
-    app[RETENTION].prune_soon(folder, Cause(request_id, system.id))
+    if prune:
+        app[RETENTION].prune_soon(folder, Cause(request_id, system.id))

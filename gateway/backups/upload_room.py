@@ -17,7 +17,7 @@ from __future__ import annotations
 from storage_backends import BackupEntry, BackupStore, SystemFolder
 
 from .keep_rules import KeepPolicy
-from .kept import decide, protected_among
+from .kept import Decision, decide, protected_among
 
 SYSTEM_FULL = "system backup quota exceeded"
 ORGANIZATION_FULL = "organization backup quota exceeded"
@@ -28,5 +28,13 @@ async def kept_bytes(
 ) -> int:
     """The bytes the rules keep of what is stored plus the new backup (every byte, when the
     policy prunes nothing), protected backups included."""
+    return (await room_with(store, folder, new_id, new_size, policy))[1]
+
+
+async def room_with(
+    store: BackupStore, folder: SystemFolder, new_id: str, new_size: int, policy: KeepPolicy
+) -> tuple[Decision, int]:
+    """The rules' decision over what is stored plus the new backup, and the bytes it keeps
+    (`kept_bytes`)."""
     decision = await decide(store, folder, policy, BackupEntry(new_id, new_size))
-    return decision.kept_bytes() + await protected_among(store, folder, decision, new_id)
+    return decision, decision.kept_bytes() + await protected_among(store, folder, decision, new_id)
