@@ -173,13 +173,13 @@ class Retention:
         folder: SystemFolder,
         decision: Decision,
         lease: Lease,
-        held: contextlib.AsyncExitStack,
         cause: Cause,
     ) -> None:
-        """An upload's run, on the lock it handed over right after its commit and on the
-        decision its last check took under that lock (with the new backup in it): the same
-        listing a run of its own would take, without taking it again. A backlog longer than
-        one slice goes on as any run."""
+        """An upload's run, on the lock it hands over right after its commit (`lease`, held
+        until the run ends) and on the decision its last check took under that lock (with
+        the new backup in it): the same listing a run of its own would take, without taking
+        it again. A backlog longer than one slice goes on as any run."""
+        held = lease.hand_over()
 
         async def run() -> None:
             left = False

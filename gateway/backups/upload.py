@@ -400,7 +400,7 @@ async def _commit_if_room(request: web.Request, system: System, staged: StagedBa
                 return False
             # the decision is what a run would see now: this commit is the one change since
             cause = Cause(request[REQUEST_ID], system.id)
-            retention.prune_decided(folder, decision, lease, lease.hand_over(), cause)
+            retention.prune_decided(folder, decision, lease, cause)
             return True
     except LockBusy:
         log.warning(
