@@ -10,6 +10,8 @@
    `find ROOT -type f ! -name '*.meta.json' -printf '%s\\n' | wc -l` (the same walk stat'ing
    each backup, as a scan must for its bytes: the floor in C, for reference), alternate
    --rounds times. Wall and CPU seconds, the scan's ratio to find per round, the load.
+   Each round's index then scans again (a rescan: nothing changed, every folder's mark
+   older than the walk's racy window, so it reads no folder's names), timed the same way.
    Then the RSS growth of the first index once its folders are in, per system.
 2. s3: --s3-keys backups (ten a folder) under a prefix of a SeaweedFS bucket (the tests'
    server), listed by a raw aiobotocore `list_objects_v2` paginator over the prefix and by
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import resource
 import statistics
@@ -107,6 +110,18 @@ def spread(values: list[float], digits: int = 2) -> str:
     return f"{low:.{digits}f}-{high:.{digits}f} (median {mid:.{digits}f})"
 
 
+class ScanDone(logging.Handler):
+    """The fields of the index's last "fleet scan done" line (folders, unchanged)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.fields: dict[str, Any] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "fleet scan done":
+            self.fields = dict(record.fields)  # type: ignore[attr-defined]
+
+
 async def local_rounds(root: Path, rounds: int) -> dict[str, Any]:
     """find, the stat'ing find and the scan in turn, `rounds` times, through one started
     store (its start-up sweep of leftovers done first: it walks the root too)."""
@@ -117,8 +132,15 @@ async def local_rounds(root: Path, rounds: int) -> dict[str, Any]:
     floor = [*find, "!", "-name", "*.meta.json", "-printf", "%s\\n"]
     counted(find)  # warm the caches the walks read
     rows: dict[str, list[float]] = {
-        k: [] for k in ("find", "find_cpu", "floor", "floor_cpu", "scan", "scan_cpu", "load")
+        k: []
+        for k in (
+            *("find", "find_cpu", "floor", "floor_cpu", "scan", "scan_cpu", "load"),
+            *("rescan", "rescan_cpu"),
+        )
     }
+    done = ScanDone()
+    logging.getLogger("gateway.fleet.index").addHandler(done)
+    logging.getLogger("gateway.fleet.index").setLevel(logging.INFO)
     grown = folders = backups = files = 0
     try:
         for turn in range(rounds):
@@ -135,6 +157,12 @@ async def local_rounds(root: Path, rounds: int) -> dict[str, Any]:
             rows["scan_cpu"].append(own_cpu() - cpu)
             if turn == 0:  # the first index of the process: its growth is the index's
                 grown = rss_bytes() - before
+            cpu, started = own_cpu(), time.perf_counter()
+            assert await index.scan()
+            rows["rescan"].append(time.perf_counter() - started)
+            rows["rescan_cpu"].append(own_cpu() - cpu)
+            unchanged = done.fields["unchanged"]
+            assert unchanged == done.fields["folders"], done.fields  # no folder read again
             summaries = list(index.folders())
             folders, backups = len(summaries), sum(s.backups for _, s in summaries)
             del index, summaries
@@ -142,6 +170,7 @@ async def local_rounds(root: Path, rounds: int) -> dict[str, Any]:
             print(
                 f"  local round {turn + 1}: find {rows['find'][-1]:.2f} s, "
                 f"find stat'ing backups {rows['floor'][-1]:.2f} s, scan {rows['scan'][-1]:.2f} s, "
+                f"rescan {rows['rescan'][-1]:.2f} s, "
                 f"load {rows['load'][-1]:.1f}",
                 file=sys.stderr,
                 flush=True,
@@ -162,6 +191,13 @@ async def local_rounds(root: Path, rounds: int) -> dict[str, Any]:
         "find_statting_backups_over_find": spread(floor_ratio),
         "scan_over_find_statting_backups": spread(
             [s / f for s, f in zip(rows["scan"], rows["floor"], strict=True)]
+        ),
+        "rescan_seconds": spread(rows["rescan"], 3),
+        "rescan_over_find": spread(
+            [s / f for s, f in zip(rows["rescan"], rows["find"], strict=True)]
+        ),
+        "rescan_over_find_cpu": spread(
+            [s / f for s, f in zip(rows["rescan_cpu"], rows["find_cpu"], strict=True)]
         ),
         "index_bytes_per_system": round(grown / max(folders, 1)),
         "load_1min": spread(rows["load"], 1),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, Protocol
@@ -48,6 +48,22 @@ class FolderSummary:
     count: int
     total_bytes: int
     newest_id: str
+    # the folder's change mark as the scan read it (local: its ctime), which a later scan
+    # compares to reuse this summary; None when the store has none, or when the mark is too
+    # recent to prove that nothing changed after the scan read the folder
+    mark: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FolderUnchanged:
+    """A scan's word that a folder still carries the mark its caller gave: the summary the
+    caller holds from an earlier scan still describes it."""
+
+    folder: SystemFolder
+
+
+# the mark an earlier scan gave a folder (organization id, system key), None for none
+KnownMarks = Callable[[str, str], float | None]
 
 
 DEFAULT_MIMETYPE = "application/octet-stream"
@@ -293,16 +309,23 @@ class BackupStore(abc.ABC):
         to. Only when `capabilities.lists_folders`."""
         raise NotImplementedError(f"{self.name} cannot list its folders")
 
-    def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
+    def folder_summaries(
+        self, known: KnownMarks | None = None
+    ) -> AsyncIterator[Sequence[FolderSummary | FolderUnchanged]]:
         """Every system folder holding at least one backup, summarized, in batches as the
         store is read (the fleet's scan): memory holds a batch, never the whole listing.
         Only when `capabilities.lists_folders`. StorageUnavailable ends it.
 
-        This default lists the folders, then each folder's names and sizes; a backend
-        overrides it with one walk (local) or one listing of the prefix (S3)."""
+        `known` gives the mark an earlier scan's summary carried for a folder: a store that
+        can tell (local) answers `FolderUnchanged` for a folder still carrying it, without
+        reading the folder. This default ignores it: it lists the folders, then each
+        folder's names and sizes; a backend overrides it with one walk (local) or one
+        listing of the prefix (S3)."""
         return self._summaries_folder_by_folder()
 
-    async def _summaries_folder_by_folder(self) -> AsyncIterator[list[FolderSummary]]:
+    async def _summaries_folder_by_folder(
+        self,
+    ) -> AsyncIterator[Sequence[FolderSummary | FolderUnchanged]]:
         for folder in await self.system_folders():
             entries = await self.list_entries(folder)
             if entries:

@@ -5,14 +5,22 @@ a symlink, never opens what it stats, and hands its folders over in bounded batc
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from storage_backends import FolderSummary, SystemFolder
+import storage_backends
+from gateway.directory import create_directory
+from gateway.fleet import FleetIndex
+from gateway.fleet.index import FolderStats
+from storage_backends import BackupLocation, FolderSummary, FolderUnchanged, SystemFolder
 from storage_backends.ids import (
     SUFFIXES,
     is_folder_name,
@@ -26,7 +34,7 @@ from storage_backends.local import scan as local_scan
 from storage_backends.s3 import S3Config, create_store
 
 from .conftest import S3Server
-from .support import S3Harness, s3_settings
+from .support import LocalHarness, S3Harness, make_config, s3_settings
 
 SIDECAR = b'{"filename":"b.tar.gz","sha256":"","mimetype":"application/gzip"}'
 
@@ -42,11 +50,16 @@ def put(folder: Path, name: str, size: int, sidecar: bool = True) -> None:
         (folder / (name + SIDECAR_SUFFIX)).write_bytes(SIDECAR)
 
 
+def summaries(batches: Iterable[Sequence[object]]) -> list[FolderSummary]:
+    """Every item of a walk without marks: each one a summary, read."""
+    found = [item for batch in batches for item in batch]
+    assert all(isinstance(item, FolderSummary) for item in found)
+    return cast(list[FolderSummary], found)
+
+
 def walked(root: Path) -> list[tuple[SystemFolder, int, int, str]]:
     return [
-        (s.folder, s.count, s.total_bytes, s.newest_id)
-        for batch in local_scan.walk(root)
-        for s in batch
+        (s.folder, s.count, s.total_bytes, s.newest_id) for s in summaries(local_scan.walk(root))
     ]
 
 
@@ -166,14 +179,14 @@ def test_batches_stay_bounded_by_folders_and_by_backups(
     assert len(everything) == 7
     monkeypatch.setattr(local_scan, "BATCH_FOLDERS", 2)
     monkeypatch.setattr(local_scan, "BATCH_NAMES", 5)
-    batches: list[list[FolderSummary]] = list(local_scan.walk(root))
-    assert [(s.folder, s.count, s.total_bytes, s.newest_id) for b in batches for s in b] == (
+    batches = list(local_scan.walk(root))
+    assert [(s.folder, s.count, s.total_bytes, s.newest_id) for s in summaries(batches)] == (
         everything
     )
     for batch in batches[:-1]:
         # a batch ends at the first folder that reaches either bound
         assert len(batch) <= 2
-        assert sum(s.count for s in batch[:-1]) < 5
+        assert sum(s.count for s in summaries([batch[:-1]])) < 5
 
 
 async def test_the_bucket_scan_sums_each_system_folder_once(s3_server: S3Server) -> None:
@@ -205,3 +218,116 @@ async def test_the_bucket_scan_sums_each_system_folder_once(s3_server: S3Server)
         (SystemFolder("org_a", "KEY-1"), 2, 30, late),
         (SystemFolder("org_b", "KEY-2"), 1, 7, early),
     ]
+
+
+def wait_until_marks_can_hold(*folders: Path) -> None:
+    """Until the clock is past every folder's ctime by the walk's racy window: before it, a
+    walk gives those folders no mark (observed: the clock against the folders' own ctime)."""
+    newest = max(folder.stat().st_ctime for folder in folders)
+    while time.time() <= newest + local_scan.RACY_SECONDS:
+        time.sleep(0.05)
+
+
+def test_a_rescan_reads_only_the_folders_whose_mark_moved(root: Path) -> None:
+    ms = 1_700_000_000_000
+    keys = ["KEY-A", "KEY-B", "KEY-C", "KEY-D", "KEY-E"]
+    names = {
+        key: [backup_id(ms + 10 * i), backup_id(ms + 10 * i + 1)] for i, key in enumerate(keys)
+    }
+    org = root / "org_a"
+    for key, pair in names.items():
+        for name in pair:
+            put(org / key, name, 10)
+    # just written: a mark this recent cannot prove that nothing changed after the read
+    assert all(s.mark is None for s in summaries(local_scan.walk(root)))
+    wait_until_marks_can_hold(*(org / key for key in keys))
+    first = {s.folder.system_key: s for s in summaries(local_scan.walk(root))}
+    assert {key: s.mark for key, s in first.items()} == {
+        key: (org / key).stat().st_ctime for key in keys
+    }
+
+    added, rewritten, new = backup_id(ms + 100), backup_id(ms + 200), backup_id(ms + 300)
+    put(org / "KEY-B", added, 5)  # a backup added
+    os.unlink(org / "KEY-C" / names["KEY-C"][1])  # the newest removed
+    stamp = (org / "KEY-D").stat()
+    put(org / "KEY-D", rewritten, 5)
+    os.utime(org / "KEY-D", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # mtime set back
+    (org / "KEY-E").rename(root / "elsewhere")
+    (org / "KEY-E").symlink_to(root / "elsewhere")  # a folder replaced by a symlink
+    put(org / "KEY-F", new, 7)  # a new folder: no mark known
+
+    items = [
+        item
+        for batch in local_scan.walk(root, lambda o, k: first[k].mark if k in first else None)
+        for item in batch
+    ]
+    by_key = {item.folder.system_key: item for item in items}
+    assert by_key.pop("KEY-A") == FolderUnchanged(SystemFolder("org_a", "KEY-A"))
+    read = summaries([list(by_key.values())])  # every other folder read again
+    assert {s.folder.system_key: (s.count, s.total_bytes, s.newest_id) for s in read} == {
+        "KEY-B": (3, 25, added),
+        "KEY-C": (1, 10, names["KEY-C"][0]),
+        "KEY-D": (3, 25, rewritten),
+        "KEY-F": (1, 7, new),
+    }
+    # changed just now: read again by the next scan, whatever it finds
+    assert all(s.mark is None for s in read)
+    # what the rescan tells, with the unchanged folder's earlier summary, is a full walk's
+    first_a = first["KEY-A"]
+    assert [
+        (first_a.folder, first_a.count, first_a.total_bytes, first_a.newest_id)
+        if isinstance(item, FolderUnchanged)
+        else (item.folder, item.count, item.total_bytes, item.newest_id)
+        for item in items
+    ] == walked(root)
+
+
+async def test_the_index_reads_changed_folders_and_every_folder_at_its_full_read(
+    tmp_path: Path, directory_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness = LocalHarness(tmp_path / "backups")
+    ms = int(time.time() * 1000) - 86_400_000
+    places = [BackupLocation("org_c1", f"KEY-{i}", backup_id(ms + i)) for i in range(6)]
+    for place in places:
+        harness.put(place, b"12345")
+    wait_until_marks_can_hold(*(harness.root / "org_c1" / p.system_key for p in places))
+    config = make_config(tmp_path, harness.storage(io="inline"))
+    directory = create_directory(config.directory)
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    try:
+        index = FleetIndex(config.fleet, store, directory)
+        every_scan_full = FleetIndex(config.fleet, store, directory, full_read_seconds=0)
+
+        async def scan(fleet: FleetIndex) -> dict[str, object]:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="gateway.fleet.index"):
+                assert await fleet.scan()
+            (done,) = [r for r in caplog.records if r.getMessage() == "fleet scan done"]
+            return cast(dict[str, object], done.fields)  # type: ignore[attr-defined]
+
+        for fleet in (index, every_scan_full):
+            assert (await scan(fleet))["unchanged"] == 0  # the first scan reads everything
+        # another process: a backup added, the only backup of a folder removed, and a
+        # backup rewritten in place (which the store never does: its folder's mark stays)
+        added = BackupLocation("org_c1", "KEY-1", backup_id(ms + 100))
+        harness.put(added, b"123")
+        removed = harness.root / places[2].relative_key
+        os.unlink(removed)
+        os.unlink(f"{removed}{SIDECAR_SUFFIX}")
+        with (harness.root / "org_c1" / "KEY-3" / places[3].backup_id).open("ab") as grown:
+            grown.write(b"678")
+
+        fields = await scan(index)
+        assert (fields["folders"], fields["unchanged"]) == (5, 4)  # KEY-0, KEY-3, KEY-4, KEY-5
+        assert index.stats("org_c1", "KEY-1") == FolderStats(2, 8, ms + 100)
+        assert index.stats("org_c1", "KEY-2") is None
+        assert index.stats("org_c1", "KEY-3") == FolderStats(1, 5, ms + 3)  # not seen yet
+
+        fields = await scan(every_scan_full)
+        assert (fields["folders"], fields["unchanged"]) == (5, 0)
+        assert every_scan_full.stats("org_c1", "KEY-1") == FolderStats(2, 8, ms + 100)
+        assert every_scan_full.stats("org_c1", "KEY-2") is None
+        assert every_scan_full.stats("org_c1", "KEY-3") == FolderStats(1, 8, ms + 3)
+    finally:
+        await store.close()

@@ -14,7 +14,12 @@ applied to the index in service and re-read from storage once the scan is in: th
 folder's listing (names and sizes only) settles it, and a change during that listing
 reads it again.
 
-Per folder the index holds three numbers under one "org/key" string: 258 to 280 bytes a
+A scan after the first reads only the folders that changed: the index keeps each folder's
+change mark (local: its ctime) as the scan read it, and the store answers "unchanged" for
+a folder still carrying it. A change of this process drops the folder's mark. Once a day
+a scan reads every folder in full, whatever the marks say.
+
+Per folder the index holds four numbers under one "org/key" string: 258 to 280 bytes a
 system, the RSS growth bench/fleet_scan.py measures (100,000 and 10,000 folders).
 """
 
@@ -31,7 +36,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from storage_backends import BackupStore, StorageError, SystemFolder
+from storage_backends import BackupStore, FolderUnchanged, StorageError, SystemFolder
 from storage_backends.ids import backup_unix_ms
 
 from ..config import FleetConfig
@@ -44,8 +49,13 @@ STATES = ("fresh", "stale", "never")
 # how long after a scan is swapped in a change is still re-read: longer than any one store
 # operation (bounded by storage.operation_timeout_seconds) may take
 _SETTLING_SECONDS = 60.0
+# every folder re-read in full at least this often: a change its mark cannot show (a file
+# rewritten in place, a clock stepped back) lasts a day at most
+_FULL_READ_SECONDS = 86400.0
 
-_Entry = tuple[int, int, int]  # backups, bytes, the newest backup's Unix milliseconds
+# backups, bytes, the newest backup's Unix milliseconds, and the folder's change mark
+# when a scan read it (None once this process changed the folder: the next scan reads it)
+_Entry = tuple[int, int, int, float | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +80,10 @@ class FleetIndex:
         store: BackupStore,
         directory: Directory,
         clock: Callable[[], float] = time.time,
+        full_read_seconds: float = _FULL_READ_SECONDS,
     ) -> None:
         self._store = store
+        self._full_read_seconds = full_read_seconds
         self._directory = directory
         self._scan_seconds = config.scan_seconds
         self._stale_ms = int(config.stale_after_hours * 3600 * 1000)
@@ -80,6 +92,7 @@ class FleetIndex:
         self._scanned_at: float | None = None  # when the last scan that ended had started
         self._touched: set[str] | None = None  # folders changed while a scan runs
         self._settled_after = 0.0  # monotonic: changes before it need no re-read
+        self._full_read_due = 0.0  # monotonic: the next scan at or after it reads every folder
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # changed while their re-read was in flight
         self._scanner: asyncio.Task[None] | None = None
@@ -103,7 +116,7 @@ class FleetIndex:
 
     def stats(self, organization_id: str, system_key: str) -> FolderStats | None:
         entry = self._entries.get(folder_key(organization_id, system_key))
-        return None if entry is None else FolderStats(*entry)
+        return None if entry is None else FolderStats(*entry[:3])
 
     def state(self, stats: FolderStats | None, now_ms: int) -> str:
         """fresh: the newest backup is younger than `fleet.stale_after_hours`."""
@@ -118,7 +131,7 @@ class FleetIndex:
         """Every folder holding a backup, as the index knows it now."""
         for key, entry in list(self._entries.items()):
             organization_id, _, system_key = key.partition("/")
-            yield SystemFolder(organization_id, system_key), FolderStats(*entry)
+            yield SystemFolder(organization_id, system_key), FolderStats(*entry[:3])
 
     # ------------------------------------------------------------------ this process's changes
 
@@ -128,14 +141,15 @@ class FleetIndex:
         ms = backup_unix_ms(backup_id)
         entry = self._entries.get(key)
         if entry is None:
-            self._entries[key] = (1, size, ms)
+            self._entries[key] = (1, size, ms, None)
             self._changed(key, settle=False)
         elif ms > entry[2]:
-            self._entries[key] = (entry[0] + 1, entry[1] + size, ms)
+            self._entries[key] = (entry[0] + 1, entry[1] + size, ms, None)
             self._changed(key, settle=False)
         else:
             # not newer than what the index holds: a scan or a re-read may have counted it
             # already; storage says
+            self._entries[key] = (*entry[:3], None)
             self._changed(key, settle=True)
 
     def removed(self, folder: SystemFolder, backup_id: str, size: int | None) -> None:
@@ -144,11 +158,11 @@ class FleetIndex:
         entry = self._entries.get(key)
         if entry is None:
             return self._changed(key, settle=True)
-        count, total, newest = entry
+        count, total, newest, _ = entry
         if count <= 1:
             del self._entries[key]  # whether anything is left, storage says
             return self._changed(key, settle=True)
-        self._entries[key] = (count - 1, max(total - (size or 0), 0), newest)
+        self._entries[key] = (count - 1, max(total - (size or 0), 0), newest, None)
         # the newest went (which one is newest now, storage says), or its size is unknown
         self._changed(key, settle=size is None or backup_unix_ms(backup_id) >= newest)
 
@@ -181,7 +195,8 @@ class FleetIndex:
                 continue
             if entries:
                 newest = max(e.id for e in entries)
-                value = (len(entries), sum(e.size for e in entries), backup_unix_ms(newest))
+                total = sum(e.size for e in entries)
+                value = (len(entries), total, backup_unix_ms(newest), None)
                 self._entries[key] = value
             else:
                 self._entries.pop(key, None)
@@ -198,16 +213,27 @@ class FleetIndex:
             self._scanned_at = self._clock()  # nothing to scan: every system is `never`
             return True
         started, began = self._clock(), time.monotonic()
+        full = began >= self._full_read_due
         self._touched = set()
         scanned: dict[str, _Entry] = {}
+        unchanged = 0
         try:
-            async for batch in self._store.folder_summaries():
-                for summary in batch:
-                    folder = summary.folder
-                    scanned[folder_key(folder.organization_id, folder.system_key)] = (
-                        summary.count,
-                        summary.total_bytes,
-                        backup_unix_ms(summary.newest_id),
+            async for batch in self._store.folder_summaries(None if full else self._mark_of):
+                entries = self._entries
+                for item in batch:
+                    folder = item.folder
+                    key = folder_key(folder.organization_id, folder.system_key)
+                    if isinstance(item, FolderUnchanged):
+                        entry = entries.get(key)
+                        if entry is not None:  # else this process changed it: `touched`
+                            scanned[key] = entry
+                            unchanged += 1
+                        continue
+                    scanned[key] = (
+                        item.count,
+                        item.total_bytes,
+                        backup_unix_ms(item.newest_id),
+                        item.mark,
                     )
         except StorageError as exc:
             self.scans["failed"] += 1
@@ -225,6 +251,8 @@ class FleetIndex:
         self._entries = scanned
         self._scanned_at = started
         self._settled_after = time.monotonic() + _SETTLING_SECONDS
+        if full:
+            self._full_read_due = began + self._full_read_seconds
         for key in touched:
             self._reread_soon(key)
         self.scans["done"] += 1
@@ -233,12 +261,19 @@ class FleetIndex:
             extra={
                 "fields": {
                     "folders": len(scanned),
+                    "unchanged": unchanged,
                     "seconds": round(time.monotonic() - began, 3),
                 }
             },
         )
         await self._read_directory()
         return True
+
+    def _mark_of(self, organization_id: str, system_key: str) -> float | None:
+        """The mark the index holds for a folder: the store's walk asks, from its thread
+        (a dict read, whole under the GIL; the dict is only replaced, at a scan's end)."""
+        entry = self._entries.get(folder_key(organization_id, system_key))
+        return None if entry is None else entry[3]
 
     async def _read_directory(self) -> None:
         """The registered systems' folders now: which are live (the metrics' reach, the

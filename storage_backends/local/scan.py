@@ -13,6 +13,16 @@ few steps a name. So the walk takes no step it can leave out: a system folder's 
 go through the listing's own pass (`fs.stored_backups`: sidecars dropped by their
 suffix before any regex), no stat of a folder of its own (opening it with O_DIRECTORY |
 O_NOFOLLOW refuses anything else), no object kept per backup.
+
+A rescan reads only what changed: every summary carries its folder's ctime as the walk
+read it (one fstat of the open folder, before its names), and a folder whose ctime is
+still the mark its caller holds is answered `FolderUnchanged` after one fstatat, its
+names unread. A folder's ctime moves with every name added, removed or renamed in it
+(a backup, a sidecar, an upload's temporary file), and with anything done to the folder
+itself; unlike its mtime it cannot be set back (`touch -d`, `rsync -t`), and a folder put
+in another's place is a new inode stamped now. What a ctime cannot show is a backup
+rewritten in place, which the store never does: a fleet index re-reads every folder in
+full once a day (gateway/fleet/index.py) for whatever did.
 """
 
 from __future__ import annotations
@@ -21,10 +31,12 @@ import errno
 import fcntl
 import os
 import re
-from collections.abc import Generator
+import stat
+import time
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
-from ..base import FolderSummary, SystemFolder
+from ..base import FolderSummary, FolderUnchanged, KnownMarks, SystemFolder
 from ..errors import StorageUnavailable
 from .fs import open_root, stored_backups
 
@@ -38,12 +50,21 @@ BATCH_NAMES = 65536  # backups
 _LOCK_FILE = re.compile(r"\.[a-z]+\.lock", re.ASCII)
 # the names the directory gives organizations and system keys: never hidden, no separators
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
+# a folder's ctime this close to the walk's clock cannot prove that nothing changed after
+# the walk read the folder: the kernel stamps times from a coarse clock (a tick of up to
+# 10 ms here, whole seconds on some file systems, another host's clock over NFS), so a
+# change in the tick of the read would keep the mark (git's rule for "racily clean" index
+# entries). Such a summary carries no mark, and the next scan reads the folder again.
+RACY_SECONDS = 2.0
 
 
-def walk(root: Path) -> Generator[list[FolderSummary], None, None]:
-    """Batches of summaries of every system folder holding a backup, in name order."""
+def walk(
+    root: Path, known: KnownMarks | None = None
+) -> Generator[Sequence[FolderSummary | FolderUnchanged], None, None]:
+    """Batches of summaries of every system folder holding a backup, in name order; a
+    folder still carrying the mark `known` gives it is `FolderUnchanged`, unread."""
     root_fd = open_root(root)
-    batch: list[FolderSummary] = []
+    batch: list[FolderSummary | FolderUnchanged] = []
     names = 0
     try:
         for organization_id in _folders(root_fd):
@@ -52,20 +73,19 @@ def walk(root: Path) -> Generator[list[FolderSummary], None, None]:
                 continue  # gone, or not a folder: a symlink, a file
             try:
                 for system_key in _folders(org_fd):
-                    key_fd = _open_dir(org_fd, system_key)
-                    if key_fd < 0:
-                        continue
-                    try:
-                        count, total, newest = _summarize(key_fd)
-                    finally:
-                        os.close(key_fd)
-                    if count:
-                        folder = SystemFolder(organization_id, system_key)
-                        batch.append(FolderSummary(folder, count, total, newest))
-                        names += count
-                        if len(batch) >= BATCH_FOLDERS or names >= BATCH_NAMES:
-                            yield batch
-                            batch, names = [], 0
+                    folder = SystemFolder(organization_id, system_key)
+                    mark = None if known is None else known(organization_id, system_key)
+                    if mark is not None and _still_marked(org_fd, system_key, mark):
+                        batch.append(FolderUnchanged(folder))
+                    else:
+                        summary = _read_folder(org_fd, folder)
+                        if summary is None:
+                            continue
+                        batch.append(summary)
+                        names += summary.count
+                    if len(batch) >= BATCH_FOLDERS or names >= BATCH_NAMES:
+                        yield batch
+                        batch, names = [], 0
             finally:
                 os.close(org_fd)
     except OSError as exc:
@@ -81,6 +101,34 @@ def _folders(parent_fd: int) -> list[str]:
     opening it (O_DIRECTORY | O_NOFOLLOW) says: no stat of its own."""
     is_folder = _FOLDER_NAME.fullmatch
     return sorted(name for name in os.listdir(parent_fd) if is_folder(name))
+
+
+def _still_marked(org_fd: int, system_key: str, mark: float) -> bool:
+    """The folder is there, a folder (no symlink), and its ctime is still `mark`."""
+    try:
+        st = os.lstat(system_key, dir_fd=org_fd)  # fstatat(AT_SYMLINK_NOFOLLOW)
+    except OSError:
+        return False  # gone: reading it says so
+    return stat.S_ISDIR(st.st_mode) and st.st_ctime == mark
+
+
+def _read_folder(org_fd: int, folder: SystemFolder) -> FolderSummary | None:
+    """The folder's summary with its mark, None when it is no folder or holds no backup."""
+    key_fd = _open_dir(org_fd, folder.system_key)
+    if key_fd < 0:
+        return None
+    try:
+        # the clock before the mark: a mark older than RACY_SECONDS before this moment was
+        # there before the names were read, and any later change moves it
+        now = time.time()
+        ctime = os.fstat(key_fd).st_ctime
+        count, total, newest = _summarize(key_fd)
+    finally:
+        os.close(key_fd)
+    if not count:
+        return None
+    mark = ctime if ctime < now - RACY_SECONDS else None
+    return FolderSummary(folder, count, total, newest, mark)
 
 
 def _summarize(key_fd: int) -> tuple[int, int, str]:

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,6 +47,8 @@ from ..base import (
     BackupStore,
     FolderLock,
     FolderSummary,
+    FolderUnchanged,
+    KnownMarks,
     NewBackup,
     OpenedBackup,
     StagedBackup,
@@ -492,7 +494,9 @@ class LocalBackupStore(BackupStore):
     async def system_folders(self) -> list[SystemFolder]:
         return list(await self._read(state.system_folders, self._root))
 
-    async def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
+    async def folder_summaries(
+        self, known: KnownMarks | None = None
+    ) -> AsyncIterator[Sequence[FolderSummary | FolderUnchanged]]:
         # A thread of its own, in both io modes: a walk of the whole root takes seconds,
         # and must hold up neither a download's open nor a listing. Each batch is bounded
         # (a folder of a million backups is one batch: seconds on a loaded host, so not the
@@ -500,7 +504,7 @@ class LocalBackupStore(BackupStore):
         # scan age shows.
         walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan")
         loop = asyncio.get_running_loop()
-        batches = scan.walk(self._root)
+        batches = scan.walk(self._root, known)
         try:
             while True:
                 try:

@@ -35,6 +35,7 @@ from ..base import (
     BackupReader,
     BackupStore,
     FolderSummary,
+    KnownMarks,
     NewBackup,
     StagedBackup,
     StoreCapabilities,
@@ -362,9 +363,12 @@ class S3BackupStore(BackupStore):
         names: list[str] = await self._guarded(progress, work)
         return names
 
-    def folder_summaries(self) -> AsyncIterator[list[FolderSummary]]:
+    def folder_summaries(
+        self, known: KnownMarks | None = None
+    ) -> AsyncIterator[list[FolderSummary]]:
         """One paginated listing of the whole prefix (`scan`), each page a signed request
-        bounded in time on its own."""
+        bounded in time on its own. A prefix has no mark of its own that a change to its
+        objects moves, so every scan reads every folder (`known` is not used)."""
         return summaries(self._scan_page, self._config.prefix)
 
     async def _scan_page(self, query: dict[str, str]) -> bytes:
