@@ -16,11 +16,14 @@ reads it again.
 
 A scan after the first reads only the folders that changed: the index keeps each folder's
 change mark (local: its ctime) as the scan read it, and the store answers "unchanged" for
-a folder still carrying it. A change of this process drops the folder's mark. Once a day
-a scan reads every folder in full, whatever the marks say.
+a folder still carrying it. A change of this process drops the folder's mark. Every
+folder is still read in full once a day, whatever its mark says: each scan after the first
+reads in full one slice of the folders (by a hash of the name), the slices taking turns, so
+no scan after the first costs a whole read.
 
-Per folder the index holds four numbers under one "org/key" string: 258 to 280 bytes a
-system, the RSS growth bench/fleet_scan.py measures (100,000 and 10,000 folders).
+Per folder the index holds four numbers packed in one bytes object under one "org/key"
+string: the RSS growth bench/fleet_scan.py measures, per system, is in docs/benchmarks.md
+(a tuple of four numbers took 317 bytes a system; packed, they take about 90 fewer).
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import struct
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,13 +55,26 @@ STATES = ("fresh", "stale", "never")
 # how long after a scan is swapped in a change is still re-read: longer than any one store
 # operation (bounded by storage.operation_timeout_seconds) may take
 _SETTLING_SECONDS = 60.0
-# every folder re-read in full at least this often: a change its mark cannot show (a file
+# every folder read in full at least this often: a change its mark cannot show (a file
 # rewritten in place, a clock stepped back) lasts a day at most
 _FULL_READ_SECONDS = 86400.0
 
 # backups, bytes, the newest backup's Unix milliseconds, and the folder's change mark
-# when a scan read it (None once this process changed the folder: the next scan reads it)
-_Entry = tuple[int, int, int, float | None]
+# when a scan read it (NaN for none: once this process changed the folder, the next scan
+# reads it), packed: one 65-byte object a folder, where a tuple and its four numbers took 156
+_Entry = bytes
+_PACKED = struct.Struct("<QQqd")
+_NEWEST = struct.Struct("<16xq")  # the newest backup's milliseconds alone
+_BYTES = struct.Struct("<8xQ")  # the bytes alone
+
+
+def _entry(count: int, total: int, newest_ms: int, mark: float | None = None) -> _Entry:
+    return _PACKED.pack(count, total, newest_ms, math.nan if mark is None else mark)
+
+
+def _fields(entry: _Entry) -> tuple[int, int, int, float | None]:
+    count, total, newest_ms, mark = _PACKED.unpack(entry)
+    return count, total, newest_ms, None if math.isnan(mark) else mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +102,14 @@ class FleetIndex:
         full_read_seconds: float = _FULL_READ_SECONDS,
     ) -> None:
         self._store = store
-        self._full_read_seconds = full_read_seconds
+        # the scans a day's full read is spread over (inf: never after the first scan)
+        self._slices = (
+            0
+            if math.isinf(full_read_seconds)
+            else max(1, round(full_read_seconds / config.scan_seconds))
+        )
+        self._rescans = 0  # scans after the first that ended: whose slice is next
+        self._slice_read: int | None = None  # the slice this scan reads in full
         self._directory = directory
         self._scan_seconds = config.scan_seconds
         self._stale_ms = int(config.stale_after_hours * 3600 * 1000)
@@ -92,7 +118,6 @@ class FleetIndex:
         self._scanned_at: float | None = None  # when the last scan that ended had started
         self._touched: set[str] | None = None  # folders changed while a scan runs
         self._settled_after = 0.0  # monotonic: changes before it need no re-read
-        self._full_read_due = 0.0  # monotonic: the next scan at or after it reads every folder
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # changed while their re-read was in flight
         self._scanner: asyncio.Task[None] | None = None
@@ -116,7 +141,7 @@ class FleetIndex:
 
     def stats(self, organization_id: str, system_key: str) -> FolderStats | None:
         entry = self._entries.get(folder_key(organization_id, system_key))
-        return None if entry is None else FolderStats(*entry[:3])
+        return None if entry is None else FolderStats(*_fields(entry)[:3])
 
     def state(self, stats: FolderStats | None, now_ms: int) -> str:
         """fresh: the newest backup is younger than `fleet.stale_after_hours`."""
@@ -131,7 +156,7 @@ class FleetIndex:
         """Every folder holding a backup, as the index knows it now."""
         for key, entry in list(self._entries.items()):
             organization_id, _, system_key = key.partition("/")
-            yield SystemFolder(organization_id, system_key), FolderStats(*entry[:3])
+            yield SystemFolder(organization_id, system_key), FolderStats(*_fields(entry)[:3])
 
     # ------------------------------------------------------------------ this process's changes
 
@@ -141,15 +166,17 @@ class FleetIndex:
         ms = backup_unix_ms(backup_id)
         entry = self._entries.get(key)
         if entry is None:
-            self._entries[key] = (1, size, ms, None)
+            self._entries[key] = _entry(1, size, ms)
             self._changed(key, settle=False)
-        elif ms > entry[2]:
-            self._entries[key] = (entry[0] + 1, entry[1] + size, ms, None)
+            return
+        count, total, newest, _ = _fields(entry)
+        if ms > newest:
+            self._entries[key] = _entry(count + 1, total + size, ms)
             self._changed(key, settle=False)
         else:
             # not newer than what the index holds: a scan or a re-read may have counted it
             # already; storage says
-            self._entries[key] = (*entry[:3], None)
+            self._entries[key] = _entry(count, total, newest)
             self._changed(key, settle=True)
 
     def removed(self, folder: SystemFolder, backup_id: str, size: int | None) -> None:
@@ -158,11 +185,11 @@ class FleetIndex:
         entry = self._entries.get(key)
         if entry is None:
             return self._changed(key, settle=True)
-        count, total, newest, _ = entry
+        count, total, newest, _ = _fields(entry)
         if count <= 1:
             del self._entries[key]  # whether anything is left, storage says
             return self._changed(key, settle=True)
-        self._entries[key] = (count - 1, max(total - (size or 0), 0), newest, None)
+        self._entries[key] = _entry(count - 1, max(total - (size or 0), 0), newest)
         # the newest went (which one is newest now, storage says), or its size is unknown
         self._changed(key, settle=size is None or backup_unix_ms(backup_id) >= newest)
 
@@ -196,8 +223,7 @@ class FleetIndex:
             if entries:
                 newest = max(e.id for e in entries)
                 total = sum(e.size for e in entries)
-                value = (len(entries), total, backup_unix_ms(newest), None)
-                self._entries[key] = value
+                self._entries[key] = _entry(len(entries), total, backup_unix_ms(newest))
             else:
                 self._entries.pop(key, None)
             if self._touched is not None:
@@ -213,7 +239,8 @@ class FleetIndex:
             self._scanned_at = self._clock()  # nothing to scan: every system is `never`
             return True
         started, began = self._clock(), time.monotonic()
-        full = began >= self._full_read_due
+        full = not self.ready or self._slices == 1
+        self._slice_read = self._rescans % self._slices if self._slices and not full else None
         self._touched = set()
         scanned: dict[str, _Entry] = {}
         unchanged = 0
@@ -229,11 +256,8 @@ class FleetIndex:
                             scanned[key] = entry
                             unchanged += 1
                         continue
-                    scanned[key] = (
-                        item.count,
-                        item.total_bytes,
-                        backup_unix_ms(item.newest_id),
-                        item.mark,
+                    scanned[key] = _entry(
+                        item.count, item.total_bytes, backup_unix_ms(item.newest_id), item.mark
                     )
         except StorageError as exc:
             self.scans["failed"] += 1
@@ -251,8 +275,8 @@ class FleetIndex:
         self._entries = scanned
         self._scanned_at = started
         self._settled_after = time.monotonic() + _SETTLING_SECONDS
-        if full:
-            self._full_read_due = began + self._full_read_seconds
+        if not full:
+            self._rescans += 1
         for key in touched:
             self._reread_soon(key)
         self.scans["done"] += 1
@@ -270,10 +294,18 @@ class FleetIndex:
         return True
 
     def _mark_of(self, organization_id: str, system_key: str) -> float | None:
-        """The mark the index holds for a folder: the store's walk asks, from its thread
-        (a dict read, whole under the GIL; the dict is only replaced, at a scan's end)."""
-        entry = self._entries.get(folder_key(organization_id, system_key))
-        return None if entry is None else entry[3]
+        """The mark the index holds for a folder, None for a folder of the slice this scan
+        reads in full: the store's walk asks, from its thread (a dict read, whole under
+        the GIL; the dict is only replaced, at a scan's end)."""
+        key = folder_key(organization_id, system_key)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._slice_read is not None and zlib.crc32(key.encode()) % self._slices == (
+            self._slice_read
+        ):
+            return None
+        return _fields(entry)[3]
 
     async def _read_directory(self) -> None:
         """The registered systems' folders now: which are live (the metrics' reach, the
@@ -292,7 +324,9 @@ class FleetIndex:
             log.warning("fleet: no answer from the directory, metrics keep the last: %s", exc)
             return
         self._live_folders = tuple(live)
-        self._orphaned_bytes = sum(e[1] for k, e in self._entries.items() if k not in mapped)
+        self._orphaned_bytes = sum(
+            _BYTES.unpack_from(e)[0] for k, e in self._entries.items() if k not in mapped
+        )
 
     async def _scan_forever(self) -> None:
         while True:
@@ -327,7 +361,7 @@ class FleetIndex:
             entry = entries.get(key)
             if entry is None:
                 counts["never"] += 1
-            elif now - entry[2] < self._stale_ms:
+            elif now - _NEWEST.unpack_from(entry)[0] < self._stale_ms:
                 counts["fresh"] += 1
             else:
                 counts["stale"] += 1
