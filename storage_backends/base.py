@@ -40,6 +40,15 @@ class SystemFolder:
 
 
 @dataclass(frozen=True, slots=True)
+class FolderMark:
+    """What moves with every change in a folder (local: its inode and ctime): while a folder
+    still carries the mark a scan read, what that scan counted in it still holds."""
+
+    inode: int
+    changed_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class FolderSummary:
     """What a scan of the store knows of one system folder (DESIGN.md §13): how many
     backups, their bytes (never sidecars or marks), and the largest id (UUIDv7: the newest)."""
@@ -48,10 +57,10 @@ class FolderSummary:
     count: int
     total_bytes: int
     newest_id: str
-    # the folder's change mark as the scan read it (local: its ctime), which a later scan
-    # compares to reuse this summary; None when the store has none, or when the mark is too
-    # recent to prove that nothing changed after the scan read the folder
-    mark: float | None = None
+    # the folder's change mark as the scan read it, which a later scan compares to reuse
+    # this summary; None when the store has none, or when the mark is too recent to prove
+    # that nothing changed after the scan read the folder
+    mark: FolderMark | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +72,7 @@ class FolderUnchanged:
 
 
 # the mark an earlier scan gave a folder (organization id, system key), None for none
-KnownMarks = Callable[[str, str], float | None]
+KnownMarks = Callable[[str, str], FolderMark | None]
 
 
 DEFAULT_MIMETYPE = "application/octet-stream"

@@ -15,15 +15,16 @@ folder's listing (names and sizes only) settles it, and a change during that lis
 reads it again.
 
 A scan after the first reads only the folders that changed: the index keeps each folder's
-change mark (local: its ctime) as the scan read it, and the store answers "unchanged" for
-a folder still carrying it. A change of this process drops the folder's mark. Every
-folder is still read in full once a day, whatever its mark says: each scan after the first
-reads in full one slice of the folders (by a hash of the name), the slices taking turns, so
-no scan after the first costs a whole read.
+change mark (local: its inode and ctime) as the scan read it, and the store answers
+"unchanged" for a folder still carrying it. A change of this process drops the folder's
+mark. Every folder is still read in full once a day, whatever its mark says: each scan
+after the first reads in full one slice of the folders (by a hash of the name), the slices
+taking turns (and any slice a failed scan left unread for a day with them), so no scan
+after the first costs a whole read.
 
-Per folder the index holds four numbers packed in one bytes object under one "org/key"
-string: the RSS growth bench/fleet_scan.py measures, per system, is in docs/benchmarks.md
-(a tuple of four numbers took 317 bytes a system; packed, they take about 90 fewer).
+Per folder the index holds its numbers and mark packed in one bytes object under one
+"org/key" string: 212 bytes a system at 100,000 folders, the RSS growth bench/fleet_scan.py
+measures (a tuple of the same numbers took 317).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from storage_backends import BackupStore, FolderUnchanged, StorageError, SystemFolder
+from storage_backends import (
+    BackupStore,
+    FolderMark,
+    FolderUnchanged,
+    StorageError,
+    SystemFolder,
+)
 from storage_backends.ids import backup_unix_ms
 
 from ..config import FleetConfig
@@ -59,22 +66,25 @@ _SETTLING_SECONDS = 60.0
 # rewritten in place, a clock stepped back) lasts a day at most
 _FULL_READ_SECONDS = 86400.0
 
-# backups, bytes, the newest backup's Unix milliseconds, and the folder's change mark
-# when a scan read it (NaN for none: once this process changed the folder, the next scan
-# reads it), packed: one 65-byte object a folder, where a tuple and its four numbers took 156
+# backups, bytes, the newest backup's Unix milliseconds, and the folder's mark (inode and
+# ctime) when a scan read it (inode 0, which no file system gives, for none: once this
+# process changed the folder, the next scan reads it), packed: one 73-byte object a folder,
+# where a tuple and its numbers took about twice that
 _Entry = bytes
-_PACKED = struct.Struct("<QQqd")
+_PACKED = struct.Struct("<QQqQq")
 _NEWEST = struct.Struct("<16xq")  # the newest backup's milliseconds alone
 _BYTES = struct.Struct("<8xQ")  # the bytes alone
 
 
-def _entry(count: int, total: int, newest_ms: int, mark: float | None = None) -> _Entry:
-    return _PACKED.pack(count, total, newest_ms, math.nan if mark is None else mark)
+def _entry(count: int, total: int, newest_ms: int, mark: FolderMark | None = None) -> _Entry:
+    if mark is None:
+        return _PACKED.pack(count, total, newest_ms, 0, 0)
+    return _PACKED.pack(count, total, newest_ms, mark.inode, mark.changed_ns)
 
 
-def _fields(entry: _Entry) -> tuple[int, int, int, float | None]:
-    count, total, newest_ms, mark = _PACKED.unpack(entry)
-    return count, total, newest_ms, None if math.isnan(mark) else mark
+def _fields(entry: _Entry) -> tuple[int, int, int, FolderMark | None]:
+    count, total, newest_ms, inode, changed_ns = _PACKED.unpack(entry)
+    return count, total, newest_ms, FolderMark(inode, changed_ns) if inode else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +110,20 @@ class FleetIndex:
         directory: Directory,
         clock: Callable[[], float] = time.time,
         full_read_seconds: float = _FULL_READ_SECONDS,
+        settling_seconds: float = _SETTLING_SECONDS,
     ) -> None:
         self._store = store
+        self._settling_seconds = settling_seconds
         # the scans a day's full read is spread over (inf: never after the first scan)
+        self._full_read_seconds = full_read_seconds
         self._slices = (
             0
             if math.isinf(full_read_seconds)
             else max(1, round(full_read_seconds / config.scan_seconds))
         )
-        self._rescans = 0  # scans after the first that ended: whose slice is next
-        self._slice_read: int | None = None  # the slice this scan reads in full
+        self._next_slice = 0  # the slice the next scan reads in full, in turn
+        self._slice_read_at: list[float] = []  # monotonic: when each was last read in full
+        self._slices_read: frozenset[int] = frozenset()  # those this scan reads in full
         self._directory = directory
         self._scan_seconds = config.scan_seconds
         self._stale_ms = int(config.stale_after_hours * 3600 * 1000)
@@ -240,7 +254,7 @@ class FleetIndex:
             return True
         started, began = self._clock(), time.monotonic()
         full = not self.ready or self._slices == 1
-        self._slice_read = self._rescans % self._slices if self._slices and not full else None
+        self._slices_read = frozenset() if full else self._slices_due(began)
         self._touched = set()
         scanned: dict[str, _Entry] = {}
         unchanged = 0
@@ -274,9 +288,13 @@ class FleetIndex:
                 scanned[key] = entry
         self._entries = scanned
         self._scanned_at = started
-        self._settled_after = time.monotonic() + _SETTLING_SECONDS
-        if not full:
-            self._rescans += 1
+        self._settled_after = time.monotonic() + self._settling_seconds
+        if full:
+            self._slice_read_at = [began] * self._slices
+        else:
+            for piece in self._slices_read:
+                self._slice_read_at[piece] = began
+            self._next_slice = (self._next_slice + 1) % max(self._slices, 1)
         for key in touched:
             self._reread_soon(key)
         self.scans["done"] += 1
@@ -293,17 +311,24 @@ class FleetIndex:
         await self._read_directory()
         return True
 
-    def _mark_of(self, organization_id: str, system_key: str) -> float | None:
-        """The mark the index holds for a folder, None for a folder of the slice this scan
+    def _slices_due(self, now: float) -> frozenset[int]:
+        """The slice whose turn it is, and any not read in full for `full_read_seconds`
+        (scans that failed or ran late): each folder is read in full once a day even so."""
+        if not self._slices:
+            return frozenset()
+        late = now - self._full_read_seconds
+        overdue = (piece for piece, at in enumerate(self._slice_read_at) if at <= late)
+        return frozenset([self._next_slice, *overdue])
+
+    def _mark_of(self, organization_id: str, system_key: str) -> FolderMark | None:
+        """The mark the index holds for a folder, None for a folder of a slice this scan
         reads in full: the store's walk asks, from its thread (a dict read, whole under
         the GIL; the dict is only replaced, at a scan's end)."""
         key = folder_key(organization_id, system_key)
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if self._slice_read is not None and zlib.crc32(key.encode()) % self._slices == (
-            self._slice_read
-        ):
+        if self._slices_read and zlib.crc32(key.encode()) % self._slices in self._slices_read:
             return None
         return _fields(entry)[3]
 

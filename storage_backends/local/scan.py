@@ -14,15 +14,18 @@ go through the listing's own pass (`fs.stored_backups`: sidecars dropped by thei
 suffix before any regex), no stat of a folder of its own (opening it with O_DIRECTORY |
 O_NOFOLLOW refuses anything else), no object kept per backup.
 
-A rescan reads only what changed: every summary carries its folder's ctime as the walk
-read it (one fstat of the open folder, before its names), and a folder whose ctime is
-still the mark its caller holds is answered `FolderUnchanged` after one fstatat, its
-names unread. A folder's ctime moves with every name added, removed or renamed in it
+A rescan reads only what changed: every summary carries its folder's inode and ctime as
+the walk read them (one fstat of the open folder, before its names), and a folder that
+still carries the mark its caller holds is answered `FolderUnchanged` after one fstatat,
+its names unread. A folder's ctime moves with every name added, removed or renamed in it
 (a backup, a sidecar, an upload's temporary file), and with anything done to the folder
-itself; unlike its mtime it cannot be set back (`touch -d`, `rsync -t`), and a folder put
-in another's place is a new inode stamped now. What a ctime cannot show is a backup
-rewritten in place, which the store never does: a fleet index re-reads every folder in
-full once a day (gateway/fleet/index.py) for whatever did.
+itself; unlike its mtime it cannot be set back (`touch -d`, `rsync -t`), on file systems
+that keep a change time of their own (ext4, XFS, btrfs, ZFS; not vfat or exFAT, which
+rebuild it from other times). The inode tells a folder put in another's place, even one
+whose times were copied (`cp -a`, `rsync -a`) or that moved with its organization's
+folder. What a mark cannot show is a backup rewritten in place, which the store never
+does: a fleet index reads every folder in full once a day (gateway/fleet/index.py) for
+whatever did.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 from collections.abc import Generator, Sequence
 from pathlib import Path
 
-from ..base import FolderSummary, FolderUnchanged, KnownMarks, SystemFolder
+from ..base import FolderMark, FolderSummary, FolderUnchanged, KnownMarks, SystemFolder
 from ..errors import StorageUnavailable
 from .fs import open_root, stored_backups
 
@@ -52,10 +55,12 @@ _LOCK_FILE = re.compile(r"\.[a-z]+\.lock", re.ASCII)
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 # a folder's ctime this close to the walk's clock cannot prove that nothing changed after
 # the walk read the folder: the kernel stamps times from a coarse clock (a tick of up to
-# 10 ms here, whole seconds on some file systems, another host's clock over NFS), so a
-# change in the tick of the read would keep the mark (git's rule for "racily clean" index
-# entries). Such a summary carries no mark, and the next scan reads the folder again.
+# 10 ms here, whole seconds on some file systems), so a change in the tick of the read
+# would keep the mark (git's rule for "racily clean" index entries). Such a summary
+# carries no mark, and the next scan reads the folder again. Over a network file system
+# the server stamps the times: its clock must not run more than this behind the gateway's.
 RACY_SECONDS = 2.0
+_RACY_NS = int(RACY_SECONDS * 1e9)
 
 
 def walk(
@@ -103,13 +108,15 @@ def _folders(parent_fd: int) -> list[str]:
     return sorted(name for name in os.listdir(parent_fd) if is_folder(name))
 
 
-def _still_marked(org_fd: int, system_key: str, mark: float) -> bool:
-    """The folder is there, a folder (no symlink), and its ctime is still `mark`."""
+def _still_marked(org_fd: int, system_key: str, mark: FolderMark) -> bool:
+    """The folder is there, a folder (no symlink), and still the inode and ctime of `mark`."""
     try:
         st = os.lstat(system_key, dir_fd=org_fd)  # fstatat(AT_SYMLINK_NOFOLLOW)
     except OSError:
         return False  # gone: reading it says so
-    return stat.S_ISDIR(st.st_mode) and st.st_ctime == mark
+    return (
+        stat.S_ISDIR(st.st_mode) and st.st_ctime_ns == mark.changed_ns and st.st_ino == mark.inode
+    )
 
 
 def _read_folder(org_fd: int, folder: SystemFolder) -> FolderSummary | None:
@@ -120,14 +127,15 @@ def _read_folder(org_fd: int, folder: SystemFolder) -> FolderSummary | None:
     try:
         # the clock before the mark: a mark older than RACY_SECONDS before this moment was
         # there before the names were read, and any later change moves it
-        now = time.time()
-        ctime = os.fstat(key_fd).st_ctime
+        now = time.time_ns()
+        st = os.fstat(key_fd)
         count, total, newest = _summarize(key_fd)
     finally:
         os.close(key_fd)
     if not count:
         return None
-    mark = ctime if ctime < now - RACY_SECONDS else None
+    old = st.st_ctime_ns < now - _RACY_NS
+    mark = FolderMark(st.st_ino, st.st_ctime_ns) if old else None
     return FolderSummary(folder, count, total, newest, mark)
 
 
