@@ -16,10 +16,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from jose import jwt
 
+from gateway.backups.fleet import encoded_cursor
 from gateway.directory import postgres as postgres_queries
 from storage_backends.ids import new_uuid7
 
-from .conftest import StartGateway
+from .conftest import StartGateway, postgres_directory
 from .servers import PlatformDatabase
 from .support import (
     ORG_IDS,
@@ -189,6 +190,9 @@ async def test_pages_hold_every_system_once_while_uploads_go_on(
         ({"limit": "1.5"}, "limit"),
         ({"cursor": "not-a-cursor"}, "cursor"),
         ({"cursor": "Zm9v"}, "cursor"),  # base64 of "foo": no cursor of ours
+        ({"cursor": encoded_cursor("")}, "cursor"),  # no id
+        ({"cursor": encoded_cursor("s" * 1025)}, "cursor"),
+        ({"cursor": "ZmxlZXQ6_w"}, "cursor"),  # "fleet:" and a byte that is no UTF-8
     ],
 )
 async def test_a_bad_query_is_a_400_naming_its_key(
@@ -305,3 +309,25 @@ async def test_the_fleets_queries_find_systems_by_the_platforms_indexes(
     assert "Seq Scan on systems" not in plan, plan
     assert "Seq Scan on distributors" not in plan, plan
     assert "Index" in plan, plan
+
+
+async def test_pages_reach_systems_whose_platform_ids_are_no_safe_names(
+    start_gateway: StartGateway, local_harness: LocalHarness, platform_db: PlatformDatabase
+) -> None:
+    """The platform's system ids are not held to the folders' safe names: a page that ends
+    on such a system hands out a cursor the next request takes (it failed 400 once, and
+    every system after it could not be reached)."""
+    odd = ["sys_c1 weird:id", "sys_c1\u00e9", "sys_c1" + "z" * 200, "sys_c1/..", "sys_\u2603"]
+    for n, system_id in enumerate(odd):
+        await platform_db.execute(
+            "INSERT INTO systems (id, name, organization_id, system_key, registered_at)"
+            " VALUES ($1, 'odd', 'org_c1', $2, now())",
+            system_id,
+            f"KEY-ODD{n}",
+        )
+    client = await start_gateway(local_harness.storage(), directory=postgres_directory(platform_db))
+    await ready(client)
+    whole = [s["system_id"] for s in await every_page(client, "org_c1", limit=1000)]
+    assert set(odd) <= set(whole)
+    paged = [s["system_id"] for s in await every_page(client, "org_c1", limit=1)]
+    assert paged == whole == sorted(whole)  # code-point order, each once
