@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +47,51 @@ class InMemoryDirectory(Directory):
         self._organizations = {o.id: o for o in organizations}
         self._systems = {s.id: s for s in systems}
         self._by_key = {s.system_key: s for s in systems if s.system_key is not None}
-        self._served: list[System] | None = None  # live and registered, by id: made once
+        # live and registered, by id, and the same by organization: made once, on first use
+        self._served: list[System] | None = None
+        self._served_by_organization: dict[str, list[System]] = {}
+        self._children: dict[str, list[str]] = {}
 
     async def reachable_systems(self, acting: Organization) -> AsyncIterator[list[System]]:
-        if self._served is None:
-            self._served = sorted(
-                (s for s in self._systems.values() if not s.deleted and s.system_key),
-                key=lambda s: s.id,
-            )
+        """The reach in id order, read from the organizations it can hold (the caller's,
+        its children's, its grandchildren's) rather than from every system: a customer's
+        page costs its own systems, not the directory's. `reaches` still decides each."""
         batch: list[System] = []
-        for system in self._served:
+        for system in self._candidates(acting):
             if reaches(acting, self._tree(system)):
                 batch.append(system)
                 if len(batch) >= _BATCH:
                     yield batch
                     batch = []
+                    await asyncio.sleep(0)  # a whole reach is walked: let others in between
         if batch:
             yield batch
+
+    def _candidates(self, acting: Organization) -> Iterator[System]:
+        if self._served is None:
+            self._index_served()
+        assert self._served is not None
+        if acting.role == "owner":
+            return iter(self._served)
+        # §3: an organization reaches no deeper than its children's children
+        within = {acting.id}
+        for child in self._children.get(acting.id, ()):
+            within.add(child)
+            within.update(self._children.get(child, ()))
+        lists = [self._served_by_organization.get(o, []) for o in within]
+        return heapq.merge(*lists, key=lambda s: s.id)
+
+    def _index_served(self) -> None:
+        served = sorted(
+            (s for s in self._systems.values() if not s.deleted and s.system_key),
+            key=lambda s: s.id,
+        )
+        for system in served:
+            self._served_by_organization.setdefault(system.organization_id, []).append(system)
+        for organization in self._organizations.values():
+            if organization.parent is not None:
+                self._children.setdefault(organization.parent, []).append(organization.id)
+        self._served = served
 
     def _tree(self, system: System) -> SystemInTree:
         organization = self._organizations.get(system.organization_id)
