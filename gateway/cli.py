@@ -23,6 +23,7 @@ from .operations.health import cause_of
 
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 1  # check-config: valid, but a configured server does not answer
+MAX_PURGE_DAYS = 36500  # a century: the most a purge's cut-off can ask
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,9 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "orphans":
             from .orphans_command import orphans
 
-            if args.purge and (args.older_than_days is None or args.older_than_days < 0):
-                raise ConfigError("--older-than-days", "--purge needs a number of days, >= 0")
-            days = args.older_than_days if args.purge else None
+            days = args.older_than_days
+            if not args.purge and days is not None:
+                raise ConfigError("--older-than-days", "is read only with --purge")
+            # nan, inf and 1e400 parse as floats: a cut-off is a finite number of days
+            if args.purge and (days is None or not 0 <= days <= MAX_PURGE_DAYS):
+                raise ConfigError(
+                    "--older-than-days", f"--purge needs a number of days, 0 to {MAX_PURGE_DAYS}"
+                )
             return asyncio.run(orphans(config, days))
         if args.command == "seed-demo":
             from .tools.demo import seed_demo

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from gateway.config import Config
@@ -199,3 +200,30 @@ async def test_a_folder_the_database_maps_mid_purge_is_never_touched(
     assert harness.exists(old["unknown key"])
     assert not harness.exists(old["unknown organization"])
     assert [(f.system_key, why) for f, why in done.left] == [("KEY-NOBODY", "a system maps it now")]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--purge", "--older-than-days", "nan"],
+        ["--purge", "--older-than-days", "inf"],
+        ["--purge", "--older-than-days", "1e400"],
+        ["--purge", "--older-than-days", "-1"],
+        ["--purge", "--older-than-days", "36501"],
+        ["--purge"],
+        ["--older-than-days", "1"],  # a cut-off without --purge: not a filter
+    ],
+)
+def test_a_cut_off_that_is_no_number_of_days_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str]
+) -> None:
+    harness = LocalHarness(tmp_path / "backups")
+    arrange(harness, 3 * DAY_MS)
+    before = harness.keys()
+    config = write_config(tmp_path, free_port(), harness.storage(io="inline"))
+    refused = cli(config, *args)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stdout == ""  # not even the listing
+    (line,) = refused.stderr.strip().splitlines()
+    assert "--older-than-days" in line and "Traceback" not in line
+    assert harness.keys() == before
