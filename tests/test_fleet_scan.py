@@ -409,3 +409,37 @@ async def test_the_index_reads_changed_folders_and_every_folder_at_its_full_read
         assert every_scan_full.stats("org_c1", "KEY-3") == FolderStats(1, 8, ms + 3)
     finally:
         await store.close()
+
+
+async def test_names_no_directory_can_give_are_told_once_not_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Backups under names no organization or system can have are never scanned (their
+    bytes count for nobody, and no purge reaches them): the operator is told, once for as
+    long as their number stays the same."""
+    harness = LocalHarness(tmp_path / "backups", io="inline")
+    name = backup_id(1_700_000_000_000)
+    for place in ("org_\u00fc/KEY-1", "org_a/KEY-\u00e9", "-dash/KEY-1", "org_a/" + "k" * 129):
+        put(harness.root / place, name, 10)
+    put(harness.root / "org_a" / "KEY-1", name, 10)
+    (harness.root / ".hidden").mkdir()  # hidden: the store's own, never told
+    (harness.root / "notes.txt").write_text("a stray file")  # a name a folder could have
+    config = make_config(tmp_path, harness.storage())
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    try:
+
+        async def scanned() -> list[tuple[str, int]]:
+            found = []
+            async for batch in store.folder_summaries():
+                found += [(s.folder.system_key, s.count) for s in summaries([batch])]
+            return found
+
+        with caplog.at_level(logging.WARNING, logger="storage_backends.local.store"):
+            assert await scanned() == [("KEY-1", 1)]
+            assert await scanned() == [("KEY-1", 1)]
+    finally:
+        await store.close()
+    (told,) = [r.getMessage() for r in caplog.records if "names under the root" in r.getMessage()]
+    assert told.startswith("4 names under the root")
+    assert "('-dash', 'org_a/KEY-\\xe9', 'org_a/kkk" in told and "'org_\\xfc')" in told

@@ -64,20 +64,23 @@ _RACY_NS = int(RACY_SECONDS * 1e9)
 
 
 def walk(
-    root: Path, known: KnownMarks | None = None
+    root: Path, known: KnownMarks | None = None, odd: list[str] | None = None
 ) -> Generator[Sequence[FolderSummary | FolderUnchanged], None, None]:
     """Batches of summaries of every system folder holding a backup, in name order; a
-    folder still carrying the mark `known` gives it is `FolderUnchanged`, unread."""
+    folder still carrying the mark `known` gives it is `FolderUnchanged`, unread. `odd`
+    gathers the names met where folders belong that no organization or system can have
+    (hidden names aside): never scanned, so their bytes count nowhere."""
+    odd = [] if odd is None else odd
     root_fd = open_root(root)
     batch: list[FolderSummary | FolderUnchanged] = []
     names = 0
     try:
-        for organization_id in _folders(root_fd):
+        for organization_id in _folders(root_fd, odd, ""):
             org_fd = _open_dir(root_fd, organization_id)
             if org_fd < 0:
                 continue  # gone, or not a folder: a symlink, a file
             try:
-                for system_key in _folders(org_fd):
+                for system_key in _folders(org_fd, odd, organization_id + "/"):
                     folder = SystemFolder(organization_id, system_key)
                     mark = None if known is None else known(organization_id, system_key)
                     if mark is not None and _still_marked(org_fd, system_key, mark):
@@ -101,11 +104,18 @@ def walk(
         yield batch
 
 
-def _folders(parent_fd: int) -> list[str]:
+def _folders(parent_fd: int, odd: list[str], under: str) -> list[str]:
     """The names that may be folders, sorted. Whether each is a folder and no symlink,
-    opening it (O_DIRECTORY | O_NOFOLLOW) says: no stat of its own."""
+    opening it (O_DIRECTORY | O_NOFOLLOW) says: no stat of its own. Other names that are
+    not hidden go to `odd`, after `under`."""
     is_folder = _FOLDER_NAME.fullmatch
-    return sorted(name for name in os.listdir(parent_fd) if is_folder(name))
+    kept = []
+    for name in os.listdir(parent_fd):
+        if is_folder(name):
+            kept.append(name)
+        elif not name.startswith("."):
+            odd.append(under + name)
+    return sorted(kept)
 
 
 def _still_marked(org_fd: int, system_key: str, mark: FolderMark) -> bool:

@@ -201,6 +201,7 @@ class LocalBackupStore(BackupStore):
         self._readers: ThreadPoolExecutor | None = None
         self._listers: ThreadPoolExecutor | None = None  # inline listings
         self._writers: ThreadPoolExecutor | None = None
+        self._odd_names_told = 0  # how many odd names the last warning counted
 
     @property
     def io_process_pid(self) -> int | None:
@@ -504,7 +505,8 @@ class LocalBackupStore(BackupStore):
         # scan age shows.
         walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan")
         loop = asyncio.get_running_loop()
-        batches = scan.walk(self._root, known)
+        odd: list[str] = []
+        batches = scan.walk(self._root, known, odd)
         try:
             while True:
                 try:
@@ -513,11 +515,28 @@ class LocalBackupStore(BackupStore):
                 except TimeoutError:
                     raise StorageUnavailable("a batch of the root's scan timed out") from None
                 if batch is None:
+                    self._tell_odd_names(odd)
                     return
                 yield batch
         finally:
             walker.submit(batches.close)  # in its thread: never while a batch is read
             walker.shutdown(wait=False)
+
+    def _tell_odd_names(self, odd: list[str]) -> None:
+        """A warning when the walk met names no organization or system can have, each time
+        their number changes (not every scan): an operator's copy, a restore by hand."""
+        if len(odd) == self._odd_names_told:
+            return
+        self._odd_names_told = len(odd)
+        if odd:
+            shown = ", ".join(ascii(name) for name in sorted(odd)[:5])
+            log.warning(
+                "%d names under the root where folders belong are no organization or system "
+                "a directory can give: never scanned, their bytes count nowhere (%s%s)",
+                len(odd),
+                shown,
+                ", ..." if len(odd) > 5 else "",
+            )
 
     async def remove_empty_folder(self, folder: SystemFolder) -> None:
         await self._write_step(scan.remove_empty_folder, self._root, folder)
