@@ -191,7 +191,6 @@ async def test_pages_hold_every_system_once_while_uploads_go_on(
         ({"cursor": "not-a-cursor"}, "cursor"),
         ({"cursor": "Zm9v"}, "cursor"),  # base64 of "foo": no cursor of ours
         ({"cursor": encoded_cursor("")}, "cursor"),  # no id
-        ({"cursor": encoded_cursor("s" * 1025)}, "cursor"),
         ({"cursor": "ZmxlZXQ6_w"}, "cursor"),  # "fleet:" and a byte that is no UTF-8
     ],
 )
@@ -317,7 +316,7 @@ async def test_pages_reach_systems_whose_platform_ids_are_no_safe_names(
     """The platform's system ids are not held to the folders' safe names: a page that ends
     on such a system hands out a cursor the next request takes (it failed 400 once, and
     every system after it could not be reached)."""
-    odd = ["sys_c1 weird:id", "sys_c1\u00e9", "sys_c1" + "z" * 200, "sys_c1/..", "sys_\u2603"]
+    odd = ["sys_c1 weird:id", "sys_c1\u00e9", "sys_c1" + "z" * 2000, "sys_c1/..", "sys_\u2603"]
     for n, system_id in enumerate(odd):
         await platform_db.execute(
             "INSERT INTO systems (id, name, organization_id, system_key, registered_at)"

@@ -424,6 +424,8 @@ async def test_names_no_directory_can_give_are_told_once_not_counted(
     put(harness.root / "org_a" / "KEY-1", name, 10)
     (harness.root / ".hidden").mkdir()  # hidden: the store's own, never told
     (harness.root / "notes.txt").write_text("a stray file")  # a name a folder could have
+    (harness.root / "notes~").write_text("a stray file")  # no folder: not told
+    (harness.root / "lost+found").mkdir()  # a mount point's own: not told
     config = make_config(tmp_path, harness.storage())
     store = storage_backends.create_store(config.storage)
     await store.start()
@@ -437,9 +439,12 @@ async def test_names_no_directory_can_give_are_told_once_not_counted(
 
         with caplog.at_level(logging.WARNING, logger="storage_backends.local.store"):
             assert await scanned() == [("KEY-1", 1)]
+            assert await scanned() == [("KEY-1", 1)]  # the same names: not told again
+            put(harness.root / "org_a" / "KEY 2", name, 10)
             assert await scanned() == [("KEY-1", 1)]
     finally:
         await store.close()
-    (told,) = [r.getMessage() for r in caplog.records if "names under the root" in r.getMessage()]
-    assert told.startswith("4 names under the root")
-    assert "('-dash', 'org_a/KEY-\\xe9', 'org_a/kkk" in told and "'org_\\xfc')" in told
+    told = [r.getMessage() for r in caplog.records if "names under the root" in r.getMessage()]
+    assert [line.split(" names")[0] for line in told] == ["4", "5"]
+    assert "('-dash', 'org_a/KEY-\\xe9', 'org_a/kkk" in told[0] and "'org_\\xfc')" in told[0]
+    assert "'org_a/KEY 2'" in told[1]

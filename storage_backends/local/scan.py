@@ -106,16 +106,27 @@ def walk(
 
 def _folders(parent_fd: int, odd: list[str], under: str) -> list[str]:
     """The names that may be folders, sorted. Whether each is a folder and no symlink,
-    opening it (O_DIRECTORY | O_NOFOLLOW) says: no stat of its own. Other names that are
-    not hidden go to `odd`, after `under`."""
+    opening it (O_DIRECTORY | O_NOFOLLOW) says: no stat of its own. Folders under other
+    names go to `odd`, after `under` (hidden names are the store's own, and a root that is
+    a file system's mount point holds its `lost+found`)."""
     is_folder = _FOLDER_NAME.fullmatch
     kept = []
     for name in os.listdir(parent_fd):
         if is_folder(name):
             kept.append(name)
-        elif not name.startswith("."):
+        elif _odd_folder(parent_fd, name, at_root=not under):
             odd.append(under + name)
     return sorted(kept)
+
+
+def _odd_folder(parent_fd: int, name: str, at_root: bool) -> bool:
+    """A folder (no symlink) under a name no folder of ours has: a stat for these alone."""
+    if name.startswith(".") or (at_root and name == "lost+found"):
+        return False
+    try:
+        return stat.S_ISDIR(os.lstat(name, dir_fd=parent_fd).st_mode)
+    except OSError:
+        return False
 
 
 def _still_marked(org_fd: int, system_key: str, mark: FolderMark) -> bool:
