@@ -41,7 +41,7 @@ from storage_backends.local import scan as local_scan
 from storage_backends.s3 import S3Config, create_store
 
 from .conftest import S3Server
-from .support import LocalHarness, S3Harness, make_config, s3_settings
+from .support import LocalHarness, S3Harness, make_config, s3_settings, wait_until
 
 SIDECAR = b'{"filename":"b.tar.gz","sha256":"","mimetype":"application/gzip"}'
 
@@ -231,8 +231,7 @@ def wait_until_marks_can_hold(*folders: Path) -> None:
     """Until the clock is past every folder's ctime by the walk's racy window: before it, a
     walk gives those folders no mark (observed: the clock against the folders' own ctime)."""
     newest = max(folder.stat().st_ctime for folder in folders)
-    while time.time() <= newest + local_scan.RACY_SECONDS:
-        time.sleep(0.05)
+    wait_until(lambda: time.time() > newest + local_scan.RACY_SECONDS, "marks old enough")
 
 
 def test_a_rescan_reads_only_the_folders_whose_mark_moved(root: Path) -> None:

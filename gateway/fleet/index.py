@@ -258,9 +258,9 @@ class FleetIndex:
         self._touched = set()
         scanned: dict[str, _Entry] = {}
         unchanged = 0
+        entries = self._entries  # in service until the scan is in; rereads update it in place
         try:
             async for batch in self._store.folder_summaries(None if full else self._mark_of):
-                entries = self._entries
                 for item in batch:
                     folder = item.folder
                     key = folder_key(folder.organization_id, folder.system_key)
