@@ -147,17 +147,9 @@ async def test_a_wrong_digest_above_the_threshold_stores_counts_and_prunes_nothi
     start_gateway: StartGateway, s3_server: S3Server, redis_server: RedisServer
 ) -> None:
     harness = S3Harness(s3_server.endpoint, f"mpw-{uuid.uuid4().hex[:10]}")
-    settings = s3_settings(harness.endpoint, harness.bucket, versioning="off", **PARTS)
-    storage = {
-        "backend": "s3",
-        "s3": settings,
-        "usage_counter": {"enabled": True},
-        "retention": {"keep_last": 1, **ONLY_LAST, "uploads_per_minute": 0},
-    }
-    client = await start_gateway(storage, redis={"url": redis_server.url})
-    older = plant_older(harness)
-    usage = redis_server.client(1)
-    usage.set("backup:org_usage:org_c1", "123")
+    client, older, usage = await pruning_and_counting(
+        start_gateway, harness, harness.endpoint, redis_server, **PARTS
+    )
     data = os.urandom(SIZE)
     meant = bytearray(data)
     meant[-1] ^= 1  # the last byte of the last part
@@ -180,7 +172,7 @@ async def test_a_part_the_store_refuses_is_a_checksum_mismatch(
     (BadDigest) refuses it, the upload is aborted and answered as a mismatch. SeaweedFS only:
     moto does not verify a part's checksum (it would store the changed bytes)."""
     harness = S3Harness(seaweed_server.endpoint, f"mpr-{uuid.uuid4().hex[:10]}")
-    relay = _FlipByteInPart(int(seaweed_server.port), part=2)
+    relay = FlipByteIn(int(seaweed_server.port), re.compile(rb"^PUT [^ ]*[?&]partNumber=2[& ]"))
     await relay.start()
     try:
         client = await gateway_behind(start_gateway, harness, relay.endpoint)
@@ -243,6 +235,18 @@ async def test_a_completion_that_lands_after_the_answer_is_504_with_its_bookkeep
         504,
         {"code": 504, "message": "upload outcome unknown", "data": {}},
     )
+    await landed_and_pruned_for(client, harness, older, data)
+    assert open_uploads(harness) == []
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def landed_and_pruned_for(
+    client: TestClient, harness: S3Harness, older: str, data: bytes
+) -> None:
+    """The upload's backup landed whole (whatever its answer said), the older backup pruned
+    by the retention its landing started, and the prune counted."""
     landed = await eventually(
         lambda: [b for b in backups_of(harness) if b != older] or None, "the backup"
     )
@@ -251,20 +255,41 @@ async def test_a_completion_that_lands_after_the_answer_is_504_with_its_bookkeep
     assert landed is not None
     key = f"org_c1/KEY-C1/{landed[0]}"
     assert harness.client.get_object(Bucket=harness.bucket, Key=key)["Body"].read() == data
-    assert open_uploads(harness) == []
 
 
-# --------------------------------------------------------------------------- helpers
+async def pruning_and_counting(
+    start_gateway: StartGateway,
+    harness: S3Harness,
+    endpoint: str,
+    redis_server: RedisServer,
+    **s3: Any,
+) -> tuple[TestClient, str, Any]:
+    """A gateway that keeps one backup and counts usage in Redis, with an older backup
+    planted (the one an upload that landed would prune) and the organization's counter at
+    123: (the client, the older backup's id, the Redis client of the counter)."""
+    settings = s3_settings(endpoint, harness.bucket, versioning="off", **s3)
+    storage = {
+        "backend": "s3",
+        "s3": settings,
+        "usage_counter": {"enabled": True},
+        "retention": {"keep_last": 1, **ONLY_LAST, "uploads_per_minute": 0},
+    }
+    client = await start_gateway(storage, redis={"url": redis_server.url})
+    older = plant_older(harness)
+    usage = redis_server.client(1)
+    usage.set("backup:org_usage:org_c1", "123")
+    return client, older, usage
 
 
-class _FlipByteInPart(FaultProxy):
+class FlipByteIn(FaultProxy):
     """The fault proxy, reading request by request (the head, then exactly Content-Length
-    bytes of body), and flipping one byte in the body of one UploadPart (by its number), as
-    a faulty network or disk between the gateway and the store would."""
+    bytes of body), and flipping one byte in the body of each request whose head `marker`
+    matches (an UploadPart by its number, a PutObject), as a faulty network or disk between
+    the gateway and the store would."""
 
-    def __init__(self, upstream_port: int, part: int) -> None:
+    def __init__(self, upstream_port: int, marker: re.Pattern[bytes]) -> None:
         super().__init__("127.0.0.1", upstream_port)
-        self._marker = re.compile(rb"^PUT [^ ]*[?&]partNumber=%d[& ]" % part)
+        self._marker = marker
         self.flipped = 0
 
     async def _requests(

@@ -4,14 +4,18 @@ backup appears whole, checksum and all. What a failure or a crash leaves under t
 staging prefix is removed, or cleared by a lifecycle rule on it.
 
 With the appliance's digest known before the body (DESIGN.md §12) the body goes straight to
-its final key with its metadata, written once, no staging copy: a multipart upload at the
-final key whose parts each carry their own `x-amz-checksum-sha256` (the store verifies
-each) — up to the threshold one part, streamed, whose checksum is the digest itself —
-completed only once the gateway's sha256 of the whole body equals the digest
-(`_MultipartInPlace`). Never one PutObject at the final key: that is listed from the
-moment it lands, before the gateway has decided what the upload is (a retry answered with
-an earlier backup, a refusal under the system's lock), and a staged upload must not be
-listed until its commit (`StagedBackup`)."""
+its final key with its metadata and the store's own check (`x-amz-checksum-sha256`), written
+once, no staging copy — and never visible before the commit, since a backup at its final
+key is listed from the moment it lands, before the gateway has decided what the upload is
+(a retry answered with an earlier backup, a refusal under the system's lock):
+
+- a small body (up to `HELD_BODY_BYTES`, while the process holds fewer than
+  `HELD_BYTES_PER_PROCESS` of them) is read into memory and hashed; the commit is one
+  PutObject (`_HeldForCommit`). A wrong body never reaches the store.
+- a larger one is a multipart upload at the final key whose parts each carry their own
+  checksum — up to the threshold one part, streamed, whose checksum is the digest itself —
+  completed only once the gateway's sha256 of the whole body equals the digest
+  (`_MultipartInPlace`)."""
 
 from __future__ import annotations
 
@@ -48,6 +52,12 @@ STREAM_CHUNK_BYTES = 1024 * 1024
 # a store's answer to a PUT, a part or a CopyObject may take this long per byte it persists,
 # beyond the read (or operation) timeout
 PERSIST_SECONDS_PER_BYTE = 1 / (20 * 1024**2)
+# A body with a digest up to this size is held in memory until its commit, one PutObject:
+# a multipart upload costs a 1 MB backup two more requests, and the store ~1.5x the CPU.
+HELD_BODY_BYTES = 8 * 1024**2
+# What a process holds at most; beyond it, an upload goes up as a multipart upload instead
+# (streamed, a few MiB in memory): slow bodies never pin memory, only this budget.
+HELD_BYTES_PER_PROCESS = 64 * 1024**2
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
@@ -76,6 +86,7 @@ class Uploads:
         self._signed = signed
         self._require_bucket = require_bucket
         self._delete_key = delete_key  # BackupNotFound when absent
+        self._held = HeldBytes(HELD_BYTES_PER_PROCESS)
 
     async def stage(self, backup: NewBackup, body: UploadBody, final: str) -> StagedBackup:
         """Stream the body to a staging key; `final` is where `commit` copies it. With the
@@ -83,6 +94,9 @@ class Uploads:
         `final` with its metadata and the store's own check, as a multipart upload that
         only the commit completes."""
         if backup.expected_sha256 is not None:
+            small = backup.size <= min(HELD_BODY_BYTES, self._config.multipart_threshold_bytes)
+            if small and self._held.take(backup.size):
+                return await self._held_for_commit(backup, body, final)
             return await self._parts_in_place(backup, body, final)
         staging = f"{self._config.prefix}{STAGING_PREFIX}{secrets.token_hex(16)}"
         digest = hashlib.sha256()
@@ -140,6 +154,49 @@ class Uploads:
             _background(self.remove(staging, upload_id))
             raise _failure(exc, feed.error, step) from None
         return _StagedS3(self, staging, final, backup.info(digest.hexdigest()), backup.uploader_ip)
+
+    async def _held_for_commit(
+        self, backup: NewBackup, body: UploadBody, final: str
+    ) -> StagedBackup:
+        """The whole body read into memory (its size already taken from the budget) and
+        hashed: a sha256 other than the appliance's digest is refused here, before any
+        write. The commit puts it in place (`_HeldForCommit`)."""
+        assert backup.expected_sha256 is not None
+        digest = hashlib.sha256()
+        feed = _Feed(body, digest)
+        step = "head_bucket"
+        try:
+            await self._require_bucket()  # before the body: a missing bucket reads none of it
+            step = "read_body"
+            chunks = [data async for data in feed.chunks(backup.size)]
+        except BaseException as exc:
+            self._held.give_back(backup.size)
+            raise _failure(exc, feed.error, step) from None
+        if digest.hexdigest() != backup.expected_sha256:
+            self._held.give_back(backup.size)
+            raise ChecksumRefused("the body's sha256 differs from the digest")
+        info = backup.info(backup.expected_sha256)
+        return _HeldForCommit(self, final, chunks, info, backup.uploader_ip)
+
+    async def put_in_place(
+        self, final: str, chunks: list[bytes], info: BackupInfo, ip: str
+    ) -> None:
+        """One PutObject at the final key with the metadata and the checksum the store
+        verifies (a store that refuses it: ChecksumRefused, nothing stored)."""
+        checksum = base64.b64encode(bytes.fromhex(info.sha256)).decode()
+        answer = await self._signed.put_stream(
+            final,
+            info.size,
+            _sent(chunks),
+            read_seconds=self._answer_seconds(info.size),
+            headers={**metadata_headers(info, ip), "x-amz-checksum-sha256": checksum},
+        )
+        if checksum_refused(answer):
+            raise ChecksumRefused("the store's sha256 of the body differs")
+        require_ok(answer, "put_object")
+
+    def give_back(self, size: int) -> None:
+        self._held.give_back(size)
 
     async def _parts_in_place(
         self, backup: NewBackup, body: UploadBody, final: str
@@ -410,6 +467,63 @@ class _MultipartInPlace(StagedBackup):
     async def discard(self) -> None:
         upload_id, self._upload_id = self._upload_id, None
         await self._uploads.abort(self._final, upload_id)
+
+
+class HeldBytes:
+    """The bytes of bodies held in memory for their commit, against a budget. Never waited
+    for: an upload that finds the budget spent goes up another way."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self._budget:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+        assert self.held >= 0, "given back twice"
+
+
+class _HeldForCommit(StagedBackup):
+    """A small body in memory, its sha256 equal to the appliance's digest: `commit` puts it
+    at its final key in one PutObject (the backup appears at once, whole), `discard` drops
+    it. Nothing is in the store before the commit."""
+
+    def __init__(
+        self, uploads: Uploads, final: str, chunks: list[bytes], info: BackupInfo, ip: str
+    ) -> None:
+        super().__init__(info)
+        self._uploads = uploads
+        self._final = final
+        self._chunks: list[bytes] | None = chunks
+        self._ip = ip
+
+    async def commit(self) -> None:
+        chunks = self._chunks
+        assert chunks is not None, "committed twice, or after a discard"
+        uploads, final = self._uploads, self._final
+
+        def left_behind(maybe_landed: bool) -> None:
+            if maybe_landed:
+                _background(uploads.remove(final, None))
+
+        try:
+            work = uploads.put_in_place(final, chunks, self.info, self._ip)
+            await _landing("put_object", work, left_behind)
+        finally:
+            self._drop()
+
+    async def discard(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._chunks is not None:
+            self._chunks = None
+            self._uploads.give_back(self.info.size)
 
 
 class _Feed:
