@@ -5,9 +5,11 @@ a symlink, never opens what it stats, and hands its folders over in bounded batc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import uuid
@@ -41,7 +43,7 @@ from storage_backends.local import scan as local_scan
 from storage_backends.s3 import S3Config, create_store
 
 from .conftest import S3Server
-from .support import LocalHarness, S3Harness, make_config, s3_settings, wait_until
+from .support import LocalHarness, S3Harness, eventually, make_config, s3_settings, wait_until
 
 SIDECAR = b'{"filename":"b.tar.gz","sha256":"","mimetype":"application/gzip"}'
 
@@ -447,3 +449,128 @@ async def test_names_no_directory_can_give_are_told_once_not_counted(
     assert [line.split(" names")[0] for line in told] == ["4", "5"]
     assert "('-dash', 'org_a/KEY-\\xe9', 'org_a/kkk" in told[0] and "'org_\\xfc')" in told[0]
     assert "'org_a/KEY 2'" in told[1]
+
+
+def scan_children() -> list[int]:
+    """This process's scan processes still running (by their command line)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat_file:
+                parent = int(stat_file.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except OSError:
+            continue
+        if parent == os.getpid() and b"storage_backends.local.scan_process" in command:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: the walk stays in one")
+async def test_a_large_roots_full_walk_shared_among_processes_counts_what_one_walk_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past SHARED_WALK_FOLDERS system folders, a full walk is read by one process a core,
+    each its share: together exactly the folders, counts, bytes, newest ids and marks of one
+    walk, every folder once, odd names told once; and no process is left behind. A rescan
+    (with marks) stays in the gateway's own thread."""
+    from storage_backends.local.store import SHARED_WALK_FOLDERS
+
+    harness = LocalHarness(tmp_path / "backups", io="inline")
+    base = 1_700_000_000_000
+    folders = SHARED_WALK_FOLDERS + 150
+    for n in range(folders):
+        folder = harness.root / f"org_{n % 37:02d}" / f"KEY-{n:05d}"
+        for b in range(1 + n % 3):
+            put(folder, backup_id(base + n * 10 + b), 10 + n + b)
+    put(harness.root / "org_\u00fc" / "KEY-1", backup_id(base), 10)  # odd: told, not counted
+    wait_until_marks_can_hold(*(p for p in harness.root.glob("org_[0-9]*/KEY-*")))
+    one_walk = sorted(
+        (s.folder.organization_id, s.folder.system_key, s.count, s.total_bytes, s.newest_id, s.mark)
+        for s in summaries(local_scan.walk(harness.root))
+    )
+    assert len(one_walk) == folders
+    assert sum(s[5] is not None for s in one_walk) == folders  # every mark old enough
+    config = make_config(tmp_path, harness.storage())
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    try:
+        shared = []
+        with caplog.at_level(logging.INFO, logger="storage_backends.local.store"):
+            async for batch in store.folder_summaries():
+                shared += [
+                    (f.organization_id, f.system_key, s.count, s.total_bytes, s.newest_id, s.mark)
+                    for s in batch
+                    if isinstance(s, FolderSummary) and (f := s.folder)
+                ]
+        assert sorted(shared) == one_walk  # every folder once, nothing else
+        assert scan_children() == []
+        lines = [r.getMessage() for r in caplog.records]
+        processes = min(len(os.sched_getaffinity(0)), 4)
+        assert f"a full walk of the root shared among {processes} processes" in lines
+        told = [line for line in lines if "names under the root" in line]
+        assert [line.split(" names")[0] for line in told] == ["1"]
+
+        marks = {(s[0], s[1]): s[5] for s in one_walk}
+        items = [
+            item
+            async for batch in store.folder_summaries(lambda org, key: marks.get((org, key)))
+            for item in batch
+        ]
+        assert scan_children() == []
+        assert len(items) == folders and all(isinstance(i, FolderUnchanged) for i in items)
+    finally:
+        await store.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: the walk stays in one")
+async def test_a_scan_process_that_dies_makes_the_thread_walk_the_root_and_leaves_no_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process of a shared walk killed part-way: the other is ended with it, and the walk
+    goes on in the gateway's thread from the start, so the caller still gets every folder
+    (one given twice replaces the first, as the index keeps it), never a partial count
+    taken for the root's."""
+    from storage_backends.local.store import SHARED_WALK_FOLDERS
+
+    harness = LocalHarness(tmp_path / "backups", io="inline")
+    folders = SHARED_WALK_FOLDERS + 150
+    for n in range(folders):
+        put(harness.root / f"org_{n % 37:02d}" / f"KEY-{n:05d}", backup_id(1_700_000_000_000), n)
+    config = make_config(tmp_path, harness.storage())
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    try:
+
+        async def walk() -> dict[SystemFolder, tuple[int, int]]:
+            found = {}
+            async for batch in store.folder_summaries():
+                found.update({s.folder: (s.count, s.total_bytes) for s in summaries([batch])})
+            return found
+
+        with caplog.at_level(logging.WARNING, logger="storage_backends.local.store"):
+            walking = asyncio.ensure_future(walk())
+
+            # both appear before either can have read its share (an interpreter's start
+            # alone takes longer than this wait's poll): stopped at once, one killed
+            def both() -> list[int] | None:
+                found = scan_children()
+                return found if len(found) == 2 else None
+
+            children = await eventually(both, "both scan processes") or []
+            for pid in children:
+                os.kill(pid, signal.SIGSTOP)
+            os.kill(children[0], signal.SIGKILL)
+            os.kill(children[1], signal.SIGCONT)
+            found = await walking
+        assert found == {
+            SystemFolder(f"org_{n % 37:02d}", f"KEY-{n:05d}"): (1, n) for n in range(folders)
+        }
+        assert scan_children() == []
+        warned = [r.getMessage() for r in caplog.records if "shared walk failed" in r.getMessage()]
+        assert len(warned) == 1 and "ended before its walk (status -9)" in warned[0], warned
+    finally:
+        await store.close()

@@ -12,7 +12,9 @@ are enough for it) and which costs as much again as all of find's reading; then 
 few steps a name. So the walk takes no step it can leave out: a system folder's names
 go through the listing's own pass (`fs.stored_backups`: sidecars dropped by their
 suffix before any regex), no stat of a folder of its own (opening it with O_DIRECTORY |
-O_NOFOLLOW refuses anything else), no object kept per backup.
+O_NOFOLLOW refuses anything else), no object kept per backup. That is still twice find's
+time on one core, so a first walk of a large root is shared among processes by a hash of
+the folders' names (`share_of`; scan_process), each sending its summaries `packed`.
 
 A rescan reads only what changed: every summary carries its folder's inode and ctime as
 the walk read them (one fstat of the open folder, before its names), and a folder that
@@ -35,9 +37,12 @@ import fcntl
 import os
 import re
 import stat
+import struct
 import time
+import zlib
 from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..base import FolderMark, FolderSummary, FolderUnchanged, KnownMarks, SystemFolder
 from ..errors import StorageUnavailable
@@ -64,12 +69,18 @@ _RACY_NS = int(RACY_SECONDS * 1e9)
 
 
 def walk(
-    root: Path, known: KnownMarks | None = None, odd: list[str] | None = None
+    root: Path,
+    known: KnownMarks | None = None,
+    odd: list[str] | None = None,
+    share: int = 0,
+    shares: int = 1,
 ) -> Generator[Sequence[FolderSummary | FolderUnchanged], None, None]:
     """Batches of summaries of every system folder holding a backup, in name order; a
     folder still carrying the mark `known` gives it is `FolderUnchanged`, unread. `odd`
     gathers the names met where folders belong that no organization or system can have
-    (hidden names aside): never scanned, so their bytes count nowhere."""
+    (hidden names aside): never scanned, so their bytes count nowhere. With `shares`
+    above 1, only the folders of one share (by a hash of their names) are read: one
+    process's part of a walk in several (scan_process)."""
     odd = [] if odd is None else odd
     root_fd = open_root(root)
     batch: list[FolderSummary | FolderUnchanged] = []
@@ -81,6 +92,8 @@ def walk(
                 continue  # gone, or not a folder: a symlink, a file
             try:
                 for system_key in _folders(org_fd, odd, organization_id + "/"):
+                    if shares > 1 and share_of(organization_id, system_key, shares) != share:
+                        continue
                     folder = SystemFolder(organization_id, system_key)
                     mark = None if known is None else known(organization_id, system_key)
                     if mark is not None and _still_marked(org_fd, system_key, mark):
@@ -102,6 +115,59 @@ def walk(
         os.close(root_fd)
     if batch:
         yield batch
+
+
+def share_of(organization_id: str, system_key: str, shares: int) -> int:
+    return zlib.crc32(f"{organization_id}/{system_key}".encode()) % shares
+
+
+def more_folders_than(root: Path, limit: int) -> bool:
+    """Whether the root holds more than `limit` system folders (names that may be ones,
+    counted until the limit is passed: a small root is listed once, a large one in part)."""
+    root_fd = open_root(root)
+    seen = 0
+    try:
+        for organization_id in _folders(root_fd, [], ""):
+            org_fd = _open_dir(root_fd, organization_id)
+            if org_fd < 0:
+                continue
+            try:
+                seen += len(_folders(org_fd, [], ""))
+            finally:
+                os.close(org_fd)
+            if seen > limit:
+                return True
+    except OSError as exc:
+        raise StorageUnavailable(f"backup root cannot be scanned: {exc.strerror}") from None
+    finally:
+        os.close(root_fd)
+    return False
+
+
+# a shared walk's frames (scan_process): a length, then that many bytes of JSON
+FRAME = struct.Struct("<I")
+# (organization, key, count, bytes, newest id, inode, ctime ns); inode 0: no mark
+Row = tuple[str, str, int, int, str, int, int]
+
+
+def packed(summary: FolderSummary) -> Row:
+    folder, mark = summary.folder, summary.mark
+    inode, changed_ns = (mark.inode, mark.changed_ns) if mark is not None else (0, 0)
+    return (
+        folder.organization_id,
+        folder.system_key,
+        summary.count,
+        summary.total_bytes,
+        summary.newest_id,
+        inode,
+        changed_ns,
+    )
+
+
+def unpacked(row: Row | list[Any]) -> FolderSummary:
+    organization_id, system_key, count, total, newest, inode, changed_ns = row
+    mark = FolderMark(inode, changed_ns) if inode else None
+    return FolderSummary(SystemFolder(organization_id, system_key), count, total, newest, mark)
 
 
 def _folders(parent_fd: int, odd: list[str], under: str) -> list[str]:

@@ -26,10 +26,12 @@ the request a 502.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +94,14 @@ T = TypeVar("T")
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 # the longest one batch of the fleet's walk of the root may take
 SCAN_BATCH_SECONDS = 60.0
+# A full walk of a root of more system folders than this is shared among processes, one a
+# core up to this many: below it, starting them costs more than they save.
+SHARED_WALK_FOLDERS = 2000
+MAX_SCAN_PROCESSES = 4
+# a shared walk's process (scan_process.py, imported by nobody: run as a module's main)
+SCAN_PROCESS = f"{__package__}.scan_process"
+# where storage_backends was imported from: a scan process imports the same code
+_CODE = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -502,9 +512,29 @@ class LocalBackupStore(BackupStore):
         # and must hold up neither a download's open nor a listing. Each batch is bounded
         # (a folder of a million backups is one batch: seconds on a loaded host, so not the
         # operation timeout); a walk stuck on a hung disk ends the scan, which the fleet's
-        # scan age shows.
+        # scan age shows. A full walk of a large root is shared among processes, one a
+        # core (scan_process).
         walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan")
         loop = asyncio.get_running_loop()
+        processes = min(_cores(), MAX_SCAN_PROCESSES)
+        if known is None and processes > 1:
+            try:
+                large = await loop.run_in_executor(
+                    walker, scan.more_folders_than, self._root, SHARED_WALK_FOLDERS
+                )
+            finally:
+                walker.shutdown(wait=False)
+            children = await self._start_scan_processes(processes) if large else []
+            if children:
+                try:
+                    async for shared in self._walk_in_processes(children):
+                        yield shared
+                    return
+                except StorageUnavailable as exc:
+                    # the thread's walk gives every folder again (a summary given twice
+                    # replaces the first); a root that failed fails it too
+                    log.warning("shared walk failed (%s): the root walked in one thread", exc)
+            walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan")
         odd: list[str] = []
         batches = scan.walk(self._root, known, odd)
         try:
@@ -521,6 +551,69 @@ class LocalBackupStore(BackupStore):
         finally:
             walker.submit(batches.close)  # in its thread: never while a batch is read
             walker.shutdown(wait=False)
+
+    async def _start_scan_processes(self, processes: int) -> list[asyncio.subprocess.Process]:
+        """The processes of a shared walk (scan_process), each told its share; none when they
+        cannot be started (the walk then runs in a thread, as a small root's does)."""
+        children: list[asyncio.subprocess.Process] = []
+        python_path = os.pathsep.join(filter(None, (_CODE, os.environ.get("PYTHONPATH"))))
+        try:
+            for share in range(processes):
+                children.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        SCAN_PROCESS,
+                        str(self._root),
+                        str(share),
+                        str(processes),
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.DEVNULL,  # its failures come as frames
+                        env={**os.environ, "PYTHONPATH": python_path},
+                    )
+                )
+        except OSError as exc:
+            log.warning("scan processes not started, the walk runs in one thread: %s", exc)
+            for child in children:
+                child.kill()
+                await child.wait()
+            return []
+        log.info("a full walk of the root shared among %d processes", processes)
+        return children
+
+    async def _walk_in_processes(
+        self, children: list[asyncio.subprocess.Process]
+    ) -> AsyncIterator[Sequence[FolderSummary | FolderUnchanged]]:
+        """A full walk shared among `children`, each reading its share of the folders;
+        batches as they come (not in name order)."""
+        frames: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=2 * len(children))
+        readers = [asyncio.create_task(_frames_of(c, frames)) for c in children]
+        try:
+            done = 0
+            odd: list[str] | None = None
+            while done < len(children):
+                try:
+                    async with asyncio.timeout(max(self._timeout, SCAN_BATCH_SECONDS)):
+                        kind, value = await frames.get()
+                except TimeoutError:
+                    raise StorageUnavailable("a batch of the root's scan timed out") from None
+                if kind == "batch":
+                    yield [scan.unpacked(row) for row in value]
+                elif kind == "done":
+                    done += 1
+                    odd = value if odd is None else odd  # each process met the same names
+                else:
+                    raise StorageUnavailable(value)
+            self._tell_odd_names(odd or [])
+        finally:
+            for reader in readers:
+                reader.cancel()
+            for child in children:
+                if child.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.kill()
+                await child.wait()
 
     def _tell_odd_names(self, odd: list[str]) -> None:
         """A warning when the walk met names no organization or system can have, each time
@@ -595,3 +688,30 @@ def _newest_inline(limit: int, root: Path, folder: SystemFolder, deadline: float
 def _log_failure(job: Any) -> None:
     if not job.cancelled() and job.exception() is not None:
         log.warning("upload leftover sweep failed: %r", job.exception())
+
+
+async def _frames_of(
+    child: asyncio.subprocess.Process, frames: asyncio.Queue[tuple[str, Any]]
+) -> None:
+    """A scan process's frames (scan_process) into `frames`, until its last; a process that
+    ends before its last frame is a failed walk."""
+    stream = child.stdout
+    assert stream is not None
+    while True:
+        try:
+            (size,) = scan.FRAME.unpack(await stream.readexactly(scan.FRAME.size))
+            kind, value = json.loads(await stream.readexactly(size))
+        except asyncio.IncompleteReadError:
+            status = await child.wait()
+            await frames.put(("failed", f"a scan process ended before its walk (status {status})"))
+            return
+        await frames.put((kind, value))
+        if kind != "batch":
+            return
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
