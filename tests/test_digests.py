@@ -3,6 +3,7 @@ a retry within the window is not a second backup. On every backend."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -120,6 +121,33 @@ async def test_a_retry_within_the_window_is_not_a_second_backup(
     assert again[1]["data"] == first[1]["data"]
     await client.app[RETENTION].settled()
     assert backups_of(harness) == sorted([older, first[1]["data"]["id"]])  # nothing pushed out
+
+
+async def test_a_retry_sent_while_the_first_is_still_going_is_not_a_second_backup(
+    start_gateway: StartGateway, harness: Harness
+) -> None:
+    """An appliance that gave up waiting and sent again while its first upload was still
+    going: both bodies arrive side by side, the one that commits first is stored (201), the
+    other finds it under the system's lock and is answered with it (200), storing nothing."""
+    client = await start_gateway({**harness.storage(), "retention": KEEP_EVERYTHING})
+    data = os.urandom(300_000)
+    digest = f"Content-Digest: {digest_of(data)}"
+    head = head_for(len(data), digest, "Content-Type: application/gzip", "Connection: close")
+    connections = [await asyncio.open_connection("127.0.0.1", client.port) for _ in "ab"]
+    for _, writer in connections:
+        writer.write(head + data[:100_000])
+        await writer.drain()
+    for _, writer in connections:  # the rest of both at once
+        writer.write(data[100_000:])
+    await asyncio.gather(*(writer.drain() for _, writer in connections))
+    answers = [envelope_of(await reader.read()) for reader, _ in connections]
+    for _, writer in connections:
+        writer.close()
+    assert sorted(status for status, _ in answers) == [200, 201], answers
+    stored = next(body for status, body in answers if status == 201)
+    repeated = next(body for status, body in answers if status == 200)
+    assert repeated == {"code": 200, "message": "backup already stored", "data": stored["data"]}
+    assert backups_of(harness) == [stored["data"]["id"]]
 
 
 async def test_outside_the_window_the_same_bytes_are_a_new_backup(

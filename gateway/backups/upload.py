@@ -4,10 +4,10 @@ Order: the appliance's credentials (401) → no Content-Encoding (415) → a Con
 (411) → not empty (400) → the per-upload and per-system byte caps (413) → the backups
 kept with it within the system's cap (413) → the system's upload rate (429) → the
 organization's quota (413) → its size reserved → `100 Continue`, when asked for → the
-body, streamed into the store with its sha256 → under the system's lock, the rules applied
-again and the commit → 201 → retention, in the background. Every refusal closes the
-connection after its answer: an unread body is never drained, and a client that waited
-for `100 Continue` never sends it.
+body, streamed into the store with its sha256 → under the system's lock, not a retry of a
+backup stored moments ago (200), the rules applied again and the commit → 201 →
+retention, in the background. Every refusal closes the connection after its answer: an
+unread body is never drained, and a client that waited for `100 Continue` never sends it.
 """
 
 from __future__ import annotations
@@ -288,15 +288,15 @@ async def _store(
         _discard_later(staged)
         raise
     try:
-        if backup.expected_sha256 is not None:
-            if not hmac.compare_digest(staged.info.sha256, backup.expected_sha256):
-                raise ApiError(400, "checksum mismatch")
-            earlier = await _stored_moments_ago(request, backup)
-            if earlier is not None:
-                await _discard_now(request, staged)
-                return earlier, False, False
-        pruning = await _commit_if_room(request, system, staged)
+        expected = backup.expected_sha256
+        if expected is not None and not hmac.compare_digest(staged.info.sha256, expected):
+            raise ApiError(400, "checksum mismatch")
+        pruning = await _commit_if_room(request, system, staged, backup)
         handed_over = True
+    except _Repeats as repeated:
+        await _discard_now(request, staged)
+        handed_over = True
+        return repeated.earlier, False, False
     except _OutcomeUnknown:
         handed_over = True
         raise
@@ -365,16 +365,39 @@ def _discard_later(staged: StagedBackup | None) -> None:
     task.add_done_callback(_DISCARDING.discard)
 
 
+class _Repeats(Exception):
+    """The upload repeats `earlier`, a backup of its system stored moments ago."""
+
+    def __init__(self, earlier: BackupInfo) -> None:
+        super().__init__()
+        self.earlier = earlier
+
+
+async def _unless_repeated(request: web.Request, backup: NewBackup) -> None:
+    """_Repeats when the upload is a retry of a backup stored within the window (only an
+    upload with a digest can be one). Checked under the system's lock, right before the
+    commit: a retry sent while the first upload was still going (an appliance that gave up
+    waiting for the answer) finds the first once it landed, instead of both landing."""
+    if backup.expected_sha256 is None:
+        return
+    earlier = await _stored_moments_ago(request, backup)
+    if earlier is not None:
+        raise _Repeats(earlier)
+
+
 class _OutcomeUnknown(ApiError):
     def __init__(self) -> None:
         super().__init__(504, "upload outcome unknown")
 
 
-async def _commit_if_room(request: web.Request, system: System, staged: StagedBackup) -> bool:
-    """Under the system's lock: the keep rules applied to what is stored now, then the
-    commit; True when the lock went on to the pruning run, with that decision. A lock held
-    elsewhere for longer than an upload should wait does not stop the upload: it is
-    committed after the checks before its body, and the sweep prunes."""
+async def _commit_if_room(
+    request: web.Request, system: System, staged: StagedBackup, backup: NewBackup
+) -> bool:
+    """Under the system's lock: not a retry of a backup stored moments ago (_Repeats), the
+    keep rules applied to what is stored now, then the commit; True when the lock went on
+    to the pruning run, with that decision. A lock held elsewhere for longer than an upload
+    should wait does not stop the upload: it is committed after the checks before its
+    body, and the sweep prunes."""
     app = request.app
     cap = app[CONFIG].storage.retention.max_bytes_per_system
     info = staged.info
@@ -382,6 +405,7 @@ async def _commit_if_room(request: web.Request, system: System, staged: StagedBa
     retention = app[RETENTION]
     try:
         async with app[SYSTEM_LOCKS].hold(folder, wait_seconds=COMMIT_LOCK_WAIT_SECONDS) as lease:
+            await _unless_repeated(request, backup)
             if not cap:
                 await _commit_in_time(request, system, staged)
                 return False
@@ -407,6 +431,7 @@ async def _commit_if_room(request: web.Request, system: System, staged: StagedBa
             "system lock of %s busy: committed after the checks before its body",
             folder.system_key,
         )
+        await _unless_repeated(request, backup)
         await _commit_in_time(request, system, staged)
         return False
 
