@@ -574,3 +574,53 @@ async def test_a_scan_process_that_dies_makes_the_thread_walk_the_root_and_leave
         assert len(warned) == 1 and "ended before its walk (status -9)" in warned[0], warned
     finally:
         await store.close()
+
+
+def blocked_writing(pid: int) -> bool:
+    """The process sleeps in a write to a full pipe (its kernel wait channel says so)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as wchan:
+            return "pipe_write" in wchan.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: the walk stays in one")
+async def test_a_dead_scan_process_behind_a_lagging_consumer_still_ends_the_walk(
+    tmp_path: Path,
+) -> None:
+    """The consumer lags (a busy event loop): the frames queue is full, the readers wait on
+    it, the pipes are paused and both processes sleep writing to them. One dies: the other is
+    killed and reaped — its paused pipe read to its end, or reaping it would wait for ever —
+    and the walk ends in the thread with every folder."""
+    harness = LocalHarness(tmp_path / "backups", io="inline")
+    folders = 20_000  # long names: big frames, more than the queue and pipes hold
+    for n in range(folders):
+        folder = harness.root / f"org_{n % 7}" / (f"KEY-{n:05d}" + "x" * 100)
+        put(folder, backup_id(n), 1, sidecar=False)
+    config = make_config(tmp_path, harness.storage())
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    try:
+        batches = aiter(store.folder_summaries())
+        found = {s.folder for s in summaries([await anext(batches)])}
+        children = scan_children()
+        assert len(children) == 2
+        await eventually(lambda: all(map(blocked_writing, children)), "both blocked on a pipe")
+        os.kill(children[0], signal.SIGKILL)
+
+        def lagging() -> bool:  # until every pipe is full again, or its writer gone
+            return all(
+                blocked_writing(pid) or not os.path.exists(f"/proc/{pid}") for pid in children
+            )
+
+        async def the_rest() -> None:
+            async for batch in batches:
+                found.update(s.folder for s in summaries([batch]))
+                await eventually(lagging, "the pipes full again")
+
+        await asyncio.wait_for(the_rest(), 60)
+        assert len(found) == folders
+        assert scan_children() == []
+    finally:
+        await store.close()

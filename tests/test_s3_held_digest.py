@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import logging
 import os
 import re
+import socket
 import uuid
+from typing import Any
 
 import pytest
 
@@ -178,6 +182,71 @@ async def test_a_put_object_never_answered_is_504_and_what_landed_is_removed(
         lambda: backups_of(s3_harness) == [older], "the landed backup removed", timeout=30
     )
     assert await scrape(client, PRUNES) == 0
+
+
+class _StopsReadingPutObject(FaultProxy):
+    """A store that takes a PutObject's head and then reads no more of it, the connection
+    left open (a stuck server or proxy). The listening socket's small receive buffer (no
+    autotuning once set) keeps the kernel from taking the body in its stead."""
+
+    async def start(self) -> None:
+        listening = socket.socket()
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listening.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._handle, sock=listening, limit=4096)
+        self.port = listening.getsockname()[1]
+
+    async def _requests(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        client: asyncio.StreamWriter,
+        connection: Any,
+    ) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                head = await src.readuntil(b"\r\n\r\n")
+                if PUT_OBJECT.match(head):
+                    await asyncio.Event().wait()  # never another byte of it
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                dst.write(head + await src.readexactly(int(length.group(1)) if length else 0))
+                await dst.drain()
+
+
+async def test_a_store_that_stops_reading_the_put_object_ends_the_commit_in_its_time(
+    start_gateway: StartGateway, s3_harness: S3Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's read timeout starts only once a body is sent: the commit's PutObject is
+    bounded as a whole (the operation time and its answer's), so a stuck store neither
+    keeps the held body nor its share of the budget. 504, then the commit given up (its
+    log line), nothing stored."""
+    relay = _StopsReadingPutObject("127.0.0.1", int(s3_harness.endpoint.rsplit(":", 1)[1]))
+    await relay.start()
+    try:
+        settings = s3_settings(
+            relay.endpoint, s3_harness.bucket, versioning="off", read_timeout_seconds=1
+        )
+        client = await start_gateway(
+            {
+                "backend": "s3",
+                "operation_timeout_seconds": 2.0,
+                "s3": settings,
+                "retention": KEEP_EVERYTHING,
+            }
+        )
+        data = os.urandom(HELD_BODY_BYTES)
+        with caplog.at_level(logging.WARNING, logger="storage_backends.s3.uploads"):
+            resp, body = await upload(client, data, **{"Content-Digest": digest_of(data)})
+            assert (resp.status, body["message"]) == (504, "upload outcome unknown")
+            await eventually(
+                lambda: any(
+                    "put_object of an upload failed" in r.getMessage() for r in caplog.records
+                ),
+                "the commit given up",
+            )
+        assert backups_of(s3_harness) == []
+    finally:
+        await relay.close()
 
 
 # --------------------------------------------------------------------------- the budget

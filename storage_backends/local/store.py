@@ -98,6 +98,8 @@ SCAN_BATCH_SECONDS = 60.0
 # core up to this many: below it, starting them costs more than they save.
 SHARED_WALK_FOLDERS = 2000
 MAX_SCAN_PROCESSES = 4
+# how long a killed scan process may take to end before the walk goes on without it
+SCAN_PROCESS_END_SECONDS = 10.0
 # a shared walk's process (scan_process.py, imported by nobody: run as a module's main)
 SCAN_PROCESS = f"{__package__}.scan_process"
 # where storage_backends was imported from: a scan process imports the same code
@@ -562,6 +564,7 @@ class LocalBackupStore(BackupStore):
                 children.append(
                     await asyncio.create_subprocess_exec(
                         sys.executable,
+                        "-P",  # not the working directory's modules first: the gateway's
                         "-m",
                         SCAN_PROCESS,
                         str(self._root),
@@ -575,10 +578,12 @@ class LocalBackupStore(BackupStore):
                 )
         except OSError as exc:
             log.warning("scan processes not started, the walk runs in one thread: %s", exc)
+            await _ended(children)
+            return []
+        except BaseException:  # cancelled while starting them: none is left running
             for child in children:
                 child.kill()
-                await child.wait()
-            return []
+            raise
         log.info("a full walk of the root shared among %d processes", processes)
         return children
 
@@ -609,11 +614,8 @@ class LocalBackupStore(BackupStore):
         finally:
             for reader in readers:
                 reader.cancel()
-            for child in children:
-                if child.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        child.kill()
-                await child.wait()
+            await asyncio.gather(*readers, return_exceptions=True)
+            await _ended(children)
 
     def _tell_odd_names(self, odd: list[str]) -> None:
         """A warning when the walk met names no organization or system can have, each time
@@ -688,6 +690,25 @@ def _newest_inline(limit: int, root: Path, folder: SystemFolder, deadline: float
 def _log_failure(job: Any) -> None:
     if not job.cancelled() and job.exception() is not None:
         log.warning("upload leftover sweep failed: %r", job.exception())
+
+
+async def _ended(children: list[asyncio.subprocess.Process]) -> None:
+    """Each child killed (if still running) and reaped, its pipe read to its end first: on
+    Python 3.11 `wait()` also waits for the pipe, which a full frame queue left paused and
+    nothing would read again. Bounded: a child stuck in the kernel (a hung disk) is left
+    to the child watcher, with a warning."""
+    for child in children:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+    try:
+        async with asyncio.timeout(SCAN_PROCESS_END_SECONDS):
+            for child in children:
+                await child.communicate()
+    except TimeoutError:
+        log.warning(
+            "a scan process did not end within %.0f s of its kill", SCAN_PROCESS_END_SECONDS
+        )
 
 
 async def _frames_of(

@@ -182,15 +182,18 @@ class Uploads:
         self, final: str, chunks: list[bytes], info: BackupInfo, ip: str
     ) -> None:
         """One PutObject at the final key with the metadata and the checksum the store
-        verifies (a store that refuses it: ChecksumRefused, nothing stored)."""
+        verifies (a store that refuses it: ChecksumRefused, nothing stored). Bounded as a
+        whole: the client's read timeout only starts once the body is sent, and a store that
+        stops reading it would hold the body (and its share of the budget) for ever."""
         checksum = base64.b64encode(bytes.fromhex(info.sha256)).decode()
-        answer = await self._signed.put_stream(
-            final,
-            info.size,
-            _sent(chunks),
-            read_seconds=self._answer_seconds(info.size),
-            headers={**metadata_headers(info, ip), "x-amz-checksum-sha256": checksum},
-        )
+        async with asyncio.timeout(self._timeout + self._answer_seconds(info.size)):
+            answer = await self._signed.put_stream(
+                final,
+                info.size,
+                _sent(chunks),
+                read_seconds=self._answer_seconds(info.size),
+                headers={**metadata_headers(info, ip), "x-amz-checksum-sha256": checksum},
+            )
         if checksum_refused(answer):
             raise ChecksumRefused("the store's sha256 of the body differs")
         require_ok(answer, "put_object")
@@ -501,24 +504,29 @@ class _HeldForCommit(StagedBackup):
         self._final = final
         self._chunks: list[bytes] | None = chunks
         self._ip = ip
+        self._committing = False
 
     async def commit(self) -> None:
         chunks = self._chunks
-        assert chunks is not None, "committed twice, or after a discard"
+        assert chunks is not None and not self._committing, "committed twice, or discarded"
         uploads, final = self._uploads, self._final
 
         def left_behind(maybe_landed: bool) -> None:
             if maybe_landed:
                 _background(uploads.remove(final, None))
 
+        self._committing = True
         try:
             work = uploads.put_in_place(final, chunks, self.info, self._ip)
             await _landing("put_object", work, left_behind)
         finally:
+            self._committing = False
             self._drop()
 
     async def discard(self) -> None:
-        self._drop()
+        # a commit under way still sends the bytes: it gives them back when it ends
+        if not self._committing:
+            self._drop()
 
     def _drop(self) -> None:
         if self._chunks is not None:
