@@ -189,3 +189,30 @@ class FaultProxy:
             sent += len(data)
         with contextlib.suppress(Exception):
             dst.write_eof()
+
+
+class RequestByRequest(FaultProxy):
+    """The fault proxy reading request by request: the head (`head_read` sees it first, and
+    may hold it), then exactly Content-Length bytes of body; `passed` says what goes on."""
+
+    async def head_read(self, head: bytes) -> None:
+        return None
+
+    def passed(self, head: bytes, body: bytes) -> bytes:
+        return head + body
+
+    async def _requests(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        client: asyncio.StreamWriter,
+        connection: _Connection,
+    ) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                head = await src.readuntil(b"\r\n\r\n")
+                await self.head_read(head)
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                body = await src.readexactly(int(length.group(1)) if length else 0)
+                dst.write(self.passed(head, body))
+                await dst.drain()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import os
 import re
@@ -25,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from gateway.backups.retention import RETENTION
 
 from .conftest import S3Server, StartGateway
-from .faultproxy import FaultProxy
+from .faultproxy import FaultProxy, RequestByRequest
 from .servers import RedisServer, SeaweedServer
 from .support import (
     KEEP_EVERYTHING,
@@ -281,9 +280,8 @@ async def pruning_and_counting(
     return client, older, usage
 
 
-class FlipByteIn(FaultProxy):
-    """The fault proxy, reading request by request (the head, then exactly Content-Length
-    bytes of body), and flipping one byte in the body of each request whose head `marker`
+class FlipByteIn(RequestByRequest):
+    """The fault proxy flipping one byte in the body of each request whose head `marker`
     matches (an UploadPart by its number, a PutObject), as a faulty network or disk between
     the gateway and the store would."""
 
@@ -292,22 +290,10 @@ class FlipByteIn(FaultProxy):
         self._marker = marker
         self.flipped = 0
 
-    async def _requests(
-        self,
-        src: asyncio.StreamReader,
-        dst: asyncio.StreamWriter,
-        client: asyncio.StreamWriter,
-        connection: Any,
-    ) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            while True:
-                head = await src.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                body = await src.readexactly(int(length.group(1)) if length else 0)
-                if body and self._marker.search(head):
-                    changed = bytearray(body)
-                    changed[len(body) // 2] ^= 0xFF
-                    body = bytes(changed)
-                    self.flipped += 1
-                dst.write(head + body)
-                await dst.drain()
+    def passed(self, head: bytes, body: bytes) -> bytes:
+        if body and self._marker.search(head):
+            changed = bytearray(body)
+            changed[len(body) // 2] ^= 0xFF
+            body = bytes(changed)
+            self.flipped += 1
+        return head + body
