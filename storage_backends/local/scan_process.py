@@ -7,7 +7,9 @@ independent, so the walk is shared among processes by a hash of each folder's na
 and reads its own share in full. A process, not a thread: the walk is Python code, which
 the interpreter's lock runs one thread at a time.
 
-    python -m storage_backends.local.scan_process ROOT SHARE SHARES
+    python -P -m storage_backends.local.scan_process ROOT SHARE SHARES
+
+(-P: never the working directory's modules, only the gateway's own, on PYTHONPATH.)
 
 It writes frames to stdout, each a 4-byte length (`scan.FRAME`) and a JSON array:
 ["batch", rows] for each batch (`scan.packed` summaries: plain arrays), then ["done", odd
