@@ -519,39 +519,37 @@ class LocalBackupStore(BackupStore):
         walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan")
         loop = asyncio.get_running_loop()
         processes = min(_cores(), MAX_SCAN_PROCESSES)
-        if known is None and processes > 1:
-            try:
+        try:
+            if known is None and processes > 1:
                 large = await loop.run_in_executor(
                     walker, scan.more_folders_than, self._root, SHARED_WALK_FOLDERS
                 )
+                children = await self._start_scan_processes(processes) if large else []
+                if children:
+                    try:
+                        async for shared in self._walk_in_processes(children):
+                            yield shared
+                        return
+                    except StorageUnavailable as exc:
+                        # the thread's walk gives every folder again (a summary given twice
+                        # replaces the first); a root that failed fails it too
+                        log.warning("shared walk failed (%s): the root walked in one thread", exc)
+            odd: list[str] = []
+            batches = scan.walk(self._root, known, odd)
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(max(self._timeout, SCAN_BATCH_SECONDS)):
+                            batch = await loop.run_in_executor(walker, next, batches, None)
+                    except TimeoutError:
+                        raise StorageUnavailable("a batch of the root's scan timed out") from None
+                    if batch is None:
+                        self._tell_odd_names(odd)
+                        return
+                    yield batch
             finally:
-                walker.shutdown(wait=False)
-            children = await self._start_scan_processes(processes) if large else []
-            if children:
-                try:
-                    async for shared in self._walk_in_processes(children):
-                        yield shared
-                    return
-                except StorageUnavailable as exc:
-                    # the thread's walk gives every folder again (a summary given twice
-                    # replaces the first); a root that failed fails it too
-                    log.warning("shared walk failed (%s): the root walked in one thread", exc)
-            walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-scan")
-        odd: list[str] = []
-        batches = scan.walk(self._root, known, odd)
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(max(self._timeout, SCAN_BATCH_SECONDS)):
-                        batch = await loop.run_in_executor(walker, next, batches, None)
-                except TimeoutError:
-                    raise StorageUnavailable("a batch of the root's scan timed out") from None
-                if batch is None:
-                    self._tell_odd_names(odd)
-                    return
-                yield batch
+                walker.submit(batches.close)  # in its thread: never while a batch is read
         finally:
-            walker.submit(batches.close)  # in its thread: never while a batch is read
             walker.shutdown(wait=False)
 
     async def _start_scan_processes(self, processes: int) -> list[asyncio.subprocess.Process]:

@@ -176,7 +176,7 @@ class Uploads:
             self._held.give_back(backup.size)
             raise ChecksumRefused("the body's sha256 differs from the digest")
         info = backup.info(backup.expected_sha256)
-        return _HeldForCommit(self, final, chunks, info, backup.uploader_ip)
+        return _HeldForCommit(self, self._held, final, chunks, info, backup.uploader_ip)
 
     async def put_in_place(
         self, final: str, chunks: list[bytes], info: BackupInfo, ip: str
@@ -197,9 +197,6 @@ class Uploads:
         if checksum_refused(answer):
             raise ChecksumRefused("the store's sha256 of the body differs")
         require_ok(answer, "put_object")
-
-    def give_back(self, size: int) -> None:
-        self._held.give_back(size)
 
     async def _parts_in_place(
         self, backup: NewBackup, body: UploadBody, final: str
@@ -497,41 +494,42 @@ class _HeldForCommit(StagedBackup):
     it. Nothing is in the store before the commit."""
 
     def __init__(
-        self, uploads: Uploads, final: str, chunks: list[bytes], info: BackupInfo, ip: str
+        self,
+        uploads: Uploads,
+        held: HeldBytes,
+        final: str,
+        chunks: list[bytes],
+        info: BackupInfo,
+        ip: str,
     ) -> None:
         super().__init__(info)
         self._uploads = uploads
+        self._held = held
         self._final = final
-        self._chunks: list[bytes] | None = chunks
+        self._chunks: list[bytes] | None = chunks  # None once committing or discarded
         self._ip = ip
-        self._committing = False
 
     async def commit(self) -> None:
-        chunks = self._chunks
-        assert chunks is not None and not self._committing, "committed twice, or discarded"
+        # taken from the object: a discard meanwhile (request cancelled) leaves the budget
+        # to this commit, which still sends the bytes
+        chunks, self._chunks = self._chunks, None
+        assert chunks is not None, "committed twice, or discarded"
         uploads, final = self._uploads, self._final
 
         def left_behind(maybe_landed: bool) -> None:
             if maybe_landed:
                 _background(uploads.remove(final, None))
 
-        self._committing = True
         try:
             work = uploads.put_in_place(final, chunks, self.info, self._ip)
             await _landing("put_object", work, left_behind)
         finally:
-            self._committing = False
-            self._drop()
+            self._held.give_back(self.info.size)
 
     async def discard(self) -> None:
-        # a commit under way still sends the bytes: it gives them back when it ends
-        if not self._committing:
-            self._drop()
-
-    def _drop(self) -> None:
         if self._chunks is not None:
             self._chunks = None
-            self._uploads.give_back(self.info.size)
+            self._held.give_back(self.info.size)
 
 
 class _Feed:
