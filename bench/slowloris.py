@@ -2,7 +2,12 @@
 without and with COUNT reconnecting slow connections, against a gateway process whose open
 files are capped (hard) at 1,024, as a service manager's default.
 
-    .venv/bin/python bench/slowloris.py [DELETES] [COUNT]     # defaults: 300 deletes, 1,100
+    .venv/bin/python bench/slowloris.py [DELETES] [COUNT] [--attacker-core]
+                                                   # defaults: 300 deletes, 1,100
+
+With --attacker-core the attacker runs on the last core alone and the gateway, its I/O
+process and the measuring client on the others, in both phases: the shape of a real
+attack, whose CPU is not the server's. Without it all three share every core.
 
 Each delete is sent on a connection of its own (the case the connection cap decides: a
 kept-alive connection is already in), one after another. Printed: per phase, successes,
@@ -14,6 +19,7 @@ processes share this machine's cores, which the ratio includes.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import statistics
 import sys
@@ -70,7 +76,12 @@ def report(name: str, ok: int, took: list[float]) -> float:
     return p99
 
 
-async def main(count: int, attackers: int) -> None:
+async def main(count: int, attackers: int, attacker_core: bool) -> None:
+    attacker_cpus = None
+    if attacker_core:
+        cores = sorted(os.sched_getaffinity(0))
+        attacker_cpus = {cores[-1]}
+        os.sched_setaffinity(0, set(cores[:-1]))  # the gateway started below inherits it
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         harness = LocalHarness(Path(tmp) / "backups")
@@ -84,7 +95,7 @@ async def main(count: int, attackers: int) -> None:
             url = f"http://127.0.0.1:{port}"
             await deletes(url, ids[:20])  # warm-up, not counted
             calm = report("without attack", *await deletes(url, ids[20:count]))
-            with attacking(port, attackers) as attack:
+            with attacking(port, attackers, attacker_cpus) as attack:
                 loud = report(f"{attackers} attackers", *await deletes(url, ids[count:]))
             print(f"{'':>16}  attackers' connections closed and reopened: {attack.reopened}")
             print(f"{'':>16}  p99 ratio (attack / calm): {loud / calm:.2f}")
@@ -96,5 +107,7 @@ async def main(count: int, attackers: int) -> None:
 
 
 if __name__ == "__main__":
-    args = [int(a) for a in sys.argv[1:3]]
-    asyncio.run(main(*(args + [300, 1100][len(args) :])))
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    args = [int(a) for a in sys.argv[1:] if not a.startswith("--")][:2]
+    count, attackers = args + [300, 1100][len(args) :]
+    asyncio.run(main(count, attackers, "--attacker-core" in flags))

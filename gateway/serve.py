@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .app import create_app
+from .backups.download import OPEN_BACKUPS
 from .config import Config, load_config
 from .directory import DIRECTORY
 from .http.aiohttp_internals import WrappedRunner, listen_again
@@ -23,6 +24,7 @@ from .http.connections import (
     ConnectionGuard,
     QuietLoopErrors,
     connection_cap,
+    descriptor_budget,
     raise_open_files_limit,
 )
 from .telemetry.logs import configure_logging
@@ -45,14 +47,16 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     loop.set_exception_handler(QuietLoopErrors())
     open_files = raise_open_files_limit()
     guard = ConnectionGuard(
-        # each local download holds a backup's descriptor too: those are kept free
-        connection_cap(
-            config.server.max_connections, open_files, config.storage.download.max_open_backups
-        ),
+        connection_cap(config.server.max_connections, open_files),
         config.server.request_head_timeout_seconds,
+        descriptors=descriptor_budget(open_files),
     )
     app = create_app(config)
     guard.export(app[METRICS])
+    if OPEN_BACKUPS in app:
+        # a local download or restore holds a backup's descriptor beside its connection's:
+        # counted in the same budget as it opens
+        app[OPEN_BACKUPS].descriptors = guard
     runner = WrappedRunner(
         app,
         guard.wrap,  # every connection is admitted (or refused) by the guard

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import resource
 import signal
@@ -77,9 +78,10 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def attacking(port: int, count: int) -> Iterator[Outcome]:
+def attacking(port: int, count: int, cpus: set[int] | None = None) -> Iterator[Outcome]:
     """The attack on `port` for the duration of the block, started once every connection
-    has been open once; `reopened` is read when it stops."""
+    has been open once; `reopened` is read when it stops. `cpus`: the only cores it runs
+    on (an attacker elsewhere spends none of the server's)."""
     from .support import OutputWatcher
 
     proc = subprocess.Popen(
@@ -88,6 +90,7 @@ def attacking(port: int, count: int) -> Iterator[Outcome]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
     output = OutputWatcher(proc)
     outcome = Outcome()

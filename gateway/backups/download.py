@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 from aiohttp import web
 
@@ -40,12 +41,21 @@ CONTENT_PATH = "/backups/content/"
 RETRY_AFTER_SECONDS = 5
 
 
+class DescriptorBudget(Protocol):
+    """Where an open backup's descriptor is counted beside the connections'."""
+
+    def take_descriptor(self) -> bool: ...
+
+    def give_descriptor(self) -> None: ...
+
+
 class OpenBackups:
     """How many local downloads hold an open backup: in all, and per organization.
 
     A download that never reads holds its connection's descriptor and its file's until its
     budget runs out; without a bound of their own, 800 of them exhausted 1,024 open files
-    and every other request failed. Beyond either bound a download is refused (503) before
+    and every other request failed. Beyond either bound, or when the process's descriptor
+    budget (shared with its connections) has no room, a download is refused (503) before
     anything is opened."""
 
     def __init__(self, config: DownloadConfig) -> None:
@@ -54,10 +64,16 @@ class OpenBackups:
         self.open = 0
         self.refused = 0
         self._by_org: dict[str, int] = {}
+        # the serving process's descriptor budget, shared with its connections (serve.py);
+        # None where nothing counts connections (an app under test)
+        self.descriptors: DescriptorBudget | None = None
 
     def take(self, organization_id: str) -> bool:
         held = self._by_org.get(organization_id, 0)
         if self.open >= self.limit or held >= self.per_organization:
+            self.refused += 1
+            return False
+        if self.descriptors is not None and not self.descriptors.take_descriptor():
             self.refused += 1
             return False
         self.open += 1
@@ -65,6 +81,8 @@ class OpenBackups:
         return True
 
     def give_back(self, organization_id: str) -> None:
+        if self.descriptors is not None:
+            self.descriptors.give_descriptor()
         self.open -= 1
         held = self._by_org.pop(organization_id) - 1
         if held:

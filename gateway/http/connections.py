@@ -14,9 +14,12 @@ hour. Here every accepted connection is wrapped before aiohttp's protocol sees i
   connection has sent its head (requests in flight) is the new one reset, at once, before
   aiohttp makes a handler or a task for it;
 - the open-files limit is raised to its hard limit at start, and the cap kept below it,
-  less a reserve that absorbs one wake-up's accepts (ACCEPT_BATCH) and
-  the descriptors open backups may hold (`storage.download.max_open_backups`: a
-  download holds its connection's and its file's);
+  less a reserve that absorbs one wake-up's accepts (ACCEPT_BATCH); an open backup (a
+  local download holds its connection's descriptor and its file's) takes its descriptor
+  from the same budget when it opens, closing a connection still waiting for its head
+  if that is what makes room;
+- a connection costs no aiohttp handler, task or timer until its first head is
+  complete: a flood of connections that never send one costs as little as it can;
 - asyncio's "socket.accept() out of system resource" (and any other loop error) is logged
   at most once a second per message, with a count of what was left out: asyncio logs one
   error per failed accept(), up to the listen backlog at every tick.
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 RESERVED_FDS = 128
 ACCEPT_BATCH = 16
 _HEAD_END = b"\r\n\r\n"
+# bytes held before a head is complete; past them aiohttp's parser decides (its limits on
+# a line and a field are 8 and 16 KiB by default)
+HANDOVER_BYTES = 64 * 1024
 
 
 def raise_open_files_limit() -> int:
@@ -59,48 +65,88 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def connection_cap(configured: int, open_files: int, open_backups: int = 0) -> int:
+def descriptor_budget(open_files: int) -> int:
+    """The descriptors connections and open backups may take together: the open-files
+    limit less the reserve."""
+    return max(1, open_files - RESERVED_FDS)
+
+
+def connection_cap(configured: int, open_files: int) -> int:
     """The cap in force: the configured one, kept below the descriptors this process has
-    once the reserve and the `open_backups` that downloads may hold are set aside."""
-    usable = max(1, open_files - RESERVED_FDS - open_backups)
+    once the reserve is set aside (open backups are counted as they open: ConnectionGuard)."""
+    usable = descriptor_budget(open_files)
     if configured > usable:
         log.warning(
-            "server.max_connections %d lowered to %d: the open-files limit is %d, "
-            "of which %d are kept for open backups",
+            "server.max_connections %d lowered to %d: the open-files limit is %d",
             configured,
             usable,
             open_files,
-            open_backups,
         )
         return usable
     return configured
 
 
 class ConnectionGuard:
-    """Counts the open connections of one listening site and wraps each new one."""
+    """Counts the open connections of one listening site and wraps each new one.
 
-    def __init__(self, max_connections: int, head_timeout: float) -> None:
+    Open backups (local downloads) take descriptors from the same budget as connections:
+    each is counted in when opened (`take_descriptor`), so the cap is what is left beside
+    the backups open now, not beside as many as could ever be."""
+
+    def __init__(
+        self, max_connections: int, head_timeout: float, descriptors: int | None = None
+    ) -> None:
         self.max_connections = max_connections
         self.head_timeout = head_timeout
+        # connections and open backups together; the reserve is already set aside
+        self.descriptors = max_connections if descriptors is None else descriptors
         self.open = 0
+        self.backups_open = 0  # descriptors taken by open backups
         self.refused = 0  # reset at accept: over the cap, none to make room
         self.evicted = 0  # aborted to make room: the longest waiting for a request head
         self.head_timeouts = 0  # aborted: no complete request head in time
-        # the admitted connections still without a complete first head, oldest first
-        self._waiting: OrderedDict[GuardedConnection, None] = OrderedDict()
+        # the admitted connections still without a complete first head, oldest first, with
+        # the loop time each was admitted at
+        self._waiting: OrderedDict[GuardedConnection, float] = OrderedDict()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _full(self) -> bool:
+        return (
+            self.open >= self.max_connections or self.open + self.backups_open >= self.descriptors
+        )
+
+    def _make_room(self) -> bool:
+        """Abort the connection that has waited longest for its first head; False: every
+        open connection is past its head (requests in flight), none is aborted."""
+        if not self._waiting:
+            return False
+        oldest, _ = self._waiting.popitem(last=False)
+        self.evicted += 1
+        oldest.close_now()
+        return True
 
     def admit(self, connection: GuardedConnection) -> bool:
         """Count a new connection in, making room if the cap is reached; False: refused."""
-        if self.open >= self.max_connections:
-            if not self._waiting:
-                self.refused += 1
-                return False
-            oldest, _ = self._waiting.popitem(last=False)
-            self.evicted += 1
-            oldest.close_now()
+        if self._full() and not self._make_room():
+            self.refused += 1
+            return False
         self.open += 1
-        self._waiting[connection] = None
+        loop = asyncio.get_running_loop()
+        self._waiting[connection] = loop.time()
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
         return True
+
+    def take_descriptor(self) -> bool:
+        """A backup is about to be opened: count its descriptor in, making room as a new
+        connection would; False: the descriptors are all taken by requests in flight."""
+        if self.open + self.backups_open >= self.descriptors and not self._make_room():
+            return False
+        self.backups_open += 1
+        return True
+
+    def give_descriptor(self) -> None:
+        self.backups_open -= 1
 
     def head_complete(self, connection: GuardedConnection) -> None:
         self._waiting.pop(connection, None)
@@ -108,6 +154,27 @@ class ConnectionGuard:
     def release(self, connection: GuardedConnection) -> None:
         self.open -= 1
         self._waiting.pop(connection, None)
+
+    def _sweep_interval(self) -> float:
+        return min(1.0, self.head_timeout / 4)
+
+    def _sweep(self) -> None:
+        """Abort the connections whose first head is overdue. One timer for all, not one a
+        connection: the waiting are in the order they came, so the overdue are in front,
+        and a flood of reconnections costs no timer to set and cancel each."""
+        self._sweeper = None
+        expired_before = asyncio.get_running_loop().time() - self.head_timeout
+        while self._waiting:
+            oldest, admitted_at = next(iter(self._waiting.items()))
+            if admitted_at > expired_before:
+                break
+            del self._waiting[oldest]
+            self.head_timeouts += 1
+            oldest.close_now()
+        if self._waiting:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self._sweep_interval(), self._sweep
+            )
 
     def export(self, metrics: Metrics) -> None:
         metrics.add_reading(
@@ -139,57 +206,58 @@ class ConnectionGuard:
 
 
 class GuardedConnection(asyncio.Protocol):
-    """Forwards to aiohttp's protocol, made only once the connection is admitted."""
+    """Holds a connection's first bytes until its first request head is complete, then
+    hands the connection and those bytes to aiohttp's protocol, made only then.
 
-    __slots__ = ("_counted", "_factory", "_guard", "_inner", "_tail", "_timer", "_transport")
+    A connection that never completes a head (a slowloris, or one closed to make room) so
+    costs a transport and this object: no aiohttp handler, no task, no keep-alive timer.
+    Past HANDOVER_BYTES without the blank line, aiohttp gets what came: its parser's limits
+    answer an oversized head as before."""
+
+    __slots__ = ("_counted", "_factory", "_guard", "_head", "_inner", "_transport")
 
     def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
         self._factory = factory
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._tail = b""
+        self._head = bytearray()  # the first bytes, while the first head is incomplete
         self._counted = False  # in the guard's count of open connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        guard = self._guard
-        if not guard.admit(self):
+        if not self._guard.admit(self):
             transport.abort()  # a reset: no handler, no task, no buffer
             return
         self._counted = True
         self._transport = transport
-        self._timer = asyncio.get_running_loop().call_later(guard.head_timeout, self._head_expired)
-        self._inner = self._factory()
-        self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._inner is None:
+        if self._inner is not None:
+            self._inner.data_received(data)
             return
-        if self._timer is not None:
-            # Only the blank line that ends the first head is looked for, across reads;
-            # aiohttp parses everything.
-            seen = self._tail + data
-            if _HEAD_END in seen:
-                self._timer.cancel()
-                self._timer = None
-                self._tail = b""
-                self._guard.head_complete(self)
-            else:
-                self._tail = seen[-3:]
-        self._inner.data_received(data)
+        if self._transport is None:
+            return  # closed to make room, or its head overdue: what follows is dropped
+        # only the blank line that ends the first head is looked for; aiohttp parses it all
+        seen_from = max(0, len(self._head) - 3)
+        self._head += data
+        if self._head.find(_HEAD_END, seen_from) >= 0 or len(self._head) > HANDOVER_BYTES:
+            self._guard.head_complete(self)
+            head, self._head = bytes(self._head), bytearray()
+            self._inner = self._factory()
+            self._inner.connection_made(self._transport)
+            self._inner.data_received(head)
 
     def eof_received(self) -> bool | None:
+        # before its head: nothing to answer, the transport closes
         return self._inner.eof_received() if self._inner is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._inner is None:
-            return
         self._release()
-        inner, self._inner = self._inner, None
         self._transport = None
-        inner.connection_lost(exc)
+        if self._inner is not None:
+            inner, self._inner = self._inner, None
+            inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
         if self._inner is not None:
@@ -200,25 +268,17 @@ class GuardedConnection(asyncio.Protocol):
             self._inner.resume_writing()
 
     def close_now(self) -> None:
-        """Abort the connection, out of the count at once (the room is the next one's):
-        aiohttp's protocol hears of it in connection_lost, as of any reset."""
+        """Abort the connection, out of the count at once (the room is the next one's)."""
         self._release()
         if self._transport is not None:
             self._transport.abort()
+            self._transport = None
+            self._head = bytearray()
 
     def _release(self) -> None:
         if self._counted:
             self._counted = False
             self._guard.release(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _head_expired(self) -> None:
-        self._timer = None
-        if self._transport is not None:
-            self._guard.head_timeouts += 1
-            self.close_now()
 
 
 class QuietLoopErrors:
