@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..telemetry.metrics import Metrics
+from .asyncio_internals import drop_read_callback
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,7 @@ class GuardedConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         if not self._guard.admit(self):
             transport.abort()  # a reset: no handler, no task, no buffer
+            drop_read_callback(transport)
             return
         self._counted = True
         self._transport = transport
@@ -254,10 +256,12 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
-        self._transport = None
+        transport, self._transport = self._transport, None
         if self._inner is not None:
             inner, self._inner = self._inner, None
             inner.connection_lost(exc)
+        if transport is not None:
+            drop_read_callback(transport)
 
     def pause_writing(self) -> None:
         if self._inner is not None:
@@ -271,7 +275,8 @@ class GuardedConnection(asyncio.Protocol):
         """Abort the connection, out of the count at once (the room is the next one's)."""
         self._release()
         if self._transport is not None:
-            self._transport.abort()
+            self._transport.abort()  # it stops reading at once
+            drop_read_callback(self._transport)
             self._transport = None
             self._head = bytearray()
 
