@@ -630,12 +630,21 @@ async def iter_body() -> AsyncIterator[bytes]:
 
 async def test_a_malformed_request_is_a_plain_400_and_no_error_traceback(tmp_path: Path) -> None:
     """Hostile input 15: every request aiohttp's parser refused wrote an error traceback."""
-    with gateway_process(tmp_path) as gw:
-        for junk in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n"):
+    # heads are due within a minute: one held until then would time the read out below
+    with gateway_process(tmp_path, request_head_timeout_seconds=60) as gw:
+        for junk in (
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"GET /\x00 HTTP/1.1\r\n\r\n",
+            # heads ended by bare LFs: answered at once, not held until their deadline
+            b"GET /healthz HTTP/1.1\nHost: a\n\n",
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n\n",
+        ):
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             writer.write(junk)
             await writer.drain()
-            assert b" 400 " in await reader.readline()
+            async with asyncio.timeout(10):
+                assert b" 400 " in await reader.readline(), junk
             writer.close()
         output = gw.stop()
     assert '"level":"error"' not in output

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 RESERVED_FDS = 128
 ACCEPT_BATCH = 16
 _HEAD_END = b"\r\n\r\n"
+# a blank line ended with bare LFs: not HTTP/1.1 (aiohttp's parser answers it with a 400),
+# but a head all the same, handed over at once for that answer
+_BARE_HEAD_END = b"\n\n"
 # bytes held before a head is complete; past them aiohttp's parser decides (its limits on
 # a line and a field are 8 and 16 KiB by default)
 HANDOVER_BYTES = 64 * 1024
@@ -243,7 +246,11 @@ class GuardedConnection(asyncio.Protocol):
         # only the blank line that ends the first head is looked for; aiohttp parses it all
         seen_from = max(0, len(self._head) - 3)
         self._head += data
-        if self._head.find(_HEAD_END, seen_from) >= 0 or len(self._head) > HANDOVER_BYTES:
+        if (
+            self._head.find(_HEAD_END, seen_from) >= 0
+            or self._head.find(_BARE_HEAD_END, seen_from) >= 0
+            or len(self._head) > HANDOVER_BYTES
+        ):
             self._guard.head_complete(self)
             head, self._head = bytes(self._head), bytearray()
             self._inner = self._factory()
