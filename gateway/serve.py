@@ -22,6 +22,7 @@ from .directory import DIRECTORY
 from .http.aiohttp_internals import WrappedRunner, listen_again
 from .http.connections import (
     ACCEPT_BATCH,
+    DESCRIPTORS,
     ConnectionGuard,
     QuietLoopErrors,
     connection_cap,
@@ -54,6 +55,7 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     )
     app = create_app(config)
     guard.export(app[METRICS])
+    app[DESCRIPTORS] = guard  # an upload's files are counted there too
     if OPEN_BACKUPS in app:
         # a local download or restore holds a backup's descriptor beside its connection's:
         # counted in the same budget as it opens

@@ -245,6 +245,9 @@ class StoreCapabilities:
     locks_folders: bool = False
     # system_folders lists every system folder that holds anything (sweeps, the fleet)
     lists_folders: bool = False
+    # descriptors an upload holds in this process from its staging to its commit or
+    # discard (the gateway counts them beside its connections')
+    upload_descriptors: int = 0
 
 
 class BackupStore(abc.ABC):

@@ -7,6 +7,7 @@ chunked-trailer smuggling of aiohttp's C parser behind a pooling proxy.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -26,6 +27,7 @@ from gateway.http.connections import QuietLoopErrors
 
 from .slowloris import attacking
 from .support import (
+    APPLIANCE_SECRETS,
     LocalHarness,
     bearer,
     eventually,
@@ -65,15 +67,15 @@ def gateway_process(
     open_files: int | None = None,
     hard_open_files: bool = False,
     log_level: str = "INFO",
+    retention: dict[str, Any] | None = None,
     **server: Any,
 ) -> Iterator[Gateway]:
     """The gateway as a process. Its output is read when it stops: a test that sends more
     than a few dozen requests logs at WARNING, or the pipe fills and the gateway blocks."""
     port = free_port()
     harness = LocalHarness(tmp_path / "backups")
-    config = write_config(
-        tmp_path, port, harness.storage(), server=server, logging={"level": log_level}
-    )
+    storage = {**harness.storage(), **({"retention": retention} if retention else {})}
+    config = write_config(tmp_path, port, storage, server=server, logging={"level": log_level})
     proc = serve_gateway(config, open_files=open_files, hard_open_files=hard_open_files)
     gateway = Gateway(port, harness, proc)
     try:
@@ -354,7 +356,9 @@ SMALL_OPEN_FILES, SMALL_BUDGET = 300, 172
 
 
 @contextlib.asynccontextmanager
-async def small_budget_gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, str, str]]:
+async def small_budget_gateway(
+    tmp_path: Path, retention: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Gateway, str, str]]:
     """A gateway at SMALL_OPEN_FILES (hard), slow connections and idle ones kept a minute,
     holding one backup of org_c1: (the gateway, the backup's id, its download link), once
     no connection but the next is open."""
@@ -362,8 +366,10 @@ async def small_budget_gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, s
         tmp_path,
         open_files=SMALL_OPEN_FILES,
         hard_open_files=True,
+        retention=retention,
         request_head_timeout_seconds=60,
         keepalive_timeout_seconds=60,
+        request_timeout_seconds=120,
     ) as gw:
         backup_id = new_backup_id()
         gw.harness.put(location_for("org_c1", backup_id), b"the backup's bytes")
@@ -427,6 +433,76 @@ async def test_with_every_descriptor_taken_by_requests_a_download_is_503(tmp_pat
     assert metric_value(text, "gateway_open_backups") == 0
     assert metric_value(text, "gateway_connections_evicted_total") == 0
     assert gw.harness.exists(location_for("org_c1", backup_id))
+
+
+def upload_head(size: int) -> bytes:
+    """An appliance's upload of `size` bytes (sys_c1's credentials), head only."""
+    credentials = base64.b64encode(f"KEY-C1:{APPLIANCE_SECRETS['sys_c1']}".encode()).decode()
+    return (
+        f"POST /api/systems/backups HTTP/1.1\r\nHost: a\r\n"
+        f"Authorization: Basic {credentials}\r\nContent-Length: {size}\r\n"
+        f"X-Filename: b.tar.gz\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+
+
+async def test_uploads_count_their_files_beside_the_connections(tmp_path: Path) -> None:
+    """A local upload holds the system's folder and its hidden file open until it ends:
+    uncounted, a fleet uploading at once (or a stolen credential opening slow uploads)
+    took more descriptors than the process had. Now each takes its two from the budget:
+    past it an upload is 503 with Retry-After before its body (no 100 Continue), stores
+    nothing, and another tenant's delete is served."""
+    uploads = SMALL_BUDGET // 3  # each: its connection and two files
+    no_rate = {"uploads_per_minute": 0, "uploads_per_hour": 0}
+    async with small_budget_gateway(tmp_path, retention=no_rate) as (gw, arranged, _):
+        theirs = new_backup_id()
+        gw.harness.put(location_for("org_c2", theirs))
+        folder = gw.harness.root / "org_c1" / "KEY-C1"
+        async with opened(gw.port, uploads) as slow:
+            for reader, writer in slow:
+                writer.write(upload_head(1000))
+                async with asyncio.timeout(10):
+                    assert (await reader.readline()).startswith(b"HTTP/1.1 100")
+                    await reader.readline()
+                writer.write(b"x" * 10)  # and then nothing more
+            # every upload has its hidden file open
+            await asyncio.to_thread(
+                wait_until,
+                lambda: len(list(folder.glob(".upload-*.partial"))) == uploads,
+                f"{uploads} hidden upload files",
+            )
+            # the descriptors left (SMALL_BUDGET - 3 * uploads) are too few for one more
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(upload_head(1000))
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503"), answer[:300]
+            assert b"Retry-After: 5" in head
+            assert b"100 Continue" not in answer
+            assert json.loads(body)["message"] == "too many uploads in progress, retry later"
+            # another tenant is served on a new connection
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+                s.delete(
+                    f"{gw.url}/api/systems/sys_c2/backups/{theirs}",
+                    headers=bearer(token_for("org_c2")),
+                ) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+            assert not gw.harness.exists(location_for("org_c2", theirs))
+        # the slow uploads gave up: nothing of theirs is left, and their descriptors are back
+        await asyncio.to_thread(
+            wait_until,
+            lambda: not list(folder.glob(".upload-*")),
+            "the hidden files of the abandoned uploads removed",
+        )
+        # no backup but the one arranged
+        assert {p.name.split(".")[0] for p in folder.iterdir()} == {arranged.split(".")[0]}
+        async with opened(gw.port, 1) as again:
+            again[0][1].write(upload_head(5))
+            async with asyncio.timeout(10):
+                assert (await again[0][0].readline()).startswith(b"HTTP/1.1 100")
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from typing import Protocol
 
 from aiohttp import web
 
@@ -22,6 +21,7 @@ from storage_backends import BackupLocation
 
 from ..config import CONFIG, DownloadConfig
 from ..directory import DIRECTORY
+from ..http.connections import DescriptorBudget
 from ..http.envelope import envelope
 from ..http.errors import ApiError
 from ..telemetry.metrics import Metrics
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 CONTENT_PATH = "/backups/content/"
 # a slot is usually free again within a slow download's budget; a client retries after this
 RETRY_AFTER_SECONDS = 5
-
-
-class DescriptorBudget(Protocol):
-    """Where an open backup's descriptor is counted beside the connections'."""
-
-    def take_descriptor(self) -> bool: ...
-
-    def give_descriptor(self) -> None: ...
 
 
 class OpenBackups:

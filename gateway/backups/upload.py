@@ -39,6 +39,7 @@ from storage_backends.ids import backup_unix_ms, new_uuid7, upload_extension
 from ..config import CONFIG, Config
 from ..directory import System
 from ..http.aiohttp_internals import requests_queued_behind, send_continue
+from ..http.connections import DESCRIPTORS
 from ..http.envelope import envelope
 from ..http.errors import ApiError, storage_error
 from ..http.middlewares import REQUEST_ID
@@ -104,6 +105,7 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
                 expected = _requested_digest(request)
                 backup = _new_backup(request, system, _checked_size(request), expected)
                 await _admit(request, system, backup, reserved)
+            _hold_descriptors(request, reserved)
             await _continue(request)
             stored, new, pruning = await _store(request, system, backup)
     except TimeoutError:
@@ -130,6 +132,25 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
     response = envelope(error.status, error.message, error.data, error.headers)
     response.force_close()  # whatever of the body is unread stays unread
     return response
+
+
+def _hold_descriptors(request: web.Request, held: contextlib.AsyncExitStack) -> None:
+    """Count the descriptors the store's upload holds (a local one: the folder and the
+    hidden file) beside the connections', until the upload ends; 503 with Retry-After,
+    before the body, when every descriptor the process has is a request's. Without it a
+    fleet uploading at once took more descriptors than the process had, and every
+    request failed."""
+    budget = request.app.get(DESCRIPTORS)
+    wanted = request.app[STORE].capabilities.upload_descriptors
+    if budget is None or not wanted:
+        return
+    taken = 0
+    while taken < wanted and budget.take_descriptor():
+        taken += 1
+    for _ in range(taken):
+        held.callback(budget.give_descriptor)
+    if taken < wanted:
+        raise ApiError(503, "too many uploads in progress, retry later", None, {"Retry-After": "5"})
 
 
 async def _continue(request: web.Request) -> None:

@@ -33,7 +33,9 @@ import resource
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
+
+from aiohttp import web
 
 from ..telemetry.metrics import Metrics
 from .asyncio_internals import drop_read_callback
@@ -88,6 +90,20 @@ def connection_cap(configured: int, open_files: int) -> int:
         )
         return usable
     return configured
+
+
+class DescriptorBudget(Protocol):
+    """Where a descriptor held beside a connection's (an open backup, an upload's files) is
+    counted: take_descriptor may close a connection waiting for its head to make room, and
+    is False when every descriptor is a request's."""
+
+    def take_descriptor(self) -> bool: ...
+
+    def give_descriptor(self) -> None: ...
+
+
+# the serving process's budget (serve.py); absent where nothing counts connections
+DESCRIPTORS = web.AppKey("descriptors", DescriptorBudget)
 
 
 class ConnectionGuard:

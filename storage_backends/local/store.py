@@ -201,6 +201,7 @@ class LocalBackupStore(BackupStore):
         keeps_state=True,
         locks_folders=True,
         lists_folders=True,
+        upload_descriptors=2,  # the system's folder and the hidden file
     )
 
     def __init__(self, config: LocalConfig, operation_timeout: float) -> None:
