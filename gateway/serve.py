@@ -88,6 +88,7 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
         # What start-up made (modules, botocore's models, the app) lives as long as the
         # process: out of the collector's full passes, which otherwise walk it all again
         # (~80,000 objects, ~30 ms) each time connections churn enough to trigger one.
+        gc.collect()  # start-up's own garbage is not kept for good
         gc.freeze()
         for address in runner.addresses:
             host, port = address[0], address[1]
@@ -100,8 +101,10 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
         await stop.wait()
         log.info("shutting down: no new connections, finishing requests in flight")
     finally:
-        # Stops accepting, lets in-flight requests finish (bounded by the grace period),
-        # then runs cleanup_ctx, which closes the storage client.
+        # Connections still without a head are the guard's alone: closed first. Then
+        # aiohttp stops accepting, lets in-flight requests finish (bounded by the grace
+        # period), then runs cleanup_ctx, which closes the storage client.
+        guard.close_waiting()
         await runner.cleanup()
         log.info("stopped")
 

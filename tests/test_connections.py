@@ -516,7 +516,8 @@ async def test_uploads_count_their_files_beside_the_connections(tmp_path: Path) 
 async def test_a_head_sent_in_pieces_is_served(tmp_path: Path, pieces: list[int]) -> None:
     """The head is held until its blank line, then handed to aiohttp whole: a client whose
     head arrives in pieces is answered as one that sent it at once."""
-    with gateway_process(tmp_path) as gw:
+    # a head deadline a busy machine's piece-by-piece waits never reach
+    with gateway_process(tmp_path, request_head_timeout_seconds=60) as gw:
         backup_id = new_backup_id()
         gw.harness.put(location_for("org_c1", backup_id))
         request = (
@@ -552,7 +553,77 @@ def unread_by_server(port: int, writer: asyncio.StreamWriter) -> int:
         local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
         if local == port and remote == ours:
             return int(fields[4].split(":")[1], 16)
-    return 0
+    raise AssertionError(f"no server end for client port {ours} in /proc/net/tcp")
+
+
+# nine headers of 8 KB and no blank line: past the bytes held for a head (64 KiB), and
+# every line within aiohttp's limits, so its parser takes them and waits for more
+LONG_UNFINISHED_HEAD = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"".join(
+    b"X-Pad-%d: " % i + b"a" * 8000 + b"\r\n" for i in range(9)
+)
+
+
+async def test_a_head_handed_over_unfinished_still_has_its_deadline_and_makes_room(
+    tmp_path: Path,
+) -> None:
+    """A head that outgrew the bytes held for it went to aiohttp and counted as a request
+    in flight: four of them at a cap of four kept every new connection out, past their head
+    deadline, for aiohttp's keep-alive time. They still wait for their head: the oldest
+    makes room for a new connection, and the others are closed at their deadline."""
+    with gateway_process(
+        tmp_path,
+        max_connections=4,
+        request_head_timeout_seconds=3,
+        keepalive_timeout_seconds=60,
+    ) as gw:
+        await only_the_asking_connection_is_open(gw)
+        async with opened(gw.port, 4) as held:
+            for _, writer in held:
+                writer.write(LONG_UNFINISHED_HEAD)
+                await writer.drain()
+            await held_open(gw, held)
+            await asyncio.to_thread(
+                wait_until,
+                lambda: all(unread_by_server(gw.port, w) == 0 for _, w in held),
+                "the gateway reading every long head",
+            )
+            _, writer, status = await healthz(gw.port)
+            writer.close()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            assert await closed_by_server(held[0][0], 2 + 8)
+            # the deadline (3 s) closes the rest; the bound is a loaded machine's
+            closed = await asyncio.gather(*(closed_by_server(r, 3 + 8) for r, _ in held[1:]))
+            assert all(closed), closed
+
+
+async def test_at_shutdown_connections_without_a_head_are_closed_at_once(
+    tmp_path: Path,
+) -> None:
+    """aiohttp's shutdown knows only the connections it has a handler for: one still
+    waiting for its head stayed open through the grace period and was served if its head
+    came meanwhile. The guard closes them first."""
+    with gateway_process(
+        tmp_path, request_head_timeout_seconds=60, shutdown_grace_seconds=60
+    ) as gw:
+        backup_id = new_backup_id()
+        gw.harness.put(location_for("org_c1", backup_id), b"x" * (16 << 20))
+        link = await download_link(gw, backup_id)
+        # a download whose client does not read: the shutdown waits for it (up to 60 s)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(f"GET {link} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        async with opened(gw.port, 1) as waiting:
+            waiting[0][1].write(b"GET /healthz HTTP/1.1\r\n")
+            await held_open(gw, waiting)
+            gw.proc.send_signal(signal.SIGTERM)
+            # closed long before the grace period or its head deadline ends
+            assert await closed_by_server(waiting[0][0], 15)
+            assert gw.proc.poll() is None  # still finishing the download
+        writer.close()  # the download's client leaves: the gateway may end
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        assert "shutting down" in gw.stop()
 
 
 async def test_a_head_without_its_blank_line_is_refused_by_the_parser(tmp_path: Path) -> None:
@@ -715,6 +786,8 @@ async def test_a_malformed_request_is_a_plain_400_and_no_error_traceback(tmp_pat
             # heads ended by bare LFs: answered at once, not held until their deadline
             b"GET /healthz HTTP/1.1\nHost: a\n\n",
             b"GET /healthz HTTP/1.1\r\nHost: a\r\n\n",
+            b"GET /healthz HTTP/1.1\nHost: a\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: a\n\r\n",
         ):
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             writer.write(junk)

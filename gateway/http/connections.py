@@ -48,10 +48,10 @@ log = logging.getLogger(__name__)
 # for a second
 RESERVED_FDS = 128
 ACCEPT_BATCH = 16
-_HEAD_END = b"\r\n\r\n"
-# a blank line ended with bare LFs: not HTTP/1.1 (aiohttp's parser answers it with a 400),
-# but a head all the same, handed over at once for that answer
-_BARE_HEAD_END = b"\n\n"
+# The end of a head: CRLF CRLF, or a blank line ended with bare LFs (LF LF, LF CRLF). The
+# second is not HTTP/1.1 (aiohttp's parser answers it with a 400), but a head all the same,
+# handed over at once for that answer. b"\n\r\n" is the end of CRLF CRLF too.
+_HEAD_ENDS = (b"\n\r\n", b"\n\n")
 # bytes held before a head is complete; past them aiohttp's parser decides (its limits on
 # a line and a field are 8 and 16 KiB by default)
 HANDOVER_BYTES = 64 * 1024
@@ -129,6 +129,7 @@ class ConnectionGuard:
         # the loop time each was admitted at
         self._waiting: OrderedDict[GuardedConnection, float] = OrderedDict()
         self._sweeper: asyncio.TimerHandle | None = None
+        self.closing = False  # shutting down: nothing admitted, no head taken up
 
     def _full(self) -> bool:
         return (
@@ -147,7 +148,7 @@ class ConnectionGuard:
 
     def admit(self, connection: GuardedConnection) -> bool:
         """Count a new connection in, making room if the cap is reached; False: refused."""
-        if self._full() and not self._make_room():
+        if self.closing or (self._full() and not self._make_room()):
             self.refused += 1
             return False
         self.open += 1
@@ -157,9 +158,19 @@ class ConnectionGuard:
             self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
         return True
 
+    def close_waiting(self) -> None:
+        """At shutdown, before aiohttp's: the connections still waiting for a head are
+        closed (aiohttp knows nothing of them), none is admitted any more, and a head that
+        completes from now on is not taken up."""
+        self.closing = True
+        while self._waiting:
+            oldest, _ = self._waiting.popitem(last=False)
+            oldest.close_now()
+
     def take_descriptor(self) -> bool:
-        """A backup is about to be opened: count its descriptor in, making room as a new
-        connection would; False: the descriptors are all taken by requests in flight."""
+        """A descriptor is about to be opened beside a connection's (a backup, an upload's
+        file): count it in, making room as a new connection would; False: the descriptors
+        are all taken by requests in flight."""
         if self.open + self.backups_open >= self.descriptors and not self._make_room():
             return False
         self.backups_open += 1
@@ -231,10 +242,11 @@ class GuardedConnection(asyncio.Protocol):
 
     A connection that never completes a head (a slowloris, or one closed to make room) so
     costs a transport and this object: no aiohttp handler, no task, no keep-alive timer.
-    Past HANDOVER_BYTES without the blank line, aiohttp gets what came: its parser's limits
-    answer an oversized head as before."""
+    Past HANDOVER_BYTES without the blank line, aiohttp gets what came (its parser's limits
+    answer an oversized head as before), and the connection goes on waiting for its head
+    as far as the guard is concerned."""
 
-    __slots__ = ("_counted", "_factory", "_guard", "_head", "_inner", "_transport")
+    __slots__ = ("_counted", "_factory", "_guard", "_head", "_head_done", "_inner", "_transport")
 
     def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
@@ -242,6 +254,7 @@ class GuardedConnection(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._head = bytearray()  # the first bytes, while the first head is incomplete
+        self._head_done = False  # its first head's blank line has come
         self._counted = False  # in the guard's count of open connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -254,24 +267,36 @@ class GuardedConnection(asyncio.Protocol):
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.data_received(data)
-            return
         if self._transport is None:
             return  # closed to make room, or its head overdue: what follows is dropped
-        # only the blank line that ends the first head is looked for; aiohttp parses it all
-        seen_from = max(0, len(self._head) - 3)
-        self._head += data
-        if (
-            self._head.find(_HEAD_END, seen_from) >= 0
-            or self._head.find(_BARE_HEAD_END, seen_from) >= 0
-            or len(self._head) > HANDOVER_BYTES
-        ):
-            self._guard.head_complete(self)
-            head, self._head = bytes(self._head), bytearray()
-            self._inner = self._factory()
-            self._inner.connection_made(self._transport)
-            self._inner.data_received(head)
+        if not self._head_done:
+            # only the blank line that ends the first head is looked for; aiohttp parses
+            # it all
+            seen_from = max(0, len(self._head) - 2)
+            self._head += data
+            if any(self._head.find(end, seen_from) >= 0 for end in _HEAD_ENDS):
+                self._head_done = True
+                self._guard.head_complete(self)
+            elif self._inner is not None:
+                del self._head[:-2]  # handed over already: the tail is all the next look needs
+        if self._inner is not None:
+            self._inner.data_received(data)
+        elif self._head_done or len(self._head) > HANDOVER_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """aiohttp's protocol made, given the connection and the bytes held. Past
+        HANDOVER_BYTES without a blank line the connection is handed over still waiting for
+        its head: its deadline and its place among the first to make room stay."""
+        assert self._transport is not None
+        if self._guard.closing:
+            self.close_now()  # shutting down: nothing new is taken up
+            return
+        head = bytes(self._head)
+        self._head = bytearray() if self._head_done else bytearray(head[-2:])
+        self._inner = self._factory()
+        self._inner.connection_made(self._transport)
+        self._inner.data_received(head)
 
     def eof_received(self) -> bool | None:
         # before its head: nothing to answer, the transport closes
