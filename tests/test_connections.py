@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.http.connections import QuietLoopErrors
+from gateway.http.connections import ConnectionGuard, QuietLoopErrors
 
 from .slowloris import attacking
 from .support import (
@@ -452,8 +452,9 @@ async def test_uploads_count_their_files_beside_the_connections(tmp_path: Path) 
     past it an upload is 503 with Retry-After before its body (no 100 Continue), stores
     nothing, and another tenant's delete is served."""
     uploads = SMALL_BUDGET // 3  # each: its connection and two files
-    no_rate = {"uploads_per_minute": 0, "uploads_per_hour": 0}
-    async with small_budget_gateway(tmp_path, retention=no_rate) as (gw, arranged, _):
+    # one upload a minute more than the slow ones: a 503 must not take it
+    rate = {"uploads_per_minute": uploads + 1, "uploads_per_hour": 0}
+    async with small_budget_gateway(tmp_path, retention=rate) as (gw, arranged, _):
         theirs = new_backup_id()
         gw.harness.put(location_for("org_c2", theirs))
         folder = gw.harness.root / "org_c1" / "KEY-C1"
@@ -470,17 +471,22 @@ async def test_uploads_count_their_files_beside_the_connections(tmp_path: Path) 
                 lambda: len(list(folder.glob(".upload-*.partial"))) == uploads,
                 f"{uploads} hidden upload files",
             )
-            # the descriptors left (SMALL_BUDGET - 3 * uploads) are too few for one more
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-            writer.write(upload_head(1000))
-            async with asyncio.timeout(10):
-                answer = await reader.read()
-            writer.close()
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 503"), answer[:300]
-            assert b"Retry-After: 5" in head
-            assert b"100 Continue" not in answer
-            assert json.loads(body)["message"] == "too many uploads in progress, retry later"
+            held = metric_value(await metrics_of(gw), "gateway_descriptors_held")
+            assert held == 2 * uploads
+            # the descriptors left (SMALL_BUDGET - 3 * uploads) are too few for one more,
+            # however often it is asked: the server's 503, never the appliance's 429
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(upload_head(1000))
+                async with asyncio.timeout(10):
+                    answer = await reader.read()
+                writer.close()
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 503"), answer[:300]
+                assert b"Retry-After: 5" in head
+                assert b"100 Continue" not in answer
+                message = json.loads(body)["message"]
+                assert message == "too many uploads in progress, retry later"
             # another tenant is served on a new connection
             async with (
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
@@ -499,6 +505,12 @@ async def test_uploads_count_their_files_beside_the_connections(tmp_path: Path) 
         )
         # no backup but the one arranged
         assert {p.name.split(".")[0] for p in folder.iterdir()} == {arranged.split(".")[0]}
+
+        async def none_held() -> bool:
+            return metric_value(await metrics_of(gw), "gateway_descriptors_held") == 0
+
+        await eventually(none_held, "every upload's descriptors given back")
+        # and the minute's last upload is still the appliance's
         async with opened(gw.port, 1) as again:
             again[0][1].write(upload_head(5))
             async with asyncio.timeout(10):
@@ -563,13 +575,21 @@ LONG_UNFINISHED_HEAD = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"".join(
 )
 
 
-async def test_a_head_handed_over_unfinished_still_has_its_deadline_and_makes_room(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    "unfinished",
+    [LONG_UNFINISHED_HEAD, b"\r\n\r\n\n\nGET /healthz HTTP/1.1\r\nHost: a\r\n"],
+    ids=["past-the-held-bytes", "blank-lines-first"],
+)
+async def test_an_unfinished_head_keeps_its_deadline_and_makes_room(
+    tmp_path: Path, unfinished: bytes
 ) -> None:
-    """A head that outgrew the bytes held for it went to aiohttp and counted as a request
-    in flight: four of them at a cap of four kept every new connection out, past their head
-    deadline, for aiohttp's keep-alive time. They still wait for their head: the oldest
-    makes room for a new connection, and the others are closed at their deadline."""
+    """Two heads were taken as complete when they were not, and handed to aiohttp, which
+    has no head deadline: one that outgrew the 64 KiB held for it, and one after blank
+    lines (which RFC 9112 §2.2 lets a client send before its request line, and aiohttp
+    skips). Counted as requests in flight, four of either at a cap of four kept every new
+    connection out. They still wait for their head: the oldest makes room for a new
+    connection, the others are closed at their deadline, and the same head finished is
+    served."""
     with gateway_process(
         tmp_path,
         max_connections=4,
@@ -579,13 +599,13 @@ async def test_a_head_handed_over_unfinished_still_has_its_deadline_and_makes_ro
         await only_the_asking_connection_is_open(gw)
         async with opened(gw.port, 4) as held:
             for _, writer in held:
-                writer.write(LONG_UNFINISHED_HEAD)
+                writer.write(unfinished)
                 await writer.drain()
             await held_open(gw, held)
             await asyncio.to_thread(
                 wait_until,
                 lambda: all(unread_by_server(gw.port, w) == 0 for _, w in held),
-                "the gateway reading every long head",
+                "the gateway reading every unfinished head",
             )
             _, writer, status = await healthz(gw.port)
             writer.close()
@@ -594,6 +614,36 @@ async def test_a_head_handed_over_unfinished_still_has_its_deadline_and_makes_ro
             # the deadline (3 s) closes the rest; the bound is a loaded machine's
             closed = await asyncio.gather(*(closed_by_server(r, 3 + 8) for r, _ in held[1:]))
             assert all(closed), closed
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(unfinished + b"Connection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200")
+        writer.close()
+
+
+async def test_descriptors_are_taken_all_or_none() -> None:
+    """An upload needs two descriptors: when only one can be made room for, none is taken
+    and no waiting connection is closed for an answer that is a 503 anyway."""
+    guard = ConnectionGuard(10, 60.0, descriptors=10)
+    guard.open = 8  # eight requests in flight
+    # a ninth connection, still without its head
+    ours, theirs = socket.socketpair()
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+        guard.wrap(asyncio.Protocol), ours
+    )
+    try:
+        assert guard.open == 9
+        assert not guard.take_descriptors(3)  # two short, one to close: none closed
+        assert (guard.held, guard.evicted, guard.open) == (0, 0, 9)
+        assert not transport.is_closing()
+        assert guard.take_descriptors(2)  # one short: the waiting connection makes room
+        assert (guard.held, guard.evicted, guard.open) == (2, 1, 8)
+        assert transport.is_closing()
+        guard.give_descriptors(2)
+        assert guard.held == 0
+    finally:
+        transport.abort()
+        theirs.close()
 
 
 async def test_at_shutdown_connections_without_a_head_are_closed_at_once(

@@ -65,7 +65,7 @@ class OpenBackups:
         if self.open >= self.limit or held >= self.per_organization:
             self.refused += 1
             return False
-        if self.descriptors is not None and not self.descriptors.take_descriptor():
+        if self.descriptors is not None and not self.descriptors.take_descriptors(1):
             self.refused += 1
             return False
         self.open += 1
@@ -74,7 +74,7 @@ class OpenBackups:
 
     def give_back(self, organization_id: str) -> None:
         if self.descriptors is not None:
-            self.descriptors.give_descriptor()
+            self.descriptors.give_descriptors(1)
         self.open -= 1
         held = self._by_org.pop(organization_id) - 1
         if held:

@@ -105,7 +105,6 @@ async def upload_backup(request: web.Request) -> web.StreamResponse:
                 expected = _requested_digest(request)
                 backup = _new_backup(request, system, _checked_size(request), expected)
                 await _admit(request, system, backup, reserved)
-            _hold_descriptors(request, reserved)
             await _continue(request)
             stored, new, pruning = await _store(request, system, backup)
     except TimeoutError:
@@ -139,18 +138,16 @@ def _hold_descriptors(request: web.Request, held: contextlib.AsyncExitStack) -> 
     hidden file) beside the connections', until the upload ends; 503 with Retry-After,
     before the body, when every descriptor the process has is a request's. Without it a
     fleet uploading at once took more descriptors than the process had, and every
-    request failed."""
+    request failed. They are given back when the request ends: an upload discarded in the
+    background after it (a client gone, a hung disk) holds its two a moment longer,
+    within the reserve."""
     budget = request.app.get(DESCRIPTORS)
     wanted = request.app[STORE].capabilities.upload_descriptors
     if budget is None or not wanted:
         return
-    taken = 0
-    while taken < wanted and budget.take_descriptor():
-        taken += 1
-    for _ in range(taken):
-        held.callback(budget.give_descriptor)
-    if taken < wanted:
+    if not budget.take_descriptors(wanted):
         raise ApiError(503, "too many uploads in progress, retry later", None, {"Retry-After": "5"})
+    held.callback(budget.give_descriptors, wanted)
 
 
 async def _continue(request: web.Request) -> None:
@@ -215,6 +212,8 @@ async def _admit(
     kept = await kept_now() if cap else 0
     if cap and kept + seen.system_bytes > cap:
         raise ApiError(413, SYSTEM_FULL)
+    # before the rate: a 503 is the server's doing, and must not cost the appliance a slot
+    _hold_descriptors(request, reserved)
     wait = await app[UPLOAD_RATES].admit(folder.system_key)
     if wait is not None:
         raise ApiError(429, "too many uploads", None, {"Retry-After": str(wait)})

@@ -97,9 +97,9 @@ class DescriptorBudget(Protocol):
     counted: take_descriptor may close a connection waiting for its head to make room, and
     is False when every descriptor is a request's."""
 
-    def take_descriptor(self) -> bool: ...
+    def take_descriptors(self, count: int) -> bool: ...
 
-    def give_descriptor(self) -> None: ...
+    def give_descriptors(self, count: int) -> None: ...
 
 
 # the serving process's budget (serve.py); absent where nothing counts connections
@@ -109,9 +109,10 @@ DESCRIPTORS = web.AppKey("descriptors", DescriptorBudget)
 class ConnectionGuard:
     """Counts the open connections of one listening site and wraps each new one.
 
-    Open backups (local downloads) take descriptors from the same budget as connections:
-    each is counted in when opened (`take_descriptor`), so the cap is what is left beside
-    the backups open now, not beside as many as could ever be."""
+    Open backups (local downloads and restores) and local uploads' files take descriptors
+    from the same budget as connections: each is counted in when opened
+    (`take_descriptors`), so the cap is what is left beside those open now, not beside as
+    many as could ever be."""
 
     def __init__(
         self, max_connections: int, head_timeout: float, descriptors: int | None = None
@@ -121,7 +122,7 @@ class ConnectionGuard:
         # connections and open backups together; the reserve is already set aside
         self.descriptors = max_connections if descriptors is None else descriptors
         self.open = 0
-        self.backups_open = 0  # descriptors taken by open backups
+        self.held = 0  # descriptors held beside connections: open backups, uploads' files
         self.refused = 0  # reset at accept: over the cap, none to make room
         self.evicted = 0  # aborted to make room: the longest waiting for a request head
         self.head_timeouts = 0  # aborted: no complete request head in time
@@ -132,9 +133,7 @@ class ConnectionGuard:
         self.closing = False  # shutting down: nothing admitted, no head taken up
 
     def _full(self) -> bool:
-        return (
-            self.open >= self.max_connections or self.open + self.backups_open >= self.descriptors
-        )
+        return self.open >= self.max_connections or self.open + self.held >= self.descriptors
 
     def _make_room(self) -> bool:
         """Abort the connection that has waited longest for its first head; False: every
@@ -167,17 +166,21 @@ class ConnectionGuard:
             oldest, _ = self._waiting.popitem(last=False)
             oldest.close_now()
 
-    def take_descriptor(self) -> bool:
-        """A descriptor is about to be opened beside a connection's (a backup, an upload's
-        file): count it in, making room as a new connection would; False: the descriptors
-        are all taken by requests in flight."""
-        if self.open + self.backups_open >= self.descriptors and not self._make_room():
+    def take_descriptors(self, count: int) -> bool:
+        """`count` descriptors are about to be opened beside a connection's (a backup, an
+        upload's files): count them in, closing as many connections waiting for their head
+        as that needs; False, and nothing closed or taken, when fewer are waiting than
+        that (every other descriptor is a request's)."""
+        short = self.open + self.held + count - self.descriptors
+        if short > len(self._waiting):
             return False
-        self.backups_open += 1
+        for _ in range(max(short, 0)):
+            self._make_room()
+        self.held += count
         return True
 
-    def give_descriptor(self) -> None:
-        self.backups_open -= 1
+    def give_descriptors(self, count: int) -> None:
+        self.held -= count
 
     def head_complete(self, connection: GuardedConnection) -> None:
         self._waiting.pop(connection, None)
@@ -210,6 +213,12 @@ class ConnectionGuard:
     def export(self, metrics: Metrics) -> None:
         metrics.add_reading(
             "gauge", "gateway_connections_open", "Client connections open", lambda: self.open
+        )
+        metrics.add_reading(
+            "gauge",
+            "gateway_descriptors_held",
+            "Descriptors held beside connections: open backups and local uploads' files",
+            lambda: self.held,
         )
         metrics.add_reading(
             "counter",
@@ -246,14 +255,26 @@ class GuardedConnection(asyncio.Protocol):
     answer an oversized head as before), and the connection goes on waiting for its head
     as far as the guard is concerned."""
 
-    __slots__ = ("_counted", "_factory", "_guard", "_head", "_head_done", "_inner", "_transport")
+    __slots__ = (
+        "_counted",
+        "_factory",
+        "_guard",
+        "_head",
+        "_head_done",
+        "_inner",
+        "_scan",
+        "_transport",
+    )
 
     def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
         self._factory = factory
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
-        self._head = bytearray()  # the first bytes, while the first head is incomplete
+        self._head = bytearray()  # the bytes held for aiohttp, until it is made
+        # what is looked at for the blank line: from the first byte that is not part of a
+        # blank line before the request line, then its last two bytes between reads
+        self._scan = bytearray()
         self._head_done = False  # its first head's blank line has come
         self._counted = False  # in the guard's count of open connections
 
@@ -270,19 +291,26 @@ class GuardedConnection(asyncio.Protocol):
         if self._transport is None:
             return  # closed to make room, or its head overdue: what follows is dropped
         if not self._head_done:
-            # only the blank line that ends the first head is looked for; aiohttp parses
-            # it all
-            seen_from = max(0, len(self._head) - 2)
-            self._head += data
-            if any(self._head.find(end, seen_from) >= 0 for end in _HEAD_ENDS):
-                self._head_done = True
-                self._guard.head_complete(self)
-            elif self._inner is not None:
-                del self._head[:-2]  # handed over already: the tail is all the next look needs
+            self._look_for_head_end(data)
         if self._inner is not None:
             self._inner.data_received(data)
-        elif self._head_done or len(self._head) > HANDOVER_BYTES:
+            return
+        self._head += data
+        if self._head_done or len(self._head) > HANDOVER_BYTES:
             self._hand_over()
+
+    def _look_for_head_end(self, data: bytes) -> None:
+        """Only the blank line that ends the first head is looked for; aiohttp parses it
+        all. Blank lines before the request line are skipped (RFC 9112 §2.2, as aiohttp
+        does): they end no head, or a client could send one and then trickle the rest past
+        every deadline."""
+        self._scan += data if self._scan else data.lstrip(b"\r\n")
+        if any(self._scan.find(end) >= 0 for end in _HEAD_ENDS):
+            self._head_done = True
+            self._scan = bytearray()
+            self._guard.head_complete(self)
+        else:
+            del self._scan[:-2]
 
     def _hand_over(self) -> None:
         """aiohttp's protocol made, given the connection and the bytes held. Past
@@ -292,8 +320,7 @@ class GuardedConnection(asyncio.Protocol):
         if self._guard.closing:
             self.close_now()  # shutting down: nothing new is taken up
             return
-        head = bytes(self._head)
-        self._head = bytearray() if self._head_done else bytearray(head[-2:])
+        head, self._head = bytes(self._head), bytearray()
         self._inner = self._factory()
         self._inner.connection_made(self._transport)
         self._inner.data_received(head)
