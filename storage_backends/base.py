@@ -295,6 +295,18 @@ class BackupStore(abc.ABC):
         `describe` then tells about the chosen ones). Errors as `list_backups`."""
         return [BackupEntry(b.id, b.size) for b in await self.list_backups(folder)]
 
+    async def summarize_folder(self, folder: SystemFolder) -> FolderSummary | None:
+        """The system's count, bytes and newest id as a scan gives them (no mark); None when
+        it holds no backup. Errors as `list_backups`.
+
+        This default sums `list_entries` (one listing, no metadata read); a backend that
+        sums where it lists overrides it."""
+        entries = await self.list_entries(folder)
+        if not entries:
+            return None
+        newest = max(e.id for e in entries)
+        return FolderSummary(folder, len(entries), sum(e.size for e in entries), newest)
+
     @abc.abstractmethod
     async def describe(self, location: BackupLocation) -> BackupInfo:
         """One backup's listing entry; BackupNotFound when absent."""

@@ -309,6 +309,17 @@ async def test_folder_summaries_count_each_folders_backups_in_one_pass(
         (folder_of("org_c1"), 2, 42, newer),
         (folder_of("org_c2"), 1, 7, newer),
     ]
+    # one folder at a time, as the fleet index re-reads a folder it changed: the same
+    for folder, count, total, newest in found:
+        one = await store.summarize_folder(folder)
+        assert one is not None
+        assert (one.folder, one.count, one.total_bytes, one.newest_id) == (
+            folder,
+            count,
+            total,
+            newest,
+        )
+    assert await store.summarize_folder(folder_of("org_empty")) is None
 
 
 # --------------------------------------------------------------------------- restore (§10)

@@ -228,20 +228,17 @@ class FleetIndex:
         for _ in range(5):  # a folder changing all the time: the next scan settles it
             self._dirty.discard(key)
             try:
-                # The newest alone, with the folder's count and bytes: the store sums them
-                # where it lists (the I/O process, S3's pages), and this loop decodes one
-                # row, not a row a backup (a delete in a folder of a million would stall
-                # every other request while its listing was decoded here).
-                summary = await self._store.list_newest(folder, 1)
+                # summed by the store where it lists (local: the I/O process), not here
+                summary = await self._store.summarize_folder(folder)
             except StorageError as exc:
                 log.warning("fleet index: %s not re-read: %s", key, exc)
                 return
-            if key in self._dirty or (summary.count and not summary.backups):
-                continue  # changed meanwhile, or its newest went while it was described
-            if summary.backups:
-                newest = summary.backups[0].id
-                total = summary.total_bytes
-                self._entries[key] = _entry(summary.count, total, backup_unix_ms(newest))
+            if key in self._dirty:
+                continue
+            if summary is not None:
+                self._entries[key] = _entry(
+                    summary.count, summary.total_bytes, backup_unix_ms(summary.newest_id)
+                )
             else:
                 self._entries.pop(key, None)
             if self._touched is not None:
