@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import create_app
@@ -226,11 +226,14 @@ async def run_ids(pairs: list[tuple[str, str]]) -> None:
                 resp = await client.delete(
                     URL(path, encoded=True), headers=bearer(token_for("org_owner"))
                 )
-                # a system id "." is a dot segment: yarl removes it, and the request goes to
-                # the appliance's route, /api/systems/backups/{id}, where a bearer token is
-                # no credential (401, nothing done)
-                answers = (400, 403, 404, 405, 200) + ((401,) if system_id == "." else ())
-                assert resp.status in answers, (system_id, backup_id)
+                assert resp.status in (400, 401, 403, 404, 405, 200), (system_id, backup_id)
+                if resp.status == 401:
+                    # Only where dot segments in the system id (".", "/..", "a/..") took the
+                    # request to the appliance's route, /api/systems/backups/{id}: there a
+                    # bearer token is no credential (Basic asked for, nothing done). The
+                    # platform's valid token is never refused on the user's route.
+                    challenge = resp.headers["WWW-Authenticate"]
+                    assert challenge.startswith("Basic "), (system_id, backup_id, challenge)
                 body = await resp.json()
                 assert body["code"] == resp.status
                 after = harness.keys()
@@ -253,5 +256,7 @@ async def run_ids(pairs: list[tuple[str, str]]) -> None:
         max_size=6,
     )
 )
+# dot segments that take the request to the appliance's route (a CI run found "/..")
+@example(pairs=[(".", GOOD), ("/..", GOOD), ("a/..", GOOD)])
 def test_hostile_ids_never_500_and_never_delete_another_key(pairs: list[tuple[str, str]]) -> None:
     asyncio.run(run_ids(pairs))
