@@ -72,8 +72,8 @@ def raise_open_files_limit() -> int:
 
 
 def descriptor_budget(open_files: int) -> int:
-    """The descriptors connections and open backups may take together: the open-files
-    limit less the reserve."""
+    """The descriptors connections, open backups and uploads' files may take together:
+    the open-files limit less the reserve."""
     return max(1, open_files - RESERVED_FDS)
 
 
@@ -94,8 +94,8 @@ def connection_cap(configured: int, open_files: int) -> int:
 
 class DescriptorBudget(Protocol):
     """Where a descriptor held beside a connection's (an open backup, an upload's files) is
-    counted: take_descriptor may close a connection waiting for its head to make room, and
-    is False when every descriptor is a request's."""
+    counted: take_descriptors may close connections waiting for their head to make room, and
+    is False (nothing taken) when every other descriptor is a request's."""
 
     def take_descriptors(self, count: int) -> bool: ...
 
@@ -119,7 +119,7 @@ class ConnectionGuard:
     ) -> None:
         self.max_connections = max_connections
         self.head_timeout = head_timeout
-        # connections and open backups together; the reserve is already set aside
+        # connections, open backups and uploads' files together; the reserve set aside
         self.descriptors = max_connections if descriptors is None else descriptors
         self.open = 0
         self.held = 0  # descriptors held beside connections: open backups, uploads' files
