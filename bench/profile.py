@@ -84,6 +84,7 @@ def main() -> None:
     )
     bench.wait_port(port, server.proc)
     bench.wait_ready(port, server.proc)
+    bench.wait_logged(server.log, "fleet scan done", 1, server.proc)
     target = server.proc.pid
     if args.process == "io":
         [target] = [p for p in bench.process_tree(server.proc.pid) if p != server.proc.pid]

@@ -181,6 +181,21 @@ def wait_ready(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> N
     raise RuntimeError(f"not ready after {timeout}s")
 
 
+def wait_logged(
+    log: Path, text: str, times: int, proc: subprocess.Popen[Any], timeout: float = 60
+) -> None:
+    """Until the server's log holds `text` on `times` lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(FileNotFoundError):
+            if sum(text in line for line in log.read_text().splitlines()) >= times:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{text!r} not logged {times} times within {timeout}s")
+
+
 def peak_rss_mb(pid: int) -> float:
     """The gateway's footprint: the peak RSS (VmHWM) of every process of its tree, summed —
     an upper bound, since the peaks need not coincide."""
@@ -540,7 +555,9 @@ def serve_row(
     try:
         wait_port(port, server.proc)
         wait_ready(port, server.proc)
-        time.sleep(0.5 if workers > 1 else 0)
+        # each worker's first fleet scan over: it and the re-reads of the folders changed
+        # while it ran are a start-up's, once; a row is the gateway in service
+        wait_logged(server.log, "fleet scan done", workers, server.proc)
         token = owner_token(config)
     except BaseException:
         server.stop()

@@ -13,12 +13,12 @@ delete the standing local delete row of bench/run.py (seeded backups of 50 syste
        backup (reading each one's sidecar), then reads the never-verified ones (the
        seeds, 1 KiB each: far below its byte budget, so it verifies as many a second as
        it can). Each row starts once the gateway is settled — the fleet index's start-up
-       scan done and the minute after it over, in which every delete re-reads its
-       folder (DESIGN.md §13) — and, with the verifier, once it has begun reading: the
+       scan done, while which every delete is also re-read from storage once the scan
+       is in (DESIGN.md §13) — and, with the verifier, once it has begun reading: the
        row measures the verifier reading, and the time its listing took is reported.
        /metrics says how many it verified during the row. `--unsettled` starts the load
-       right after start-up instead (the verifier then still lists, and every delete
-       re-reads its folder, on both sides).
+       right after start-up instead (the verifier then still lists, and the fleet scans,
+       on both sides).
 
   .venv/bin/python bench/verify.py                       # both, 3 runs each, warm and cold
   .venv/bin/python bench/verify.py --only read --cache warm --runs 5
@@ -256,7 +256,7 @@ def main() -> int:
     parser.add_argument(
         "--unsettled",
         action="store_true",
-        help="delete rows right after start-up (the verifier still listing, the fleet settling)",
+        help="delete rows right after start-up (the verifier still listing, the fleet scanning)",
     )
     parser.add_argument(
         "--short", action="store_true", help="CI: small and quick; fails on errors, never on speed"

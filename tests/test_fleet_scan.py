@@ -335,15 +335,74 @@ async def test_a_change_of_its_own_makes_the_next_scan_read_the_folder(
             store,
             create_directory(config.directory),
             full_read_seconds=math.inf,
-            settling_seconds=0,
         )
         assert await index.scan()
         assert index.stats("org_c1", "KEY-0") == FolderStats(2, 8, ms + 1)
-        index.removed(SystemFolder("org_c1", "KEY-0"), older.backup_id, 5)
+        folder = SystemFolder("org_c1", "KEY-0")
+        index.removed(folder, older.backup_id, 5, index.ticket())
         assert index.stats("org_c1", "KEY-0") == FolderStats(1, 3, ms + 1)
+        assert index.folder_rereads == 0
         assert await index.scan()
         assert index.stats("org_c1", "KEY-0") == FolderStats(2, 8, ms + 1)
         assert harness.exists(older) and harness.exists(newer)
+    finally:
+        await store.close()
+
+
+async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(
+    tmp_path: Path, directory_file: Path
+) -> None:
+    """A delete that began before a scan and is told after it: what the scan read may or
+    may not show it gone, so the folder is listed again; a delete that began after is
+    applied as it is, with no listing (the steady stream of deletes costs none each)."""
+    harness = LocalHarness(tmp_path / "backups")
+    ms = int(time.time() * 1000) - 86_400_000
+    places = [BackupLocation("org_c1", "KEY-0", backup_id(ms + i)) for i in range(6)]
+    for place in places:
+        harness.put(place, b"12345")
+    config = make_config(tmp_path, harness.storage(io="inline"))
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    folder = SystemFolder("org_c1", "KEY-0")
+    try:
+        index = FleetIndex(
+            config.fleet, store, create_directory(config.directory), full_read_seconds=0
+        )
+        assert await index.scan()
+        assert index.stats("org_c1", "KEY-0") == FolderStats(6, 30, ms + 5)
+
+        # after the scan: applied as told, no listing
+        ticket = index.ticket()
+        await store.delete(places[0])
+        index.removed(folder, places[0].backup_id, 5, ticket)
+        assert index.stats("org_c1", "KEY-0") == FolderStats(5, 25, ms + 5)
+        assert index.folder_rereads == 0
+
+        # begun before a scan that already saw it gone: counted once, not twice
+        ticket = index.ticket()
+        await store.delete(places[1])
+        assert await index.scan()
+        index.removed(folder, places[1].backup_id, 5, ticket)
+        await eventually(lambda: index.folder_rereads == 1, "the folder listed again")
+        assert index.stats("org_c1", "KEY-0") == FolderStats(4, 20, ms + 5)
+
+        # begun before a re-read of its folder (another delete's, of the newest) landed:
+        # applied as told, though the listing showed it gone already; no listing again
+        # (under a steady stream of deletes that would list the folder for ever), and the
+        # next scan reads the folder, whose mark the change dropped
+        ticket = index.ticket()
+        await store.delete(places[2])
+        newest_ticket = index.ticket()
+        await store.delete(places[5])
+        index.removed(folder, places[5].backup_id, 5, newest_ticket)
+        await eventually(lambda: index.folder_rereads == 2, "the newest's folder listed")
+        assert index.stats("org_c1", "KEY-0") == FolderStats(2, 10, ms + 4)
+        index.removed(folder, places[2].backup_id, 5, ticket)
+        assert index.stats("org_c1", "KEY-0") == FolderStats(1, 5, ms + 4)
+        assert await index.scan()
+        assert index.stats("org_c1", "KEY-0") == FolderStats(2, 10, ms + 4)
+        assert index.folder_rereads == 2
+        assert [harness.exists(p) for p in places] == [False] * 3 + [True] * 2 + [False]
     finally:
         await store.close()
 

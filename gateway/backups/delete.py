@@ -15,7 +15,7 @@ from .audit import record_delete
 from .authorization import authorized_system
 from .params import requested_backup_id
 from .storage import STORE, run_storage
-from .storage_changes import backup_deleted
+from .storage_changes import backup_deleted, delete_begins
 from .system_lock import system_changes
 from .usage import USAGE_COUNTER
 
@@ -26,15 +26,17 @@ async def delete_unless_protected(request: web.Request, location: BackupLocation
     meanwhile is never deleted through."""
     store = request.app[STORE]
     if not store.capabilities.keeps_state:
+        ticket = delete_begins(request.app, location)
         await _delete(request, location)
-        return backup_deleted(request.app, location, None)
+        return backup_deleted(request.app, location, None, ticket)
     folder = SystemFolder(location.organization_id, location.system_key)
     async with system_changes(request, folder, shared=True):  # deletes go side by side
         info = await run_storage(request, "describe", store.describe, location, "delete backup")
         if info.protected:
             raise ApiError(409, "backup is protected")
+        ticket = delete_begins(request.app, location)
         await _delete(request, location)
-    backup_deleted(request.app, location, info.size)
+    backup_deleted(request.app, location, info.size, ticket)
 
 
 async def delete_counted(request: web.Request, location: BackupLocation) -> None:

@@ -263,6 +263,7 @@ class Retention:
     ) -> None:
         if not await lease.still_held():
             raise _LostLock(folder.system_key)
+        ticket = None if self._fleet is None else self._fleet.ticket()
         try:
             await self._store.delete(folder.location(info.id))
         except BackupNotFound:
@@ -272,8 +273,8 @@ class Retention:
             raise
         self.prunes += 1
         _audit_prune(cause, folder, info, "backup pruned")
-        if self._fleet is not None:
-            self._fleet.removed(folder, info.id, info.size)
+        if self._fleet is not None and ticket is not None:
+            self._fleet.removed(folder, info.id, info.size, ticket)
         if self._pruned is not None:
             self._pruned(folder.organization_id)
 

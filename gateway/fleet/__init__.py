@@ -6,12 +6,13 @@ their purge (`orphans`). The routes that show them live with the other routes
 `gateway.telemetry`, `gateway.directory` and `storage_backends`.
 """
 
-from .index import FLEET, STATES, FleetIndex, FolderStats
+from .index import FLEET, STATES, ChangeTicket, FleetIndex, FolderStats
 from .orphans import Orphan, PurgeOutcome, find_orphans, purge_orphans
 
 __all__ = [
     "FLEET",
     "STATES",
+    "ChangeTicket",
     "FleetIndex",
     "FolderStats",
     "Orphan",

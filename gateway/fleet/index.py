@@ -8,11 +8,16 @@ process keeps its own index from the same storage: another process's changes sho
 next scan.
 
 A scan reads a folder at some moment of its run, so a change made meanwhile may or may not
-be in what it read. Every change during a scan (or soon after one: a store operation may
-have begun before the scan read its folder and end after the scan was swapped in) is
-applied to the index in service and re-read from storage once the scan is in: the
-folder's listing (names and sizes only) settles it, and a change during that listing
-reads it again.
+be in what it read. Every change during a scan is applied to the index in service and
+re-read from storage once the scan is in: the folder's listing (names and sizes only)
+settles it, and a change during that listing reads it again. A delete takes a ticket
+(`ticket`) before it asks the store: told with the change, it says whether a scan was
+swapped in since the delete began, which may or may not have seen it; only then is the
+folder read again. Any other delete is applied as it is: deletes in a steady stream cost
+no listing each. (A delete that began before a re-read of its folder and is told after
+it may be counted twice; a re-read does not make it re-read again, which under a steady
+stream of deletes would re-read the folder for ever. Its mark is dropped, so the next
+scan reads the folder and settles it.)
 
 A scan after the first reads only the folders that changed: the index keeps each folder's
 change mark (local: its inode and ctime) as the scan read it, and the store answers
@@ -40,6 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NewType
 
 from aiohttp import web
 
@@ -59,9 +65,6 @@ from ..telemetry.metrics import Metrics
 log = logging.getLogger(__name__)
 
 STATES = ("fresh", "stale", "never")
-# how long after a scan is swapped in a change is still re-read: longer than any one store
-# operation (bounded by storage.operation_timeout_seconds) may take
-_SETTLING_SECONDS = 60.0
 # every folder read in full at least this often: a change its mark cannot show (a file
 # rewritten in place, a clock stepped back) lasts a day at most
 _FULL_READ_SECONDS = 86400.0
@@ -102,6 +105,11 @@ def folder_key(organization_id: str, system_key: str) -> str:
     return f"{organization_id}/{system_key}"
 
 
+# the scans swapped in when a delete began: a delete told after another was swapped in
+# may be in what it read
+ChangeTicket = NewType("ChangeTicket", int)
+
+
 class FleetIndex:
     def __init__(
         self,
@@ -110,10 +118,8 @@ class FleetIndex:
         directory: Directory,
         clock: Callable[[], float] = time.time,
         full_read_seconds: float = _FULL_READ_SECONDS,
-        settling_seconds: float = _SETTLING_SECONDS,
     ) -> None:
         self._store = store
-        self._settling_seconds = settling_seconds
         # the scans a day's full read is spread over (inf: never after the first scan)
         self._full_read_seconds = full_read_seconds
         self._slices = (
@@ -131,7 +137,7 @@ class FleetIndex:
         self._entries: dict[str, _Entry] = {}
         self._scanned_at: float | None = None  # when the last scan that ended had started
         self._touched: set[str] | None = None  # folders changed while a scan runs
-        self._settled_after = 0.0  # monotonic: changes before it need no re-read
+        self._swapped = 0  # scans swapped in: a ticket from before one is stale
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # changed while their re-read was in flight
         self._scanner: asyncio.Task[None] | None = None
@@ -139,6 +145,7 @@ class FleetIndex:
         self._live_folders: tuple[str, ...] = ()
         self._orphaned_bytes = 0
         self.scans: Counter[str] = Counter()
+        self.folder_rereads = 0  # a folder's listing read into the index between scans
         self._started = clock()
 
     # ------------------------------------------------------------------ reading
@@ -193,7 +200,13 @@ class FleetIndex:
             self._entries[key] = _entry(count, total, newest)
             self._changed(key, settle=True)
 
-    def removed(self, folder: SystemFolder, backup_id: str, size: int | None) -> None:
+    def ticket(self) -> ChangeTicket:
+        """Taken before a delete asks the store, and told with it (`removed`)."""
+        return ChangeTicket(self._swapped)
+
+    def removed(
+        self, folder: SystemFolder, backup_id: str, size: int | None, ticket: ChangeTicket
+    ) -> None:
         """A backup was deleted or pruned; `size` None when the caller did not know it."""
         key = folder_key(folder.organization_id, folder.system_key)
         entry = self._entries.get(key)
@@ -204,14 +217,17 @@ class FleetIndex:
             del self._entries[key]  # whether anything is left, storage says
             return self._changed(key, settle=True)
         self._entries[key] = _entry(count - 1, max(total - (size or 0), 0), newest)
-        # the newest went (which one is newest now, storage says), or its size is unknown
-        self._changed(key, settle=size is None or backup_unix_ms(backup_id) >= newest)
+        # a scan since the delete began (it may have seen the backup gone already), the
+        # newest went (which one is newest now, storage says), or its size is unknown
+        scanned_since = ticket != self._swapped
+        newest_went = backup_unix_ms(backup_id) >= newest
+        self._changed(key, settle=scanned_since or newest_went or size is None)
 
     def _changed(self, key: str, settle: bool) -> None:
         if self._touched is not None:
             self._touched.add(key)  # re-read once the scan is in
             return
-        if settle or time.monotonic() < self._settled_after or key in self._refreshing:
+        if settle or key in self._refreshing:
             self._reread_soon(key)
 
     def _reread_soon(self, key: str) -> None:
@@ -225,7 +241,10 @@ class FleetIndex:
     async def _reread(self, key: str) -> None:
         organization_id, _, system_key = key.partition("/")
         folder = SystemFolder(organization_id, system_key)
-        for _ in range(5):  # a folder changing all the time: the next scan settles it
+        # once more if it changed while listed; a folder changing all the time is not
+        # listed again and again (each listing would meet changes too): its mark is
+        # dropped, and the next scan settles it
+        for _ in range(2):
             self._dirty.discard(key)
             try:
                 # summed by the store where it lists (local: the I/O process), not here
@@ -241,6 +260,7 @@ class FleetIndex:
                 )
             else:
                 self._entries.pop(key, None)
+            self.folder_rereads += 1
             if self._touched is not None:
                 self._touched.add(key)
             return
@@ -289,7 +309,7 @@ class FleetIndex:
                 scanned[key] = entry
         self._entries = scanned
         self._scanned_at = started
-        self._settled_after = time.monotonic() + self._settling_seconds
+        self._swapped += 1
         if full:
             self._slice_read_at = [began] * self._slices
         else:
@@ -423,6 +443,12 @@ class FleetIndex:
             "Scans of storage by outcome: done, failed",
             "outcome",
             lambda: dict(self.scans),
+        )
+        metrics.add_reading(
+            "counter",
+            "gateway_fleet_folder_rereads",
+            "Folders listed again between scans to settle a change the index could not apply",
+            lambda: self.folder_rereads,
         )
 
 
