@@ -366,7 +366,11 @@ async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(
     folder = SystemFolder("org_c1", "KEY-0")
     try:
         index = FleetIndex(
-            config.fleet, store, create_directory(config.directory), full_read_seconds=0
+            config.fleet,
+            store,
+            create_directory(config.directory),
+            full_read_seconds=0,
+            reread_delay_seconds=0,
         )
         assert await index.scan()
         assert index.stats("org_c1", "KEY-0") == FolderStats(6, 30, ms + 5)
@@ -403,6 +407,45 @@ async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(
         assert index.stats("org_c1", "KEY-0") == FolderStats(2, 10, ms + 4)
         assert index.folder_rereads == 2
         assert [harness.exists(p) for p in places] == [False] * 3 + [True] * 2 + [False]
+    finally:
+        await store.close()
+
+
+async def test_a_burst_of_deletes_of_the_newest_costs_one_listing(
+    tmp_path: Path, directory_file: Path
+) -> None:
+    """A newest-first cleanup: each delete takes the newest, which only a listing can
+    replace. Count and bytes follow each delete at once; the newest's time follows one
+    listing after the burst, not one listing a delete."""
+    harness = LocalHarness(tmp_path / "backups")
+    ms = int(time.time() * 1000) - 86_400_000
+    places = [BackupLocation("org_c1", "KEY-0", backup_id(ms + i)) for i in range(8)]
+    for place in places:
+        harness.put(place, b"12345")
+    config = make_config(tmp_path, harness.storage(io="inline"))
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    folder = SystemFolder("org_c1", "KEY-0")
+    try:
+        index = FleetIndex(
+            config.fleet,
+            store,
+            create_directory(config.directory),
+            full_read_seconds=0,
+            reread_delay_seconds=0.5,
+        )
+        assert await index.scan()
+        for done, place in enumerate(reversed(places[2:]), start=1):
+            ticket = index.ticket()
+            await store.delete(place)
+            index.removed(folder, place.backup_id, 5, ticket)
+            stats = index.stats("org_c1", "KEY-0")
+            assert stats is not None and (stats.backups, stats.bytes) == (8 - done, 5 * (8 - done))
+        await eventually(
+            lambda: index.stats("org_c1", "KEY-0") == FolderStats(2, 10, ms + 1),
+            "the newest's time after the burst",
+        )
+        assert index.folder_rereads == 1
     finally:
         await store.close()
 

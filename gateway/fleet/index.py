@@ -65,6 +65,10 @@ from ..telemetry.metrics import Metrics
 log = logging.getLogger(__name__)
 
 STATES = ("fresh", "stale", "never")
+# how long a folder's re-read waits, so that a stream of changes to it (a newest-first
+# cleanup deletes the newest each time) costs one listing, not one a change; meanwhile
+# count and bytes are the change's, only the newest backup's time may lag
+_REREAD_DELAY_SECONDS = 5.0
 # every folder read in full at least this often: a change its mark cannot show (a file
 # rewritten in place, a clock stepped back) lasts a day at most
 _FULL_READ_SECONDS = 86400.0
@@ -118,8 +122,10 @@ class FleetIndex:
         directory: Directory,
         clock: Callable[[], float] = time.time,
         full_read_seconds: float = _FULL_READ_SECONDS,
+        reread_delay_seconds: float = _REREAD_DELAY_SECONDS,
     ) -> None:
         self._store = store
+        self._reread_delay = reread_delay_seconds
         # the scans a day's full read is spread over (inf: never after the first scan)
         self._full_read_seconds = full_read_seconds
         self._slices = (
@@ -245,6 +251,7 @@ class FleetIndex:
         # listed again and again (each listing would meet changes too): its mark is
         # dropped, and the next scan settles it
         for _ in range(2):
+            await asyncio.sleep(self._reread_delay)  # changes meanwhile: this one listing
             self._dirty.discard(key)
             try:
                 # summed by the store where it lists (local: the I/O process), not here
