@@ -6,6 +6,7 @@ a symlink, never opens what it stats, and hands its folders over in bounded batc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -25,6 +26,7 @@ from gateway.fleet import FleetIndex
 from gateway.fleet.index import FolderStats
 from storage_backends import (
     BackupLocation,
+    BackupStore,
     FolderMark,
     FolderSummary,
     FolderUnchanged,
@@ -349,36 +351,49 @@ async def test_a_change_of_its_own_makes_the_next_scan_read_the_folder(
         await store.close()
 
 
-async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(
-    tmp_path: Path, directory_file: Path
-) -> None:
-    """A delete that began before a scan and is told after it: what the scan read may or
-    may not show it gone, so the folder is listed again; a delete that began after is
-    applied as it is, with no listing (the steady stream of deletes costs none each)."""
+FOLDER = SystemFolder("org_c1", "KEY-0")
+
+
+@contextlib.asynccontextmanager
+async def folder_of_five_byte_backups(
+    tmp_path: Path, count: int, reread_delay_seconds: float
+) -> AsyncIterator[tuple[LocalHarness, BackupStore, FleetIndex, list[BackupLocation], int]]:
+    """`count` backups of 5 bytes in FOLDER, one millisecond apart from `ms` a day ago, and
+    an index of them (every scan a full read) on a started local store."""
     harness = LocalHarness(tmp_path / "backups")
     ms = int(time.time() * 1000) - 86_400_000
-    places = [BackupLocation("org_c1", "KEY-0", backup_id(ms + i)) for i in range(6)]
+    places = [BackupLocation("org_c1", "KEY-0", backup_id(ms + i)) for i in range(count)]
     for place in places:
         harness.put(place, b"12345")
     config = make_config(tmp_path, harness.storage(io="inline"))
     store = storage_backends.create_store(config.storage)
     await store.start()
-    folder = SystemFolder("org_c1", "KEY-0")
     try:
         index = FleetIndex(
             config.fleet,
             store,
             create_directory(config.directory),
             full_read_seconds=0,
-            reread_delay_seconds=0,
+            reread_delay_seconds=reread_delay_seconds,
         )
         assert await index.scan()
-        assert index.stats("org_c1", "KEY-0") == FolderStats(6, 30, ms + 5)
+        assert index.stats("org_c1", "KEY-0") == FolderStats(count, 5 * count, ms + count - 1)
+        yield harness, store, index, places, ms
+    finally:
+        await store.close()
 
+
+async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(
+    tmp_path: Path, directory_file: Path
+) -> None:
+    """A delete that began before a scan and is told after it: what the scan read may or
+    may not show it gone, so the folder is listed again; a delete that began after is
+    applied as it is, with no listing (the steady stream of deletes costs none each)."""
+    async with folder_of_five_byte_backups(tmp_path, 6, 0) as (harness, store, index, places, ms):
         # after the scan: applied as told, no listing
         ticket = index.ticket()
         await store.delete(places[0])
-        index.removed(folder, places[0].backup_id, 5, ticket)
+        index.removed(FOLDER, places[0].backup_id, 5, ticket)
         assert index.stats("org_c1", "KEY-0") == FolderStats(5, 25, ms + 5)
         assert index.folder_rereads == 0
 
@@ -386,7 +401,7 @@ async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(
         ticket = index.ticket()
         await store.delete(places[1])
         assert await index.scan()
-        index.removed(folder, places[1].backup_id, 5, ticket)
+        index.removed(FOLDER, places[1].backup_id, 5, ticket)
         await eventually(lambda: index.folder_rereads == 1, "the folder listed again")
         assert index.stats("org_c1", "KEY-0") == FolderStats(4, 20, ms + 5)
 
@@ -398,17 +413,15 @@ async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(
         await store.delete(places[2])
         newest_ticket = index.ticket()
         await store.delete(places[5])
-        index.removed(folder, places[5].backup_id, 5, newest_ticket)
+        index.removed(FOLDER, places[5].backup_id, 5, newest_ticket)
         await eventually(lambda: index.folder_rereads == 2, "the newest's folder listed")
         assert index.stats("org_c1", "KEY-0") == FolderStats(2, 10, ms + 4)
-        index.removed(folder, places[2].backup_id, 5, ticket)
+        index.removed(FOLDER, places[2].backup_id, 5, ticket)
         assert index.stats("org_c1", "KEY-0") == FolderStats(1, 5, ms + 4)
         assert await index.scan()
         assert index.stats("org_c1", "KEY-0") == FolderStats(2, 10, ms + 4)
         assert index.folder_rereads == 2
         assert [harness.exists(p) for p in places] == [False] * 3 + [True] * 2 + [False]
-    finally:
-        await store.close()
 
 
 async def test_a_burst_of_deletes_of_the_newest_costs_one_listing(
@@ -417,28 +430,11 @@ async def test_a_burst_of_deletes_of_the_newest_costs_one_listing(
     """A newest-first cleanup: each delete takes the newest, which only a listing can
     replace. Count and bytes follow each delete at once; the newest's time follows one
     listing after the burst, not one listing a delete."""
-    harness = LocalHarness(tmp_path / "backups")
-    ms = int(time.time() * 1000) - 86_400_000
-    places = [BackupLocation("org_c1", "KEY-0", backup_id(ms + i)) for i in range(8)]
-    for place in places:
-        harness.put(place, b"12345")
-    config = make_config(tmp_path, harness.storage(io="inline"))
-    store = storage_backends.create_store(config.storage)
-    await store.start()
-    folder = SystemFolder("org_c1", "KEY-0")
-    try:
-        index = FleetIndex(
-            config.fleet,
-            store,
-            create_directory(config.directory),
-            full_read_seconds=0,
-            reread_delay_seconds=0.5,
-        )
-        assert await index.scan()
+    async with folder_of_five_byte_backups(tmp_path, 8, 0.5) as (_, store, index, places, ms):
         for done, place in enumerate(reversed(places[2:]), start=1):
             ticket = index.ticket()
             await store.delete(place)
-            index.removed(folder, place.backup_id, 5, ticket)
+            index.removed(FOLDER, place.backup_id, 5, ticket)
             stats = index.stats("org_c1", "KEY-0")
             assert stats is not None and (stats.backups, stats.bytes) == (8 - done, 5 * (8 - done))
         await eventually(
@@ -446,8 +442,6 @@ async def test_a_burst_of_deletes_of_the_newest_costs_one_listing(
             "the newest's time after the burst",
         )
         assert index.folder_rereads == 1
-    finally:
-        await store.close()
 
 
 async def test_the_index_reads_changed_folders_and_every_folder_at_its_full_read(
