@@ -318,7 +318,6 @@ async def play_round(
     retention = client.app[RETENTION]
     alive_start = sorted(model.alive)
     protected_start = set(model.protected)
-    kept_start_bytes = model.kept_bytes(model.kept(model.alive))
 
     # what each upload sends
     bodies: list[tuple[Send, bytes, dict[str, str], str | None]] = []
@@ -344,6 +343,10 @@ async def play_round(
     for pick, flag in round_.protections:
         if alive_start:
             targets.setdefault(alive_start[pick % len(alive_start)], flag)
+    # the most the round may find kept before its uploads: a protection of this round may
+    # land before an upload's look at its room (a busy machine orders them either way)
+    protected_at_most = protected_start | {b for b, flag in targets.items() if flag}
+    kept_start_bytes = model.kept_bytes(model.kept(model.alive, protected_at_most))
 
     async def protection(backup_id: str, flag: bool) -> tuple[int, dict[str, Any]]:
         return await protect(client, backup_id, flag)
