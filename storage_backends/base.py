@@ -356,10 +356,11 @@ class BackupStore(abc.ABC):
                 newest = max(e.id for e in entries)
                 yield [FolderSummary(folder, len(entries), sum(e.size for e in entries), newest)]
 
-    async def remove_empty_folder(self, folder: SystemFolder) -> None:
+    async def remove_empty_folder(self, folder: SystemFolder) -> bool:
         """Remove the system's folder (and its organization's) once no backup is left in it,
-        durably; a folder that still holds anything else stays. Stores without folders (S3)
-        have nothing to remove."""
+        durably; a folder that still holds anything else stays (False). Stores without
+        folders (S3) have nothing to remove (True: gone with its last backup)."""
+        return True
 
     async def set_verified(self, location: BackupLocation, integrity: str, at: datetime) -> None:
         """Record a verification (`ok` or `corrupt`) and when, durably; BackupNotFound

@@ -202,6 +202,31 @@ async def test_a_folder_the_database_maps_mid_purge_is_never_touched(
     assert [(f.system_key, why) for f, why in done.left] == [("KEY-NOBODY", "a system maps it now")]
 
 
+async def test_a_folder_other_files_keep_is_left_and_said_not_counted_purged(
+    tmp_path: Path, directory_file: Path
+) -> None:
+    """An orphan folder that holds a file of someone else's: its backups go, the file and
+    the folder stay, and the purge says so instead of counting the folder purged."""
+    harness = LocalHarness(tmp_path / "backups")
+    old = arrange(harness, 3 * DAY_MS)
+    kept = old["unknown key"]
+    stray = harness.root / kept.organization_id / kept.system_key / "notes.txt"
+    stray.write_text("an operator's note")
+    config = make_config(tmp_path, harness.storage(io="inline"))
+    directory = create_directory(config.directory)
+    store, found = await orphans_now(config, directory)
+    try:
+        done = await purge_orphans(store, directory, found, now_ms() - DAY_MS)
+    finally:
+        await store.close()
+    assert not any(harness.exists(old[kind]) for kind in ORPHANS)
+    assert stray.read_text() == "an operator's note"
+    assert [(f.system_key, why) for f, why in done.left] == [
+        ("KEY-NOBODY", "its backups purged, other files keep the folder")
+    ]
+    assert (done.folders, done.backups, done.bytes) == (2, 3, 15)
+
+
 @pytest.mark.parametrize(
     "args",
     [

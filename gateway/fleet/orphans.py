@@ -120,9 +120,13 @@ async def _purge_folder(
         outcome.bytes += entry.size
         _audit(folder, entry.id, entry.size, "backup purged")
     try:
-        await store.remove_empty_folder(folder)
+        removed = await store.remove_empty_folder(folder)
     except StorageError as exc:
         log.warning("orphan folder %s emptied, not removed: %s", folder.system_key, exc)
+        return f"its backups purged, the folder not removed: {exc}"
+    if not removed:
+        _audit(folder, None, None, "left: other files keep the folder")
+        return "its backups purged, other files keep the folder"
     outcome.folders += 1
     return None
 

@@ -246,28 +246,29 @@ def _open_dir(parent_fd: int, name: str) -> int:
         return -1
 
 
-def remove_empty_folder(root: Path, folder: SystemFolder) -> None:
+def remove_empty_folder(root: Path, folder: SystemFolder) -> bool:
     """Remove `{org}/{key}` when nothing but free folder locks is left in it, then the
     organization's folder when it is empty too; each removal made durable. A lock someone
-    holds, or any other file, keeps the folder."""
+    holds, or any other file, keeps the folder: False then (True: the folder is gone)."""
     root_fd = open_root(root)
     try:
         org_fd = _open_dir(root_fd, folder.organization_id)
         if org_fd < 0:
-            return
+            return True
         try:
             key_fd = _open_dir(org_fd, folder.system_key)
             if key_fd >= 0:
                 try:
                     if not _drop_free_locks(key_fd):
-                        return
+                        return False
                 finally:
                     os.close(key_fd)
                 if not _rmdir(org_fd, folder.system_key):
-                    return
+                    return _open_dir_gone(org_fd, folder.system_key)
                 os.fsync(org_fd)
             if _rmdir(root_fd, folder.organization_id):
                 os.fsync(root_fd)
+            return True
         finally:
             os.close(org_fd)
     except OSError as exc:
@@ -297,6 +298,15 @@ def _drop_free_locks(key_fd: int) -> bool:
         finally:
             os.close(fd)
     return True
+
+
+def _open_dir_gone(parent_fd: int, name: str) -> bool:
+    """Whether the folder is gone (removed meanwhile by another purge)."""
+    fd = _open_dir(parent_fd, name)
+    if fd < 0:
+        return True
+    os.close(fd)
+    return False
 
 
 def _rmdir(parent_fd: int, name: str) -> bool:

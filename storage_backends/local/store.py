@@ -643,8 +643,9 @@ class LocalBackupStore(BackupStore):
                 ", ..." if len(odd) > 5 else "",
             )
 
-    async def remove_empty_folder(self, folder: SystemFolder) -> None:
-        await self._write_step(scan.remove_empty_folder, self._root, folder)
+    async def remove_empty_folder(self, folder: SystemFolder) -> bool:
+        removed: bool = await self._write_step(scan.remove_empty_folder, self._root, folder)
+        return removed
 
     async def organization_usage(self, organization_id: str) -> int:
         total: int = await self._read(organization_usage, self._root, organization_id)
