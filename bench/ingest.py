@@ -196,9 +196,7 @@ def wait_settled(port: int, ready: Any = None, timeout: float = 600) -> float:
         now = time.monotonic()
         if now - started > timeout:
             raise RuntimeError(f"the gateway did not settle in {timeout:g} s")
-        if metric(port, "gateway_fleet_scans_total").get("done") and (
-            ready is None or ready(port)
-        ):
+        if metric(port, "gateway_fleet_scans_total").get("done") and (ready is None or ready(port)):
             return now - started
         time.sleep(0.2)
 
