@@ -29,6 +29,7 @@ from .base import (
 )
 from .errors import (
     BackupNotFound,
+    BackupProtected,
     ChecksumRefused,
     DeleteOutcomeUnknown,
     InsufficientStorage,
@@ -49,6 +50,7 @@ __all__ = [
     "BackupListing",
     "BackupLocation",
     "BackupNotFound",
+    "BackupProtected",
     "BackupReader",
     "BackupStore",
     "ChecksumRefused",

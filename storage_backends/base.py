@@ -248,6 +248,9 @@ class StoreCapabilities:
     # descriptors an upload holds in this process from its staging to its commit or
     # discard (the gateway counts them beside its connections')
     upload_descriptors: int = 0
+    # delete_unprotected_now: the protection check and the delete in one step, under the
+    # folder lock (only with keeps_state and locks_folders)
+    deletes_unprotected_at_once: bool = False
 
 
 class BackupStore(abc.ABC):
@@ -355,6 +358,14 @@ class BackupStore(abc.ABC):
             if entries:
                 newest = max(e.id for e in entries)
                 yield [FolderSummary(folder, len(entries), sum(e.size for e in entries), newest)]
+
+    async def delete_unprotected_now(self, location: BackupLocation) -> int | None:
+        """Delete the backup unless it is protected, in one step under the folder's shared
+        lock (`lock_folder`'s, purpose retention) taken without waiting: the deleted
+        backup's size; None, with nothing done, when an exclusive holder has the lock (the
+        caller then takes the lock and looks first). BackupProtected when protected;
+        otherwise as `delete`. Only when `capabilities.deletes_unprotected_at_once`."""
+        raise NotImplementedError(f"{self.name} does not delete at once")
 
     async def remove_empty_folder(self, folder: SystemFolder) -> bool:
         """Remove the system's folder (and its organization's) once no backup is left in it,

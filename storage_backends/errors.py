@@ -34,6 +34,10 @@ class ChecksumRefused(StorageError):
     (S3's BadDigest): the appliance's bytes were not these, a 400, nothing stored."""
 
 
+class BackupProtected(StorageError):
+    """The backup is protected (DESIGN.md §11): a delete left it in place."""
+
+
 class DeleteOutcomeUnknown(StorageError):
     """The backup was removed (a retry reads 404), but its removal is not known to be
     durable: the folder's fsync failed or did not finish in time. Never "failed"."""

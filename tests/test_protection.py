@@ -7,15 +7,19 @@ delete's checks, and what it leaves in storage. Runs over every store that keeps
 from __future__ import annotations
 
 import asyncio
+import fcntl
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.backups.retention import RETENTION
+from storage_backends.local import SIDECAR_SUFFIX
 
 from .conftest import Harness, StartGateway
 from .support import (
+    LocalHarness,
     bearer,
     location_for,
     new_backup_id,
@@ -94,6 +98,33 @@ async def test_a_protected_backup_is_never_deleted(
     )
     assert resp.status == 200
     assert not state_harness.exists(location_for("org_c1", bid))
+
+
+@pytest.mark.parametrize("io", ["process", "inline"])
+async def test_a_delete_meets_a_change_holding_the_systems_lock(
+    start_gateway: StartGateway, tmp_path: Path, io: str
+) -> None:
+    """On local disk the look at protection and the unlink are one step in the store, under
+    the folder's shared lock taken without waiting. While another process changes the
+    system (a pruning run, a protection change: the lock held exclusively), the delete
+    waits for it as any delete does — here longer than a request waits: 503, the backup
+    left — and goes through once the lock is free."""
+    harness = LocalHarness(tmp_path / "backups", io=io)
+    client = await start_gateway(harness.storage())
+    bid = new_backup_id()
+    harness.put(location_for("org_c1", bid), b"12345")
+    path = f"/api/systems/sys_c1/backups/{bid}"
+    lock = harness.root / "org_c1" / location_for("org_c1", bid).system_key / ".retention.lock"
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        resp = await client.delete(path, headers=bearer(token_for("org_c1")))
+        assert (resp.status, (await resp.json())["message"]) == (503, "backup busy, retry later")
+        assert resp.headers["Retry-After"] == "1"
+        assert harness.exists(location_for("org_c1", bid))
+    resp = await client.delete(path, headers=bearer(token_for("org_c1")))
+    assert resp.status == 200
+    assert not harness.exists(location_for("org_c1", bid))
+    assert not (lock.parent / (bid + SIDECAR_SUFFIX)).exists()
 
 
 async def test_a_protected_backup_is_never_pruned(

@@ -30,6 +30,8 @@ async def delete_unless_protected(request: web.Request, location: BackupLocation
         await _delete(request, location)
         return backup_deleted(request.app, location, None, ticket)
     folder = SystemFolder(location.organization_id, location.system_key)
+    if store.capabilities.deletes_unprotected_at_once and await _deleted_at_once(request, location):
+        return
     async with system_changes(request, folder, shared=True):  # deletes go side by side
         info = await run_storage(request, "describe", store.describe, location, "delete backup")
         if info.protected:
@@ -37,6 +39,23 @@ async def delete_unless_protected(request: web.Request, location: BackupLocation
         ticket = delete_begins(request.app, location)
         await _delete(request, location)
     backup_deleted(request.app, location, info.size, ticket)
+
+
+async def _deleted_at_once(request: web.Request, location: BackupLocation) -> bool:
+    """The look and the delete as one store step, which takes the folder's lock itself
+    without waiting (this process's lock is held here as for any delete): False when an
+    exclusive holder has it, nothing done. One hand-off a delete instead of three."""
+    store = request.app[STORE]
+    folder = SystemFolder(location.organization_id, location.system_key)
+    async with system_changes(request, folder, shared=True, folder_lock=False):
+        ticket = delete_begins(request.app, location)
+        request[TIMEOUT_MESSAGE] = DELETE_OUTCOME_UNKNOWN  # as in _delete
+        size = await run_storage(request, "delete", store.delete_unprotected_now, location)
+        if size is None:
+            request.pop(TIMEOUT_MESSAGE, None)  # nothing was done
+            return False
+    backup_deleted(request.app, location, size, ticket)
+    return True
 
 
 async def delete_counted(request: web.Request, location: BackupLocation) -> None:

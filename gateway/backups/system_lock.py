@@ -127,7 +127,11 @@ class SystemLocks:
 
     @contextlib.asynccontextmanager
     async def hold(
-        self, folder: SystemFolder, wait_seconds: float, shared: bool = False
+        self,
+        folder: SystemFolder,
+        wait_seconds: float,
+        shared: bool = False,
+        folder_lock: bool = True,
     ) -> AsyncIterator[Lease]:
         """Hold the system's lock; LockBusy when it is not had within `wait_seconds`.
 
@@ -135,9 +139,12 @@ class SystemLocks:
         upload's last check and commit, a protection change. Shared for a delete of one
         backup: deletes go on side by side, and none overlaps an exclusive holder — on
         this host. Across hosts only exclusive holders exclude each other (through Redis);
-        on S3 a bucket's Object Lock legal hold guards a protected backup itself."""
+        on S3 a bucket's Object Lock legal hold guards a protected backup itself.
+
+        Without `folder_lock` the store's folder lock is left to the caller's store
+        operation (`delete_unprotected_now` takes it itself)."""
         async with contextlib.AsyncExitStack() as held:
-            lease = await self._take(held, folder, wait_seconds, shared)
+            lease = await self._take(held, folder, wait_seconds, shared, folder_lock)
             lease._held = held
             yield lease
 
@@ -147,6 +154,7 @@ class SystemLocks:
         folder: SystemFolder,
         wait_seconds: float,
         shared: bool,
+        folder_lock: bool,
     ) -> Lease:
         """Each layer taken in turn, its release pushed on `held` (the last taken goes
         first)."""
@@ -163,7 +171,9 @@ class SystemLocks:
             raise LockBusy(key) from None
         held.push_async_callback(_release, lock, shared)
         left = max(0.0, deadline - loop.time())
-        return await held.enter_async_context(self._across_processes(folder, left, shared))
+        return await held.enter_async_context(
+            self._across_processes(folder, left, shared, folder_lock)
+        )
 
     def _left(self, key: str, lock: _ReadWriteLock) -> None:
         lock.users -= 1
@@ -172,7 +182,7 @@ class SystemLocks:
 
     @contextlib.asynccontextmanager
     async def _across_processes(
-        self, folder: SystemFolder, wait_seconds: float, shared: bool
+        self, folder: SystemFolder, wait_seconds: float, shared: bool, folder_lock: bool
     ) -> AsyncIterator[Lease]:
         async with contextlib.AsyncExitStack() as held:
             redis_lock = None
@@ -181,7 +191,7 @@ class SystemLocks:
                     self._redis_lock(folder.system_key, wait_seconds)
                 )
             on_host = False
-            if self._store.capabilities.locks_folders:
+            if folder_lock and self._store.capabilities.locks_folders:
                 on_host = await held.enter_async_context(
                     self._folder_lock(folder, wait_seconds, shared)
                 )
@@ -241,14 +251,15 @@ SYSTEM_LOCKS = web.AppKey("system_locks", SystemLocks)
 
 @contextlib.asynccontextmanager
 async def system_changes(
-    request: web.Request, folder: SystemFolder, shared: bool = False
+    request: web.Request, folder: SystemFolder, shared: bool = False, folder_lock: bool = True
 ) -> AsyncIterator[Lease]:
     """Hold the system's lock for a user's change (shared for a delete, exclusive for a
     protection): 503 with `Retry-After` when another holder keeps it longer than a request
-    should wait."""
+    should wait. `folder_lock` as in `SystemLocks.hold`."""
     locks = request.app[SYSTEM_LOCKS]
+    wait = CHANGE_LOCK_WAIT_SECONDS
     try:
-        async with locks.hold(folder, CHANGE_LOCK_WAIT_SECONDS, shared=shared) as lease:
+        async with locks.hold(folder, wait, shared=shared, folder_lock=folder_lock) as lease:
             yield lease
     except LockBusy:
         raise ApiError(503, "backup busy, retry later", headers={"Retry-After": "1"}) from None

@@ -6,6 +6,7 @@ from typing import Any
 
 from storage_backends import (
     BackupNotFound,
+    BackupProtected,
     ChecksumRefused,
     DeleteOutcomeUnknown,
     InsufficientStorage,
@@ -64,6 +65,8 @@ def storage_error(exc: StorageError, operation: str) -> ApiError:
     """Storage error -> HTTP answer. `operation` names what failed in the 502 message."""
     if isinstance(exc, BackupNotFound):
         return ApiError(404, "backup not found")
+    if isinstance(exc, BackupProtected):
+        return ApiError(409, "backup is protected")
     if isinstance(exc, DeleteOutcomeUnknown):
         # removed, not known durable: never "failed" (a retry reads 404)
         return ApiError(504, DELETE_OUTCOME_UNKNOWN)

@@ -158,7 +158,7 @@ def _is_symlink(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _unlink_in_folder(key_fd: int, location: BackupLocation) -> None:
+def unlink_in_folder(key_fd: int, location: BackupLocation) -> None:
     """Unlink data, then sidecar, in an open system folder. Raises typed errors."""
     name = location.backup_id
     try:
@@ -204,7 +204,7 @@ def unlink_backup(root_fd: int, location: BackupLocation) -> int:
     key_fd = -1
     try:
         key_fd = open_system_folder(root_fd, location)
-        _unlink_in_folder(key_fd, location)
+        unlink_in_folder(key_fd, location)
         return key_fd
     except StorageError:
         if key_fd >= 0:
@@ -391,27 +391,7 @@ def open_backup(root: Path, location: BackupLocation) -> OpenedBackup:
     key_fd = -1
     try:
         key_fd = open_system_folder(root_fd, location)
-        name = location.backup_id
-        try:
-            fd = os.open(name, _FILE_FLAGS | os.O_NONBLOCK, dir_fd=key_fd)
-        except FileNotFoundError:
-            raise BackupNotFound(location.relative_key) from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise SymlinkRefused(location.relative_key) from None
-            if exc.errno in (errno.ENXIO, errno.EISDIR):
-                raise BackupNotFound(location.relative_key) from None  # a socket, a folder
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BackupNotFound(location.relative_key)
-            os.set_blocking(fd, True)
-            sidecar = _read_sidecar(key_fd, name)
-            return OpenedBackup(fd, _info(name, st, sidecar, location.relative_key))
-        except BaseException:
-            os.close(fd)
-            raise
+        return open_in_folder(key_fd, location)
     except StorageError:
         raise
     except OSError as exc:
@@ -420,6 +400,31 @@ def open_backup(root: Path, location: BackupLocation) -> OpenedBackup:
         if key_fd >= 0:
             os.close(key_fd)
         os.close(root_fd)
+
+
+def open_in_folder(key_fd: int, location: BackupLocation) -> OpenedBackup:
+    """`open_backup` in the backup's open system folder."""
+    name = location.backup_id
+    try:
+        fd = os.open(name, _FILE_FLAGS | os.O_NONBLOCK, dir_fd=key_fd)
+    except FileNotFoundError:
+        raise BackupNotFound(location.relative_key) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SymlinkRefused(location.relative_key) from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):
+            raise BackupNotFound(location.relative_key) from None  # a socket, a folder
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BackupNotFound(location.relative_key)
+        os.set_blocking(fd, True)
+        sidecar = _read_sidecar(key_fd, name)
+        return OpenedBackup(fd, _info(name, st, sidecar, location.relative_key))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 Sidecar = tuple[dict[str, Any], str | None]  # (its fields, why it was not read, if it was not)

@@ -44,7 +44,7 @@ class LocalIoProcess:
         # deletes the process has unlinked, waiting for their fsync: no operation deadline
         # any more (the request's own deadline bounds them), only the process's life
         self._applied: dict[int, asyncio.Future[Answer]] = {}
-        self._on_applied: dict[int, Callable[[], None]] = {}
+        self._on_applied: dict[int, Callable[[bytes], None]] = {}
         self._expiry: asyncio.TimerHandle | None = None  # armed for the oldest deadline
         self._seq = itertools.count(1)
         self._outbox: list[bytes] = []
@@ -95,13 +95,14 @@ class LocalIoProcess:
         log.debug("local I/O process %d started", self._proc.pid)
 
     def request(
-        self, message: bytes, on_applied: Callable[[], None] | None = None
+        self, message: bytes, on_applied: Callable[[bytes], None] | None = None
     ) -> asyncio.Future[Answer]:
         """Queue one request ("D org key id" or "R"); the future resolves with its answer,
         or fails with StorageUnavailable when the process dies or the timeout passes.
 
-        A delete that the process has unlinked calls `on_applied` at once; from then on it
-        waits for its fsync without the operation timeout."""
+        A delete that the process has unlinked calls `on_applied` at once, with the
+        detail of its "unlinked" answer; from then on it waits for its fsync without the
+        operation timeout."""
         loop = asyncio.get_running_loop()
         if self._sock is None:
             if self._closing or loop.time() - self._spawned_at < _RESPAWN_INTERVAL:
@@ -173,7 +174,7 @@ class LocalIoProcess:
                     self._applied[seq] = entry[0]
                     notify = self._on_applied.pop(seq, None)
                     if notify is not None:
-                        notify()
+                        notify(detail)
                 continue
             self._on_applied.pop(seq, None)
             future = self._applied.pop(seq, None)

@@ -10,14 +10,18 @@ covers, and a hung disk stalls this process, never the gateway.
 Protocol, over a Unix stream socket, one ASCII line per message:
 
     request   "<seq> D <organization_id> <system_key> <backup_id>\\n"   delete
+              "<seq> P <organization_id> <system_key> <backup_id>\\n"   delete unless
+                                        protected, under the folder's shared lock
               "<seq> L <organization_id> <system_key>\\n"               list a folder
               "<seq> N <organization_id> <system_key> <limit>\\n"       its newest, totals
               "<seq> E <organization_id> <system_key>\\n"               its ids and sizes
               "<seq> R\\n"                                              readiness probe
-    answer    "<seq> <code> <detail>\\n"   code: ok | missing | symlink | failed
+    answer    "<seq> <code> <detail>\\n"   code: ok | missing | symlink | failed, and
+              for P: protected | busy (an exclusive holder has the lock: nothing done)
               (a listing's detail is its entries as one line of JSON)
-              a delete that unlinked is told so at once ("<seq> unlinked -"), then
-              answered ok or failed once its folder's fsync is done
+              a delete that unlinked is told so at once ("<seq> unlinked -"; for P its
+              detail is the backup's size), then answered ok or failed once its
+              folder's fsync is done
 
 Every component was validated by the gateway (safe path components, backup-id grammar),
 and is checked again here: nothing with a separator or a slash is ever used as a path.
@@ -60,7 +64,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..base import BackupLocation, SystemFolder
-from ..errors import BackupNotFound, StorageUnavailable
+from ..errors import BackupNotFound, BackupProtected, StorageUnavailable
 from ..log_format import LOG_FORMAT_ENV, JsonFormatter, TextFormatter
 from .fs import (
     SymlinkRefused,
@@ -75,6 +79,7 @@ from .fs import (
     open_root,
     unlink_backup,
 )
+from .state import FolderBusy, unlink_unless_protected
 
 log = logging.getLogger("storage_backends.local.io_process")
 
@@ -131,7 +136,7 @@ class Batch:
         """The round's first half: answers that need no fsync (probes, listings, missing,
         symlink, failed), and the folders to fsync before the rest may be answered."""
         early: list[bytes] = []
-        deletes: list[tuple[bytes, BackupLocation]] = []
+        deletes: list[tuple[bytes, BackupLocation, bool]] = []
         for line in lines:
             seq, _, rest = line.partition(b" ")
             op, _, args = rest.partition(b" ")
@@ -141,17 +146,18 @@ class Batch:
             if op in (b"L", b"N", b"E"):
                 self._list_later(seq, op, args, early)
                 continue
-            location = _location(args.split(b" ")) if op == b"D" else None
+            location = _location(args.split(b" ")) if op in (b"D", b"P") else None
             if location is None:
                 early.append(seq + b" failed malformed request\n")
             else:
-                deletes.append((seq, location))
+                deletes.append((seq, location, op == b"P"))
         if not deletes:
             return early, {}
         try:
             root_fd = open_root(self._root)
         except StorageUnavailable as exc:
-            return early + [seq + b" failed " + _detail(str(exc)) + b"\n" for seq, _ in deletes], {}
+            failed = b" failed " + _detail(str(exc)) + b"\n"
+            return early + [seq + failed for seq, _, _ in deletes], {}
         try:
             unlink = functools.partial(_unlink_one, root_fd)
             if self._pool is not None and len(deletes) > 1:
@@ -163,14 +169,15 @@ class Batch:
         finally:
             os.close(root_fd)
         folders: _Unlinked = {}
-        for (seq, location), outcome in zip(deletes, outcomes, strict=True):
+        for (seq, location, _), outcome in zip(deletes, outcomes, strict=True):
             if isinstance(outcome, bytes):
                 early.append(outcome)
             else:
                 # told at once, so that a slow fsync is never mistaken for a failed delete
-                early.append(seq + b" unlinked -\n")
+                fd, size = outcome
+                early.append(seq + b" unlinked " + (b"-" if size < 0 else b"%d" % size) + b"\n")
                 folder = (location.organization_id, location.system_key)
-                folders.setdefault(folder, []).append((seq, outcome))
+                folders.setdefault(folder, []).append((seq, fd))
         return early, folders
 
     def _in_chunks(self, work: Callable[[A], R], items: list[A]) -> list[R]:
@@ -262,11 +269,20 @@ class Batch:
         return answers
 
 
-def _unlink_one(root_fd: int, request: tuple[bytes, BackupLocation]) -> int | bytes:
-    """The folder's fd (to fsync) when unlinked, else the answer to send."""
-    seq, location = request
+def _unlink_one(
+    root_fd: int, request: tuple[bytes, BackupLocation, bool]
+) -> tuple[int, int] | bytes:
+    """The folder's fd (to fsync) and the backup's size (-1: not looked at) when unlinked,
+    else the answer to send."""
+    seq, location, unless_protected = request
     try:
-        return unlink_backup(root_fd, location)
+        if unless_protected:
+            return unlink_unless_protected(root_fd, location)
+        return unlink_backup(root_fd, location), -1
+    except BackupProtected:
+        return seq + b" protected -\n"
+    except FolderBusy:
+        return seq + b" busy -\n"
     except SymlinkRefused:
         return seq + b" symlink -\n"
     except BackupNotFound:

@@ -24,8 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from ..base import BackupLocation, FolderLock, SystemFolder
-from ..errors import BackupNotFound, StorageError, StorageUnavailable
-from .fs import SIDECAR_SUFFIX, SymlinkRefused, open_root, open_system_folder
+from ..errors import BackupNotFound, BackupProtected, StorageError, StorageUnavailable
+from .fs import (
+    SIDECAR_SUFFIX,
+    SymlinkRefused,
+    open_in_folder,
+    open_root,
+    open_system_folder,
+    unlink_in_folder,
+)
 from .fs import _read_sidecar as read_sidecar
 from .ingest import open_upload_folder
 
@@ -105,6 +112,47 @@ def _replace_sidecar(key_fd: int, backup_id: str, content: bytes) -> None:
 
 def lock_name(purpose: str) -> str:
     return f".{purpose}.lock"
+
+
+class FolderBusy(Exception):
+    """An exclusive holder has the folder's lock: nothing was done."""
+
+
+# the lock of the gateway's system changes (its SystemLocks' purpose)
+_CHANGES_LOCK = lock_name("retention")
+
+
+def unlink_unless_protected(root_fd: int, location: BackupLocation) -> tuple[int, int]:
+    """Unlink the backup (data, then sidecar) unless it is protected, under the folder's
+    shared lock taken without waiting, as a delete holding `LocalFolderLock(shared=True)`
+    would: the folder's fd (to fsync; the caller closes it) and the backup's size.
+
+    FolderBusy when an exclusive holder (a pruning run, a protection change, an upload's
+    commit) has the lock; BackupProtected when protected; otherwise as `unlink_backup`.
+    One step where a delete took three (the lock, a look, the unlink), each a hand-off."""
+    key_fd = -1
+    try:
+        key_fd = open_system_folder(root_fd, location)
+        lock_fd = os.open(_CHANGES_LOCK, _LOCK_FLAGS, 0o640, dir_fd=key_fd)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FolderBusy(location.relative_key) from None
+            opened = open_in_folder(key_fd, location)
+            opened.close()
+            if opened.info.protected:
+                raise BackupProtected(location.relative_key)
+            unlink_in_folder(key_fd, location)
+        finally:
+            os.close(lock_fd)  # the only descriptor: the flock goes with it
+        return key_fd, opened.info.size
+    except BaseException as exc:
+        if key_fd >= 0:
+            os.close(key_fd)
+        if isinstance(exc, OSError):
+            raise StorageUnavailable(f"{location.relative_key}: {exc.strerror}") from None
+        raise
 
 
 def _open_lock_file(root: Path, folder: SystemFolder, create: bool, name: str) -> int:

@@ -60,6 +60,7 @@ from ..base import (
 )
 from ..errors import (
     BackupNotFound,
+    BackupProtected,
     DeleteOutcomeUnknown,
     StorageError,
     StorageUnavailable,
@@ -202,6 +203,7 @@ class LocalBackupStore(BackupStore):
         locks_folders=True,
         lists_folders=True,
         upload_descriptors=2,  # the system's folder and the hidden file
+        deletes_unprotected_at_once=True,
     )
 
     def __init__(self, config: LocalConfig, operation_timeout: float) -> None:
@@ -268,11 +270,17 @@ class LocalBackupStore(BackupStore):
             raise StorageUnavailable("local storage operation timed out") from None
 
     async def delete(self, location: BackupLocation) -> None:
+        await self._deleting(location, unless_protected=False)
+
+    async def delete_unprotected_now(self, location: BackupLocation) -> int | None:
+        return await self._deleting(location, unless_protected=True)
+
+    async def _deleting(self, location: BackupLocation, unless_protected: bool) -> int | None:
+        """The backup's size (-1 when not looked at), None when the lock was busy."""
         try:
             if self._io is not None:
-                await self._delete_in_process(location)
-            else:
-                await self._delete_inline(location)
+                return await self._delete_in_process(location, unless_protected)
+            return await self._delete_inline(location, unless_protected)
         except SymlinkRefused:
             log.warning("refused a symlink under the backup root at %s", location.relative_key)
             raise
@@ -287,18 +295,24 @@ class LocalBackupStore(BackupStore):
             log.warning("local storage delete of %s failed: %s", location.relative_key, exc)
             raise
 
-    async def _delete_in_process(self, location: BackupLocation) -> None:
+    async def _delete_in_process(
+        self, location: BackupLocation, unless_protected: bool
+    ) -> int | None:
         assert self._io is not None
-        message = b"D %s %s %s" % (
+        message = b"%s %s %s %s" % (
+            b"P" if unless_protected else b"D",
             location.organization_id.encode(),
             location.system_key.encode(),
             location.backup_id.encode(),
         )
         unlinked = False
+        size = -1
 
-        def applied() -> None:
-            nonlocal unlinked
+        def applied(detail: bytes) -> None:
+            nonlocal unlinked, size
             unlinked = True
+            if detail.isdigit():
+                size = int(detail)
 
         try:
             # it enforces the operation timeout until the unlink, the request's deadline after
@@ -310,32 +324,43 @@ class LocalBackupStore(BackupStore):
                 ) from None
             raise
         if code == b"ok":
-            return
+            return size
         if code == b"missing":
             raise BackupNotFound(location.relative_key)
         if code == b"symlink":
             raise SymlinkRefused(location.relative_key)
+        if code == b"protected":
+            raise BackupProtected(location.relative_key)
+        if code == b"busy":
+            return None
         why = f"{location.relative_key}: {detail.decode('ascii', 'replace')}"
         if unlinked:
             raise DeleteOutcomeUnknown(f"unlinked, then {why}")
         raise StorageUnavailable(why)
 
-    async def _delete_inline(self, location: BackupLocation) -> None:
+    async def _delete_inline(self, location: BackupLocation, unless_protected: bool) -> int | None:
         assert self._commits is not None, "store not started"
         root_fd = open_root(self._root)
         try:
-            fd = unlink_backup(root_fd, location)
+            if not unless_protected:
+                fd, size = unlink_backup(root_fd, location), -1
+            else:
+                try:
+                    fd, size = state.unlink_unless_protected(root_fd, location)
+                except state.FolderBusy:
+                    return None
         finally:
             os.close(root_fd)
         if not self._config.fsync:
             os.close(fd)
-            return
+            return size
         folder = (location.organization_id, location.system_key)
         try:
             # unlinked: from here only the request's deadline bounds the wait for durability
             await self._commits.sync(folder, fd)
         except StorageUnavailable as exc:
             raise DeleteOutcomeUnknown(f"{location.relative_key}: unlinked, then {exc}") from None
+        return size
 
     async def _read(self, call: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
