@@ -248,8 +248,8 @@ class StoreCapabilities:
     # descriptors an upload holds in this process from its staging to its commit or
     # discard (the gateway counts them beside its connections')
     upload_descriptors: int = 0
-    # delete_unprotected_now: the protection check and the delete in one step, under the
-    # folder lock (only with keeps_state and locks_folders)
+    # delete_unprotected_now: the protection check and the delete in one step (only with
+    # keeps_state), under the folder lock where there is one
     deletes_unprotected_at_once: bool = False
 
 

@@ -102,9 +102,9 @@ async def heal_after(proxy: FaultProxy, requests: int) -> None:
     proxy.faults.reset_responses_after = None
 
 
-# Before the store's HEAD and DELETE, the route looks for protection (DESIGN.md §11): a
-# HEAD and the state's ListObjectsV2. The DELETE is the fourth request.
-BEFORE_THE_DELETE = 3
+# The delete's HEAD, then the backup's marks (DESIGN.md §11: is it protected?) in a
+# ListObjectsV2. The DELETE is the third request.
+BEFORE_THE_DELETE = 2
 
 
 async def test_lost_delete_answer_is_completed_by_a_retry(

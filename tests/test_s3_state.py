@@ -66,6 +66,28 @@ async def test_protection_is_a_mark_under_the_state_prefix(
     assert harness.keys() == before
 
 
+async def test_a_delete_takes_the_backups_marks_with_it(
+    start_gateway: StartGateway, s3_harness: S3Harness
+) -> None:
+    """The delete reads the backup's marks once (is it protected?) and drops those same
+    marks after the object: nothing of it is left under the state prefix."""
+    client = await start_gateway(s3_harness.storage())
+    bid, other = new_backup_id(), new_backup_id()
+    for backup_id in (bid, other):
+        s3_harness.put(location_for("org_c1", backup_id))
+        s3_harness.put_key(mark(backup_id, "verified/ok/2026-12-01T00:00:00Z"), b"")
+    before = s3_harness.keys()
+    resp = await client.delete(
+        f"/api/systems/sys_c1/backups/{bid}", headers=bearer(token_for("org_c1"))
+    )
+    assert resp.status == 200
+    assert before - s3_harness.keys() == {
+        f"org_c1/{KEY}/{bid}",
+        mark(bid, "verified/ok/2026-12-01T00:00:00Z"),
+    }
+    assert s3_harness.keys() - before == set()
+
+
 async def test_a_stale_mark_makes_nothing_appear(
     start_gateway: StartGateway, s3_harness: S3Harness
 ) -> None:

@@ -56,10 +56,13 @@ class BackupStates:
         return states_from_keys(prefix, await self._keys_under(prefix))
 
     async def of_backup(self, location: BackupLocation) -> BackupState:
+        return self.state_in(location, await self.keys_of(location))
+
+    def state_in(self, location: BackupLocation, keys: list[str]) -> BackupState:
+        """The backup's state as its marks (`keys_of`) say."""
         prefix = system_state_prefix(
             self._prefix, SystemFolder(location.organization_id, location.system_key)
         )
-        keys = await self.keys_of(location)
         return states_from_keys(prefix, keys).get(location.backup_id, NO_STATE)
 
     async def keys_of(self, location: BackupLocation) -> list[str]:

@@ -41,7 +41,7 @@ from ..base import (
     SystemFolder,
     UploadBody,
 )
-from ..errors import BackupNotFound, StorageUnavailable
+from ..errors import BackupNotFound, BackupProtected, StorageUnavailable
 from ..ids import normalize_backup_id
 from .botocore_internals import StandardRetries, credentials_expiry
 from .errors import Progress, guarded
@@ -75,6 +75,7 @@ class S3BackupStore(BackupStore):
         serves_bytes=False,
         streams_restore=True,  # reader: the gateway streams a GetObject itself
         keeps_state=True,  # marks under {prefix}.state/ (state_keys), a legal hold too
+        deletes_unprotected_at_once=True,
         lists_folders=True,
     )
 
@@ -200,6 +201,39 @@ class S3BackupStore(BackupStore):
             log.warning("s3 state of a deleted backup %s not listed: %s", location.backup_id, exc)
             return
         await states.drop(location, marks)
+
+    async def delete_unprotected_now(self, location: BackupLocation) -> int | None:
+        progress = Progress("head_object")
+        size: int = await self._guarded(progress, self._delete_unprotected(location, progress))
+        return size
+
+    async def _delete_unprotected(self, location: BackupLocation, progress: Progress) -> int:
+        """The HeadObject (404), the backup's marks (protected: refused, nothing done), the
+        delete, then the same marks dropped: three requests where a look, then a delete,
+        sent five (the HEAD and the marks' listing twice). No folder lock to take: S3
+        deletes hold this process's lock only, and a legal hold guards a protected backup
+        in the store itself."""
+        key = self.key_for(location)
+        head = await self._head_existing(key, progress)
+        try:
+            size = int(head.headers["Content-Length"])
+        except (KeyError, TypeError, ValueError):
+            raise StorageUnavailable("HeadObject answer without a size") from None
+        progress.step = "list_objects_v2"
+        states = self._backup_states()
+        marks = await states.keys_of(location)
+        if states.state_in(location, marks).protected:
+            raise BackupProtected(location.relative_key)
+        progress.step = "get_bucket_versioning"
+        if await self._is_versioned():
+            await self._delete_every_version(key, progress)
+        else:
+            progress.step = "delete_object"
+            deleted = await self._signed_requests().delete(key)
+            if deleted.status not in (200, 204):
+                raise StorageUnavailable(f"HTTP {deleted.status}")
+        await states.drop(location, marks)
+        return size
 
     def folder_prefix(self, folder: SystemFolder) -> str:
         return f"{self._config.prefix}{folder.organization_id}/{folder.system_key}/"
