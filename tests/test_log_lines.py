@@ -71,13 +71,13 @@ def test_the_io_process_writes_the_gateways_text_layout(tmp_path: Path) -> None:
     try:
         url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
         assert http("DELETE", url, token_for("org_c1"))[0] == 200
-        output.wait_for_line("[local-io] sidecar of")
+        output.wait_for_line("not removed")
     finally:
         proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
         proc.wait(timeout=30)  # type: ignore[attr-defined]
     lines = output.wait_closed().splitlines()
-    # (the gateway warns of the same sidecar too, when the delete looks at the backup first)
-    [io_line] = [line for line in lines if "[local-io] sidecar of" in line]
+    # (it also warns that the sidecar read as defaults: the delete looks at it first)
+    [io_line] = [line for line in lines if "[local-io] sidecar of" in line and "removed" in line]
     [gateway_line] = [line for line in lines if "listening on" in line]
     assert TEXT_LINE.match(io_line) and " [local-io] sidecar of " in io_line
     assert TEXT_LINE.match(gateway_line) and " INFO gateway listening on " in gateway_line

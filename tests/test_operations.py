@@ -108,8 +108,9 @@ async def test_metrics_after_a_known_sequence(
             text,
             "gateway_storage_operations_total",
             backend="local",
-            # a delete looks at the backup first (its protection): an absent one is told there
-            operation="describe",
+            # the look at protection and the delete are one store step: an absent backup
+            # is told there
+            operation="delete",
             outcome="BackupNotFound",
         )
         == 1
@@ -117,10 +118,10 @@ async def test_metrics_after_a_known_sequence(
     assert metric(text, "gateway_http_request_duration_seconds_count", route=route) == 4
     assert metric(text, "gateway_http_request_duration_seconds_bucket", route=route, le="+Inf") == 4
     assert metric(text, "gateway_http_request_duration_seconds_sum", route=route) > 0
-    # two describes, one delete
+    # two deletes asked of the store (one absent), nothing described first
     durations = "gateway_storage_operation_duration_seconds_count"
-    assert metric(text, durations, backend="local", operation="describe") == 2
-    assert metric(text, durations, backend="local", operation="delete") == 1
+    assert metric(text, durations, backend="local", operation="describe") == 0
+    assert metric(text, durations, backend="local", operation="delete") == 2
     assert "gateway_http_requests_in_flight" in text
     # bounded labels: no raw path or id ever becomes a label value
     assert bid not in text and "extra/path" not in text
@@ -310,10 +311,10 @@ async def test_stalled_storage_is_504_at_the_request_deadline(
     client = await start_gateway(storage, server={"request_timeout_seconds": 1})
     bid = new_backup_id()
     harness.put(location_for("org_c1", bid))
-    # the route's look for protection and the store's HEAD pass (DESIGN.md §11); the
-    # DELETE itself never reaches the store, nor does any answer
-    await storage_scanned(client)  # the fleet's start-up listing is not among the three
-    proxy.faults.swallow_requests_after = proxy.faults.requests + 3
+    # the store's HEAD and its look at the backup's marks (protection, DESIGN.md §11)
+    # pass; the DELETE itself never reaches the store, nor does any answer
+    await storage_scanned(client)  # the fleet's start-up listing is not among the two
+    proxy.faults.swallow_requests_after = proxy.faults.requests + 2
     started = time.monotonic()
     with caplog.at_level(logging.INFO):
         resp = await delete(client, bid)
@@ -565,14 +566,13 @@ def test_the_io_process_logs_in_the_gateways_format(tmp_path: Path, log_format: 
         wait_for_port(port, proc=proc)
         url = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups/{bid}"
         assert http("DELETE", url, token_for("org_c1"))[0] == 200
-        output.wait_for_line("sidecar of")
+        output.wait_for_line("not removed")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     out = output.wait_closed()
-    # the gateway warns of the same sidecar too (a delete looks at the backup first): the
-    # I/O process's own line is the one about its layout
-    lines = [line for line in out.splitlines() if "sidecar of" in line and "local-io" in line]
+    # (it also warns that the sidecar read as defaults: a delete looks at it first)
+    lines = [line for line in out.splitlines() if "not removed" in line and "local-io" in line]
     assert len(lines) == 1, out
     if log_format == "json":
         record = json.loads(lines[0])
