@@ -151,7 +151,7 @@ async def test_a_versioned_delete_cut_off_part_way_never_serves_an_older_write(
                 "retention": KEEP_EVERYTHING,  # no start-up sweep among the counted requests
             }
         )
-        # The route's look for protection (HeadObject, the state's ListObjectsV2),
+        # The delete's HeadObject and its look at the backup's marks (ListObjectsV2),
         # ListObjectVersions and the older versions' DeleteObjects pass; the last call, for
         # the current version, never reaches the server.
         await storage_scanned(client)  # its listing goes through the proxy too
