@@ -52,6 +52,8 @@ class Attack:
             finally:
                 writer.close()
             self.reopened += 1
+            if self.reopened == self.count:
+                print("sustained", flush=True)  # as many closes as connections: churning
 
     @staticmethod
     async def _hold(
@@ -78,10 +80,13 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def attacking(port: int, count: int, cpus: set[int] | None = None) -> Iterator[Outcome]:
+def attacking(
+    port: int, count: int, cpus: set[int] | None = None, sustained: bool = False
+) -> Iterator[Outcome]:
     """The attack on `port` for the duration of the block, started once every connection
-    has been open once; `reopened` is read when it stops. `cpus`: the only cores it runs
-    on (an attacker elsewhere spends none of the server's)."""
+    has been open once (and, when `sustained`, once the server has closed as many as there
+    are); `reopened` is read when it stops. `cpus`: the only cores it runs on (an attacker
+    elsewhere spends none of the server's)."""
     from .support import OutputWatcher
 
     proc = subprocess.Popen(
@@ -96,6 +101,8 @@ def attacking(port: int, count: int, cpus: set[int] | None = None) -> Iterator[O
     outcome = Outcome()
     try:
         output.wait_for_line("attacking", timeout=60)
+        if sustained:
+            output.wait_for_line("sustained", timeout=120)
         yield outcome
     finally:
         proc.terminate()
