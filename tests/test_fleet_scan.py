@@ -328,30 +328,45 @@ async def test_a_change_of_its_own_makes_the_next_scan_read_the_folder(
     harness.put(older, b"12345")
     harness.put(newer, b"123")
     wait_until_marks_can_hold(harness.root / "org_c1" / "KEY-0")
-    config = make_config(tmp_path, harness.storage(io="inline"))
-    store = storage_backends.create_store(config.storage)
-    await store.start()
-    try:
-        index = FleetIndex(
-            config.fleet,
-            store,
-            create_directory(config.directory),
-            full_read_seconds=math.inf,
-        )
+    async with started_index(tmp_path, harness, full_read_seconds=math.inf) as (_, index):
         assert await index.scan()
         assert index.stats("org_c1", "KEY-0") == FolderStats(2, 8, ms + 1)
-        folder = SystemFolder("org_c1", "KEY-0")
-        index.removed(folder, older.backup_id, 5, index.ticket())
+        index.removed(FOLDER, older.backup_id, 5, index.ticket())
         assert index.stats("org_c1", "KEY-0") == FolderStats(1, 3, ms + 1)
         assert index.folder_rereads == 0
         assert await index.scan()
         assert index.stats("org_c1", "KEY-0") == FolderStats(2, 8, ms + 1)
         assert harness.exists(older) and harness.exists(newer)
-    finally:
-        await store.close()
 
 
 FOLDER = SystemFolder("org_c1", "KEY-0")
+
+
+@contextlib.asynccontextmanager
+async def started_index(
+    tmp_path: Path,
+    harness: LocalHarness,
+    full_read_seconds: float,
+    reread_delay_seconds: float = 0,
+) -> AsyncIterator[tuple[BackupStore, FleetIndex]]:
+    """A started local store (io inline) over the harness's root, and an index of it."""
+    config = make_config(tmp_path, harness.storage(io="inline"))
+    store = storage_backends.create_store(config.storage)
+    await store.start()
+    try:
+        directory = create_directory(config.directory)
+        yield (
+            store,
+            FleetIndex(
+                config.fleet,
+                store,
+                directory,
+                full_read_seconds=full_read_seconds,
+                reread_delay_seconds=reread_delay_seconds,
+            ),
+        )
+    finally:
+        await store.close()
 
 
 @contextlib.asynccontextmanager
@@ -365,22 +380,10 @@ async def folder_of_five_byte_backups(
     places = [BackupLocation("org_c1", "KEY-0", backup_id(ms + i)) for i in range(count)]
     for place in places:
         harness.put(place, b"12345")
-    config = make_config(tmp_path, harness.storage(io="inline"))
-    store = storage_backends.create_store(config.storage)
-    await store.start()
-    try:
-        index = FleetIndex(
-            config.fleet,
-            store,
-            create_directory(config.directory),
-            full_read_seconds=0,
-            reread_delay_seconds=reread_delay_seconds,
-        )
+    async with started_index(tmp_path, harness, 0, reread_delay_seconds) as (store, index):
         assert await index.scan()
         assert index.stats("org_c1", "KEY-0") == FolderStats(count, 5 * count, ms + count - 1)
         yield harness, store, index, places, ms
-    finally:
-        await store.close()
 
 
 async def test_a_delete_a_scan_was_swapped_in_across_is_settled_by_a_listing(

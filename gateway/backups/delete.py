@@ -26,7 +26,7 @@ async def delete_unless_protected(request: web.Request, location: BackupLocation
     meanwhile is never deleted through."""
     store = request.app[STORE]
     if not store.capabilities.keeps_state:
-        ticket = delete_begins(request.app, location)
+        ticket = delete_begins(request.app)
         await _delete(request, location)
         return backup_deleted(request.app, location, None, ticket)
     folder = SystemFolder(location.organization_id, location.system_key)
@@ -36,7 +36,7 @@ async def delete_unless_protected(request: web.Request, location: BackupLocation
         info = await run_storage(request, "describe", store.describe, location, "delete backup")
         if info.protected:
             raise ApiError(409, "backup is protected")
-        ticket = delete_begins(request.app, location)
+        ticket = delete_begins(request.app)
         await _delete(request, location)
     backup_deleted(request.app, location, info.size, ticket)
 
@@ -48,7 +48,7 @@ async def _deleted_at_once(request: web.Request, location: BackupLocation) -> bo
     store = request.app[STORE]
     folder = SystemFolder(location.organization_id, location.system_key)
     async with system_changes(request, folder, shared=True, folder_lock=False):
-        ticket = delete_begins(request.app, location)
+        ticket = delete_begins(request.app)
         request[TIMEOUT_MESSAGE] = DELETE_OUTCOME_UNKNOWN  # as in _delete
         size = await run_storage(request, "delete", store.delete_unprotected_now, location)
         if size is None:

@@ -15,7 +15,7 @@ def backup_stored(app: web.Application, folder: SystemFolder, backup_id: str, si
     app[FLEET].stored(folder, backup_id, size)
 
 
-def delete_begins(app: web.Application, location: BackupLocation) -> ChangeTicket:
+def delete_begins(app: web.Application) -> ChangeTicket:
     """Taken before the store is asked to delete: told with the delete (`backup_deleted`)."""
     return app[FLEET].ticket()
 

@@ -224,14 +224,7 @@ class S3BackupStore(BackupStore):
         marks = await states.keys_of(location)
         if states.state_in(location, marks).protected:
             raise BackupProtected(location.relative_key)
-        progress.step = "get_bucket_versioning"
-        if await self._is_versioned():
-            await self._delete_every_version(key, progress)
-        else:
-            progress.step = "delete_object"
-            deleted = await self._signed_requests().delete(key)
-            if deleted.status not in (200, 204):
-                raise StorageUnavailable(f"HTTP {deleted.status}")
+        await self._delete(key, progress, looked=True)
         await states.drop(location, marks)
         return size
 
@@ -478,15 +471,17 @@ class S3BackupStore(BackupStore):
             self._versioned = answer.get("Status") in ("Enabled", "Suspended")
         return self._versioned
 
-    async def _delete(self, key: str, progress: Progress) -> None:
+    async def _delete(self, key: str, progress: Progress, looked: bool = False) -> None:
+        """`looked`: the caller's HeadObject found the key, none is sent again."""
         progress.step = "get_bucket_versioning"
         if await self._is_versioned():
             await self._delete_every_version(key, progress)
         else:
-            await self._delete_current(key, progress)
+            await self._delete_current(key, progress, looked)
 
-    async def _delete_current(self, key: str, progress: Progress) -> None:
-        await self._head_existing(key, progress)
+    async def _delete_current(self, key: str, progress: Progress, looked: bool) -> None:
+        if not looked:
+            await self._head_existing(key, progress)
         progress.step = "delete_object"
         deleted = await self._signed_requests().delete(key)
         if deleted.status not in (200, 204):
