@@ -409,20 +409,29 @@ class SeaweedServer:
             ]
         }
         (self.folder / "s3.json").write_text(json.dumps(identities))
+        # each bucket is a collection, and a new collection grows 7 volumes by default: one is
+        # plenty for a test's few objects (weed reads master.toml from its working directory)
+        (self.folder / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
         ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         grpc = {name: free_port() for name in ports}
         self.port = ports["s3"]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         args = [
             weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+            # a fixed volume budget, not free disk / volume size: on a machine with little free
+            # disk the auto budget ran out after a hundred buckets (PutObject 500 late in the
+            # suite); volumes are sparse files, so a count this large costs nothing up front
+            "-volume.max=4000", "-volume.minFreeSpace=16MiB",
             "-s3", f"-s3.config={self.folder / 's3.json'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
         ]  # fmt: skip
         for name in ports:
             args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
         self.log = open(self.folder / "weed.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder
+        )
         wait_for_port(self.port, timeout=30, proc=self.proc)
         self._wait_until_writable()
 
