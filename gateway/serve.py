@@ -19,13 +19,14 @@ from .app import create_app
 from .backups.download import OPEN_BACKUPS
 from .config import Config, load_config
 from .directory import DIRECTORY
-from .http.aiohttp_internals import WrappedRunner, listen_again
+from .http.aiohttp_internals import WrappedRunner, listen_again, listening_sockets
 from .http.connections import (
     ACCEPT_BATCH,
     DESCRIPTORS,
     ConnectionGuard,
     QuietLoopErrors,
     connection_cap,
+    defer_accept_until_data,
     descriptor_budget,
     raise_open_files_limit,
 )
@@ -85,6 +86,7 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
         )
         await site.start()
         listen_again(site, LISTEN_BACKLOG)
+        defer_accept_until_data(listening_sockets(site))
         # What start-up made (modules, botocore's models, the app) lives as long as the
         # process: out of the collector's full passes, which otherwise walk it all again
         # (~80,000 objects, ~30 ms) each time connections churn enough to trigger one.

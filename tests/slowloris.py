@@ -2,7 +2,11 @@
 head (half send nothing, half trickle one byte every half second), each reopened the moment
 the server closes or resets it.
 
-    python -m tests.slowloris PORT COUNT
+    python -m tests.slowloris PORT COUNT [all-trickle]
+
+With `all-trickle` every connection trickles, its first byte sent at once: the shape that
+the kernel's deferred accept (a connection is handed over with its first bytes) does not
+hold back.
 
 It prints `attacking` once every connection has been open at least once, then, on SIGTERM,
 `reopened N` (how many times the server closed one) and exits. A process of its own, so its
@@ -81,7 +85,11 @@ class Outcome:
 
 @contextlib.contextmanager
 def attacking(
-    port: int, count: int, cpus: set[int] | None = None, sustained: bool = False
+    port: int,
+    count: int,
+    cpus: set[int] | None = None,
+    sustained: bool = False,
+    all_trickle: bool = False,
 ) -> Iterator[Outcome]:
     """The attack on `port` for the duration of the block, started once every connection
     has been open once (and, when `sustained`, once the server has closed as many as there
@@ -90,7 +98,8 @@ def attacking(
     from .support import OutputWatcher
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.slowloris", str(port), str(count)],
+        [sys.executable, "-m", "tests.slowloris", str(port), str(count)]
+        + (["all-trickle"] if all_trickle else []),
         cwd=Path(__file__).resolve().parent.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -111,7 +120,7 @@ def attacking(
     outcome.reopened = int(found.group(1)) if found else 0
 
 
-async def main(port: int, count: int) -> None:
+async def main(port: int, count: int, all_trickle: bool) -> None:
     # one descriptor a connection: the attacker is not bound by a service manager's 1,024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 256)), hard))
@@ -119,7 +128,9 @@ async def main(port: int, count: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    tasks = [asyncio.create_task(attack.one(i, trickle=i % 2 == 1)) for i in range(count)]
+    tasks = [
+        asyncio.create_task(attack.one(i, trickle=all_trickle or i % 2 == 1)) for i in range(count)
+    ]
     waiting = asyncio.create_task(attack.all_open.wait())
     await asyncio.wait([waiting, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
     if attack.all_open.is_set():
@@ -132,4 +143,4 @@ async def main(port: int, count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["all-trickle"]))

@@ -23,7 +23,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.http.connections import ConnectionGuard, QuietLoopErrors
+from gateway.http.connections import (
+    DEFER_ACCEPT_SECONDS,
+    ConnectionGuard,
+    QuietLoopErrors,
+    defer_accept_until_data,
+)
 
 from .slowloris import attacking
 from .support import (
@@ -98,12 +103,23 @@ async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
         return False
 
 
+# The start of a request line, never finished: a client that has spoken, so the kernel
+# hands its connection over at once and in the order opened (TCP_DEFER_ACCEPT holds a
+# silent one about a second, and hands a batch of them over in no set order).
+SPOKEN = b"GET /"
+
+
 @contextlib.asynccontextmanager
-async def opened(port: int, count: int) -> AsyncIterator[list[tuple[Any, Any]]]:
+async def opened(port: int, count: int, first: bytes = b"") -> AsyncIterator[list[tuple[Any, Any]]]:
+    """`count` connections, each sending `first` (nothing by default) and no more."""
     streams = []
     try:
         for _ in range(count):
-            streams.append(await asyncio.open_connection("127.0.0.1", port))
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            streams.append((reader, writer))
+            if first:
+                writer.write(first)
+                await writer.drain()
         yield streams
     finally:
         for _, writer in streams:
@@ -280,12 +296,42 @@ async def healthz(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     return reader, writer, status
 
 
+def test_listening_sockets_defer_accept_until_data() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        assert defer_accept_until_data([listening])
+        held = listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+    assert held == DEFER_ACCEPT_SECONDS
+
+
+async def test_a_silent_connection_takes_no_descriptor_until_the_kernel_hands_it_over(
+    tmp_path: Path,
+) -> None:
+    """200 connections that send nothing: the gateway holds none of them while a client
+    that speaks after them is served, and then, once the kernel hands them over, holds
+    them until their head deadline closes them."""
+    with gateway_process(tmp_path, request_head_timeout_seconds=2) as gw:
+        await only_the_asking_connection_is_open(gw)
+        started = time.monotonic()
+        async with opened(gw.port, 200) as silent, opened(gw.port, 1, first=SPOKEN) as spoken:
+            await held_open(gw, spoken)
+            quick = time.monotonic() - started < 0.8 * DEFER_ACCEPT_SECONDS
+            held = held_by(gw.proc.pid, server_sockets(gw.port, silent))
+            # held: before the kernel's second has passed, none (a slower machine than
+            # that proves nothing either way)
+            assert not quick or not held, f"{len(held)} silent connections already accepted"
+            await held_open(gw, silent)  # handed over, then counted as any other
+            closed = await asyncio.gather(*(closed_by_server(r, 2 + 8) for r, _ in silent))
+            assert all(closed), f"{closed.count(False)} silent connections still open"
+        text = await metrics_of(gw)
+    assert metric_value(text, "gateway_connection_head_timeouts_total") >= 200
+
+
 async def test_at_the_cap_the_longest_waiting_connection_makes_room(tmp_path: Path) -> None:
     with gateway_process(tmp_path, max_connections=20, request_head_timeout_seconds=30) as gw:
         await only_the_asking_connection_is_open(gw)
-        async with opened(gw.port, 20) as held:
+        async with opened(gw.port, 20, first=SPOKEN) as held:
             await held_open(gw, held)
-            # a 21st connection is served; the first held, which never sent a request
+            # a 21st connection is served; the first held, which never completed a request
             # head, is the one closed to make room
             _, writer, status = await healthz(gw.port)
             writer.close()
@@ -391,7 +437,7 @@ async def test_an_open_backup_takes_its_descriptor_from_a_connection_waiting_for
     longest for its head, as a new connection would."""
     async with small_budget_gateway(tmp_path) as (gw, backup_id, link):
         # every descriptor but one taken by connections that never send a head
-        async with opened(gw.port, SMALL_BUDGET - 1) as held:
+        async with opened(gw.port, SMALL_BUDGET - 1, first=SPOKEN) as held:
             await held_open(gw, held)
             # the download's connection takes the last; its backup needs one more
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

@@ -5,6 +5,7 @@ them, and each is pinned by what the gateway needs, not by taste."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -51,16 +52,20 @@ class WrappedRunner(web.AppRunner):
         return None if inner is None else self._wrap(inner)
 
 
+def listening_sockets(site: web.BaseSite) -> list[socket.socket]:
+    """A started site's listening sockets (aiohttp keeps the asyncio server in `_server`)."""
+    server = site._server
+    assert isinstance(server, asyncio.Server), "the site is not started"
+    return list(server.sockets)
+
+
 def listen_again(site: web.BaseSite, backlog: int) -> None:
     """Give a started site's listening sockets a kernel queue of `backlog` connections.
 
     asyncio passes create_server()'s `backlog` to listen() and also takes it as the number
     of connections to accept at each wake-up, before any protocol sees one; each takes a
     descriptor. A site is started with the burst the descriptors can absorb, then its
-    sockets listen again (on a duplicate: the same socket) with the queue a flood needs.
-    aiohttp keeps the asyncio server in `_server`."""
-    server = site._server
-    assert isinstance(server, asyncio.Server), "the site is not started"
-    for sock in server.sockets:
+    sockets listen again (on a duplicate: the same socket) with the queue a flood needs."""
+    for sock in listening_sockets(site):
         with sock.dup() as same:
             same.listen(backlog)

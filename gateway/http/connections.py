@@ -20,6 +20,11 @@ hour. Here every accepted connection is wrapped before aiohttp's protocol sees i
   if that is what makes room;
 - a connection costs no aiohttp handler, task or timer until its first head is
   complete: a flood of connections that never send one costs as little as it can;
+- before all that, the kernel itself holds a connection that has sent nothing
+  (TCP_DEFER_ACCEPT, as nginx's `deferred`): it is not accepted until its first bytes
+  come, or about a second has passed, so a silent flood takes no descriptor and no turn
+  of the loop for that second, and one that reconnects as fast as it is closed churns
+  once a second a connection, not as fast as the gateway can close it;
 - asyncio's "socket.accept() out of system resource" (and any other loop error) is logged
   at most once a second per message, with a count of what was left out: asyncio logs one
   error per failed accept(), up to the listen backlog at every tick.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -57,6 +63,13 @@ _HEAD_ENDS = (b"\n\r\n", b"\n\n")
 HANDOVER_BYTES = 64 * 1024
 
 
+# How long the kernel holds an accepted handshake that has sent nothing. Linux counts it in
+# SYN-ACK retransmissions: 1 s is one, so a silent connection is handed over at ~1 s and
+# then meets the head deadline like any other (a client that speaks first, as HTTP clients
+# do, is handed over with its first bytes, at once).
+DEFER_ACCEPT_SECONDS = 1
+
+
 def raise_open_files_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -69,6 +82,17 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("open-files limit stays at %d: %s", soft, exc)
     return soft
+
+
+def defer_accept_until_data(sockets: list[socket.socket]) -> bool:
+    """Ask the kernel not to hand over a connection before its first bytes (or
+    DEFER_ACCEPT_SECONDS); False where the platform has no TCP_DEFER_ACCEPT."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None:
+        return False
+    for sock in sockets:
+        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
+    return True
 
 
 def descriptor_budget(open_files: int) -> int:
