@@ -19,9 +19,7 @@ from .app import create_app
 from .backups.download import OPEN_BACKUPS
 from .config import Config, load_config
 from .directory import DIRECTORY
-from .http.aiohttp_internals import WrappedRunner, listen_again, listening_sockets
 from .http.connections import (
-    ACCEPT_BATCH,
     DESCRIPTORS,
     ConnectionGuard,
     QuietLoopErrors,
@@ -30,6 +28,7 @@ from .http.connections import (
     descriptor_budget,
     raise_open_files_limit,
 )
+from .http.listening import Acceptor, bind
 from .telemetry.logs import configure_logging
 from .telemetry.metrics import METRICS
 
@@ -61,9 +60,8 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
         # a local download or restore holds a backup's descriptor beside its connection's:
         # counted in the same budget as it opens
         app[OPEN_BACKUPS].descriptors = guard
-    runner = WrappedRunner(
+    runner = web.AppRunner(
         app,
-        guard.wrap,  # every connection is admitted (or refused) by the guard
         access_log=None,  # ours, with route templates and user ids, is in request_context
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_grace_seconds,
@@ -76,24 +74,22 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     # A worker started by _run_workers has these blocked until now; one that arrived in
     # between is delivered here, to the handlers just installed.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    # every connection is admitted (or refused) by the guard, and made aiohttp's once its
+    # first head is complete (runner.server: aiohttp's protocol factory)
+    acceptor = Acceptor(guard, runner.server)  # type: ignore[arg-type]
     try:
-        site = web.TCPSite(
-            runner,
-            config.server.host,
-            config.server.port,
-            reuse_port=reuse_port,
-            backlog=ACCEPT_BATCH,  # what one wake-up accepts; the kernel queues more
+        sockets = await bind(
+            config.server.host, config.server.port, LISTEN_BACKLOG, reuse_port=reuse_port
         )
-        await site.start()
-        listen_again(site, LISTEN_BACKLOG)
-        defer_accept_until_data(listening_sockets(site))
+        defer_accept_until_data(sockets)
+        acceptor.start(sockets)
         # What start-up made (modules, botocore's models, the app) lives as long as the
         # process: out of the collector's full passes, which otherwise walk it all again
         # (~80,000 objects, ~30 ms) each time connections churn enough to trigger one.
         gc.collect()  # start-up's own garbage is not kept for good
         gc.freeze()
-        for address in runner.addresses:
-            host, port = address[0], address[1]
+        for sock in sockets:
+            host, port = sock.getsockname()[:2]
             log.info(
                 "listening on http://%s:%s",
                 host if ":" not in host else f"[{host}]",
@@ -103,9 +99,10 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
         await stop.wait()
         log.info("shutting down: no new connections, finishing requests in flight")
     finally:
-        # Connections still without a head are the guard's alone: closed first. Then
-        # aiohttp stops accepting, lets in-flight requests finish (bounded by the grace
-        # period), then runs cleanup_ctx, which closes the storage client.
+        # Nothing is accepted any more, and connections still without a head are the
+        # guard's alone: closed first. Then aiohttp lets in-flight requests finish (bounded
+        # by the grace period), then runs cleanup_ctx, which closes the storage client.
+        acceptor.stop()
         guard.close_waiting()
         await runner.cleanup()
         log.info("stopped")

@@ -20,17 +20,10 @@ from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import ConnectionClosedError
 from botocore.session import get_session
 
-from gateway.http.aiohttp_internals import (
-    WrappedRunner,
-    listen_again,
-    requests_queued_behind,
-    send_continue,
-)
-from gateway.http.asyncio_internals import drop_read_callback
+from gateway.http.aiohttp_internals import requests_queued_behind, send_continue
+from gateway.http.asyncio_internals import drop_read_callback, make_socket_transport
 from gateway.telemetry.logging_internals import skip_caller_lookup
 from storage_backends.s3.botocore_internals import StandardRetries, credentials_expiry
-
-from .support import free_port
 
 
 async def _exchange(server: BaseTestServer, raw: bytes) -> bytes:
@@ -82,53 +75,40 @@ async def test_a_request_sent_behind_a_body_is_seen(follows: bytes, queued: bool
     assert f"queued={queued}".encode() in answer
 
 
-async def test_a_wrapped_runner_hands_its_sites_the_wrapped_factory() -> None:
-    wrapped: list[object] = []
-
-    def wrap(factory: Any) -> Any:
-        def made() -> asyncio.Protocol:
-            wrapped.append(factory)
-            protocol: asyncio.Protocol = factory()
-            return protocol
-
-        return made
+async def test_a_transport_made_around_an_accepted_socket_serves_aiohttp() -> None:
+    """make_socket_transport: connection_made comes at the next turn with the transport,
+    before any read, and the transport carries the peer and the socket (sendfile's)."""
 
     async def handler(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        return web.Response(text=f"ok {request.remote}")
 
     app = web.Application()
     app.router.add_get("/", handler)
-    runner = WrappedRunner(app, wrap, handle_signals=False)
-    await runner.setup()
-    port = free_port()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-    finally:
-        await runner.cleanup()
-    assert answer.startswith(b"HTTP/1.1 200 ")
-    assert len(wrapped) == 1  # the connection was made by the wrapped factory
-
-
-async def test_a_started_site_listens_again_with_a_longer_queue() -> None:
-    """Started with a queue of 2, then given 64: with the loop busy (this test holds it, so
-    nothing is accepted), 20 connections still complete their handshake in the kernel."""
-    app = web.Application()
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=2)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
     try:
-        await site.start()
-        listen_again(site, 64)
-        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
-        for client in clients:
-            client.close()
+        theirs.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert runner.server is not None
+        protocol = runner.server()  # aiohttp's protocol, as the acceptor makes it
+        loop = asyncio.get_running_loop()
+        transport = make_socket_transport(loop, ours, protocol, ("10.0.0.9", 4711))
+        assert transport.get_extra_info("peername") == ("10.0.0.9", 4711)
+        assert transport.get_extra_info("socket") is not None
+        theirs.setblocking(False)
+        answer = await asyncio.wait_for(_read_all(loop, theirs), 10)
     finally:
+        theirs.close()
         await runner.cleanup()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok 10.0.0.9")
+
+
+async def _read_all(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := await loop.sock_recv(sock, 4096):
+        answer += chunk
+    return answer
 
 
 @pytest.fixture

@@ -1,8 +1,27 @@
-"""The one use of asyncio's internals, pinned by tests/test_library_internals.py."""
+"""The uses of asyncio's internals, pinned by tests/test_library_internals.py."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from typing import Any
+
+
+def make_socket_transport(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    protocol: asyncio.Protocol,
+    peername: Any,
+) -> asyncio.Transport:
+    """A transport around an accepted socket, made at once: the protocol's connection_made
+    is called at the loop's next turn, before the transport first reads.
+
+    The public way, `loop.connect_accepted_socket()`, is a coroutine: a task and a future a
+    connection, and a turn of the loop in which the socket is nobody's. This is the call
+    the selector loop's own accept makes (`_accept_connection2`), without its task."""
+    make = loop._make_socket_transport  # type: ignore[attr-defined]
+    transport: asyncio.Transport = make(sock, protocol, extra={"peername": peername})
+    return transport
 
 
 def drop_read_callback(transport: asyncio.BaseTransport) -> None:

@@ -11,23 +11,24 @@ hour. Here every accepted connection is wrapped before aiohttp's protocol sees i
   without a complete first request head is aborted to make room for the new one: a flood
   of slow connections that reopen as fast as they are closed then only ever displaces its
   own, while a client that sends its head at once is served. Only when every open
-  connection has sent its head (requests in flight) is the new one reset, at once, before
-  aiohttp makes a handler or a task for it;
+  connection has sent its head (requests in flight) is the new one closed, at once, before
+  anything is made for it;
 - the open-files limit is raised to its hard limit at start, and the cap kept below it,
   less a reserve that absorbs one wake-up's accepts (ACCEPT_BATCH); an open backup (a
   local download holds its connection's descriptor and its file's) takes its descriptor
   from the same budget when it opens, closing a connection still waiting for its head
   if that is what makes room;
-- a connection costs no aiohttp handler, task or timer until its first head is
-  complete: a flood of connections that never send one costs as little as it can;
+- a connection is a bare socket the loop watches until its first head is complete (the
+  accept loop is ours: listening.py): no transport, aiohttp handler, task or timer, so a
+  flood of connections that never send one costs as little as it can;
 - before all that, the kernel itself holds a connection that has sent nothing
   (TCP_DEFER_ACCEPT, as nginx's `deferred`): it is not accepted until its first bytes
   come, or about a second has passed, so a silent flood takes no descriptor and no turn
   of the loop for that second, and one that reconnects as fast as it is closed churns
   once a second a connection, not as fast as the gateway can close it;
-- asyncio's "socket.accept() out of system resource" (and any other loop error) is logged
-  at most once a second per message, with a count of what was left out: asyncio logs one
-  error per failed accept(), up to the listen backlog at every tick.
+- "socket.accept() out of system resource" (then accepting pauses for a second, as
+  asyncio's own accept does) and any other loop error are logged at most once a second
+  per message, with a count of what was left out.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from ..telemetry.metrics import Metrics
-from .asyncio_internals import drop_read_callback
+from .asyncio_internals import drop_read_callback, make_socket_transport
 
 log = logging.getLogger(__name__)
 
@@ -264,35 +265,56 @@ class ConnectionGuard:
             lambda: self.head_timeouts,
         )
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory for loop.create_server() around aiohttp's `factory`."""
-        return lambda: GuardedConnection(self, factory)
+    def accept(
+        self, sock: socket.socket, peer: Any, factory: Callable[[], asyncio.Protocol]
+    ) -> None:
+        """A socket just accepted: admitted and watched for its head, or closed at once
+        (over the cap with none to make room, or shutting down)."""
+        connection = GuardedConnection(self, factory, sock, peer)
+        if self.admit(connection):
+            connection.admitted()
+        else:
+            sock.close()  # no handler, no task, no buffer
 
 
 class GuardedConnection(asyncio.Protocol):
-    """Holds a connection's first bytes until its first request head is complete, then
-    hands the connection and those bytes to aiohttp's protocol, made only then.
+    """One connection from its accept on: until its first request head is complete it is
+    a bare socket the loop watches, its bytes held here; then a transport is made around
+    it and aiohttp's protocol, made only then, is given the bytes held.
 
     A connection that never completes a head (a slowloris, or one closed to make room) so
-    costs a transport and this object: no aiohttp handler, no task, no keep-alive timer.
-    Past HANDOVER_BYTES without the blank line, aiohttp gets what came (its parser's limits
-    answer an oversized head as before), and the connection goes on waiting for its head
-    as far as the guard is concerned."""
+    costs a socket, a reader and this object: no transport, no aiohttp handler, no task,
+    no timer. Past HANDOVER_BYTES without the blank line, aiohttp gets what came (its
+    parser's limits answer an oversized head as before), and the connection goes on
+    waiting for its head as far as the guard is concerned."""
 
     __slots__ = (
+        "_closed",
         "_counted",
         "_factory",
         "_guard",
         "_head",
         "_head_done",
         "_inner",
+        "_loop",
+        "_peer",
         "_scan",
+        "_sock",
         "_transport",
     )
 
-    def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(
+        self,
+        guard: ConnectionGuard,
+        factory: Callable[[], asyncio.Protocol],
+        sock: socket.socket,
+        peer: Any,
+    ) -> None:
         self._guard = guard
         self._factory = factory
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = sock  # until the transport is made around it
+        self._peer = peer
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._head = bytearray()  # the bytes held for aiohttp, until it is made
@@ -301,24 +323,27 @@ class GuardedConnection(asyncio.Protocol):
         self._scan = bytearray()
         self._head_done = False  # its first head's blank line has come
         self._counted = False  # in the guard's count of open connections
+        self._closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        if not self._guard.admit(self):
-            transport.abort()  # a reset: no handler, no task, no buffer
-            drop_read_callback(transport)
-            return
+    def admitted(self) -> None:
+        """Counted in by the guard: its bytes are read from now on."""
+        assert self._sock is not None
         self._counted = True
-        self._transport = transport
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
-    def data_received(self, data: bytes) -> None:
-        if self._transport is None:
-            return  # closed to make room, or its head overdue: what follows is dropped
-        if not self._head_done:
-            self._look_for_head_end(data)
-        if self._inner is not None:
-            self._inner.data_received(data)
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(HANDOVER_BYTES)
+        except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            self.close_now()  # reset by the client: nothing to answer
+            return
+        if not data:
+            self.close_now()  # closed before its head: nothing to answer
+            return
+        self._look_for_head_end(data)
         self._head += data
         if self._head_done or len(self._head) > HANDOVER_BYTES:
             self._hand_over()
@@ -337,20 +362,35 @@ class GuardedConnection(asyncio.Protocol):
             del self._scan[:-2]
 
     def _hand_over(self) -> None:
-        """aiohttp's protocol made, given the connection and the bytes held. Past
-        HANDOVER_BYTES without a blank line the connection is handed over still waiting for
-        its head: its deadline and its place among the first to make room stay."""
-        assert self._transport is not None
+        """A transport made around the socket; aiohttp's protocol follows in
+        connection_made. Past HANDOVER_BYTES without a blank line the connection is handed
+        over still waiting for its head: its deadline and its place among the first to make
+        room stay."""
         if self._guard.closing:
             self.close_now()  # shutting down: nothing new is taken up
             return
+        sock, self._sock = self._sock, None
+        assert sock is not None
+        self._loop.remove_reader(sock.fileno())
+        self._transport = make_socket_transport(self._loop, sock, self, self._peer)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._closed:
+            return  # closed between the hand-over and now: connection_lost follows
+        assert isinstance(transport, asyncio.Transport)
         head, self._head = bytes(self._head), bytearray()
         self._inner = self._factory()
-        self._inner.connection_made(self._transport)
+        self._inner.connection_made(transport)
         self._inner.data_received(head)
 
+    def data_received(self, data: bytes) -> None:
+        if self._inner is None:
+            return  # closed to make room, or its head overdue: what follows is dropped
+        if not self._head_done:
+            self._look_for_head_end(data)
+        self._inner.data_received(data)
+
     def eof_received(self) -> bool | None:
-        # before its head: nothing to answer, the transport closes
         return self._inner.eof_received() if self._inner is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -373,11 +413,16 @@ class GuardedConnection(asyncio.Protocol):
     def close_now(self) -> None:
         """Abort the connection, out of the count at once (the room is the next one's)."""
         self._release()
+        self._closed = True
+        self._head = bytearray()
         if self._transport is not None:
             self._transport.abort()  # it stops reading at once
             drop_read_callback(self._transport)
             self._transport = None
-            self._head = bytearray()
+        elif self._sock is not None:
+            sock, self._sock = self._sock, None
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
 
     def _release(self) -> None:
         if self._counted:
