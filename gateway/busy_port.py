@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from .config import ServerConfig
+from .http.listening import listening_socket
 
 
 class PortBusy(Exception):
@@ -31,11 +32,7 @@ def refuse_busy_port(server: ServerConfig, config_path: Path) -> None:
     except socket.gaierror:
         return  # an unresolvable host is the server's own error to report, as before
     for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            # as asyncio binds: a port left in TIME_WAIT by a stopped gateway is free
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        with listening_socket(family, kind, proto) as probe:  # as the server will bind
             try:
                 probe.bind(address)
             except OSError as exc:

@@ -25,6 +25,18 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 ACCEPT_RETRY_SECONDS = 1.0
 
 
+def listening_socket(family: int, kind: int, proto: int, reuse_port: bool = False) -> socket.socket:
+    """A socket to bind as asyncio binds: a port left in TIME_WAIT by a stopped gateway is
+    free (SO_REUSEADDR), and an IPv6 one takes IPv6 only."""
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return sock
+
+
 async def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets on every address `host` resolves to (all, when empty), as
     `loop.create_server()` makes them: SO_REUSEADDR, IPv6 sockets IPv6-only, non-blocking."""
@@ -35,13 +47,8 @@ async def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> 
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            sock = listening_socket(family, kind, proto, reuse_port)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
             except OSError as exc:
