@@ -712,6 +712,46 @@ async def test_descriptors_are_taken_all_or_none() -> None:
         theirs.close()
 
 
+async def test_a_connection_closed_in_the_same_turn_makes_room_for_the_next() -> None:
+    """At the cap, an answer with `Connection: close` closes its connection, and the guard
+    counts it out a turn later (its transport's connection_lost): a connection accepted
+    in between was closed with its request unread, a reset the client saw instead of its
+    answer. It is looked at again at the next turn, and admitted."""
+    made: list[asyncio.Transport] = []
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            made.append(transport)
+
+    guard = ConnectionGuard(1, 60.0, descriptors=10)
+    first, first_client = socket.socketpair()
+    second, second_client = socket.socketpair()
+    try:
+        first.setblocking(False)
+        second.setblocking(False)
+        guard.accept(first, None, Keep)
+        first_client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        async with asyncio.timeout(10):
+            while not made:  # its head read, a transport made, the handler's turn come
+                await asyncio.sleep(0.01)
+        made[0].close()  # the answer given: closed in this turn ...
+        guard.accept(second, None, Keep)  # ... and another accepted in the same turn
+        async with asyncio.timeout(10):
+            while guard.open != 1 or len(made) < 1:
+                await asyncio.sleep(0.01)
+        second_client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        async with asyncio.timeout(10):
+            while len(made) < 2:
+                await asyncio.sleep(0.01)
+        assert (guard.refused, guard.evicted, guard.open) == (0, 0, 1)
+    finally:
+        for transport in made:
+            transport.abort()
+        for sock in (first, first_client, second, second_client):
+            sock.close()
+
+
 async def test_at_shutdown_connections_without_a_head_are_closed_at_once(
     tmp_path: Path,
 ) -> None:

@@ -173,7 +173,6 @@ class ConnectionGuard:
     def admit(self, connection: GuardedConnection) -> bool:
         """Count a new connection in, making room if the cap is reached; False: refused."""
         if self.closing or (self._full() and not self._make_room()):
-            self.refused += 1
             return False
         self.open += 1
         loop = asyncio.get_running_loop()
@@ -266,14 +265,24 @@ class ConnectionGuard:
         )
 
     def accept(
-        self, sock: socket.socket, peer: Any, factory: Callable[[], asyncio.Protocol]
+        self,
+        sock: socket.socket,
+        peer: Any,
+        factory: Callable[[], asyncio.Protocol],
+        again: bool = True,
     ) -> None:
-        """A socket just accepted: admitted and watched for its head, or closed at once
-        (over the cap with none to make room, or shutting down)."""
+        """A socket just accepted: admitted and watched for its head, or closed (over the
+        cap with none to make room, or shutting down). Refused once, it is looked at again
+        at the loop's next turn before it is closed: a connection closed in this turn (an
+        answer with `Connection: close`) is counted out only then, by its transport's
+        connection_lost, and a socket closed with its request unread is a reset."""
         connection = GuardedConnection(self, factory, sock, peer)
         if self.admit(connection):
             connection.admitted()
+        elif again and not self.closing:
+            asyncio.get_running_loop().call_soon(self.accept, sock, peer, factory, False)
         else:
+            self.refused += 1
             sock.close()  # no handler, no task, no buffer
 
 
