@@ -76,7 +76,8 @@ async def serve_async(config: Config, reuse_port: bool = False) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # every connection is admitted (or refused) by the guard, and made aiohttp's once its
     # first head is complete (runner.server: aiohttp's protocol factory)
-    acceptor = Acceptor(guard, runner.server)  # type: ignore[arg-type]
+    assert runner.server is not None  # made by setup()
+    acceptor = Acceptor(guard, runner.server)
     try:
         sockets = await bind(
             config.server.host, config.server.port, LISTEN_BACKLOG, reuse_port=reuse_port

@@ -245,33 +245,28 @@ async def only_the_asking_connection_is_open(gw: Gateway) -> None:
     # out a turn of its loop later; a connection accepted in between would meet it
     await asyncio.to_thread(
         wait_until,
-        lambda: not held_by(gw.proc.pid, accepted_on(gw.port)),
+        lambda: not held_by(gw.proc.pid, set(accepted_on(gw.port).values())),
         "the gateway holding no connection",
     )
 
 
-def accepted_on(port: int) -> set[int]:
-    """The socket inodes of every connection to `port` (/proc/net/tcp)."""
-    found = set()
+def accepted_on(port: int) -> dict[int, int]:
+    """The server's ends of every connection to `port` that is a socket (a closed one in
+    TIME_WAIT has inode 0): the client's port -> the socket's inode (/proc/net/tcp: local
+    address, remote address, ..., inode)."""
+    found = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
-        if local == port and remote != 0:
-            found.add(int(fields[9]))
+        if local == port and remote != 0 and int(fields[9]) != 0:
+            found[remote] = int(fields[9])
     return found
 
 
 def server_sockets(port: int, clients: list[tuple[Any, Any]]) -> set[int]:
-    """The socket inodes of the server's ends of these client connections to `port`
-    (/proc/net/tcp: local address, remote address, ..., inode)."""
+    """The socket inodes of the server's ends of these client connections to `port`."""
     ours = {writer.get_extra_info("sockname")[1] for _, writer in clients}
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
-        if local == port and remote in ours:
-            found.add(int(fields[9]))
-    return found
+    return {inode for remote, inode in accepted_on(port).items() if remote in ours}
 
 
 def held_by(pid: int, inodes: set[int]) -> set[int]:
@@ -732,18 +727,12 @@ async def test_a_connection_closed_in_the_same_turn_makes_room_for_the_next() ->
         second.setblocking(False)
         guard.accept(first, None, Keep)
         first_client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        async with asyncio.timeout(10):
-            while not made:  # its head read, a transport made, the handler's turn come
-                await asyncio.sleep(0.01)
+        # its head read, a transport made, the handler's turn come
+        await eventually(lambda: made, "the first connection handed over")
         made[0].close()  # the answer given: closed in this turn ...
         guard.accept(second, None, Keep)  # ... and another accepted in the same turn
-        async with asyncio.timeout(10):
-            while guard.open != 1 or len(made) < 1:
-                await asyncio.sleep(0.01)
         second_client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        async with asyncio.timeout(10):
-            while len(made) < 2:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: len(made) == 2, "the second connection handed over")
         assert (guard.refused, guard.evicted, guard.open) == (0, 0, 1)
     finally:
         for transport in made:

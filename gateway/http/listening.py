@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import socket
 from collections.abc import Callable
 
 from .connections import ACCEPT_BATCH, ConnectionGuard
-
-log = logging.getLogger(__name__)
 
 # accept() failures that mean "no descriptor or buffer now": accepting pauses this long, as
 # asyncio's own accept does, instead of failing again at every turn of the loop
