@@ -24,11 +24,10 @@ from .http.connections import (
     ConnectionGuard,
     QuietLoopErrors,
     connection_cap,
-    defer_accept_until_data,
     descriptor_budget,
     raise_open_files_limit,
 )
-from .http.listening import Acceptor, bind
+from .http.listening import Acceptor, bind, defer_accept_until_data
 from .telemetry.logs import configure_logging
 from .telemetry.metrics import METRICS
 

@@ -23,12 +23,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.http.connections import (
-    DEFER_ACCEPT_SECONDS,
-    ConnectionGuard,
-    QuietLoopErrors,
-    defer_accept_until_data,
-)
+from gateway.http.connections import ConnectionGuard, QuietLoopErrors
+from gateway.http.listening import DEFER_ACCEPT_SECONDS, defer_accept_until_data
 
 from .slowloris import attacking
 from .support import (
@@ -703,6 +699,7 @@ async def test_descriptors_are_taken_all_or_none() -> None:
         guard.give_descriptors(2)
         assert guard.held == 0
     finally:
+        guard.close_waiting()
         ours.close()
         theirs.close()
 
@@ -735,6 +732,7 @@ async def test_a_connection_closed_in_the_same_turn_makes_room_for_the_next() ->
         await eventually(lambda: len(made) == 2, "the second connection handed over")
         assert (guard.refused, guard.evicted, guard.open) == (0, 0, 1)
     finally:
+        guard.close_waiting()
         for transport in made:
             transport.abort()
         for sock in (first, first_client, second, second_client):

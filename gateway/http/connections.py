@@ -18,9 +18,10 @@ hour. Here every accepted connection is wrapped before aiohttp's protocol sees i
   local download holds its connection's descriptor and its file's) takes its descriptor
   from the same budget when it opens, closing a connection still waiting for its head
   if that is what makes room;
-- a connection is a bare socket the loop watches until its first head is complete (the
-  accept loop is ours: listening.py): no transport, aiohttp handler, task or timer, so a
-  flood of connections that never send one costs as little as it can;
+- a connection is a bare socket until its first head is complete (the accept loop is
+  ours: listening.py), its first bytes read as it is accepted and the rest as they come
+  (one epoll for all such sockets: socket_watch.py): no transport, aiohttp handler, task
+  or timer, so a flood of connections that never send one costs as little as it can;
 - before all that, the kernel itself holds a connection that has sent nothing
   (TCP_DEFER_ACCEPT, as nginx's `deferred`): it is not accepted until its first bytes
   come, or about a second has passed, so a silent flood takes no descriptor and no turn
@@ -46,6 +47,7 @@ from aiohttp import web
 
 from ..telemetry.metrics import Metrics
 from .asyncio_internals import drop_read_callback, make_socket_transport
+from .socket_watch import SocketWatch, socket_watch
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,6 @@ _HEAD_ENDS = (b"\n\r\n", b"\n\n")
 HANDOVER_BYTES = 64 * 1024
 
 
-# How long the kernel holds an accepted handshake that has sent nothing. Linux counts it in
-# SYN-ACK retransmissions: 1 s is one, so a silent connection is handed over at ~1 s and
-# then meets the head deadline like any other (a client that speaks first, as HTTP clients
-# do, is handed over with its first bytes, at once).
-DEFER_ACCEPT_SECONDS = 1
-
-
 def raise_open_files_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -83,17 +78,6 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("open-files limit stays at %d: %s", soft, exc)
     return soft
-
-
-def defer_accept_until_data(sockets: list[socket.socket]) -> bool:
-    """Ask the kernel not to hand over a connection before its first bytes (or
-    DEFER_ACCEPT_SECONDS); False where the platform has no TCP_DEFER_ACCEPT."""
-    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
-    if option is None:
-        return False
-    for sock in sockets:
-        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
-    return True
 
 
 def descriptor_budget(open_files: int) -> int:
@@ -156,6 +140,16 @@ class ConnectionGuard:
         self._waiting: OrderedDict[GuardedConnection, float] = OrderedDict()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closing = False  # shutting down: nothing admitted, no head taken up
+        # the serving loop, and what watches the sockets still waiting for a head: both
+        # from the first accept on (the guard is made before it may be in a loop)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch: SocketWatch | None = None
+
+    def _attached(self) -> tuple[asyncio.AbstractEventLoop, SocketWatch]:
+        if self._loop is None or self._watch is None:
+            self._loop = asyncio.get_running_loop()
+            self._watch = socket_watch(self._loop)
+        return self._loop, self._watch
 
     def _full(self) -> bool:
         return self.open >= self.max_connections or self.open + self.held >= self.descriptors
@@ -175,7 +169,7 @@ class ConnectionGuard:
         if self.closing or (self._full() and not self._make_room()):
             return False
         self.open += 1
-        loop = asyncio.get_running_loop()
+        loop, _ = self._attached()
         self._waiting[connection] = loop.time()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
@@ -189,6 +183,8 @@ class ConnectionGuard:
         while self._waiting:
             oldest, _ = self._waiting.popitem(last=False)
             oldest.close_now()
+        if self._watch is not None:
+            self._watch.close()
 
     def take_descriptors(self, count: int) -> bool:
         """`count` descriptors are about to be opened beside a connection's (a backup, an
@@ -276,11 +272,12 @@ class ConnectionGuard:
         at the loop's next turn before it is closed: a connection closed in this turn (an
         answer with `Connection: close`) is counted out only then, by its transport's
         connection_lost, and a socket closed with its request unread is a reset."""
-        connection = GuardedConnection(self, factory, sock, peer)
+        loop, watch = self._attached()
+        connection = GuardedConnection(self, loop, watch, factory, sock, peer)
         if self.admit(connection):
             connection.admitted()
         elif again and not self.closing:
-            asyncio.get_running_loop().call_soon(self.accept, sock, peer, factory, False)
+            loop.call_soon(self.accept, sock, peer, factory, False)
         else:
             self.refused += 1
             sock.close()  # no handler, no task, no buffer
@@ -310,18 +307,24 @@ class GuardedConnection(asyncio.Protocol):
         "_scan",
         "_sock",
         "_transport",
+        "_watch",
+        "_watched",
     )
 
     def __init__(
         self,
         guard: ConnectionGuard,
+        loop: asyncio.AbstractEventLoop,
+        watch: SocketWatch,
         factory: Callable[[], asyncio.Protocol],
         sock: socket.socket,
         peer: Any,
     ) -> None:
         self._guard = guard
         self._factory = factory
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._watch = watch
+        self._watched = False  # its socket in the watch: read when readable
         self._sock: socket.socket | None = sock  # until the transport is made around it
         self._peer = peer
         self._inner: asyncio.Protocol | None = None
@@ -335,10 +338,15 @@ class GuardedConnection(asyncio.Protocol):
         self._closed = False
 
     def admitted(self) -> None:
-        """Counted in by the guard: its bytes are read from now on."""
-        assert self._sock is not None
+        """Counted in by the guard: its bytes are read from now on. Handed over by the
+        kernel's deferred accept, a connection has its first bytes here already, often its
+        whole head: they are read at once, and a head complete in them is handed over
+        without the socket ever being watched."""
         self._counted = True
-        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._on_readable()
+        if self._sock is not None:  # not closed, not handed over: waits for more
+            self._watch.watch(self._sock.fileno(), self._on_readable)
+            self._watched = True
 
     def _on_readable(self) -> None:
         assert self._sock is not None
@@ -380,7 +388,7 @@ class GuardedConnection(asyncio.Protocol):
             return
         sock, self._sock = self._sock, None
         assert sock is not None
-        self._loop.remove_reader(sock.fileno())
+        self._unwatch(sock, closing=False)
         self._transport = make_socket_transport(self._loop, sock, self, self._peer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -430,8 +438,13 @@ class GuardedConnection(asyncio.Protocol):
             self._transport = None
         elif self._sock is not None:
             sock, self._sock = self._sock, None
-            self._loop.remove_reader(sock.fileno())
+            self._unwatch(sock, closing=True)
             sock.close()
+
+    def _unwatch(self, sock: socket.socket, closing: bool) -> None:
+        if self._watched:
+            self._watched = False
+            self._watch.forget(sock.fileno(), closing)
 
     def _release(self) -> None:
         if self._counted:

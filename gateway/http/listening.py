@@ -5,7 +5,8 @@ and a transport for every connection before its protocol sees a byte: under a fl
 slow connections that reopen as fast as they are closed, that was most of what a closed
 connection cost. Here a connection is accepted into a bare socket the loop watches
 (`GuardedConnection`); a transport and aiohttp's handler are made only once its first
-request head is complete. The sockets are bound as asyncio binds them."""
+request head is complete. The sockets are bound as asyncio binds them, and the kernel asked
+to hold a connection back until its first bytes (TCP_DEFER_ACCEPT)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from .connections import ACCEPT_BATCH, ConnectionGuard
 # asyncio's own accept does, instead of failing again at every turn of the loop
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY_SECONDS = 1.0
+
+# How long the kernel holds an accepted handshake that has sent nothing. Linux counts it in
+# SYN-ACK retransmissions: 1 s is one, so a silent connection is handed over at ~1 s and
+# then meets the head deadline like any other (a client that speaks first, as HTTP clients
+# do, is handed over with its first bytes, at once).
+DEFER_ACCEPT_SECONDS = 1
 
 
 def listening_socket(family: int, kind: int, proto: int, reuse_port: bool = False) -> socket.socket:
@@ -59,6 +66,17 @@ async def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> 
             sock.close()
         raise
     return sockets
+
+
+def defer_accept_until_data(sockets: list[socket.socket]) -> bool:
+    """Ask the kernel not to hand over a connection before its first bytes (or
+    DEFER_ACCEPT_SECONDS); False where the platform has no TCP_DEFER_ACCEPT."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None:
+        return False
+    for sock in sockets:
+        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
+    return True
 
 
 class Acceptor:
