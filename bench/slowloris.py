@@ -4,6 +4,12 @@ files are capped (hard) at 1,024, as a service manager's default.
 
     .venv/bin/python bench/slowloris.py [DELETES] [COUNT] [--attacker-core] [--all-trickle]
                                                    # defaults: 300 deletes, 1,100
+    .venv/bin/python bench/slowloris.py --churn-cost [--all-trickle] [--attacker-core]
+
+With --churn-cost no delete is sent: the attack runs alone for 8 s once sustained, and the
+gateway's CPU time (its /proc counters) over the connections it closed to make room (its
+evicted counter) is printed, the cost of one reopened connection: a steadier figure than a
+p99 for comparing two versions of the accept path.
 
 With --all-trickle every attacker sends its first byte at once (half of them send nothing
 by default): the kernel hands each over at once, and the gateway's cap alone decides.
@@ -28,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -40,6 +47,7 @@ from tests.support import (
     bearer,
     free_port,
     location_for,
+    metric_value,
     new_backup_id,
     serve_gateway,
     token_for,
@@ -132,8 +140,53 @@ async def main(count: int, attackers: int, attacker_core: bool, all_trickle: boo
         print(f"{'':>16}  gateway error lines: {len(errors)}", *errors[:3], sep="\n")
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def churn_cost(attackers: int, attacker_core: bool, all_trickle: bool, seconds: float = 8) -> None:
+    attacker_cpus = None
+    if attacker_core:
+        cores = sorted(os.sched_getaffinity(0))
+        attacker_cpus = {cores[-1]}
+        os.sched_setaffinity(0, set(cores[:-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        harness = LocalHarness(Path(tmp) / "backups")
+        config = write_config(Path(tmp), port, harness.storage(), logging={"level": "WARNING"})
+        proc = serve_gateway(config, open_files=1024, hard_open_files=True)
+
+        def evicted() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+                return metric_value(resp.read().decode(), "gateway_connections_evicted_total")
+
+        try:
+            wait_for_port(port, proc=proc)
+            with attacking(port, attackers, attacker_cpus, sustained=True, all_trickle=all_trickle):
+                before, (user0, sys0), started = evicted(), cpu_seconds(proc.pid), time.time()
+                time.sleep(seconds)
+                after, (user1, sys1), ended = evicted(), cpu_seconds(proc.pid), time.time()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+    wall, closed = ended - started, after - before
+    user, system = user1 - user0, sys1 - sys0
+    print(
+        f"{attackers} attackers: {closed / wall:.0f} connections closed and reopened a second; "
+        f"the gateway {100 * (user + system) / wall:.0f} % of a core "
+        f"(user {100 * user / wall:.0f} %, system {100 * system / wall:.0f} %), "
+        f"{1e6 * (user + system) / max(closed, 1):.0f} us a reopened connection"
+    )
+
+
 if __name__ == "__main__":
     flags = [a for a in sys.argv[1:] if a.startswith("--")]
     args = [int(a) for a in sys.argv[1:] if not a.startswith("--")][:2]
     count, attackers = args + [300, 1100][len(args) :]
+    if "--churn-cost" in flags:
+        churn_cost(attackers, "--attacker-core" in flags, "--all-trickle" in flags)
+        sys.exit(0)
     asyncio.run(main(count, attackers, "--attacker-core" in flags, "--all-trickle" in flags))
