@@ -3,10 +3,10 @@
 asyncio's own accept (`loop.create_server()`, under aiohttp's sites) makes a task, a future
 and a transport for every connection before its protocol sees a byte: under a flood of
 slow connections that reopen as fast as they are closed, that was most of what a closed
-connection cost. Here a connection is accepted into a bare socket the loop watches
-(`GuardedConnection`); a transport and aiohttp's handler are made only once its first
-request head is complete. The sockets are bound as asyncio binds them, and the kernel asked
-to hold a connection back until its first bytes (TCP_DEFER_ACCEPT)."""
+connection cost. Here a connection is accepted into a bare socket (`GuardedConnection`,
+watched by socket_watch.py); a transport and aiohttp's handler are made only once its
+first request head is complete. The sockets are bound as asyncio binds them, and the
+kernel asked to hold a connection back until its first bytes (TCP_DEFER_ACCEPT)."""
 
 from __future__ import annotations
 
