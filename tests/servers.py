@@ -412,12 +412,35 @@ class SeaweedServer:
         # each bucket is a collection, and a new collection grows 7 volumes by default: one is
         # plenty for a test's few objects (weed reads master.toml from its working directory)
         (self.folder / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
+        # A port free_port() found free can be taken (an outgoing connection's ephemeral
+        # port, another server's) before weed binds it eight ports later: weed then exits
+        # with "address already in use", and is started again on other ports, in a data
+        # folder of its own.
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            try:
+                self._start(weed, self.folder / f"start-{attempt}")
+                return
+            except Exception:
+                if attempt == self.START_ATTEMPTS or not self._lost_a_port():
+                    raise
+                self.log.close()
+
+    START_ATTEMPTS = 3
+
+    def _lost_a_port(self) -> bool:
+        """Weed has exited because one of its ports was taken since it was picked."""
+        if self.proc.poll() is None:
+            return False
+        return b"address already in use" in self.log_path.read_bytes()
+
+    def _start(self, weed: str, data: Path) -> None:
+        data.mkdir()
         ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         grpc = {name: free_port() for name in ports}
         self.port = ports["s3"]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         args = [
-            weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
             # a fixed volume budget, not free disk / volume size: on a machine with little free
             # disk the auto budget ran out after a hundred buckets (PutObject 500 late in the
@@ -428,7 +451,8 @@ class SeaweedServer:
         ]  # fmt: skip
         for name in ports:
             args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
-        self.log = open(self.folder / "weed.log", "wb")  # noqa: SIM115
+        self.log_path = data / "weed.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder
         )
