@@ -47,6 +47,7 @@ PARTS: dict[str, Any] = {"multipart_threshold_bytes": 6 * MiB, "multipart_part_b
 SIZE = 12 * MiB + 7  # three parts: 5 + 5 + 2 MiB and 7 bytes
 PRUNES = "gateway_retention_prunes_total"
 COMPLETE = re.compile(rb"^POST [^ ]*[?&]uploadId=")
+PART_NUMBER = re.compile(rb"^PUT [^ ]*[?&]partNumber=(\d+)[& ]")
 # test_s3_commit_outcome's gateway, in parts; the completion's own read (the S3 client's
 # read timeout) outlasts the answers held here
 COMMIT: dict[str, Any] = {**PARTS, "read_timeout_seconds": 5}
@@ -201,6 +202,34 @@ async def test_a_body_cut_short_between_parts_leaves_no_parts(
     del reader
 
 
+async def test_the_next_part_is_read_and_sent_while_one_goes_up(
+    start_gateway: StartGateway, s3_server: S3Server
+) -> None:
+    """Part 1 held at the store: part 2 is read from the appliance and sent meanwhile (a part
+    read and sent one after the other stalls both sides), and no third part is read while
+    two are in memory."""
+    harness = S3Harness(s3_server.endpoint, f"mpf-{uuid.uuid4().hex[:10]}")
+    relay = HoldFirstPart(int(s3_server.port))
+    await relay.start()
+    try:
+        client = await gateway_behind(start_gateway, harness, relay.endpoint)
+        data = os.urandom(SIZE)
+        sending = asyncio.ensure_future(upload(client, data, **{"Content-Digest": digest_of(data)}))
+        await eventually(lambda: 2 in relay.parts, "part 2 sent while part 1 is held")
+        assert relay.parts == [1, 2]
+        assert harness.keys() == set()  # nothing visible before the completion
+        relay.release.set()
+        resp, body = await sending
+        assert resp.status == 201, body
+        assert sorted(relay.parts) == [1, 2, 3]
+        key = f"org_c1/KEY-C1/{body['data']['id']}"
+        assert harness.client.get_object(Bucket=harness.bucket, Key=key)["Body"].read() == data
+        assert open_uploads(harness) == []
+    finally:
+        relay.release.set()
+        await relay.close()
+
+
 # --------------------------------------------------------------------------- the commit
 
 
@@ -297,3 +326,21 @@ class FlipByteIn(RequestByRequest):
             body = bytes(changed)
             self.flipped += 1
         return head + body
+
+
+class HoldFirstPart(RequestByRequest):
+    """The fault proxy holding UploadPart 1 at its head until `release` is set; `parts`
+    lists the part numbers whose heads it read, in order."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__("127.0.0.1", upstream_port)
+        self.release = asyncio.Event()
+        self.parts: list[int] = []
+
+    async def head_read(self, head: bytes) -> None:
+        number = PART_NUMBER.search(head)
+        if number is None:
+            return
+        self.parts.append(int(number.group(1)))
+        if number.group(1) == b"1":
+            await self.release.wait()

@@ -13,7 +13,8 @@ key is listed from the moment it lands, before the gateway has decided what the 
   `HELD_BYTES_PER_PROCESS` of them) is read into memory and hashed; the commit is one
   PutObject (`_HeldForCommit`). A wrong body never reaches the store.
 - a larger one is a multipart upload at the final key whose parts each carry their own
-  checksum — up to the threshold one part, streamed, whose checksum is the digest itself —
+  checksum (each sent while the next is read) — up to the threshold one part, streamed,
+  whose checksum is the digest itself —
   completed only once the gateway's sha256 of the whole body equals the digest
   (`_MultipartInPlace`)."""
 
@@ -40,6 +41,7 @@ from ..errors import (
     UploadIncomplete,
 )
 from .errors import STORE_FAILURES, error_code, reason, require_ok
+from .parts_in_flight import PartsInFlight
 from .settings import S3Config
 from .signed import Answer, SignedRequests
 
@@ -58,6 +60,10 @@ HELD_BODY_BYTES = 8 * 1024**2
 # What a process holds at most; beyond it, an upload goes up as a multipart upload instead
 # (streamed, a few MiB in memory): slow bodies never pin memory, only this budget.
 HELD_BYTES_PER_PROCESS = 64 * 1024**2
+# The parts of one digest upload in memory at once: one going up while the next is read
+# (parts_in_flight.py; the second taken from the held budget). Three measured within the
+# noise of two on SeaweedFS (docs/benchmarks.md), at one more part of memory.
+PARTS_IN_FLIGHT = 2
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
@@ -203,13 +209,13 @@ class Uploads:
     ) -> StagedBackup:
         """A multipart upload at the final key, created with the final metadata and
         ChecksumAlgorithm SHA256. Up to the threshold the body is one part, streamed, whose
-        `x-amz-checksum-sha256` is the digest; above it each part is read into memory (one
-        part at a time) and hashed on the way, and goes up with its own checksum. The store
-        verifies each. Once every part is up, the gateway's sha256 of the whole body is
-        compared with the appliance's digest: a mismatch aborts the upload before the
-        refusal (ChecksumRefused), so nothing was ever visible. CompleteMultipartUpload
-        is the commit (`_MultipartInPlace`): no staging key, no CopyObject, and nothing
-        listed before it."""
+        `x-amz-checksum-sha256` is the digest; above it each part is read into memory and
+        hashed on the way, and goes up with its own checksum while the next is read
+        (`PartsInFlight`). The store verifies each. Once every part is up, the gateway's
+        sha256 of the whole body is compared with the appliance's digest: a mismatch aborts
+        the upload before the refusal (ChecksumRefused), so nothing was ever visible.
+        CompleteMultipartUpload is the commit (`_MultipartInPlace`): no staging key, no
+        CopyObject, and nothing listed before it."""
         assert backup.expected_sha256 is not None
         cfg = self._config
         whole = hashlib.sha256()
@@ -233,36 +239,33 @@ class Uploads:
                 },
             )
             upload_id = created["UploadId"]
-            remaining = backup.size
-            one_part = backup.size <= cfg.multipart_threshold_bytes
             step = "upload_part"
-            while remaining:
-                sent: AsyncIterator[bytes]
-                if one_part:  # the whole body, streamed: its checksum is the digest
-                    size = remaining
-                    checksum = base64.b64encode(bytes.fromhex(backup.expected_sha256)).decode()
-                    sent = feed.chunks(size)
-                else:
-                    size = min(cfg.multipart_part_bytes, remaining)
-                    chunks, checksum = await feed.part(size)
-                    sent = _sent(chunks)
-                    del chunks  # one part in memory at a time, held by `sent` alone
-                number = len(parts) + 1
-                answer = await self._signed.put_stream(
-                    final,
-                    size,
-                    sent,
-                    {"partNumber": str(number), "uploadId": upload_id},
-                    read_seconds=self._answer_seconds(size),
-                    headers={"x-amz-checksum-sha256": checksum},
+            if backup.size <= cfg.multipart_threshold_bytes:
+                # the whole body, streamed as one part: its checksum is the digest
+                checksum = base64.b64encode(bytes.fromhex(backup.expected_sha256)).decode()
+                parts.append(
+                    await self._part(
+                        final, upload_id, 1, backup.size, feed.chunks(backup.size), checksum
+                    )
                 )
-                del sent
-                if checksum_refused(answer):
-                    raise ChecksumRefused(f"the store's sha256 of part {number} differs")
-                require_ok(answer, step)
-                etag = next((v for k, v in answer.headers.items() if k.lower() == "etag"), "")
-                parts.append({"PartNumber": number, "ETag": etag, "ChecksumSHA256": checksum})
-                remaining -= size
+            else:
+                flight = PartsInFlight(self._held, cfg.multipart_part_bytes, PARTS_IN_FLIGHT)
+                remaining = backup.size
+                number = 0
+                try:
+                    while remaining:
+                        await flight.room_for_next()
+                        size = min(cfg.multipart_part_bytes, remaining)
+                        chunks, checksum = await feed.part(size)
+                        number += 1
+                        flight.send(
+                            self._part(final, upload_id, number, size, _sent(chunks), checksum)
+                        )
+                        del chunks  # held by the part's request alone
+                        remaining -= size
+                    parts = await flight.all_up()
+                finally:
+                    await flight.cancel()  # nothing left once all are up
             if whole.hexdigest() != backup.expected_sha256:
                 raise ChecksumRefused("the body's sha256 differs from the digest")
         except ChecksumRefused:
@@ -276,6 +279,31 @@ class Uploads:
         assert upload_id is not None
         info = backup.info(whole.hexdigest())
         return _MultipartInPlace(self, final, upload_id, parts, info)
+
+    async def _part(
+        self,
+        final: str,
+        upload_id: str,
+        number: int,
+        size: int,
+        sent: AsyncIterator[bytes],
+        checksum: str,
+    ) -> dict[str, Any]:
+        """UploadPart with the checksum the store verifies; the part as the completion
+        names it."""
+        answer = await self._signed.put_stream(
+            final,
+            size,
+            sent,
+            {"partNumber": str(number), "uploadId": upload_id},
+            read_seconds=self._answer_seconds(size),
+            headers={"x-amz-checksum-sha256": checksum},
+        )
+        if checksum_refused(answer):
+            raise ChecksumRefused(f"the store's sha256 of part {number} differs")
+        require_ok(answer, "upload_part")
+        etag = next((v for k, v in answer.headers.items() if k.lower() == "etag"), "")
+        return {"PartNumber": number, "ETag": etag, "ChecksumSHA256": checksum}
 
     async def complete(
         self, key: str, upload_id: str, parts: list[dict[str, Any]], info: BackupInfo
