@@ -243,10 +243,9 @@ class Uploads:
             if backup.size <= cfg.multipart_threshold_bytes:
                 # the whole body, streamed as one part: its checksum is the digest
                 checksum = base64.b64encode(bytes.fromhex(backup.expected_sha256)).decode()
+                sent = feed.chunks(backup.size)
                 parts.append(
-                    await self._part(
-                        final, upload_id, 1, backup.size, feed.chunks(backup.size), checksum
-                    )
+                    await self._part(final, upload_id, 1, backup.size, sent, checksum, backup.size)
                 )
             else:
                 flight = PartsInFlight(self._held, cfg.multipart_part_bytes, PARTS_IN_FLIGHT)
@@ -258,8 +257,12 @@ class Uploads:
                         size = min(cfg.multipart_part_bytes, remaining)
                         chunks, checksum = await feed.part(size)
                         number += 1
+                        # the store may be persisting the other part in flight before this one
+                        persisting = size * PARTS_IN_FLIGHT
                         flight.send(
-                            self._part(final, upload_id, number, size, _sent(chunks), checksum)
+                            self._part(
+                                final, upload_id, number, size, _sent(chunks), checksum, persisting
+                            )
                         )
                         del chunks  # held by the part's request alone
                         remaining -= size
@@ -288,15 +291,17 @@ class Uploads:
         size: int,
         sent: AsyncIterator[bytes],
         checksum: str,
+        persisting: int,
     ) -> dict[str, Any]:
-        """UploadPart with the checksum the store verifies; the part as the completion
-        names it."""
+        """UploadPart with the checksum the store verifies, its answer awaited as long as
+        the store may take to persist `persisting` bytes; the part as the completion names
+        it."""
         answer = await self._signed.put_stream(
             final,
             size,
             sent,
             {"partNumber": str(number), "uploadId": upload_id},
-            read_seconds=self._answer_seconds(size),
+            read_seconds=self._answer_seconds(persisting),
             headers={"x-amz-checksum-sha256": checksum},
         )
         if checksum_refused(answer):
