@@ -63,6 +63,17 @@ def open_uploads(harness: S3Harness) -> list[Any]:
     return list(harness.client.list_multipart_uploads(Bucket=harness.bucket).get("Uploads", []))
 
 
+def parts_stored(harness: S3Harness) -> list[int]:
+    """The part numbers the store holds of the one open multipart upload (none open: [])."""
+    uploads = open_uploads(harness)
+    if not uploads:
+        return []
+    listed = harness.client.list_parts(
+        Bucket=harness.bucket, Key=uploads[0]["Key"], UploadId=uploads[0]["UploadId"]
+    )
+    return [part["PartNumber"] for part in listed.get("Parts", [])]
+
+
 def composite_sha256(data: bytes, part: int) -> str:
     """S3's checksum of a multipart object: the sha256 of its parts' sha256s, "-" and the
     number of parts."""
@@ -222,6 +233,8 @@ async def test_the_next_part_is_read_and_sent_while_one_goes_up(
         data = os.urandom(SIZE)
         sending = asyncio.ensure_future(upload(client, data, **{"Content-Digest": digest_of(data)}))
         await eventually(lambda: 2 in relay.parts, "part 2 sent while part 1 is held")
+        await eventually(lambda: parts_stored(harness) == [2], "part 2 stored")
+        # part 2 up, part 1 still going: two parts in memory, so no third read meanwhile
         assert relay.parts == [1, 2]
         assert harness.keys() == set()  # nothing visible before the completion
         relay.release.set()

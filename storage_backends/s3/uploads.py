@@ -9,8 +9,8 @@ once, no staging copy — and never visible before the commit, since a backup at
 key is listed from the moment it lands, before the gateway has decided what the upload is
 (a retry answered with an earlier backup, a refusal under the system's lock):
 
-- a small body (up to `HELD_BODY_BYTES`, while the process holds fewer than
-  `HELD_BYTES_PER_PROCESS` of them) is read into memory and hashed; the commit is one
+- a small body (up to `HELD_BODY_BYTES`, while the process's held budget,
+  `HELD_BYTES_PER_PROCESS`, has room for it) is read into memory and hashed; the commit is one
   PutObject (`_HeldForCommit`). A wrong body never reaches the store.
 - a larger one is a multipart upload at the final key whose parts each carry their own
   checksum (each sent while the next is read) — up to the threshold one part, streamed,
@@ -57,8 +57,10 @@ PERSIST_SECONDS_PER_BYTE = 1 / (20 * 1024**2)
 # A body with a digest up to this size is held in memory until its commit, one PutObject:
 # a multipart upload costs a 1 MB backup two more requests, and the store ~1.5x the CPU.
 HELD_BODY_BYTES = 8 * 1024**2
-# What a process holds at most; beyond it, an upload goes up as a multipart upload instead
-# (streamed, a few MiB in memory): slow bodies never pin memory, only this budget.
+# What a process holds at most of such bodies and of digest uploads' second parts in memory;
+# beyond it a small body goes up as a multipart upload instead (one part, streamed) and a
+# large one a part at a time: slow bodies never pin more memory than this budget (and a
+# large upload's own part).
 HELD_BYTES_PER_PROCESS = 64 * 1024**2
 # The parts of one digest upload in memory at once: one going up while the next is read
 # (parts_in_flight.py; the second taken from the held budget). Three measured within the
@@ -223,6 +225,7 @@ class Uploads:
         headers = metadata_headers(backup.info(backup.expected_sha256), backup.uploader_ip)
         upload_id: str | None = None
         parts: list[dict[str, Any]] = []
+        flight: PartsInFlight | None = None
         step = "head_bucket"
         try:
             await self._require_bucket()
@@ -249,39 +252,45 @@ class Uploads:
                 )
             else:
                 flight = PartsInFlight(self._held, cfg.multipart_part_bytes, PARTS_IN_FLIGHT)
+                # the store may persist the other parts in flight before it answers one
+                persisting = cfg.multipart_part_bytes * PARTS_IN_FLIGHT
                 remaining = backup.size
                 number = 0
-                try:
-                    while remaining:
-                        await flight.room_for_next()
-                        size = min(cfg.multipart_part_bytes, remaining)
-                        chunks, checksum = await feed.part(size)
-                        number += 1
-                        # the store may be persisting the other part in flight before this one
-                        persisting = size * PARTS_IN_FLIGHT
-                        flight.send(
-                            self._part(
-                                final, upload_id, number, size, _sent(chunks), checksum, persisting
-                            )
-                        )
-                        del chunks  # held by the part's request alone
-                        remaining -= size
-                    parts = await flight.all_up()
-                finally:
-                    await flight.cancel()  # nothing left once all are up
+                while remaining:
+                    size = min(cfg.multipart_part_bytes, remaining)
+                    chunks, checksum = await flight.read_next(feed.part(size))
+                    number += 1
+                    sent = _sent(chunks)
+                    del chunks  # held by the part's request alone
+                    flight.send(
+                        self._part(final, upload_id, number, size, sent, checksum, persisting)
+                    )
+                    del sent
+                    remaining -= size
+                parts = await flight.all_up()
             if whole.hexdigest() != backup.expected_sha256:
                 raise ChecksumRefused("the body's sha256 differs from the digest")
         except ChecksumRefused:
             # refused before anything was completed: aborted before the answer says so
-            await _awaited_in_background(self.abort(final, upload_id))
+            await _awaited_in_background(self._abort_parts(final, upload_id, flight))
             raise
         except BaseException as exc:
             # never awaited here: the caller may be cancelled (deadline, client gone)
-            _background(self.abort(final, upload_id))
+            _background(self._abort_parts(final, upload_id, flight))
             raise _failure(exc, feed.error, step) from None
         assert upload_id is not None
         info = backup.info(whole.hexdigest())
         return _MultipartInPlace(self, final, upload_id, parts, info)
+
+    async def _abort_parts(
+        self, final: str, upload_id: str | None, flight: PartsInFlight | None
+    ) -> None:
+        """The parts still going up stopped first: a part that lands after the abort would
+        be kept by the store, out of any upload anyone completes or aborts."""
+        if flight is not None:
+            flight.cancel()
+            await flight.stopped()
+        await self.abort(final, upload_id)
 
     async def _part(
         self,
@@ -503,8 +512,9 @@ class _MultipartInPlace(StagedBackup):
 
 
 class HeldBytes:
-    """The bytes of bodies held in memory for their commit, against a budget. Never waited
-    for: an upload that finds the budget spent goes up another way."""
+    """The bytes held in memory against a budget: small bodies until their commit, the
+    second part of a digest upload in parts while the first goes up. Never waited for: an
+    upload that finds the budget spent goes up another way."""
 
     def __init__(self, budget: int) -> None:
         self._budget = budget
