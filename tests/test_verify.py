@@ -233,12 +233,15 @@ async def test_a_pass_holds_one_batch_at_a_time_and_reads_each_backup_once(
 def test_tiny_backups_cost_a_mebibyte_of_the_budget_each(tmp_path: Path) -> None:
     """Each backup read costs at least 1 MiB of the byte budget (its open, lock and durable
     state write cost that much), so a folder of tiny backups is not rewritten hundreds of
-    times a second: six of ten bytes at 4 MiB/s are verified at least 0.25 s apart, by the
-    times recorded with them."""
+    times a second: six of ten bytes at 4 MiB/s are verified 0.25 s apart, by the times
+    recorded with them: five intervals, 1.25 s, of which one is left for the jitter of each
+    stamp on a busy machine (a stamp is taken after the backup's read and durable state
+    write, which took 31 ms longer for the first than the last under two busy loops).
+    Without the least charge the six take milliseconds."""
     harness = LocalHarness(tmp_path / "backups")
     planted = [plant(harness, 10 + m, b"ten bytes!") for m in range(6)]
     config = write_config(tmp_path, free_port(), harness.storage())
     done = run_verify(config, "--max-bytes-per-second", str(4 << 20))
     assert done.returncode == 0 and "6 ok" in done.stdout, done.stdout + done.stderr
     stamps = sorted(datetime.fromisoformat(sidecar(harness, b)["verified_at"]) for b in planted)
-    assert (stamps[-1] - stamps[0]).total_seconds() >= 5 * 0.25 * 0.98
+    assert (stamps[-1] - stamps[0]).total_seconds() >= 4 * 0.25
