@@ -7,6 +7,7 @@ whose bytes) the test finishes itself."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
@@ -59,14 +60,14 @@ async def test_the_next_part_is_read_while_one_goes_up_and_the_budget_pays_for_i
     budget, steps = HeldBytes(PART), Steps()
     flight = PartsInFlight(budget, PART, limit=2)
     steps.end("read 1")
-    assert await flight.read_next(steps.read("read 1")) == "read 1"
+    assert await flight.read_next(lambda: steps.read("read 1")) == "read 1"
     assert budget.held == 0  # nothing else in memory: the upload's own part
     flight.send(steps.send(1))
     steps.end("read 2")
-    await flight.read_next(steps.read("read 2"))  # part 1 going up: paid from the budget
+    await flight.read_next(lambda: steps.read("read 2"))  # part 1 going up: paid from the budget
     assert budget.held == PART
     flight.send(steps.send(2))
-    third = asyncio.ensure_future(flight.read_next(steps.read("read 3")))
+    third = asyncio.ensure_future(flight.read_next(lambda: steps.read("read 3")))
     assert await waiting(third)
     assert "read 3" not in steps.futures  # two in memory: the third is not read yet
     steps.end("part 1")
@@ -86,7 +87,7 @@ async def test_a_share_comes_back_when_its_part_is_up_even_while_the_next_is_rea
     budget, steps = HeldBytes(PART), Steps()
     flight = PartsInFlight(budget, PART, limit=2)
     flight.send(steps.send(1))
-    reading = asyncio.ensure_future(flight.read_next(steps.read("read 2")))
+    reading = asyncio.ensure_future(flight.read_next(lambda: steps.read("read 2")))
     assert await waiting(reading)
     assert budget.held == PART
     steps.end("part 1")
@@ -102,7 +103,7 @@ async def test_with_the_budget_spent_one_part_is_in_memory_at_a_time() -> None:
     assert budget.take(PART)  # another upload holds it all
     flight = PartsInFlight(budget, PART, limit=2)
     flight.send(steps.send(1))
-    reading = asyncio.ensure_future(flight.read_next(steps.read("read 2")))
+    reading = asyncio.ensure_future(flight.read_next(lambda: steps.read("read 2")))
     assert await waiting(reading)
     assert "read 2" not in steps.futures
     steps.end("part 1")
@@ -115,7 +116,7 @@ async def test_a_part_that_fails_while_the_next_is_read_stops_the_read() -> None
     budget, steps = HeldBytes(PART), Steps()
     flight = PartsInFlight(budget, PART, limit=2)
     flight.send(steps.send(1))
-    reading = asyncio.ensure_future(flight.read_next(steps.read("read 2")))
+    reading = asyncio.ensure_future(flight.read_next(lambda: steps.read("read 2")))
     assert await waiting(reading)
     steps.end("part 1", ConnectionResetError("the store went away"))
     with pytest.raises(ConnectionResetError):
@@ -129,7 +130,7 @@ async def test_a_failed_part_is_raised_and_the_rest_cancelled_with_the_budget_gi
     flight = PartsInFlight(budget, PART, limit=3)
     for number in (1, 2, 3):
         steps.end(f"read {number}")
-        await flight.read_next(steps.read(f"read {number}"))
+        await flight.read_next(functools.partial(steps.read, f"read {number}"))
         flight.send(steps.send(number))
     assert budget.held == 2 * PART
     steps.end("part 2", ConnectionResetError("the store went away"))
@@ -147,7 +148,7 @@ async def test_the_budget_comes_back_however_often_the_upload_is_cancelled() -> 
     budget, steps = HeldBytes(PART), Steps()
     flight = PartsInFlight(budget, PART, limit=2)
     flight.send(steps.send(1))
-    reading = asyncio.ensure_future(flight.read_next(steps.read("read 2")))
+    reading = asyncio.ensure_future(flight.read_next(lambda: steps.read("read 2")))
     assert await waiting(reading)
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 Part = dict[str, Any]  # as CompleteMultipartUpload takes it: number, ETag, checksum
@@ -43,12 +43,12 @@ class PartsInFlight:
         self._held = 0
         self.parts: list[Part] = []  # those up, in order
 
-    async def read_next(self, reading: Awaitable[T]) -> T:
-        """`reading` (the next part from the appliance), once there is room for it. A part
+    async def read_next(self, reading: Callable[[], Awaitable[T]]) -> T:
+        """`reading()` (the next part from the appliance), once there is room for it. A part
         that fails meanwhile stops the read and is raised: the appliance's bytes would be
         thrown away."""
         await self._room()
-        read = asyncio.ensure_future(reading)
+        read = asyncio.ensure_future(reading())
         try:
             while not read.done():
                 self._raise_failed()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
@@ -258,7 +259,7 @@ class Uploads:
                 number = 0
                 while remaining:
                     size = min(cfg.multipart_part_bytes, remaining)
-                    chunks, checksum = await flight.read_next(feed.part(size))
+                    chunks, checksum = await flight.read_next(functools.partial(feed.part, size))
                     number += 1
                     sent = _sent(chunks)
                     del chunks  # held by the part's request alone
