@@ -39,7 +39,9 @@ async def gateway(
     # upload's 64 MiB in its CompleteMultipartUpload, which took over the suite's usual
     # second on a busy machine (502 before the commit this test holds); the CopyObject's
     # own wait does not depend on it
-    s3 = {"read_timeout_seconds": 10, **s3}
+    # and connect_timeout_seconds 5: a listing's connect through the proxy outlasted the
+    # suite's 1 s once under two busy loops and two suites (a 502 before the commit)
+    s3 = {"read_timeout_seconds": 10, "connect_timeout_seconds": 5, **s3}
     settings = s3_settings(proxy.endpoint, harness.bucket, versioning="off", max_attempts=1, **s3)
     return await start_gateway(
         {
