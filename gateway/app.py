@@ -208,3 +208,4 @@ def _shared_limits(app: web.Application, client: aioredis.Redis | None) -> None:
         retention.failed_logins_per_minute, SharedCounts(counts, here, "failed logins")
     )
     app[RESERVATIONS] = Reservations(book, HostBook(here))
+    app[RESERVATIONS].export_metrics(app[METRICS])

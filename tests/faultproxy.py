@@ -58,6 +58,8 @@ class Faults:
     # x-amz-copy-source). `held` counts the answers held so far.
     hold_answers: list[tuple[re.Pattern[bytes], float]] = field(default_factory=list)
     held: int = 0
+    # set: the answers held go on at once, however long they were to be held
+    release_held: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -168,7 +170,8 @@ class FaultProxy:
             if connection.hold:
                 seconds, connection.hold = connection.hold, 0.0
                 faults.held += 1
-                await asyncio.sleep(seconds)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(faults.release_held.wait(), seconds)
             if faults.delay:
                 await asyncio.sleep(faults.delay)
             if faults.reset_after_bytes is not None:

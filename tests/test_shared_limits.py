@@ -9,6 +9,7 @@ twice the failures, and let twice the organization's room in at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -266,6 +267,12 @@ async def test_the_organization_quota_is_shared_through_redis(
 # --------------------------------------------------------------------------- the race
 
 
+def without_counts(answer: Reserved | Refused) -> Reserved | Refused:
+    """A book's answer but for the release counts it was given at (their values depend
+    on what ran before in the same Redis)."""
+    return dataclasses.replace(answer, releases=None)
+
+
 @pytest.mark.parametrize("where", ["host file", "redis"])
 async def test_a_release_between_reading_and_reserving_makes_the_upload_read_again(
     where: str, tmp_path: Path, redis: RedisServer
@@ -285,12 +292,11 @@ async def test_a_release_between_reading_and_reserving_makes_the_upload_read_aga
     assert isinstance(await book.reserve(a, room, await book.look(KEY, "org_c1")), Reserved)
     await book.release(a)  # after A's commit
     b = Claim("upload-b", KEY, "org_c1", 6_000, 60)
-    assert await book.reserve(b, room, seen) == Reserved(0, 0, True, True)
+    assert without_counts(await book.reserve(b, room, seen)) == Reserved(0, 0, True, True)
     c = Claim("upload-c", KEY, "org_c1", 3_000, 60)
     fresh = await book.look(KEY, "org_c1")
     held_by_b = Reserved(6_000, 6_000, False, False)
-    assert await book.reserve(c, room, fresh) == held_by_b
-    assert await book.reserve(Claim("upload-d", KEY, "org_c1", 2_000, 60), room, fresh) == Refused(
-        "organization"
-    )
+    assert without_counts(await book.reserve(c, room, fresh)) == held_by_b
+    d = Claim("upload-d", KEY, "org_c1", 2_000, 60)
+    assert without_counts(await book.reserve(d, room, fresh)) == Refused("organization")
     await client.aclose()

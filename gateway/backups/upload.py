@@ -19,6 +19,7 @@ import hmac
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -47,7 +48,7 @@ from ..identity.appliance import basic_credentials
 from .appliance_login import appliance
 from .audit import record_upload
 from .digests import InvalidDigest, requested_sha256
-from .limits.reservations import Claim, Refused, Reservations, Room
+from .limits.reservations import Claim, Refused, Releases, Reservations, Reserved, Room
 from .listing import item
 from .names import sanitized
 from .rates import UploadRates
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 
 UPLOAD_RATES = web.AppKey("upload_rates", UploadRates)
 RESERVATIONS = web.AppKey("reservations", Reservations)
+UPLOAD_CLAIM = web.RequestKey("upload_claim", Claim)  # the room this upload holds
+# checks made again after uploads landed, at most: each follows a release
+SETTLE_ROUNDS = 8
 
 # how long an upload's commit waits for its system's lock (a pruning slice holds it ~2 s)
 COMMIT_LOCK_WAIT_SECONDS = 3.0
@@ -208,33 +212,85 @@ async def _admit(
             request, "usage", store.organization_usage, system.organization_id, "store backup"
         )
 
-    seen = await reservations.look(folder.system_key, system.organization_id)  # before reads
-    kept = await kept_now() if cap else 0
-    if cap and kept + seen.system_bytes > cap:
-        raise ApiError(413, SYSTEM_FULL)
+    async def released(then: Releases | None) -> bool:
+        """Whether another upload released its room since `then` (waited for: the refusal
+        counted uploads landing, which release within their commit's time)."""
+        return await reservations.released_since(
+            folder.system_key,
+            system.organization_id,
+            then,
+            config.storage.operation_timeout_seconds,
+        )
+
+    rounds = 0  # checks made again after uploads landed
+    while True:
+        seen = await reservations.look(folder.system_key, system.organization_id)  # before reads
+        kept = await kept_now() if cap else 0
+        if not cap or kept + seen.system_bytes <= cap:
+            break
+        settling = kept + seen.system_bytes - seen.system_landing <= cap
+        if not (settling and rounds < SETTLE_ROUNDS and await released(seen.releases)):
+            raise ApiError(413, SYSTEM_FULL)
+        rounds += 1
     # before the rate: a 503 is the server's doing, and must not cost the appliance a slot
     _hold_descriptors(request, reserved)
     wait = await app[UPLOAD_RATES].admit(folder.system_key)
     if wait is not None:
         raise ApiError(429, "too many uploads", None, {"Retry-After": str(wait)})
-    used = await used_now() if limit else 0
-    claim = Claim(
-        uuid.uuid4().hex,
-        folder.system_key,
-        system.organization_id,
-        backup.size,
-        _deadline_seconds(config, backup.size),
-    )
-    answer = await reservations.hold(claim, Room(cap, kept, limit, used), seen, reserved)
-    if isinstance(answer, Refused):
-        raise ApiError(413, SYSTEM_FULL if answer.full == "system" else ORGANIZATION_FULL)
-    # Released since `seen`: that upload's bytes may be in neither what was read nor the
-    # reservations; read again, now that this one is held
-    if answer.system_stale and cap and await kept_now() + answer.others_system > cap:
-        raise ApiError(413, SYSTEM_FULL)
-    others = answer.others_organization
-    if answer.organization_stale and limit and await used_now() + others + backup.size > limit:
-        raise ApiError(413, ORGANIZATION_FULL)
+    while True:
+        used = await used_now() if limit else 0
+        claim = Claim(
+            uuid.uuid4().hex,
+            folder.system_key,
+            system.organization_id,
+            backup.size,
+            _deadline_seconds(config, backup.size),
+        )
+        async with contextlib.AsyncExitStack() as held:
+            answer = await reservations.hold(claim, Room(cap, kept, limit, used), seen, held)
+            refused = (
+                await _read_again(answer, kept_now, used_now, cap, limit, backup.size)
+                if isinstance(answer, Reserved)
+                else answer
+            )
+            if refused is None:
+                reserved.push_async_exit(held.pop_all())  # held until the upload ends
+                request[UPLOAD_CLAIM] = claim
+                return
+            # waited for with this one's room still held: its own release is not the one
+            settles = (
+                refused.settling and rounds < SETTLE_ROUNDS and await released(refused.releases)
+            )
+        if not settles:
+            raise ApiError(413, SYSTEM_FULL if refused.full == "system" else ORGANIZATION_FULL)
+        rounds += 1
+        seen = await reservations.look(folder.system_key, system.organization_id)
+        kept = await kept_now() if cap else 0
+
+
+async def _read_again(
+    answer: Reserved,
+    kept_now: Callable[[], Awaitable[int]],
+    used_now: Callable[[], Awaitable[int]],
+    cap: int,
+    limit: int,
+    size: int,
+) -> Refused | None:
+    """Released since `seen`: that upload's bytes may be in neither what was read nor the
+    reservations; read again, now that this one is held, against the others' reservations
+    as they were when it was."""
+    if answer.system_stale and cap:
+        kept = await kept_now()
+        if kept + answer.others_system > cap:
+            settling = kept + answer.others_system - answer.landing_system <= cap
+            return Refused("system", settling, answer.releases)
+    if answer.organization_stale and limit:
+        used = await used_now() + size
+        others = answer.others_organization
+        if used + others > limit:
+            settling = used + others - answer.landing_organization <= limit
+            return Refused("organization", settling, answer.releases)
+    return None
 
 
 def _deadline_seconds(config: Config, size: int) -> float:
@@ -461,6 +517,9 @@ async def _commit_in_time(request: web.Request, system: System, staged: StagedBa
     for its outcome at most the store's operation time, then answer 504 `upload outcome
     unknown`, with the bookkeeping done if it lands after all."""
     app = request.app
+    # an upload checking its room from now on may read these bytes stored while this
+    # reservation still holds them: it waits for the release rather than count them twice
+    await app[RESERVATIONS].landing(request[UPLOAD_CLAIM])
     commit = asyncio.ensure_future(run_storage(request, "commit", _commit, staged, "store backup"))
     try:
         await asyncio.wait_for(

@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 CREATE INDEX IF NOT EXISTS reservations_by_system ON reservations (system_key);
 CREATE INDEX IF NOT EXISTS reservations_by_organization ON reservations (organization_id);
+-- reservations of uploads whose commit has been sent (a table of its own: a file made by
+-- an earlier version gains it without a migration)
+CREATE TABLE IF NOT EXISTS landing (
+    id TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS releases (
     scope TEXT PRIMARY KEY,
     generation INTEGER NOT NULL

@@ -7,11 +7,12 @@ meets them first.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 
 from .host_file import HostFile
-from .reservations import Claim, Refused, Reserved, Room, Seen, refusal
+from .reservations import Claim, Refused, Releases, Reserved, Room, Seen, refusal
 
 
 class HostBook:
@@ -23,12 +24,14 @@ class HostBook:
 
         def look(db: sqlite3.Connection) -> Seen:
             _expire(db, now)
-            system, organization = _held(db, system_key, organization_id)
+            held = _held(db, system_key, organization_id)
             return Seen(
-                system,
-                organization,
+                held.system,
+                held.organization,
                 _releases(db, f"system:{system_key}"),
                 _releases(db, f"org:{organization_id}"),
+                system_landing=held.system_landing,
+                organization_landing=held.organization_landing,
             )
 
         return await self._host.transaction(look)
@@ -38,10 +41,21 @@ class HostBook:
 
         def check_and_reserve(db: sqlite3.Connection) -> Reserved | Refused:
             _expire(db, now)
-            system, organization = _held(db, claim.system_key, claim.organization_id)
-            refused = refusal(claim, room, system, organization)
+            held = _held(db, claim.system_key, claim.organization_id)
+            releases = Releases(
+                _releases(db, f"system:{claim.system_key}"),
+                _releases(db, f"org:{claim.organization_id}"),
+            )
+            refused = refusal(
+                claim,
+                room,
+                held.system,
+                held.organization,
+                held.system_landing,
+                held.organization_landing,
+            )
             if refused is not None:
-                return refused
+                return dataclasses.replace(refused, releases=releases)
             db.execute(
                 "INSERT INTO reservations (id, system_key, organization_id, size, expires_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -54,34 +68,65 @@ class HostBook:
                 ),
             )
             return Reserved(
-                system,
-                organization,
-                system_stale=_releases(db, f"system:{claim.system_key}") != seen.system_releases,
-                organization_stale=(
-                    _releases(db, f"org:{claim.organization_id}") != seen.organization_releases
-                ),
+                held.system,
+                held.organization,
+                system_stale=releases.system != seen.system_releases,
+                organization_stale=releases.organization != seen.organization_releases,
+                landing_system=held.system_landing,
+                landing_organization=held.organization_landing,
+                releases=releases,
             )
 
         return await self._host.transaction(check_and_reserve)
 
+    async def landing(self, claim: Claim) -> None:
+        def landing(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR IGNORE INTO landing (id) SELECT id FROM reservations WHERE id = ?",
+                (claim.id,),
+            )
+
+        await self._host.transaction(landing)
+
     async def release(self, claim: Claim) -> None:
         def release(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM reservations WHERE id = ?", (claim.id,))
+            db.execute("DELETE FROM landing WHERE id = ?", (claim.id,))
             _released(db, f"system:{claim.system_key}")
             _released(db, f"org:{claim.organization_id}")
 
         await self._host.transaction(release)
 
 
-def _held(db: sqlite3.Connection, system_key: str, organization_id: str) -> tuple[int, int]:
-    (system,) = db.execute(
-        "SELECT COALESCE(SUM(size), 0) FROM reservations WHERE system_key = ?", (system_key,)
-    ).fetchone()
-    (organization,) = db.execute(
-        "SELECT COALESCE(SUM(size), 0) FROM reservations WHERE organization_id = ?",
-        (organization_id,),
-    ).fetchone()
-    return int(system), int(organization)
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    system: int
+    organization: int
+    system_landing: int
+    organization_landing: int
+
+
+def _held(db: sqlite3.Connection, system_key: str, organization_id: str) -> _Held:
+    """The bytes reserved for the system and the organization, and the landing part."""
+    system, system_landing = _sums(db, "system_key", system_key)
+    organization, organization_landing = _sums(db, "organization_id", organization_id)
+    return _Held(system, organization, system_landing, organization_landing)
+
+
+_LANDING_TOO = (
+    "SELECT COALESCE(SUM(size), 0),"
+    " COALESCE(SUM(CASE WHEN id IN (SELECT id FROM landing) THEN size END), 0)"
+    " FROM reservations WHERE "
+)
+_SUMS = {
+    "system_key": _LANDING_TOO + "system_key = ?",
+    "organization_id": _LANDING_TOO + "organization_id = ?",
+}
+
+
+def _sums(db: sqlite3.Connection, column: str, value: str) -> tuple[int, int]:
+    total, landing = db.execute(_SUMS[column], (value,)).fetchone()
+    return int(total), int(landing)
 
 
 def _expire(db: sqlite3.Connection, now: float) -> None:
@@ -94,6 +139,8 @@ def _expire(db: sqlite3.Connection, now: float) -> None:
     for system_key, organization_id in expired:
         _released(db, f"system:{system_key}")
         _released(db, f"org:{organization_id}")
+    if expired:
+        db.execute("DELETE FROM landing WHERE id NOT IN (SELECT id FROM reservations)")
 
 
 def _releases(db: sqlite3.Connection, scope: str) -> int:

@@ -23,8 +23,14 @@ its reservation the counts are compared: unchanged, every upload whose bytes B's
 may have missed still held its reservation then, and was counted by it. Changed, B reads
 what is stored again, after its reservation, and checks against the others' reservations
 as they were when it reserved (`Reserved`): whatever released before that moment had
-committed before the second read began. A committed upload counted both ways at once
-(bytes and reservation) only makes a check stricter, for as long as its release takes.
+committed before the second read began.
+
+The opposite race would refuse an upload on room that is there: A commits, B reads what
+is stored (A's bytes in it) and then checks against the reservations, A's still among
+them: A counted twice. So an upload marks its reservation as landing just before its
+commit (`landing`), and a check that fails only through landing reservations says so
+(`Refused.settling`): the upload waits for a release (a commit lasts at most the store's
+operation time) and checks again from the start, instead of answering 413.
 """
 
 from __future__ import annotations
@@ -36,11 +42,15 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from ...telemetry.metrics import Metrics
 from .counts import SHARED_FAILURES
 
 log = logging.getLogger(__name__)
 
 RELEASES_KEPT_SECONDS = 86400  # far beyond any upload: a count never restarts under one
+# how often an upload refused through landing uploads looks for their release (a commit
+# takes milliseconds to seconds; a look is one short transaction or script)
+SETTLE_POLL_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,15 @@ class Room:
 
 
 @dataclass(frozen=True)
+class Releases:
+    """The release counts of a system and its organization at one moment, in one book."""
+
+    system: int
+    organization: int
+    shared: bool = True
+
+
+@dataclass(frozen=True)
 class Seen:
     """Reservations and releases as they were before storage was read."""
 
@@ -73,6 +92,13 @@ class Seen:
     system_releases: int
     organization_releases: int
     shared: bool = True  # False: seen in this process's memory
+    # of the bytes reserved, those of uploads whose commit has been sent
+    system_landing: int = 0
+    organization_landing: int = 0
+
+    @property
+    def releases(self) -> Releases:
+        return Releases(self.system_releases, self.organization_releases, self.shared)
 
 
 @dataclass(frozen=True)
@@ -84,11 +110,17 @@ class Reserved:
     others_organization: int
     system_stale: bool
     organization_stale: bool
+    # of the others' bytes, those landing (see `Seen`)
+    landing_system: int = 0
+    landing_organization: int = 0
+    releases: Releases | None = None  # at the reservation
 
 
 @dataclass(frozen=True)
 class Refused:
     full: Literal["system", "organization"]
+    settling: bool = False  # it would fit but for uploads landing: check again after they end
+    releases: Releases | None = None  # at the check
 
 
 class Book(Protocol):
@@ -96,16 +128,35 @@ class Book(Protocol):
 
     async def reserve(self, claim: Claim, room: Room, seen: Seen) -> Reserved | Refused: ...
 
+    async def landing(self, claim: Claim) -> None: ...
+
     async def release(self, claim: Claim) -> None: ...
 
 
-def refusal(claim: Claim, room: Room, system: int, organization: int) -> Refused | None:
+def refusal(
+    claim: Claim,
+    room: Room,
+    system: int,
+    organization: int,
+    landing_system: int = 0,
+    landing_organization: int = 0,
+) -> Refused | None:
     """The check both books make atomically: `system` and `organization` are the bytes
-    the other uploads hold reserved."""
+    the other uploads hold reserved, `landing_*` the part of them landing."""
+    full = _full(claim, room, system, organization)
+    if full is None:
+        return None
+    settling = _full(claim, room, system - landing_system, organization - landing_organization)
+    return Refused(full, settling=settling is None)
+
+
+def _full(
+    claim: Claim, room: Room, system: int, organization: int
+) -> Literal["system", "organization"] | None:
     if room.system_cap and room.kept + system > room.system_cap:
-        return Refused("system")
+        return "system"
     if room.organization_cap and room.used + organization + claim.size > room.organization_cap:
-        return Refused("organization")
+        return "organization"
     return None
 
 
@@ -119,6 +170,23 @@ class Reservations:
         self._held_here: set[str] = set()
         self._releasing: set[asyncio.Task[None]] = set()
         self.failures = 0
+        self.waits = 0
+
+    def export_metrics(self, metrics: Metrics) -> None:
+        metrics.add_reading(
+            "counter",
+            "gateway_upload_room_waits",
+            "Uploads that waited for another upload's commit to end before checking their"
+            " room again, rather than count its bytes twice",
+            lambda: self.waits,
+        )
+        metrics.add_reading(
+            "counter",
+            "gateway_upload_reservation_failures",
+            "Reservation steps the shared place (Redis or the host's file) did not answer:"
+            " the quotas then held per process",
+            lambda: self.failures,
+        )
 
     async def hold(
         self, claim: Claim, room: Room, seen: Seen, until: contextlib.AsyncExitStack
@@ -163,17 +231,47 @@ class Reservations:
     async def reserve(self, claim: Claim, room: Room, seen: Seen) -> Reserved | Refused:
         try:
             answer = await self._shared.reserve(claim, room, seen)
-            moved = not seen.shared
+            shared = True
         except SHARED_FAILURES as exc:
             self._failed(exc)
             answer = await self._here.reserve(claim, room, seen)
-            moved = seen.shared
+            shared = False
             if isinstance(answer, Reserved):
                 self._held_here.add(claim.id)
-        if moved and isinstance(answer, Reserved):
+        if shared != seen.shared and isinstance(answer, Reserved):
             # seen in one book, held in the other: its release counts say nothing here
             answer = dataclasses.replace(answer, system_stale=True, organization_stale=True)
+        if answer.releases is not None and not shared:
+            answer = dataclasses.replace(
+                answer, releases=dataclasses.replace(answer.releases, shared=False)
+            )
         return answer
+
+    async def landing(self, claim: Claim) -> None:
+        """Mark the claim's reservation as landing: its commit is about to be sent. Best
+        effort: unmarked, a check that counts it twice refuses (the safe way) as before."""
+        book = self._here if claim.id in self._held_here else self._shared
+        try:
+            await book.landing(claim)
+        except SHARED_FAILURES as exc:
+            log.warning("reservation of %s not marked landing: %s", claim.id, type(exc).__name__)
+
+    async def released_since(
+        self, system_key: str, organization_id: str, then: Releases | None, seconds: float
+    ) -> bool:
+        """Wait up to `seconds` for a release of the system or the organization after
+        `then`; True once there was one."""
+        if then is None:
+            return False
+        self.waits += 1
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while True:
+            if (await self.look(system_key, organization_id)).releases != then:
+                return True
+            if loop.time() >= until:
+                return False
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
 
     async def release(self, claim: Claim) -> None:
         if claim.id in self._held_here:
