@@ -44,27 +44,43 @@ from .test_uploads import KEY, backups_of, upload
 COPY_OBJECT = re.compile(rb"(?im)^x-amz-copy-source:")
 ORGANIZATION_FULL = "organization backup quota exceeded"
 WAITS = "gateway_upload_room_waits_total"
-ROOM = {
-    **KEEP_EVERYTHING,
-    "max_bytes_per_organization": 10_000,
-    "uploads_per_minute": 0,
-    "uploads_per_hour": 0,
+HOLD = 30.0  # seconds A's commit answer is held at most: far beyond what the test takes
+QUOTAS = {  # 10,000 bytes for the system or its organization: two of 6,000 do not fit
+    "organization": ({"max_bytes_per_organization": 10_000}, ORGANIZATION_FULL),
+    "system": ({"max_bytes_per_system": 10_000}, "system backup quota exceeded"),
 }
 
 
 async def gateway(
-    start_gateway: StartGateway, harness: S3Harness, proxy: FaultProxy, where: str, redis: Any
+    start_gateway: StartGateway,
+    harness: S3Harness,
+    proxy: FaultProxy,
+    where: str,
+    redis: Any,
+    quota: dict[str, int],
 ) -> TestClient:
-    # a held answer is well within the store's time: the test, not a timeout, ends the hold
+    # the hold (HOLD) within the store's read timeout and operation time: the test, not a
+    # timeout, ends it
     settings = s3_settings(
         proxy.endpoint,
         harness.bucket,
         versioning="off",
         max_attempts=1,
         connect_timeout_seconds=5,
-        read_timeout_seconds=10,
+        read_timeout_seconds=HOLD + 10,
     )
-    storage = {"backend": "s3", "operation_timeout_seconds": 30, "s3": settings, "retention": ROOM}
+    storage = {
+        "backend": "s3",
+        "operation_timeout_seconds": HOLD + 10,
+        "s3": settings,
+        "retention": {
+            **KEEP_EVERYTHING,
+            "uploads_per_minute": 0,
+            "uploads_per_hour": 0,
+            "duplicate_window_seconds": 0,
+            **quota,
+        },
+    }
     sections = {"redis": {"url": redis.url}} if where == "redis" else {}
     return await start_gateway(storage, **sections)
 
@@ -74,6 +90,7 @@ def stored_bytes(harness: S3Harness) -> int:
     return sum(item["Size"] for item in listed.get("Contents", []))
 
 
+@pytest.mark.parametrize("quota", QUOTAS)
 @pytest.mark.parametrize("where", ["host file", "redis"])
 async def test_an_upload_checking_while_another_lands_waits_for_it(
     start_gateway: StartGateway,
@@ -81,9 +98,11 @@ async def test_an_upload_checking_while_another_lands_waits_for_it(
     proxy: FaultProxy,
     redis: RedisServer,
     where: str,
+    quota: str,
 ) -> None:
-    client = await gateway(start_gateway, s3_harness, proxy, where, redis)
-    proxy.faults.hold_answers = [(COPY_OBJECT, 60.0)]
+    room, full = QUOTAS[quota]
+    client = await gateway(start_gateway, s3_harness, proxy, where, redis, room)
+    proxy.faults.hold_answers = [(COPY_OBJECT, HOLD)]
     first = asyncio.ensure_future(upload(client, b"a" * 6_000))
     # A is in the store, its answer held: its reservation still holds its 6,000 bytes
     await eventually(lambda: proxy.faults.held == 1, "A's commit answer held")
@@ -98,7 +117,7 @@ async def test_an_upload_checking_while_another_lands_waits_for_it(
     assert sorted(backups_of(s3_harness)) == sorted([a_body["data"]["id"], b_body["data"]["id"]])
     # a third does not fit (9,000 + 3,000): refused at once, nothing landing to wait for
     c, c_body = await upload(client, b"c" * 3_000)
-    assert (c.status, c_body) == (413, {"code": 413, "message": ORGANIZATION_FULL, "data": {}})
+    assert (c.status, c_body) == (413, {"code": 413, "message": full, "data": {}})
     assert await scrape(client, WAITS) == 1
     assert stored_bytes(s3_harness) == 9_000 and len(backups_of(s3_harness)) == 2
     if where == "redis":  # every reservation and landing mark gone with its upload
@@ -114,9 +133,8 @@ async def test_only_a_refusal_through_landing_uploads_waits(
     """The books' side, each step as an upload takes it: a refusal says it would fit but
     for uploads landing (`settling`) only when it would; the wait ends with a release."""
     client = redis_client(redis.url, 1)
-    book: Book = (
-        HostBook(HostFile.at(tmp_path / "state")) if where == "host file" else RedisBook(client)
-    )
+    host = HostFile.at(tmp_path / "state")
+    book: Book = HostBook(host) if where == "host file" else RedisBook(client)
     reservations = Reservations(book, HostBook(HostFile.in_memory()))
     org = "org_c1"
     try:
@@ -143,16 +161,21 @@ async def test_only_a_refusal_through_landing_uploads_waits(
         refused_too = await book.reserve(Claim("upload-d", KEY, org, 5_000, 60), room, seen)
         assert isinstance(refused_too, Refused) and not refused_too.settling
         # no release, no end to the wait but its bound; A's release ends it
-        assert not await reservations.released_since(KEY, org, refused.releases, 0.05)
-        waiting = asyncio.ensure_future(reservations.released_since(KEY, org, refused.releases, 30))
+        soon = asyncio.get_running_loop().time() + 0.05
+        assert not await reservations.released_since(KEY, org, refused.releases, soon)
+        waits = reservations.waiting_room(KEY, org, 30)
+        waiting = asyncio.ensure_future(waits.worth_another_check(True, refused.releases))
         await book.release(a)
         assert await waiting
         fresh = await book.look(KEY, org)
         assert (fresh.organization_bytes, fresh.organization_landing) == (0, 0)
         assert isinstance(await book.reserve(c, room, fresh), Reserved)
         await book.release(c)
+        # not worth it for a refusal that would stand without the landing ones
+        assert not await waits.worth_another_check(False, refused.releases)
     finally:
         await client.aclose()
+        host.close()
     if where == "redis":
         db = redis.client(1)
         assert db.keys("backup_gateway:landing:*") == []

@@ -48,7 +48,7 @@ from ..identity.appliance import basic_credentials
 from .appliance_login import appliance
 from .audit import record_upload
 from .digests import InvalidDigest, requested_sha256
-from .limits.reservations import Claim, Refused, Releases, Reservations, Reserved, Room
+from .limits.reservations import Claim, Refused, Reservations, Reserved, Room, WaitingRoom
 from .listing import item
 from .names import sanitized
 from .rates import UploadRates
@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 UPLOAD_RATES = web.AppKey("upload_rates", UploadRates)
 RESERVATIONS = web.AppKey("reservations", Reservations)
 UPLOAD_CLAIM = web.RequestKey("upload_claim", Claim)  # the room this upload holds
-# checks made again after uploads landed, at most: each follows a release
-SETTLE_ROUNDS = 8
+# beyond the store's operation time, for a landing upload's lock exit and release
+SETTLE_MARGIN_SECONDS = 2.0
 
 # how long an upload's commit waits for its system's lock (a pruning slice holds it ~2 s)
 COMMIT_LOCK_WAIT_SECONDS = 3.0
@@ -212,26 +212,25 @@ async def _admit(
             request, "usage", store.organization_usage, system.organization_id, "store backup"
         )
 
-    async def released(then: Releases | None) -> bool:
-        """Whether another upload released its room since `then` (waited for: the refusal
-        counted uploads landing, which release within their commit's time)."""
-        return await reservations.released_since(
-            folder.system_key,
-            system.organization_id,
-            then,
-            config.storage.operation_timeout_seconds,
-        )
-
-    rounds = 0  # checks made again after uploads landed
+    # a landing upload releases within its commit's time, its lock's exit and the release
+    waits = reservations.waiting_room(
+        folder.system_key,
+        system.organization_id,
+        config.storage.operation_timeout_seconds + SETTLE_MARGIN_SECONDS,
+    )
     while True:
-        seen = await reservations.look(folder.system_key, system.organization_id)  # before reads
+        seen = await waits.look()  # before reads
         kept = await kept_now() if cap else 0
         if not cap or kept + seen.system_bytes <= cap:
             break
-        settling = kept + seen.system_bytes - seen.system_landing <= cap
-        if not (settling and rounds < SETTLE_ROUNDS and await released(seen.releases)):
+        # double counted, perhaps: an upload may have landed since `seen` was looked at
+        # (and be landing now, or released); without room in what is stored, no wait helps
+        now = await waits.look()
+        settling = kept + seen.system_bytes - now.system_landing <= cap or (
+            now.releases != seen.releases and kept <= cap
+        )
+        if not await waits.worth_another_check(settling, seen.releases):
             raise ApiError(413, SYSTEM_FULL)
-        rounds += 1
     # before the rate: a 503 is the server's doing, and must not cost the appliance a slot
     _hold_descriptors(request, reserved)
     wait = await app[UPLOAD_RATES].admit(folder.system_key)
@@ -248,47 +247,49 @@ async def _admit(
         )
         async with contextlib.AsyncExitStack() as held:
             answer = await reservations.hold(claim, Room(cap, kept, limit, used), seen, held)
-            refused = (
-                await _read_again(answer, kept_now, used_now, cap, limit, backup.size)
-                if isinstance(answer, Reserved)
-                else answer
-            )
-            if refused is None:
-                reserved.push_async_exit(held.pop_all())  # held until the upload ends
-                request[UPLOAD_CLAIM] = claim
-                return
+            if isinstance(answer, Reserved):
+                refused = await _read_again(answer, waits, kept_now, used_now, cap, limit, backup)
+                if refused is None:
+                    reserved.push_async_exit(held.pop_all())  # held until the upload ends
+                    request[UPLOAD_CLAIM] = claim
+                    return
+            else:
+                refused = answer
             # waited for with this one's room still held: its own release is not the one
-            settles = (
-                refused.settling and rounds < SETTLE_ROUNDS and await released(refused.releases)
-            )
-        if not settles:
+            again = await waits.worth_another_check(refused.settling, refused.releases)
+        if not again:
             raise ApiError(413, SYSTEM_FULL if refused.full == "system" else ORGANIZATION_FULL)
-        rounds += 1
-        seen = await reservations.look(folder.system_key, system.organization_id)
+        seen = await waits.look()
         kept = await kept_now() if cap else 0
 
 
 async def _read_again(
     answer: Reserved,
+    waits: WaitingRoom,
     kept_now: Callable[[], Awaitable[int]],
     used_now: Callable[[], Awaitable[int]],
     cap: int,
     limit: int,
-    size: int,
+    backup: NewBackup,
 ) -> Refused | None:
     """Released since `seen`: that upload's bytes may be in neither what was read nor the
     reservations; read again, now that this one is held, against the others' reservations
-    as they were when it was."""
+    as they were when it was. An upload that landed since may be in both: `settling` when
+    one is landing, or released since."""
     if answer.system_stale and cap:
         kept = await kept_now()
         if kept + answer.others_system > cap:
-            settling = kept + answer.others_system - answer.landing_system <= cap
+            now = await waits.look()
+            settling = kept + answer.others_system - now.system_landing <= cap or (
+                now.releases != answer.releases and kept <= cap
+            )
             return Refused("system", settling, answer.releases)
     if answer.organization_stale and limit:
-        used = await used_now() + size
-        others = answer.others_organization
-        if used + others > limit:
-            settling = used + others - answer.landing_organization <= limit
+        used = await used_now() + backup.size
+        if used + answer.others_organization > limit:
+            now = await waits.look()
+            others = answer.others_organization - now.organization_landing
+            settling = used + others <= limit or (now.releases != answer.releases and used <= limit)
             return Refused("organization", settling, answer.releases)
     return None
 

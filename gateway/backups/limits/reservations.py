@@ -51,6 +51,10 @@ RELEASES_KEPT_SECONDS = 86400  # far beyond any upload: a count never restarts u
 # how often an upload refused through landing uploads looks for their release (a commit
 # takes milliseconds to seconds; a look is one short transaction or script)
 SETTLE_POLL_SECONDS = 0.01
+SETTLE_POLL_MAX_SECONDS = 0.1
+# checks made again after uploads landed, at most: each follows a release, of any upload of
+# the system or the organization
+SETTLE_ROUNDS = 16
 
 
 @dataclass(frozen=True)
@@ -254,24 +258,39 @@ class Reservations:
         try:
             await book.landing(claim)
         except SHARED_FAILURES as exc:
+            self.failures += 1
             log.warning("reservation of %s not marked landing: %s", claim.id, type(exc).__name__)
 
+    def waiting_room(self, system_key: str, organization_id: str, seconds: float) -> WaitingRoom:
+        """An upload's wait for the uploads landing that made its checks fail: at most
+        `seconds` over all of its checks, and `SETTLE_ROUNDS` checks again."""
+        return WaitingRoom(self, system_key, organization_id, seconds)
+
     async def released_since(
-        self, system_key: str, organization_id: str, then: Releases | None, seconds: float
+        self, system_key: str, organization_id: str, then: Releases, until: float
     ) -> bool:
-        """Wait up to `seconds` for a release of the system or the organization after
-        `then`; True once there was one."""
-        if then is None:
-            return False
+        """Wait until the loop's time `until` for a release of the system or the
+        organization after `then`, in the book that gave `then`; True once there was one
+        (or that book stopped answering: the check is made again, in the other one)."""
         self.waits += 1
         loop = asyncio.get_running_loop()
-        until = loop.time() + seconds
+        pause = SETTLE_POLL_SECONDS
         while True:
-            if (await self.look(system_key, organization_id)).releases != then:
+            try:
+                book = self._shared if then.shared else self._here
+                now = await book.look(system_key, organization_id)
+            except SHARED_FAILURES as exc:
+                self._failed(exc)
+                return True
+            if (now.system_releases, now.organization_releases) != (
+                then.system,
+                then.organization,
+            ):
                 return True
             if loop.time() >= until:
                 return False
-            await asyncio.sleep(SETTLE_POLL_SECONDS)
+            await asyncio.sleep(min(pause, max(0.0, until - loop.time())))
+            pause = min(pause * 2, SETTLE_POLL_MAX_SECONDS)
 
     async def release(self, claim: Claim) -> None:
         if claim.id in self._held_here:
@@ -287,3 +306,30 @@ class Reservations:
     def _failed(self, exc: BaseException) -> None:
         self.failures += 1
         log.warning("upload reservations in this process only: %s", type(exc).__name__)
+
+
+class WaitingRoom:
+    """One upload's waits for uploads landing (see the module's note)."""
+
+    def __init__(
+        self, reservations: Reservations, system_key: str, organization_id: str, seconds: float
+    ) -> None:
+        self._reservations = reservations
+        self._system_key = system_key
+        self._organization_id = organization_id
+        self._until = asyncio.get_running_loop().time() + seconds
+        self.rounds = 0
+
+    async def look(self) -> Seen:
+        return await self._reservations.look(self._system_key, self._organization_id)
+
+    async def worth_another_check(self, settling: bool, then: Releases | None) -> bool:
+        """Whether the check that failed may pass when made again: it failed only through
+        uploads landing (`settling`), and one of the system's or the organization's uploads
+        released since `then` (waited for)."""
+        if not settling or then is None or self.rounds >= SETTLE_ROUNDS:
+            return False
+        self.rounds += 1
+        return await self._reservations.released_since(
+            self._system_key, self._organization_id, then, self._until
+        )
