@@ -38,7 +38,7 @@ from .support import (
 )
 from .test_digests import digest_of
 from .test_retention import ONLY_LAST
-from .test_s3_commit_outcome import OPERATION_TIMEOUT, gateway, plant_older, staging_keys
+from .test_s3_commit_outcome import LATE, PATIENT, gateway, plant_older, staging_keys
 from .test_uploads import backups_of, head_for, upload
 
 MiB = 1024**2
@@ -255,9 +255,9 @@ async def test_a_completion_answered_within_the_operation_time_is_201(
     start_gateway: StartGateway, s3_server: S3Server, proxy: FaultProxy
 ) -> None:
     harness = S3Harness(s3_server.endpoint, f"mpk-{uuid.uuid4().hex[:10]}")
-    client = await gateway(start_gateway, harness, proxy, **COMMIT)
+    client = await gateway(start_gateway, harness, proxy, PATIENT, **COMMIT)
     older = plant_older(harness)
-    proxy.faults.hold_answers = [(COMPLETE, OPERATION_TIMEOUT / 2)]
+    proxy.faults.hold_answers = [(COMPLETE, LATE)]
     data = os.urandom(SIZE)
     resp, body = await upload(client, data, **{"Content-Digest": digest_of(data)})
     assert (resp.status, body["message"]) == (201, "backup stored")
@@ -274,13 +274,14 @@ async def test_a_completion_that_lands_after_the_answer_is_504_with_its_bookkeep
     harness = S3Harness(s3_server.endpoint, f"mpl-{uuid.uuid4().hex[:10]}")
     client = await gateway(start_gateway, harness, proxy, **COMMIT)
     older = plant_older(harness)
-    proxy.faults.hold_answers = [(COMPLETE, OPERATION_TIMEOUT + 0.6)]
+    proxy.faults.hold_answers = [(COMPLETE, 600.0)]
     data = os.urandom(SIZE)
     resp, body = await upload(client, data, **{"Content-Digest": digest_of(data)})
     assert (resp.status, body) == (
         504,
         {"code": 504, "message": "upload outcome unknown", "data": {}},
     )
+    proxy.faults.release_held.set()  # the answer goes after the 504, within its own time
     await landed_and_pruned_for(client, harness, older, data)
     assert open_uploads(harness) == []
 
