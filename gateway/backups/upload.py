@@ -226,9 +226,8 @@ async def _admit(
         # double counted, perhaps: an upload may have landed since `seen` was looked at
         # (and be landing now, or released); without room in what is stored, no wait helps
         now = await waits.look()
-        settling = kept + seen.system_bytes - now.system_landing <= cap or (
-            now.releases != seen.releases and kept <= cap
-        )
+        released = now.releases != seen.releases
+        settling = _may_fit(kept, seen.system_bytes, now.system_landing, cap, released)
         if not await waits.worth_another_check(settling, seen.releases):
             raise ApiError(413, SYSTEM_FULL)
     # before the rate: a 503 is the server's doing, and must not cost the appliance a slot
@@ -280,18 +279,25 @@ async def _read_again(
         kept = await kept_now()
         if kept + answer.others_system > cap:
             now = await waits.look()
-            settling = kept + answer.others_system - now.system_landing <= cap or (
-                now.releases != answer.releases and kept <= cap
-            )
+            released = now.releases != answer.releases
+            settling = _may_fit(kept, answer.others_system, now.system_landing, cap, released)
             return Refused("system", settling, answer.releases)
     if answer.organization_stale and limit:
         used = await used_now() + backup.size
         if used + answer.others_organization > limit:
             now = await waits.look()
-            others = answer.others_organization - now.organization_landing
-            settling = used + others <= limit or (now.releases != answer.releases and used <= limit)
+            released = now.releases != answer.releases
+            others, landing = answer.others_organization, now.organization_landing
+            settling = _may_fit(used, others, landing, limit, released)
             return Refused("organization", settling, answer.releases)
     return None
+
+
+def _may_fit(stored: int, reserved: int, landing: int, cap: int, released: bool) -> bool:
+    """Whether a check that failed (`stored` + `reserved` over `cap`) may pass when made
+    again: it fits without the bytes landing now (counted twice, perhaps), or an upload
+    released since it looked and what is stored alone leaves room."""
+    return stored + reserved - landing <= cap or (released and stored <= cap)
 
 
 def _deadline_seconds(config: Config, size: int) -> float:

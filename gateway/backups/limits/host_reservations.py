@@ -72,8 +72,6 @@ class HostBook:
                 held.organization,
                 system_stale=releases.system != seen.system_releases,
                 organization_stale=releases.organization != seen.organization_releases,
-                landing_system=held.system_landing,
-                landing_organization=held.organization_landing,
                 releases=releases,
             )
 

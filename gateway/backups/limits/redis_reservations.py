@@ -72,7 +72,7 @@ return {system, organization, releases(KEYS[3]), releases(KEYS[4]),
 # ARGV: releases kept seconds, id, size, ms until expiry, system cap, kept bytes,
 # organization cap, used bytes. The check of `reservations.refusal`, then the reservation.
 # The answer: refused (0: no, 1: system, 2: organization), the others' reserved bytes,
-# the release counts, the landing bytes, and whether the refusal is only theirs (1).
+# the release counts, and whether the refusal is only through the landing ones (1).
 _CHECK_AND_RESERVE = (
     _HELD
     + """
@@ -87,10 +87,10 @@ local function full(system_bytes, organization_bytes)
   return 0
 end
 local answer = {full(system, organization), system, organization, releases(KEYS[3]),
-                releases(KEYS[4]), system_landing, organization_landing, 0}
+                releases(KEYS[4]), 0}
 if answer[1] ~= 0 then
   if full(system - system_landing, organization - organization_landing) == 0 then
-    answer[8] = 1
+    answer[6] = 1
   end
   return answer
 end
@@ -153,10 +153,9 @@ class RedisBook:
             replies = await self._check_and_reserve(
                 keys=_keys(claim.system_key, claim.organization_id), args=args
             )
-        status, system, organization, system_releases, organization_releases, *rest = map(
+        status, system, organization, system_releases, organization_releases, settling = map(
             int, replies
         )
-        system_landing, organization_landing, settling = rest
         releases = Releases(system_releases, organization_releases)
         if status:
             if status == 1:
@@ -167,8 +166,6 @@ class RedisBook:
             organization,
             system_stale=system_releases != seen.system_releases,
             organization_stale=organization_releases != seen.organization_releases,
-            landing_system=system_landing,
-            landing_organization=organization_landing,
             releases=releases,
         )
 

@@ -114,9 +114,6 @@ class Reserved:
     others_organization: int
     system_stale: bool
     organization_stale: bool
-    # of the others' bytes, those landing (see `Seen`)
-    landing_system: int = 0
-    landing_organization: int = 0
     releases: Releases | None = None  # at the reservation
 
 
