@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -363,6 +365,28 @@ def http(method: str, url: str, token: str | None = None) -> tuple[int, dict[str
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def appliance_upload(
+    port: int, data: bytes, system_id: str = "sys_c1"
+) -> tuple[int, dict[str, Any]]:
+    """One blocking upload as the appliance `system_id` sends it (HTTP Basic, its own
+    key and secret) to a gateway running as a process: (status, JSON body)."""
+    system = next(s for s in SYSTEMS if s["id"] == system_id)
+    secret = f"{system['system_key']}:{APPLIANCE_SECRETS[system_id]}"
+    auth = base64.b64encode(secret.encode()).decode()
+    connection = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(
+            "POST",
+            "/api/systems/backups",
+            body=data,
+            headers={"Authorization": f"Basic {auth}", "X-Filename": "b.tar.gz"},
+        )
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
 
 
 def write_config(tmp_path: Path, port: int, storage: dict[str, Any], **extra: Any) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -18,6 +19,7 @@ from .conftest import StartGateway
 from .support import (
     LocalHarness,
     OutputWatcher,
+    appliance_upload,
     free_port,
     http,
     location_for,
@@ -109,3 +111,41 @@ async def test_a_failed_readiness_probe_logs_its_cause(
     [line] = [r.getMessage() for r in caplog.records if "readiness probe" in r.getMessage()]
     assert line.startswith("readiness probe storage failed: StorageUnavailable: ")
     assert len(line) > len("readiness probe storage failed: StorageUnavailable: "), line
+
+
+def test_a_full_log_disk_fails_no_request_and_is_told_on_stderr(tmp_path: Path) -> None:
+    """stdout on a full disk: a log write that failed used to raise into the code that
+    logged (a thread's warning became its caller's error) or, on the event loop, the lines
+    were dropped without a word. Now every request is answered as before and stderr says,
+    once, that lines were not written."""
+    harness = LocalHarness(tmp_path / "backups")
+    port = free_port()
+    config = write_config(tmp_path, port, harness.storage())
+    with open("/dev/full", "w") as full:  # every write: ENOSPC
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        wait_for_port(port, proc=proc)
+        listing = f"http://127.0.0.1:{port}/api/systems/sys_c1/backups"
+        assert http("GET", listing, token_for("org_c1"))[0] == 200
+        assert http("GET", listing, "not-a-token")[0] == 401
+        status, body = appliance_upload(port, b"a backup on a host whose log disk is full")
+        assert status == 201, body
+        stored = location_for("org_c1", body["data"]["id"])
+        assert harness.exists(stored)
+        assert (
+            http("GET", listing, token_for("org_c1"))[1]["data"]["backups"][0]["id"]
+            == (body["data"]["id"])
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, errors = proc.communicate(timeout=30)
+    assert proc.returncode == 0, errors
+    # the loss is told once (at most one report a minute), never a traceback a line
+    [report] = [line for line in errors.splitlines() if line.startswith("--- logging:")]
+    assert "log lines not written" in report and "No space left on device" in report, errors
+    assert "Traceback" not in errors, errors

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import http.client
-import json
 import logging
 import signal
 import subprocess
@@ -33,11 +31,11 @@ from storage_backends.ids import new_uuid7
 from .conftest import Harness, StartGateway
 from .servers import RedisServer
 from .support import (
-    APPLIANCE_SECRETS,
     KEEP_EVERYTHING,
     LocalHarness,
     OutputWatcher,
     S3Harness,
+    appliance_upload,
     eventually,
     free_port,
     location_for,
@@ -335,19 +333,7 @@ class Workers:
         wait_for_port(self.port, proc=self.proc)
 
     def upload(self, data: bytes) -> tuple[int, dict[str, Any]]:
-        auth = base64.b64encode(f"{KEY}:{APPLIANCE_SECRETS['sys_c1']}".encode()).decode()
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(
-                "POST",
-                "/api/systems/backups",
-                body=data,
-                headers={"Authorization": f"Basic {auth}", "X-Filename": "b.tar.gz"},
-            )
-            answer = connection.getresponse()
-            return answer.status, json.loads(answer.read())
-        finally:
-            connection.close()
+        return appliance_upload(self.port, data)
 
     def upload_at_once(self, bodies: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
         answers: list[Any] = [None] * len(bodies)

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Any
 
 from storage_backends.log_format import LOG_FORMAT_ENV, JsonFormatter, TextFormatter
@@ -26,12 +27,20 @@ class LoopBufferedHandler(logging.StreamHandler):
 
     Off the loop (threads, start-up, shutdown) it writes at once. At most one iteration's
     lines are in memory; logging.shutdown() at exit flushes them.
+
+    A write that fails (stdout on a full disk, a closed pipe) never reaches the code that
+    logged, as with the standard library's handlers: the lines are dropped and the loss is
+    told on stderr, at most once every LOSS_REPORT_SECONDS with the count since the last.
     """
+
+    LOSS_REPORT_SECONDS = 60.0
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
         self._scheduled = False
+        self._lost = 0  # lines dropped since the last report
+        self._reported_at: float | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -62,8 +71,28 @@ class LoopBufferedHandler(logging.StreamHandler):
 
     def _write(self, lines: list[str]) -> None:
         with self.lock if self.lock is not None else _NO_LOCK:
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except Exception as exc:  # logging never fails the code that logged
+                self._lost += len(lines)
+                self._report_loss(repr(exc))
+            else:
+                if self._lost:  # writing again: the count since the last report
+                    self._report_loss("writes work again", at_once=True)
+
+    def _report_loss(self, why: str, at_once: bool = False) -> None:
+        now = time.monotonic()
+        last = self._reported_at
+        if not at_once and last is not None and now - last < self.LOSS_REPORT_SECONDS:
+            return
+        self._reported_at = now
+        lost, self._lost = self._lost, 0
+        if not logging.raiseExceptions:  # the standard library's switch for such reports
+            return
+        with contextlib.suppress(Exception):  # stderr may be the same full disk
+            sys.stderr.write(f"--- logging: {lost} log lines not written ({why})\n")
+            sys.stderr.flush()
 
 
 _NO_LOCK = contextlib.nullcontext()
