@@ -3,6 +3,7 @@ process: what a request sends can never start a line of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -13,6 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
+from gateway.telemetry.logs import LoopBufferedHandler
 from storage_backends.log_format import TRACE_INDENT, TextFormatter
 
 from .conftest import StartGateway
@@ -23,6 +25,7 @@ from .support import (
     free_port,
     http,
     location_for,
+    mounted_tmpfs,
     new_backup_id,
     serve_gateway,
     token_for,
@@ -149,3 +152,32 @@ def test_a_full_log_disk_fails_no_request_and_is_told_on_stderr(tmp_path: Path) 
     [report] = [line for line in errors.splitlines() if line.startswith("--- logging:")]
     assert "log lines not written" in report and "No space left on device" in report, errors
     assert "Traceback" not in errors, errors
+
+
+def test_lines_lost_to_a_full_disk_are_counted_when_writing_works_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The report once a minute would leave the lines lost after it untold if the disk
+    never filled again: the first write that works again tells their count."""
+    with mounted_tmpfs(tmp_path / "logs", "size=64k") as logs:
+        filler = logs / "filler"
+        with contextlib.suppress(OSError):
+            filler.write_bytes(b"x" * 128 * 1024)  # the disk is full
+        with open(logs / "gateway.log", "w", buffering=1) as stream:
+            handler = LoopBufferedHandler(stream)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log = logging.getLogger("test.full_disk")
+            log.addHandler(handler)
+            log.propagate = False
+            try:
+                for n in range(3):  # off the loop: each a write of its own, each failing
+                    log.warning("line %d %s", n, "y" * 8192)
+                failed = capsys.readouterr().err
+                filler.unlink()  # room again
+                log.warning("written")
+                recovered = capsys.readouterr().err
+            finally:
+                log.removeHandler(handler)
+        assert failed.count("--- logging:") == 1 and "No space left on device" in failed
+        assert "--- logging: 2 log lines not written (writes work again)" in recovered
+        assert (logs / "gateway.log").read_text().endswith("written\n")
