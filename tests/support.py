@@ -161,6 +161,12 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def basic(key: str, secret: str) -> dict[str, str]:
+    """An appliance's credentials (DESIGN.md §9) as its Authorization header."""
+    token = base64.b64encode(f"{key}:{secret}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
 async def delete_as(client: Any, bid: str, sid: str = "sys_c1", org: str = "org_c1") -> Any:
     """DELETE a backup as a caller of `org` with the usual permissions."""
     return await client.delete(f"/api/systems/{sid}/backups/{bid}", headers=bearer(token_for(org)))
@@ -373,15 +379,14 @@ def appliance_upload(
     """One blocking upload as the appliance `system_id` sends it (HTTP Basic, its own
     key and secret) to a gateway running as a process: (status, JSON body)."""
     system = next(s for s in SYSTEMS if s["id"] == system_id)
-    secret = f"{system['system_key']}:{APPLIANCE_SECRETS[system_id]}"
-    auth = base64.b64encode(secret.encode()).decode()
+    credentials = basic(system["system_key"], APPLIANCE_SECRETS[system_id])
     connection = HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         connection.request(
             "POST",
             "/api/systems/backups",
             body=data,
-            headers={"Authorization": f"Basic {auth}", "X-Filename": "b.tar.gz"},
+            headers={**credentials, "X-Filename": "b.tar.gz"},
         )
         answer = connection.getresponse()
         return answer.status, json.loads(answer.read())

@@ -140,10 +140,8 @@ def test_a_full_log_disk_fails_no_request_and_is_told_on_stderr(tmp_path: Path) 
         assert status == 201, body
         stored = location_for("org_c1", body["data"]["id"])
         assert harness.exists(stored)
-        assert (
-            http("GET", listing, token_for("org_c1"))[1]["data"]["backups"][0]["id"]
-            == (body["data"]["id"])
-        )
+        [listed] = http("GET", listing, token_for("org_c1"))[1]["data"]["backups"]
+        assert listed["id"] == body["data"]["id"]
     finally:
         proc.send_signal(signal.SIGTERM)
         _, errors = proc.communicate(timeout=30)

@@ -34,6 +34,7 @@ from .support import (
     scraped_is,
     token_for,
 )
+from .support import basic as credentials_header
 
 URL = "/api/systems/backups"
 KEY = "KEY-C1"
@@ -42,8 +43,8 @@ UUID7 = r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
 
 def basic(key: str = KEY, secret: str = SECRET) -> dict[str, str]:
-    token = base64.b64encode(f"{key}:{secret}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    """sys_c1's credentials unless told otherwise."""
+    return credentials_header(key, secret)
 
 
 async def upload(
